@@ -1,0 +1,2014 @@
+#!/usr/bin/env python3
+"""databricks-repl: a stateful Python REPL on a Databricks classic all-purpose cluster, for AI agents.
+
+Every call prints exactly one small JSON object on stdout. Command output lands in files under
+``<project-dir>/repl_outputs/``; ``<project-dir>/session.json`` is the append-only step log.
+The REPL talks to the Command Execution API 1.2 through the official ``databricks-sdk``.
+
+This one file is the whole CLI, including the helpers injected into the REPL (the bootstrap), so
+copying it is enough to run the skill. Reading order: the JSON/file contract, responses, the session
+store, the workspace client, the bootstrap, result rendering, command execution, the subcommands,
+and the argument parser.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import csv
+import datetime
+import hashlib
+import html
+import io
+import json
+import os
+import re
+import signal
+import sys
+import tempfile
+import time
+import zlib
+
+VERSION = "0.2.0"
+
+# ---------------------------------------------------------------------------------------------------
+# 1. The contract: file names, limits, statuses, exit codes
+# ---------------------------------------------------------------------------------------------------
+
+SESSION_FILE = "session.json"
+OUTPUT_DIR = "repl_outputs"
+ARCHIVE_DIR = "previous_sessions"          # under OUTPUT_DIR: destroyed sessions replaced by `create`
+LOCK_FILE = ".dbx_repl.lock"
+SESSION_FORMAT = 1
+
+DEFAULT_TIMEOUT = 600.0
+DEFAULT_MAX_OUTPUT_BYTES = 64 * 1024 * 1024
+PREVIEW_CHARS = 1000                       # head + tail of a preview, marker included
+TABLE_PREVIEW_ROWS = 20
+MAX_TAG_CHARS = 48
+DEFAULT_LLM_ENDPOINT = "default-llm-endpoint"
+ENV_LLM_ENDPOINT = "DBX_REPL_LLM_ENDPOINT"
+
+# HTTP behaviour. The SDK's defaults (300 s retry budget, 60 s per request) make an unreachable host
+# hang for minutes; an agent needs an answer in seconds. 429/503 are still retried inside the budget.
+ENV_RETRY_TIMEOUT = "DBX_REPL_RETRY_TIMEOUT"
+ENV_HTTP_TIMEOUT = "DBX_REPL_HTTP_TIMEOUT"
+DEFAULT_RETRY_TIMEOUT = 20
+DEFAULT_HTTP_TIMEOUT = 30
+
+# Poll schedule for commands: the next poll comes after 4% of the time already waited, at least
+# 30 ms and at most 5 s. A short command is seen within ~0.1 s of finishing, a long one within 5% of
+# its run time, and a 10-minute wait costs ~150 status calls (well under the service's rate limits).
+POLL_MIN_SECONDS = 0.03
+POLL_FRACTION = 0.04
+POLL_MAX_SECONDS = 5.0
+CANCEL_WAIT_SECONDS = 30.0
+CONTEXT_START_TIMEOUT = 300.0
+
+RUNNABLE_CLUSTER_STATES = ("RUNNING", "RESIZING")
+DONE_COMMAND_STATES = ("Finished", "Error", "Cancelled")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_RUNNING = 3
+EXIT_INTERRUPTED = 130
+
+# Chunked transfer of driver-side files (full output, get/put): each chunk travels as one table
+# result, zlib-compressed and base64-encoded, kept under the service's 2 MB / 10K-row table limit.
+CHUNK_COMPRESSED_BUDGET = 1_000_000
+CHUNK_ROW_CHARS = 100_000
+TEXT_CHUNK_CHARS = 40_000                  # fallback transport: text results, under the 50K limit
+
+ANSI_ESCAPE = re.compile(r"(\x9B|\x1B\[)[0-?]*[ -/]*[@-~]")
+CANCELLED_MARKER = "CommandCancelledException"
+END_MARKER = "\n\x1edbx-repl-end "         # written by the bootstrap after a wrapped command's output
+MAGIC_LINE = re.compile(r"^\s*[%!]", re.MULTILINE)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. Responses: one JSON object per call
+# ---------------------------------------------------------------------------------------------------
+
+class ReplError(Exception):
+    """A failure the agent can act on: it becomes the one JSON response of the call."""
+
+    def __init__(self, status, message, hint=None, exit_code=EXIT_FAILED, **fields):
+        super().__init__(message)
+        self.status, self.message, self.hint = status, message, hint
+        self.exit_code, self.fields = exit_code, fields
+
+    def response(self):
+        return response(self.status, self.message, hint=self.hint, exit_code=self.exit_code,
+                        **self.fields)
+
+
+def response(status, message, hint=None, exit_code=EXIT_OK, **fields):
+    """Build a response: status and message first, the hint last, None-valued fields dropped."""
+    body = {"status": status, "message": message}
+    body.update((k, v) for k, v in fields.items() if v is not None)
+    if hint:
+        body["hint"] = hint
+    body["_exit"] = exit_code
+    return body
+
+
+_secrets = set()
+
+
+def scrub(text):
+    """Remove every known secret from a text before it is printed or written."""
+    for secret in _secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return text
+
+
+def emit(body):
+    """Print a response as the call's single JSON line and return its exit code."""
+    body = dict(body)
+    exit_code = body.pop("_exit", EXIT_OK)
+    sys.stdout.write(scrub(json.dumps(body, ensure_ascii=False)) + "\n")
+    sys.stdout.flush()
+    return exit_code
+
+
+def now_iso():
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def cli_hint(subcommand, project):
+    """The command line an agent should run next, with the project dir it used."""
+    return f"dbx_repl.py {subcommand} --project-dir {project.display_root}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. Session store: project paths, atomic writes, the lock, session.json
+# ---------------------------------------------------------------------------------------------------
+
+def write_atomic(path, data):
+    """Write bytes to path so that a reader sees the old file or the new one, never a half."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    directory = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+class Project:
+    """A project directory: session.json, repl_outputs/ and the lock that guards them."""
+
+    def __init__(self, project_dir):
+        self.root = os.path.abspath(project_dir or ".")
+        self.display_root = project_dir or "."
+        self.session_path = os.path.join(self.root, SESSION_FILE)
+        self.outputs_dir = os.path.join(self.root, OUTPUT_DIR)
+        self.lock_path = os.path.join(self.root, LOCK_FILE)
+
+    def check(self):
+        if not os.path.isdir(self.root):
+            raise ReplError("ProjectDirNotFound", f"Project directory {self.display_root} does not exist.",
+                            hint="Create it, or pass an existing --project-dir.")
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise ReplError("ProjectDirNotWritable",
+                            f"Project directory {self.display_root} is not writable.",
+                            hint="Pass a --project-dir you can write to.")
+        return self
+
+    def output_path(self, name):
+        return os.path.join(self.outputs_dir, name)
+
+    def show(self, path):
+        """A path as the caller can use it from its working directory."""
+        if path is None:
+            return None
+        absolute = path if os.path.isabs(path) else os.path.join(self.root, path)
+        relative = os.path.relpath(absolute)
+        return absolute if relative.startswith("..") else relative
+
+    def stored(self, path):
+        """A path as stored in session.json: relative to the project dir."""
+        return os.path.relpath(path, self.root)
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Serialise read-modify-write of session.json between concurrent CLI calls."""
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            _lock_fd(fd)
+            yield
+        finally:
+            os.close(fd)   # closing the descriptor releases the lock
+
+    def load(self, required=True):
+        try:
+            with open(self.session_path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            if required:
+                raise ReplError("NoSession", f"No {SESSION_FILE} in project dir {self.display_root!r}.",
+                                hint=f"Run {cli_hint('create', self)} --cluster-id ID --session-name NAME")
+            return None
+        try:
+            session = json.loads(raw.decode("utf-8"))
+            problem = session_problem(session)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            problem = f"not valid JSON ({err})"
+        if problem:
+            raise ReplError(
+                "CorruptSession", f"{self.show(self.session_path)} is unreadable: {problem}. "
+                "It was left untouched.",
+                hint=f"Repair the file by hand, or move it aside (mv {SESSION_FILE} {SESSION_FILE}.bad) "
+                     "and run create again; step numbers continue from repl_outputs/.",
+                session_file=self.show(self.session_path))
+        return session
+
+    def save(self, session):
+        write_atomic(self.session_path, json.dumps(session, indent=2, ensure_ascii=False) + "\n")
+
+    def ensure_outputs_dir(self):
+        os.makedirs(self.outputs_dir, mode=0o700, exist_ok=True)
+
+    def highest_step_on_disk(self):
+        """The highest step number among repl_outputs/NNN_* files (survives a lost session.json)."""
+        highest = 0
+        with contextlib.suppress(FileNotFoundError):
+            for name in os.listdir(self.outputs_dir):
+                match = re.match(r"(\d+)_", name)
+                if match:
+                    highest = max(highest, int(match.group(1)))
+        return highest
+
+
+def _lock_fd(fd):
+    try:
+        import fcntl
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except ImportError:  # Windows
+        import msvcrt
+        msvcrt.locking(fd, msvcrt.LK_LOCK, 1)
+
+
+SESSION_KEYS = {"status": str, "cluster_id": str, "context_id": (str, type(None)), "step_counter": int,
+                "steps": list}
+
+
+def session_problem(session):
+    """Why a parsed session.json cannot be used, or None."""
+    if not isinstance(session, dict):
+        return "the top level is not an object"
+    for key, kind in SESSION_KEYS.items():
+        if not isinstance(session.get(key), kind):
+            return f"field {key!r} is missing or has the wrong type"
+    if not all(isinstance(s, dict) and isinstance(s.get("step"), int) for s in session["steps"]):
+        return "an entry of 'steps' is malformed"
+    active = session.get("active_command")
+    if active is not None and not isinstance(active, dict):
+        return "field 'active_command' is malformed"
+    return None
+
+
+def require_active(project, session):
+    if session.get("status") != "active":
+        raise ReplError("SessionDestroyed", f"The session in project dir {project.display_root!r} was destroyed.",
+                        hint=f"Run {cli_hint('create', project)} --cluster-id ID --session-name NAME")
+    return session
+
+
+def step_key(step, tag):
+    return f"{step:03d}_{tag}"
+
+
+def sanitize_tag(tag):
+    """A tag as a safe file-name slug: letters, digits, '.', '_' and '-', at most 48 characters."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", tag or "").strip("._-")[:MAX_TAG_CHARS].strip("._-")
+    if not slug:
+        raise ReplError("InvalidTag", f"Tag {tag!r} has no usable characters.",
+                        hint="Use a short label such as load_data or train.", exit_code=EXIT_USAGE)
+    return slug
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. Workspace client: the SDK, imported lazily, and the calls we make through it
+# ---------------------------------------------------------------------------------------------------
+
+class _SDK:
+    """The parts of databricks-sdk the CLI uses, imported on first use.
+
+    `import databricks.sdk` loads every service module (~2 s). Config, the API client and the error
+    classes are all the CLI needs, so the package __init__ is bypassed when the SDK's layout allows it;
+    any surprise falls back to the normal import.
+    """
+    loaded = None
+
+    @classmethod
+    def get(cls):
+        if cls.loaded is None:
+            cls.loaded = cls._import(fast=os.environ.get("DBX_REPL_SDK_IMPORT") != "full")
+        return cls.loaded
+
+    @staticmethod
+    def _import(fast):
+        import importlib
+        import logging
+        import types
+        if fast and "databricks.sdk" not in sys.modules:
+            try:
+                import databricks
+                package_dir = next(os.path.join(p, "sdk") for p in databricks.__path__
+                                   if os.path.isfile(os.path.join(p, "sdk", "config.py")))
+                stub = types.ModuleType("databricks.sdk")
+                stub.__path__ = [package_dir]
+                stub.__dbx_repl_stub__ = True
+                sys.modules["databricks.sdk"] = stub
+                try:
+                    config = importlib.import_module("databricks.sdk.config")
+                    core = importlib.import_module("databricks.sdk.core")
+                    errors = importlib.import_module("databricks.sdk.errors")
+                    namespace = types.SimpleNamespace(Config=config.Config, ApiClient=core.ApiClient,
+                                                      errors=errors, import_path="fast")
+                except Exception:
+                    for name in [n for n in sys.modules if n == "databricks.sdk" or
+                                 n.startswith("databricks.sdk.")]:
+                        del sys.modules[name]
+                    raise
+                logging.getLogger("databricks.sdk").addHandler(logging.NullHandler())
+                return namespace
+            except Exception:
+                pass
+        try:
+            import databricks.sdk as sdk
+            from databricks.sdk import errors
+            from databricks.sdk.core import ApiClient
+        except ImportError as err:
+            raise ReplError("SdkMissing", f"databricks-sdk is not importable: {err}",
+                            hint="pip install 'databricks-sdk>=0.40'")
+        logging.getLogger("databricks.sdk").addHandler(logging.NullHandler())
+        return types.SimpleNamespace(Config=sdk.config.Config, ApiClient=ApiClient, errors=errors,
+                                     import_path="full")
+
+
+class ContextGone(Exception):
+    """The execution context no longer exists (evicted, destroyed, or the driver restarted)."""
+
+
+class SubmitUncertain(Exception):
+    """The connection dropped while submitting a command: it may or may not be running."""
+
+
+def _env_number(name, default):
+    try:
+        return float(os.environ[name])
+    except (KeyError, ValueError):
+        return default
+
+
+class _OneShotBody(io.BytesIO):
+    """A request body the SDK will not resend: it retries only seekable bodies (see `execute`)."""
+
+    def seekable(self):
+        return False
+
+
+class Workspace:
+    """The workspace calls the CLI makes, through the SDK's authenticated API client."""
+
+    def __init__(self, profile=None, debug=False):
+        sdk = _SDK.get()
+        self.sdk, self.errors = sdk, sdk.errors
+        if debug:
+            _enable_debug_logging()
+        try:
+            self.config = sdk.Config(profile=profile, product="databricks-repl", product_version=VERSION,
+                                     retry_timeout_seconds=int(_env_number(ENV_RETRY_TIMEOUT,
+                                                                           DEFAULT_RETRY_TIMEOUT)),
+                                     http_timeout_seconds=_env_number(ENV_HTTP_TIMEOUT,
+                                                                      DEFAULT_HTTP_TIMEOUT))
+            _secrets.update(s for s in (self.config.token, self.config.client_secret,
+                                        getattr(self.config, "password", None)) if s)
+            self.api = sdk.ApiClient(self.config)
+        except ReplError:
+            raise
+        except Exception as err:  # ValueError from config resolution, TimeoutError from the probe
+            raise map_sdk_error(err, self) from None
+        self.host = self.config.host
+
+    # -- clusters -----------------------------------------------------------------------------------
+    def cluster(self, cluster_id):
+        return self._do("GET", "/api/2.1/clusters/get", query={"cluster_id": cluster_id})
+
+    def clusters(self):
+        """Every cluster, following next_page_token."""
+        query, found = {"page_size": 100}, []
+        while True:
+            page = self._do("GET", "/api/2.1/clusters/list", query=query)
+            found.extend(page.get("clusters") or [])
+            token = page.get("next_page_token")
+            if not token:
+                return found
+            query = {"page_size": 100, "page_token": token}
+
+    # -- execution contexts -------------------------------------------------------------------------
+    def create_context(self, cluster_id):
+        created = self._do("POST", "/api/1.2/contexts/create",
+                           body={"clusterId": cluster_id, "language": "python"})
+        return created["id"]
+
+    def context_status(self, cluster_id, context_id):
+        return self._do("GET", "/api/1.2/contexts/status",
+                        query={"clusterId": cluster_id, "contextId": context_id}).get("status")
+
+    def destroy_context(self, cluster_id, context_id):
+        self._do("POST", "/api/1.2/contexts/destroy", body={"clusterId": cluster_id, "contextId": context_id})
+
+    def context_alive(self, cluster_id, context_id):
+        """Probe the context: True if it answers Running (or Pending)."""
+        try:
+            return self.context_status(cluster_id, context_id) in ("Running", "Pending")
+        except self.errors.DatabricksError as err:
+            if _is_auth_error(err, self.errors):
+                raise
+            return False
+
+    # -- commands -------------------------------------------------------------------------------------
+    def execute(self, cluster_id, context_id, command):
+        """Submit a command. Never resent after a dropped connection, which could run it twice.
+
+        The SDK retries every request, POSTs included, on connection errors. This call sends a body
+        the SDK treats as non-replayable, so it makes one attempt; 429/503 (the service did not take
+        the command) are retried here, honouring Retry-After.
+        """
+        import requests
+        body = json.dumps({"clusterId": cluster_id, "command": command, "contextId": context_id,
+                           "language": "python"}).encode("utf-8")
+        deadline = time.monotonic() + self.config.retry_timeout_seconds
+        while True:
+            try:
+                return self.api.do("POST", "/api/1.2/commands/execute", data=_OneShotBody(body),
+                                   headers={"Content-Type": "application/json"})["id"]
+            except self.errors.DatabricksError as err:
+                wait = getattr(err, "retry_after_secs", None)
+                if wait is None or time.monotonic() + wait > deadline:
+                    raise
+                time.sleep(wait)
+            except (requests.ConnectionError, requests.Timeout) as err:
+                raise SubmitUncertain(str(err)) from None
+
+    def command_status(self, cluster_id, context_id, command_id):
+        return self._do("GET", "/api/1.2/commands/status",
+                        query={"clusterId": cluster_id, "contextId": context_id, "commandId": command_id})
+
+    def cancel(self, cluster_id, context_id, command_id):
+        self._do("POST", "/api/1.2/commands/cancel",
+                 body={"clusterId": cluster_id, "contextId": context_id, "commandId": command_id})
+
+    def dbfs_read(self, path, offset, length):
+        return self._do("GET", "/api/2.0/dbfs/read", query={"path": path, "offset": offset, "length": length})
+
+    def _do(self, method, path, query=None, body=None):
+        return self.api.do(method, path, query=query, body=body)
+
+
+def _enable_debug_logging():
+    import logging
+
+    class _Scrub(logging.Filter):
+        def filter(self, record):
+            record.msg, record.args = scrub(record.getMessage()), None
+            return True
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_Scrub())
+    handler.setFormatter(logging.Formatter("[dbx_repl debug] %(name)s: %(message)s"))
+    logger = logging.getLogger("databricks.sdk")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+
+
+def _is_auth_error(err, errors):
+    return isinstance(err, (errors.Unauthenticated, errors.PermissionDenied))
+
+
+def _looks_transient(err, errors):
+    """Errors worth polling through: throttling, server trouble, dropped connections."""
+    import requests
+    if isinstance(err, (TimeoutError, requests.ConnectionError, requests.Timeout)):
+        return True
+    return isinstance(err, (errors.TooManyRequests, errors.InternalError, errors.TemporarilyUnavailable,
+                            errors.DeadlineExceeded))
+
+
+def map_sdk_error(err, workspace=None, action="call the workspace"):
+    """The one place that turns an SDK or network exception into an agent-facing ReplError."""
+    if isinstance(err, ReplError):
+        return err
+    sdk = _SDK.get()
+    errors = sdk.errors
+    text = scrub(str(err)).strip() or type(err).__name__
+    if isinstance(err, ValueError) and ("auth" in text or "profile" in text or "config" in text.lower()):
+        return ReplError("AuthError", f"Databricks authentication is not configured: {text}",
+                         hint="Check the --profile name in ~/.databrickscfg (or DATABRICKS_CONFIG_FILE), "
+                              "or set DATABRICKS_HOST and DATABRICKS_TOKEN.")
+    if isinstance(err, errors.DatabricksError) and _is_auth_error(err, errors):
+        return ReplError("AuthError", f"The workspace rejected the credentials: {text}",
+                         hint="Refresh the token or fix the profile (databricks auth login), then retry.")
+    if isinstance(err, TimeoutError) or _is_connection_error(err):
+        cause = scrub(str(err.__cause__ or err))
+        return ReplError("WorkspaceUnreachable", f"Could not {action}: {cause}",
+                         hint="Check the host and the network; the call gave up after "
+                              f"{_env_number(ENV_RETRY_TIMEOUT, DEFAULT_RETRY_TIMEOUT):g}s "
+                              f"(set {ENV_RETRY_TIMEOUT} to wait longer).")
+    if isinstance(err, errors.TooManyRequests):
+        return ReplError("RateLimited", f"The workspace is throttling requests: {text}",
+                         hint="Wait a minute and retry.")
+    if isinstance(err, errors.DatabricksError):
+        return ReplError("ApiError", f"Could not {action}: {text}",
+                         hint="Read the message; retry if it looks transient.",
+                         error_code=getattr(err, "error_code", None))
+    return ReplError("UnexpectedError", f"Could not {action}: {type(err).__name__}: {text}",
+                     hint="Rerun with --debug for details.")
+
+
+def _is_connection_error(err):
+    try:
+        import requests
+    except ImportError:
+        return False
+    return isinstance(err, (requests.ConnectionError, requests.Timeout))
+
+
+# ---------------------------------------------------------------------------------------------------
+# 5. The bootstrap: helpers injected into the REPL at `create`
+# ---------------------------------------------------------------------------------------------------
+# Everything lives in one object, `_dbx_repl`, plus the public helpers sub_llm, sub_llm_batch,
+# sub_llm_usage and sub_llm_budget. Nothing else is added to the user's namespace. The token used by
+# sub_llm is read on the cluster and never leaves it.
+
+BOOTSTRAP_SOURCE = r'''
+def _dbx_repl_install(config, namespace):
+    import ast, base64, hashlib, json, linecache, os, random, sys, threading, time, zlib
+
+    class _Tee(object):
+        def __init__(self, stream, sink, counter):
+            self._stream, self._sink, self._counter = stream, sink, counter
+        def write(self, text):
+            if isinstance(text, str):
+                try:
+                    self._sink.write(text)
+                    self._counter[0] += len(text)
+                except Exception:
+                    pass
+            return self._stream.write(text)
+        def flush(self):
+            try:
+                self._sink.flush()
+            except Exception:
+                pass
+            return self._stream.flush()
+        def __getattr__(self, name):
+            return getattr(self._stream, name)
+
+    class _Repl(object):
+        """Runs commands with their output teed to a driver file, and serves files in chunks."""
+        def __init__(self):
+            base = config.get("out_dir") or "/tmp"
+            self.out_dir = os.path.join(base, "dbx_repl_" + config["session_id"])
+            os.makedirs(self.out_dir, mode=0o700, exist_ok=True)
+            self.namespace = namespace
+
+        def out_path(self, key):
+            return os.path.join(self.out_dir, key + ".out")
+
+        def run(self, key, source_b64):
+            source = base64.b64decode(source_b64).decode("utf-8")
+            for name in os.listdir(self.out_dir):
+                if name.endswith((".out", ".err")):
+                    try:
+                        os.unlink(os.path.join(self.out_dir, name))
+                    except OSError:
+                        pass
+            sink = open(self.out_path(key), "w", encoding="utf-8", errors="replace")
+            counter = [0]
+            out, err = sys.stdout, sys.stderr
+            sys.stdout, sys.stderr = _Tee(out, sink, counter), _Tee(err, sink, counter)
+            filename = "<command-%s>" % key
+            linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+            try:
+                try:
+                    tree = ast.parse(source, filename=filename)
+                except SyntaxError as error:
+                    self.save_error(key, error, None)
+                    raise
+                last = None
+                if tree.body and isinstance(tree.body[-1], ast.Expr):
+                    last = ast.Expression(tree.body.pop().value)
+                exec(compile(tree, filename, "exec"), self.namespace)
+                if last is not None:
+                    value = eval(compile(last, filename, "eval"), self.namespace)
+                    if value is not None:
+                        print(repr(value))
+            except SyntaxError:
+                raise
+            except BaseException as error:
+                sys.stdout.flush()
+                tb = error.__traceback__
+                user_frames = tb.tb_next if tb is not None else None
+                self.save_error(key, error, user_frames)
+                raise error.with_traceback(user_frames)
+            finally:
+                sys.stdout, sys.stderr = out, err
+                try:
+                    sink.close()
+                except Exception:
+                    pass
+            out.write("\n\x1edbx-repl-end %s %d" % (key, counter[0]))
+
+        def save_error(self, key, error, frames):
+            """Keep the traceback without the wrapper's frames, for the CLI's stderr file."""
+            import traceback
+            try:
+                with open(self.out_path(key)[:-4] + ".err", "w", encoding="utf-8") as f:
+                    f.write("".join(traceback.format_exception(type(error), error, frames)))
+            except Exception:
+                pass
+
+        def send(self, payload, mode):
+            """Return bytes to the CLI: as a one-column table (fast), or as text lines (fallback)."""
+            packed = base64.b64encode(payload).decode("ascii")
+            if mode == "table":
+                step = __ROW_CHARS__
+                rows = [packed[i:i + step] for i in range(0, len(packed), step)] or [""]
+                try:
+                    import pandas
+                    table = pandas.DataFrame({"chunk": rows})
+                except ImportError:
+                    table = [{"chunk": r} for r in rows]
+                namespace["display"](table)
+            else:
+                print(packed)
+
+        def fetch(self, path, offset, mode, budget=__BUDGET__, remove=False, extra=None):
+            """Send bytes of a driver file from offset, zlib-compressed, with a JSON header row."""
+            try:
+                size = os.path.getsize(path)
+            except OSError:
+                size = -1
+            header = dict(extra or {}, size=size, offset=offset)
+            payload = b""
+            if size >= 0:
+                packer = zlib.compressobj(6)
+                parts, packed_size, position = [], 0, offset
+                with open(path, "rb") as f:
+                    f.seek(offset)
+                    while packed_size < budget:
+                        piece = f.read(131072)
+                        if not piece:
+                            break
+                        position += len(piece)
+                        part = packer.compress(piece) + packer.flush(zlib.Z_SYNC_FLUSH)
+                        parts.append(part)
+                        packed_size += len(part)
+                parts.append(packer.flush())
+                payload = b"".join(parts)
+                header["next"] = position
+                if remove and position >= size:
+                    try:
+                        os.unlink(path)
+                    except OSError:
+                        pass
+            self.send(json.dumps(header).encode("utf-8") + b"\n" + payload, mode)
+
+        def fetch_output(self, key, offset, mode):
+            """Send the teed output of a command; the first chunk carries its clean traceback."""
+            extra = {}
+            error_path = self.out_path(key)[:-4] + ".err"
+            if offset == 0 and os.path.exists(error_path):
+                with open(error_path, encoding="utf-8", errors="replace") as f:
+                    extra["traceback"] = f.read()
+                os.unlink(error_path)
+            self.fetch(self.out_path(key), offset, mode, remove=True, extra=extra)
+
+        def stat(self, path):
+            """Size and sha256 of a driver file, as text."""
+            digest = hashlib.sha256()
+            size = 0
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+                    size += len(block)
+            print(json.dumps({"size": size, "sha256": digest.hexdigest()}))
+
+        def put(self, path, offset, data_b64):
+            """Write one compressed chunk of an upload at offset (offset 0 truncates the file)."""
+            data = zlib.decompress(base64.b64decode(data_b64))
+            parent = os.path.dirname(path)
+            if parent:
+                os.makedirs(parent, exist_ok=True)
+            with open(path, "r+b" if offset else "wb") as f:
+                f.seek(offset)
+                f.write(data)
+            print(json.dumps({"written": len(data), "end": offset + len(data)}))
+
+    _repl = _Repl()
+
+    class SubLLMError(RuntimeError):
+        """A sub_llm call failed after its retries."""
+
+    class SubLLMBudgetExceeded(SubLLMError):
+        """The session's sub_llm budget (calls or tokens) is spent."""
+
+    class _BatchResults(list):
+        """sub_llm_batch results in input order; `.errors` maps failed indexes to their error text."""
+        errors = {}
+
+    class _LLM(object):
+        def __init__(self):
+            self.endpoint = config.get("llm_endpoint") or "default-llm-endpoint"
+            self.timeout = float(config.get("llm_timeout") or 120)
+            self.retry_budget = float(config.get("llm_retry_budget") or 300)
+            self.max_retries = int(config.get("llm_max_retries") or 6)
+            self.lock = threading.Lock()
+            self.usage = {"calls": 0, "succeeded": 0, "failed": 0, "retries": 0, "prompt_tokens": 0,
+                          "completion_tokens": 0, "total_tokens": 0, "wall_seconds": 0.0}
+            self.budget = {"max_calls": config.get("llm_max_calls"),
+                           "max_tokens": config.get("llm_max_tokens")}
+            self._auth = None
+
+        # -- auth: host from the runtime, the CLI's host, or spark.conf; token from the runtime ----
+        def auth(self, refresh=False):
+            if self._auth is not None and not refresh:
+                return self._auth
+            tried, host, token = [], None, None
+            try:
+                from dbruntime.databricks_repl_context import get_context
+                ctx = get_context()
+                host, token = getattr(ctx, "apiUrl", None), getattr(ctx, "apiToken", None)
+                if not host and getattr(ctx, "workspaceUrl", None):
+                    host = "https://" + ctx.workspaceUrl
+                tried.append("dbruntime context" + ("" if token else " (no token)"))
+            except Exception as error:
+                tried.append("dbruntime context (%s)" % type(error).__name__)
+            if not token or not host:
+                try:
+                    ctx = namespace["dbutils"].notebook.entry_point.getDbutils().notebook().getContext()
+                    token = token or ctx.apiToken().get()
+                    host = host or ctx.apiUrl().get()
+                    tried.append("dbutils context")
+                except Exception as error:
+                    tried.append("dbutils context (%s)" % type(error).__name__)
+            if not host and config.get("host"):
+                host = config["host"]
+                tried.append("CLI host")
+            if not host:
+                try:
+                    host = "https://" + namespace["spark"].conf.get("spark.databricks.workspaceUrl")
+                    tried.append("spark.conf workspaceUrl")
+                except Exception as error:
+                    tried.append("spark.conf (%s)" % type(error).__name__)
+            if not token and os.environ.get("DATABRICKS_TOKEN"):
+                token = os.environ["DATABRICKS_TOKEN"]
+                host = host or os.environ.get("DATABRICKS_HOST")
+                tried.append("environment")
+            if not host or not token:
+                raise SubLLMError("sub_llm found no workspace host/token on the cluster; tried: "
+                                  + ", ".join(tried))
+            if "://" not in host:
+                host = "https://" + host
+            self._auth = (host.rstrip("/"), token)
+            return self._auth
+
+        def check_budget(self):
+            with self.lock:
+                calls, tokens = self.budget["max_calls"], self.budget["max_tokens"]
+                if calls is not None and self.usage["calls"] >= calls:
+                    raise SubLLMBudgetExceeded("sub_llm budget of %d calls is spent" % calls)
+                if tokens is not None and self.usage["total_tokens"] >= tokens:
+                    used = self.usage["total_tokens"]
+                    raise SubLLMBudgetExceeded("sub_llm budget of %d tokens is spent (%d used)" % (tokens, used))
+                self.usage["calls"] += 1
+
+        def post(self, url, token, body):
+            import urllib.request
+            request = urllib.request.Request(url, data=json.dumps(body).encode("utf-8"), method="POST",
+                                             headers={"Authorization": "Bearer " + token,
+                                                      "Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=self.timeout) as answer:
+                return json.loads(answer.read().decode("utf-8"))
+
+        def call(self, prompt, endpoint=None, max_tokens=1024, system="", temperature=0.0):
+            import urllib.error
+            self.check_budget()
+            started = time.time()
+            endpoint = endpoint or self.endpoint
+            messages = ([{"role": "system", "content": system}] if system else [])
+            messages.append({"role": "user", "content": str(prompt)})
+            body = {"messages": messages, "max_tokens": max_tokens, "temperature": temperature}
+            attempt, deadline, refreshed = 0, started + self.retry_budget, False
+            try:
+                while True:
+                    host, token = self.auth()
+                    url = "%s/serving-endpoints/%s/invocations" % (host, endpoint)
+                    try:
+                        answer = self.post(url, token, body)
+                        break
+                    except urllib.error.HTTPError as error:
+                        detail = error.read().decode("utf-8", "replace")[:300]
+                        if error.code == 404:
+                            raise SubLLMError(
+                                "serving endpoint %r not found (HTTP 404: %s). List the workspace's "
+                                "endpoints (GET /api/2.0/serving-endpoints) and pass endpoint=..." % (endpoint, detail))
+                        if error.code in (401, 403) and not refreshed:
+                            refreshed = True
+                            self.auth(refresh=True)
+                            continue
+                        retryable = error.code == 429 or error.code >= 500
+                        wait = error.headers.get("Retry-After") if error.headers else None
+                        failure = "HTTP %d from %s: %s" % (error.code, endpoint, detail)
+                    except (urllib.error.URLError, OSError) as error:
+                        retryable, wait = True, None
+                        failure = "%s calling %s: %s" % (type(error).__name__, endpoint, error)
+                    attempt += 1
+                    try:
+                        delay = float(wait)
+                    except (TypeError, ValueError):
+                        delay = min(30.0, 0.5 * 2 ** (attempt - 1))
+                    delay += random.uniform(0, 0.25 * delay + 0.1)
+                    if not retryable or attempt > self.max_retries or time.time() + delay > deadline:
+                        raise SubLLMError(failure + " (after %d attempts)" % attempt)
+                    with self.lock:
+                        self.usage["retries"] += 1
+                    time.sleep(delay)
+                text = self.text_of(answer)
+                usage = answer.get("usage") or {}
+                with self.lock:
+                    self.usage["succeeded"] += 1
+                    for field in ("prompt_tokens", "completion_tokens", "total_tokens"):
+                        self.usage[field] += int(usage.get(field) or 0)
+                return text
+            except BaseException:
+                with self.lock:
+                    self.usage["failed"] += 1
+                raise
+            finally:
+                with self.lock:
+                    self.usage["wall_seconds"] += time.time() - started
+
+        @staticmethod
+        def text_of(answer):
+            choices = answer.get("choices") or []
+            if not choices:
+                raise SubLLMError("the endpoint answered without choices: %s" % str(answer)[:200])
+            content = (choices[0].get("message") or {}).get("content")
+            if isinstance(content, list):
+                texts = []
+                for item in content:
+                    if isinstance(item, str):
+                        texts.append(item)
+                    elif isinstance(item, dict) and item.get("type") == "text":
+                        texts.append(item.get("text") or "")
+                return "".join(texts)
+            return content if isinstance(content, str) else ""
+
+    _llm = _LLM()
+
+    def sub_llm(prompt, endpoint=None, max_tokens=1024, system="", temperature=0.0):
+        """Ask a model-serving endpoint one prompt; returns the answer text. Raises SubLLMError."""
+        return _llm.call(prompt, endpoint=endpoint, max_tokens=max_tokens, system=system,
+                         temperature=temperature)
+
+    def sub_llm_batch(prompts, endpoint=None, max_tokens=1024, system="", temperature=0.0,
+                      max_workers=8):
+        """Ask many prompts in parallel. Results keep input order; a failed item becomes
+        "[ERROR] <type>: <message>" and is listed in the result's .errors {index: text}."""
+        from concurrent.futures import ThreadPoolExecutor
+        prompts = list(prompts)
+        results = _BatchResults([None] * len(prompts))
+        results.errors = {}
+
+        def one(index):
+            try:
+                results[index] = sub_llm(prompts[index], endpoint=endpoint, max_tokens=max_tokens,
+                                         system=system, temperature=temperature)
+            except Exception as error:
+                text = "%s: %s" % (type(error).__name__, error)
+                results.errors[index] = text
+                results[index] = "[ERROR] " + text
+
+        if prompts:
+            with ThreadPoolExecutor(max_workers=max(1, min(int(max_workers), len(prompts)))) as pool:
+                list(pool.map(one, range(len(prompts))))
+        return results
+
+    def sub_llm_usage(reset=False):
+        """Calls, failures, retries, tokens and wall time of sub_llm in this session."""
+        with _llm.lock:
+            snapshot = dict(_llm.usage)
+            snapshot["wall_seconds"] = round(snapshot["wall_seconds"], 3)
+            snapshot["budget"] = dict(_llm.budget)
+            snapshot["endpoint"] = _llm.endpoint
+            if reset:
+                for key in _llm.usage:
+                    _llm.usage[key] = 0.0 if key == "wall_seconds" else 0
+        return snapshot
+
+    def sub_llm_budget(max_calls=None, max_tokens=None):
+        """Cap sub_llm for the rest of the session (None lifts a cap); counts include past calls."""
+        with _llm.lock:
+            _llm.budget = {"max_calls": max_calls, "max_tokens": max_tokens}
+            return dict(_llm.budget)
+
+    _repl.SubLLMError, _repl.SubLLMBudgetExceeded = SubLLMError, SubLLMBudgetExceeded
+    _repl.llm = _llm
+    namespace["_dbx_repl"] = _repl
+    namespace["sub_llm"] = sub_llm
+    namespace["sub_llm_batch"] = sub_llm_batch
+    namespace["sub_llm_usage"] = sub_llm_usage
+    namespace["sub_llm_budget"] = sub_llm_budget
+'''.replace("__ROW_CHARS__", str(CHUNK_ROW_CHARS)).replace("__BUDGET__", str(CHUNK_COMPRESSED_BUDGET))
+
+
+def bootstrap_command(config):
+    """The command `create` runs: install the helpers, then drop the installer's name."""
+    return (BOOTSTRAP_SOURCE + "\n_dbx_repl_install(%s, globals())\ndel _dbx_repl_install\n"
+            "print('dbx-repl bootstrap ready')\n" % repr(json.loads(json.dumps(config))))
+
+
+def wrap_command(source, key):
+    """What is sent for a user command. Python runs through the bootstrap's tee so its full output
+    can be fetched when the service truncates it; a command with magics (%pip, !ls), which is not
+    Python, is sent as it is, since only the REPL itself understands them."""
+    if MAGIC_LINE.search(source) and not _is_python(source):
+        return source, False
+    encoded = base64.b64encode(source.encode("utf-8")).decode("ascii")
+    return f"_dbx_repl.run({key!r}, {encoded!r})", True
+
+
+def _is_python(source):
+    import ast
+    try:
+        ast.parse(source)
+        return True
+    except (SyntaxError, ValueError):
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------
+# 6. Result rendering: service results → files and a small JSON summary
+# ---------------------------------------------------------------------------------------------------
+
+def strip_ansi(text):
+    return ANSI_ESCAPE.sub("", text or "")
+
+
+def html_to_text(text):
+    return html.unescape(re.sub(r"<[^>]+>", "", text or "")).strip()
+
+
+def preview(text, limit=PREVIEW_CHARS):
+    """Head and tail of a text with an explicit marker of what was left out, line breaks kept."""
+    if len(text) <= limit:
+        return text
+    head, tail = text[: limit * 6 // 10], text[-(limit * 3 // 10):]
+    omitted = len(text.encode("utf-8")) - len(head.encode("utf-8")) - len(tail.encode("utf-8"))
+    return f"{head}\n[... {omitted} bytes omitted ...]\n{tail}"
+
+
+def file_preview(path, limit=PREVIEW_CHARS):
+    """A preview read from a file without loading all of it."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        if size <= limit * 4:
+            return preview(f.read().decode("utf-8", "replace"), limit)
+        head = f.read(limit).decode("utf-8", "ignore")
+        f.seek(size - limit)
+        tail = f.read().decode("utf-8", "ignore")
+    head, tail = head[: limit * 6 // 10], tail[-(limit * 3 // 10):]
+    omitted = size - len(head.encode("utf-8")) - len(tail.encode("utf-8"))
+    return f"{head}\n[... {omitted} bytes omitted ...]\n{tail}"
+
+
+def parse_error(summary, cause):
+    """(type, message) of a failed command, from the HTML summary or the traceback's last line."""
+    clean_cause = strip_ansi(cause).strip()
+    candidates = [html_to_text(strip_ansi(summary))]
+    candidates += [line.strip() for line in reversed(clean_cause.splitlines()) if line.strip()]
+    for line in candidates:
+        match = re.match(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Warning))(?::\s*(.*))?$",
+                         line.splitlines()[0] if line else "")
+        if match:
+            return match.group(1).rsplit(".", 1)[-1], (match.group(2) or "").strip()
+    first = candidates[0] or (clean_cause.splitlines()[-1] if clean_cause else "")
+    return "Error", first[:500]
+
+
+def is_cancellation(status, results):
+    if status == "Cancelled":
+        return True
+    results = results or {}
+    return results.get("resultType") == "error" and CANCELLED_MARKER in (
+        (results.get("cause") or "") + (results.get("summary") or ""))
+
+
+def schema_columns(results):
+    """[(name, type)] of a table result; types are JSON-encoded when isJsonSchema is set."""
+    columns = []
+    for i, field in enumerate(results.get("schema") or []):
+        name = field.get("name", f"col{i}") if isinstance(field, dict) else str(field)
+        kind = field.get("type", "") if isinstance(field, dict) else ""
+        if results.get("isJsonSchema") and isinstance(kind, str):
+            with contextlib.suppress(ValueError):
+                kind = json.loads(kind)
+        columns.append((name, kind if isinstance(kind, str) else json.dumps(kind)))
+    return columns
+
+
+def render_table(columns, rows, limit=TABLE_PREVIEW_ROWS):
+    """A fixed-width text rendering of the first rows, so `head` shows the table's shape."""
+    names = [c[0] for c in columns] or [f"col{i}" for i in range(len(rows[0]) if rows else 0)]
+    shown = [["" if v is None else str(v) for v in row] for row in rows[:limit]]
+    widths = [min(40, max([len(n)] + [len(r[i]) for r in shown if i < len(r)])) for i, n in enumerate(names)]
+    fmt = lambda cells: " | ".join(c[:w].ljust(w) for c, w in zip(cells, widths)).rstrip()
+    lines = [fmt(names), "-+-".join("-" * w for w in widths)] + [fmt(r) for r in shown]
+    if len(rows) > limit:
+        lines.append(f"... {len(rows) - limit} more rows")
+    return "\n".join(lines) + "\n"
+
+
+def decode_data_url(url):
+    """(extension, bytes) of a data: URL, or None when it is not one."""
+    match = re.match(r"data:([\w/+.-]+)?(;base64)?,(.*)$", url or "", re.S)
+    if not match:
+        return None
+    mime = match.group(1) or "application/octet-stream"
+    payload = match.group(3)
+    data = base64.b64decode(payload) if match.group(2) else payload.encode("utf-8")
+    ext = {"image/png": "png", "image/jpeg": "jpg", "image/svg+xml": "svg", "image/gif": "gif"}.get(mime, "bin")
+    return ext, data
+
+
+class StepFiles:
+    """The files of one step, named NNN_tag.*, and the `outputs` list that describes them."""
+
+    def __init__(self, project, step, tag):
+        self.project, self.key = project, step_key(step, tag)
+        self.stdout = project.output_path(self.key + ".stdout")
+        self.stderr = project.output_path(self.key + ".stderr")
+        self.command = project.output_path(self.key + ".cmd.py")
+        self.extra = []            # (kind, path, details)
+
+    def path(self, suffix):
+        return self.project.output_path(self.key + suffix)
+
+    def add(self, kind, path, **details):
+        self.extra.append((kind, path, details))
+
+    def outputs(self):
+        listed = [("command", self.command, {}), ("stdout", self.stdout, {}), ("stderr", self.stderr, {})]
+        found = []
+        for kind, path, details in listed + self.extra:
+            if os.path.exists(path):
+                found.append({"kind": kind, "path": self.project.show(path),
+                              "bytes": os.path.getsize(path), **details})
+        return found
+
+
+# ---------------------------------------------------------------------------------------------------
+# 7. Running commands: submit, poll, fetch full output, finish the step
+# ---------------------------------------------------------------------------------------------------
+
+class Terminated(Exception):
+    """SIGTERM arrived (an agent's tool timeout): leave the command running and say so."""
+
+
+@contextlib.contextmanager
+def terminate_as_exception():
+    def handler(signum, frame):
+        raise Terminated()
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def poll_delay(waited):
+    return min(POLL_MAX_SECONDS, max(POLL_MIN_SECONDS, waited * POLL_FRACTION))
+
+
+def poll_command(ws, cluster_id, context_id, command_id, timeout):
+    """Poll until the command is done (its status dict) or the timeout passes (None).
+
+    Polls fast at first (see POLL_*). A failed poll is retried, not reported as a failed command,
+    unless a contexts/status probe shows the context is gone (ContextGone).
+    """
+    started = time.monotonic()
+    deadline = started + timeout
+    while True:
+        try:
+            status = ws.command_status(cluster_id, context_id, command_id)
+            if status.get("status") in DONE_COMMAND_STATES:
+                return status
+        except Exception as err:
+            if isinstance(err, ws.errors.DatabricksError) and _is_auth_error(err, ws.errors):
+                raise
+            if not ws.context_alive(cluster_id, context_id):
+                raise ContextGone(str(err)) from None
+            if not _looks_transient(err, ws.errors) and isinstance(err, ws.errors.DatabricksError):
+                raise
+        now = time.monotonic()
+        if now >= deadline:
+            return None
+        time.sleep(min(poll_delay(now - started), deadline - now))
+
+
+def run_internal(ws, session, command, timeout=120.0):
+    """Run a helper command of the CLI (bootstrap, fetch) and return its results dict."""
+    command_id = ws.execute(session["cluster_id"], session["context_id"], command)
+    status = poll_command(ws, session["cluster_id"], session["context_id"], command_id, timeout)
+    if status is None:
+        raise ReplError("InternalTimeout", f"A helper command did not finish within {timeout:g}s.",
+                        hint="The context may be busy; retry, or run status.")
+    return status.get("results") or {}
+
+
+def decode_chunk(results):
+    """(header, payload bytes) from a fetch command's result (table rows or text lines)."""
+    if results.get("resultType") == "table":
+        packed = "".join(str(row[0]) for row in results.get("data") or [] if row)
+    elif results.get("resultType") == "text":
+        packed = "".join((results.get("data") or "").split())
+    else:
+        detail = parse_error(results.get("summary"), results.get("cause"))
+        raise ReplError("TransferFailed", "The driver could not send the file: %s: %s" % detail,
+                        hint="Check the path on the driver.")
+    raw = base64.b64decode(packed)
+    header, _, payload = raw.partition(b"\n")
+    return json.loads(header.decode("utf-8")), zlib.decompress(payload) if payload else b""
+
+
+def fetch_driver_file(ws, session, call, sink, max_bytes):
+    """Copy a driver file into `sink` chunk by chunk; returns (bytes written, size on the driver,
+    the first chunk's header).
+
+    `call(offset, mode)` builds the fetch command. Chunks travel as table results; if the REPL
+    does not produce tables, they travel as text, which the service caps per command."""
+    offset, written, mode, first = 0, 0, "table", None
+    while True:
+        results = run_internal(ws, session, call(offset, mode))
+        if mode == "table" and results.get("resultType") == "text" and not (results.get("data") or "").strip():
+            mode = "text"
+            continue
+        header, payload = decode_chunk(results)
+        first = first or header
+        size = header.get("size", -1)
+        if size < 0:
+            return written, size, first
+        room = max_bytes - written
+        sink.write(payload[:room])
+        written += min(len(payload), room)
+        offset = header.get("next", offset + len(payload))
+        if offset >= size or written >= max_bytes or not payload:
+            return written, size, first
+
+
+def split_end_marker(text, key):
+    """(output, complete): strip the bootstrap's end marker; complete when it is present and the
+    character count it carries matches what came back."""
+    index = text.rfind(END_MARKER)
+    if index < 0:
+        return text, False
+    tail = text[index + len(END_MARKER):].split()
+    output = text[:index]
+    complete = len(tail) == 2 and tail[0] == key and tail[1].isdigit() and int(tail[1]) == len(output)
+    return output, complete
+
+
+def write_text_output(files, ws, session, text, wrapped, need_full, max_bytes):
+    """Write the step's stdout file; fetch the full text from the driver when it was cut.
+
+    Returns (truncated, note, traceback): truncated when the file does not hold all of the output;
+    traceback is the wrapper's clean traceback of a failed command, when the driver kept one."""
+    complete = True
+    if wrapped:
+        text, complete = split_end_marker(text, files.key)
+    if not need_full and complete:
+        data = text.encode("utf-8")
+        write_atomic(files.stdout, data[:max_bytes])
+        return len(data) > max_bytes, None, None
+    if not wrapped:
+        write_atomic(files.stdout, text)
+        return need_full, ("The service cut this output and it cannot be fetched (commands with magics "
+                           "are not teed)."), None
+    key = files.key
+    try:
+        with open(files.stdout, "wb") as sink:
+            written, size, header = fetch_driver_file(
+                ws, session, lambda off, mode: f"_dbx_repl.fetch_output({key!r}, {off}, {mode!r})",
+                sink, max_bytes)
+            if size < 0:
+                sink.write(text.encode("utf-8"))
+                return need_full or not complete, "The driver copy of the output was not found.", None
+            if written < size:
+                sink.write(f"\n[dbx-repl: output cut at {written} of {size} bytes "
+                           f"(--max-output-bytes)]\n".encode())
+                return True, None, header.get("traceback")
+    except ReplError as err:
+        write_atomic(files.stdout, text)
+        return True, f"Could not fetch the full output: {err.message}", None
+    return False, None, header.get("traceback")
+
+
+def save_table(files, results):
+    columns = schema_columns(results)
+    rows = results.get("data") or []
+    names = [c[0] for c in columns]
+    csv_path, json_path = files.path(".table.csv"), files.path(".table.json")
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(names)
+    writer.writerows(rows)
+    write_atomic(csv_path, buffer.getvalue())
+    write_atomic(json_path, json.dumps({"columns": [{"name": n, "type": t} for n, t in columns],
+                                        "rows": rows, "truncated": bool(results.get("truncated"))},
+                                       ensure_ascii=False, default=str))
+    details = {"rows": len(rows), "columns": len(columns), "truncated": bool(results.get("truncated"))}
+    files.add("table", csv_path, **details)
+    files.add("table_json", json_path)
+    return render_table(columns, rows), {**details, "file": files.project.show(csv_path),
+                                         "column_names": names[:50]}
+
+
+def save_images(files, ws, results):
+    names = list(results.get("fileNames") or [])
+    if results.get("fileName"):
+        names.append(results["fileName"])
+    saved, unresolved = [], []
+    for index, name in enumerate(names, start=1):
+        decoded = decode_data_url(name)
+        if decoded is None:
+            decoded = ("png", _read_filestore_image(ws, name))
+        if decoded[1] is None:
+            unresolved.append(name)
+            continue
+        path = files.path(f".{index}.{decoded[0]}")
+        write_atomic(path, decoded[1])
+        files.add("image", path)
+        saved.append(files.project.show(path))
+    return saved, unresolved
+
+
+def _read_filestore_image(ws, name):
+    """Large plots come back as a FileStore path (/plots/x.png): read it through the DBFS API."""
+    path = name if name.startswith("dbfs:") else "dbfs:/FileStore/" + name.lstrip("/")
+    chunks, offset = [], 0
+    try:
+        while True:
+            answer = ws.dbfs_read(path, offset, 1024 * 1024)
+            data = base64.b64decode(answer.get("data") or "")
+            if not data:
+                break
+            chunks.append(data)
+            offset += len(data)
+            if answer.get("bytes_read", len(data)) < 1024 * 1024:
+                break
+    except Exception:
+        return None
+    return b"".join(chunks) or None
+
+
+def render_results(ws, session, files, status, wrapped, max_bytes):
+    """Turn a finished command's status into step files and the response fields.
+
+    Returns (step_status, fields). Files are written before the caller records the step."""
+    results = status.get("results") or {}
+    kind = results.get("resultType")
+    fields, notes = {}, []
+    write_atomic(files.stderr, b"")
+    if is_cancellation(status.get("status"), results):
+        write_atomic(files.stdout, b"")
+        return "Cancelled", {"message": "The command was cancelled."}
+    if kind == "text" or kind is None and status.get("status") == "Finished":
+        text = results.get("data") if isinstance(results.get("data"), str) else json.dumps(results.get("data"))
+        fields["truncated"], note, _ = write_text_output(files, ws, session, text or "", wrapped,
+                                                         bool(results.get("truncated")), max_bytes)
+        notes.append(note)
+    else:
+        # Error, table and image results drop the printed text: fetch it from the driver copy.
+        clean_traceback = None
+        if wrapped:
+            fields["truncated"], note, clean_traceback = write_text_output(files, ws, session, "", True,
+                                                                          True, max_bytes)
+            if note and "not found" not in note:
+                notes.append(note)
+        else:
+            write_atomic(files.stdout, b"")
+        if kind == "table":
+            rendering, fields["table"] = save_table(files, results)
+            _append(files.stdout, ("\n" if os.path.getsize(files.stdout) else "") + rendering)
+        elif kind in ("images", "image"):
+            fields["images"], unresolved = save_images(files, ws, results)
+            if unresolved:
+                notes.append(f"{len(unresolved)} image(s) could not be fetched: {', '.join(unresolved)}")
+        elif kind == "error" or status.get("status") == "Error":
+            cause = clean_traceback or strip_ansi(results.get("cause") or "") or html_to_text(
+                results.get("summary"))
+            write_atomic(files.stderr, cause.rstrip("\n") + "\n")
+            error_type, message = parse_error(results.get("summary"), results.get("cause"))
+            fields["error"] = {"type": error_type, "message": message[:500]}
+    step_status = "Error" if "error" in fields else "Finished"
+    fields["message"] = " ".join(n for n in notes if n) or None
+    return step_status, fields
+
+
+def _append(path, text):
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(text)
+
+
+def step_response(project, files, step_status, elapsed, fields, exit_code=None):
+    """The exec/await response of a finished step (the spec's schema, plus outputs)."""
+    stdout_bytes = os.path.getsize(files.stdout) if os.path.exists(files.stdout) else 0
+    stderr_bytes = os.path.getsize(files.stderr) if os.path.exists(files.stderr) else 0
+    body = {
+        "cmd_id": files.key,
+        "stdout_file": project.show(files.stdout),
+        "stderr_file": project.show(files.stderr),
+        "stdout_bytes": stdout_bytes,
+        "stderr_bytes": stderr_bytes,
+    }
+    if stdout_bytes:
+        body["stdout_preview"] = file_preview(files.stdout)
+    if stderr_bytes:
+        body["stderr_preview"] = file_preview(files.stderr)
+    body["elapsed_seconds"] = round(elapsed, 3)
+    message = fields.pop("message", None)
+    error = fields.get("error")
+    default_messages = {
+        "Finished": "The command finished.",
+        "Error": f"The command raised {error['type']}: {error['message']}" if error else "The command failed.",
+        "Cancelled": "The command was cancelled.",
+    }
+    hints = {
+        "Error": f"Read {body['stderr_file']}, fix the code, and exec again.",
+        "Cancelled": "The session is still usable.",
+    }
+    body.update(fields)
+    body["outputs"] = files.outputs()
+    if exit_code is None:
+        exit_code = EXIT_OK if step_status == "Finished" else EXIT_FAILED
+    return response(step_status, message or default_messages.get(step_status, step_status),
+                    hint=hints.get(step_status), exit_code=exit_code, **body)
+
+
+def record_step(project, entry, command_id=None):
+    """Append a step to session.json (after its files exist) and clear the matching active command."""
+    with project.lock():
+        session = project.load()
+        session["steps"].append(entry)
+        active = session.get("active_command")
+        if active and (active.get("step") == entry["step"] or
+                       (command_id and active.get("command_id") == command_id)):
+            session["active_command"] = None
+        project.save(session)
+    return session
+
+
+def step_entry(project, files, active, status, finished_at=None, elapsed=None, **extra):
+    entry = {
+        "step": active["step"],
+        "tag": active["tag"],
+        "status": status,
+        "command_file": project.stored(files.command),
+        "stdout_file": project.stored(files.stdout),
+        "stderr_file": project.stored(files.stderr),
+        "started_at": active.get("started_at"),
+        "finished_at": finished_at or now_iso(),
+        "elapsed_seconds": None if elapsed is None else round(elapsed, 3),
+        "command_id": active.get("command_id"),
+        "context_id": active.get("context_id"),
+    }
+    entry.update((k, v) for k, v in extra.items() if v is not None)
+    return entry
+
+
+def elapsed_since(active):
+    try:
+        started = datetime.datetime.fromisoformat(active["started_at"])
+    except (KeyError, TypeError, ValueError):
+        return 0.0
+    return (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()
+
+
+def finish_command(ws, project, session, active, status, max_bytes):
+    """Render a finished command's results, record its step, and build the response."""
+    files = StepFiles(project, active["step"], active["tag"])
+    step_status, fields = render_results(ws, session, files, status, active.get("wrapped", True), max_bytes)
+    elapsed = elapsed_since(active)
+    outputs = [o for o in files.outputs() if o["kind"] not in ("command", "stdout", "stderr")]
+    record_step(project, step_entry(project, files, active, step_status, elapsed=elapsed,
+                                    outputs=[{k: o[k] for k in ("kind", "path")} for o in outputs] or None,
+                                    replay_of=active.get("replay_of")),
+                command_id=active.get("command_id"))
+    return step_response(project, files, step_status, elapsed, fields)
+
+
+def running_response(project, active, timeout):
+    return response(
+        "Running", f"Command still running after {timeout:g}s client-side timeout.",
+        exit_code=EXIT_RUNNING, cmd_id=step_key(active["step"], active["tag"]),
+        command_id=active.get("command_id"), elapsed_seconds=round(elapsed_since(active), 3),
+        tip={"await": f"{cli_hint('await', project)} --timeout 600",
+             "cancel": cli_hint("cancel", project)},
+        hint="The command keeps running on the cluster. Use await to keep waiting or cancel to stop it; "
+             "do not exec again until it is done.")
+
+
+def cancel_and_confirm(ws, session, command_id, wait=CANCEL_WAIT_SECONDS):
+    """Ask the service to cancel, then poll until the command settles. Returns its last status."""
+    ws.cancel(session["cluster_id"], session["context_id"], command_id)
+    return poll_command(ws, session["cluster_id"], session["context_id"], command_id, wait)
+
+
+def await_active(ws, project, session, active, timeout, max_bytes):
+    """Wait for the active command and answer for it: the step, Running, Cancelled or ContextEvicted."""
+    cluster_id, context_id = session["cluster_id"], active.get("context_id") or session["context_id"]
+    try:
+        with terminate_as_exception():
+            status = poll_command(ws, cluster_id, context_id, active["command_id"], timeout)
+    except KeyboardInterrupt:
+        return interrupt_active(ws, project, session, active, max_bytes)
+    except Terminated:
+        return running_response(project, active, timeout)
+    except ContextGone:
+        return recover_from_eviction(ws, project, failed=active)
+    if status is None:
+        return running_response(project, active, timeout)
+    return finish_command(ws, project, session, active, status, max_bytes)
+
+
+def interrupt_active(ws, project, session, active, max_bytes):
+    """Ctrl+C while waiting: cancel the remote command and record the step as Cancelled."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        try:
+            status = cancel_and_confirm(ws, session, active["command_id"])
+        except ContextGone:
+            return recover_from_eviction(ws, project, failed=active)
+        except Exception:
+            status = None
+        if status is not None and not is_cancellation(status.get("status"), status.get("results")):
+            return finish_command(ws, project, session, active, status, max_bytes)
+        files = StepFiles(project, active["step"], active["tag"])
+        for path in (files.stdout, files.stderr):
+            write_atomic(path, b"")
+        elapsed = elapsed_since(active)
+        record_step(project, step_entry(project, files, active, "Cancelled", elapsed=elapsed),
+                    command_id=active.get("command_id"))
+        body = step_response(project, files, "Cancelled", elapsed,
+                             {"message": "Command interrupted by user."}, exit_code=EXIT_INTERRUPTED)
+        if status is None:
+            body["message"] += " The cancel could not be confirmed; check with status."
+        return body
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def start_context(ws, cluster_id, config):
+    """Create an execution context, wait until it runs, and install the bootstrap in it."""
+    try:
+        context_id = ws.create_context(cluster_id)
+    except ws.errors.DatabricksError as err:
+        text = str(err)
+        if re.search(r"\b145\b|too many|limit", text, re.I) and "context" in text.lower():
+            raise ReplError("ContextLimitReached", f"The cluster has no free execution context: {scrub(text)}",
+                            hint="Destroy unused sessions (dbx_repl.py destroy in their project dirs), "
+                                 "or use another cluster.") from None
+        raise map_sdk_error(err, action="create an execution context") from None
+    started = time.monotonic()
+    while True:
+        state = ws.context_status(cluster_id, context_id)
+        if state == "Running":
+            break
+        if state == "Error" or time.monotonic() - started > CONTEXT_START_TIMEOUT:
+            with contextlib.suppress(Exception):
+                ws.destroy_context(cluster_id, context_id)
+            raise ReplError("ContextFailed", f"The execution context did not start (status {state}).",
+                            hint="Check the cluster's driver logs; restart the cluster if this repeats.")
+        time.sleep(poll_delay(time.monotonic() - started))
+    session = {"cluster_id": cluster_id, "context_id": context_id}
+    results = run_internal(ws, session, bootstrap_command(config), timeout=CONTEXT_START_TIMEOUT)
+    if results.get("resultType") == "error":
+        with contextlib.suppress(Exception):
+            ws.destroy_context(cluster_id, context_id)
+        error_type, message = parse_error(results.get("summary"), results.get("cause"))
+        raise ReplError("BootstrapFailed", f"Installing the REPL helpers failed: {error_type}: {message}",
+                        hint="Report this with the cluster's runtime version.")
+    return context_id
+
+
+def bootstrap_config(session, host):
+    return {"session_id": session["session_id"], "host": host, "llm_endpoint": session.get("llm_endpoint"),
+            "llm_max_calls": session.get("llm_max_calls"), "llm_max_tokens": session.get("llm_max_tokens"),
+            "session_name": session.get("session_name")}
+
+
+def recover_from_eviction(ws, project, failed=None):
+    """The context is gone: record the lost step, start a fresh context, and list what to replay."""
+    with project.lock():
+        session = project.load()
+        old_context = session.get("context_id")
+        failed_entry = None
+        if failed:
+            files = StepFiles(project, failed["step"], failed["tag"])
+            for path in (files.stdout, files.stderr):
+                if not os.path.exists(path):
+                    write_atomic(path, b"")
+            failed_entry = step_entry(project, files, failed, "Evicted")
+            session["steps"].append(failed_entry)
+        session["active_command"] = None
+        project.save(session)
+    previous = [{"step": s["step"], "tag": s["tag"], "status": s["status"],
+                 "command_file": project.show(s["command_file"])}
+                for s in session["steps"] if s.get("status") == "Finished" and
+                s.get("context_id") in (old_context, None)]
+    try:
+        cluster = ws.cluster(session["cluster_id"])
+        if cluster.get("state") not in RUNNABLE_CLUSTER_STATES:
+            raise cluster_not_running(session["cluster_id"], cluster)
+        new_context = start_context(ws, session["cluster_id"], bootstrap_config(session, ws.host))
+    except ReplError as err:
+        err.fields.update(evicted_context_id=old_context, previous_steps=previous)
+        err.message = f"The execution context was lost, and a new one could not be started: {err.message}"
+        raise
+    with project.lock():
+        session = project.load()
+        session["context_id"] = new_context
+        session.setdefault("contexts", []).append({"context_id": new_context, "created_at": now_iso(),
+                                                   "replaces": old_context})
+        project.save(session)
+    return response(
+        "ContextEvicted",
+        "The execution context was evicted; a new one is ready, but variables and imports are gone.",
+        old_context_id=old_context, new_context_id=new_context,
+        failed_step=step_key(failed["step"], failed["tag"]) if failed else None,
+        previous_steps=previous,
+        tip={"replay": f"{cli_hint('replay', project)} --steps "
+                       + ",".join(str(s["step"]) for s in previous) if previous else None},
+        hint="Replay the steps you need (see references/eviction-replay.md), then exec the failed step again.",
+        exit_code=EXIT_FAILED)
+
+
+def cluster_not_running(cluster_id, cluster):
+    state = cluster.get("state", "UNKNOWN")
+    detail = f" ({cluster['state_message']})" if cluster.get("state_message") else ""
+    return ReplError("ClusterNotRunning", f"Cluster {cluster_id} is {state}{detail}, not RUNNING.",
+                     hint="Start the cluster (Databricks UI, or `databricks clusters start ID`), wait for "
+                          "RUNNING (3-8 minutes), then retry.", cluster_id=cluster_id, cluster_state=state)
+
+
+def submit_step(ws, project, session, code, tag, timeout, max_bytes, replay_of=None):
+    """Reserve a step, submit its command, and wait for it: the heart of `exec` and `replay`."""
+    with project.lock():
+        session = require_active(project, project.load())
+        busy = session.get("active_command")
+        if busy:
+            raise ReplError("CommandRunning",
+                            f"Step {step_key(busy['step'], busy['tag'])} is still running in this session.",
+                            hint="Wait for it with await, or stop it with cancel; the context runs one "
+                                 "command at a time.",
+                            exit_code=EXIT_FAILED, command_id=busy.get("command_id"),
+                            tip={"await": cli_hint("await", project), "cancel": cli_hint("cancel", project)})
+        project.ensure_outputs_dir()
+        step = max(session["step_counter"], project.highest_step_on_disk()) + 1
+        files = StepFiles(project, step, tag)
+        write_atomic(files.command, code)
+        command, wrapped = wrap_command(code, files.key)
+        active = {"step": step, "tag": tag, "command_id": None, "context_id": session["context_id"],
+                  "started_at": now_iso(), "wrapped": wrapped, "state": "submitting"}
+        if replay_of is not None:
+            active["replay_of"] = replay_of
+        session["step_counter"] = step
+        session["active_command"] = active
+        project.save(session)
+    try:
+        active["command_id"] = ws.execute(session["cluster_id"], session["context_id"], command)
+    except SubmitUncertain as err:
+        record_step(project, step_entry(project, files, active, "SubmitUncertain"))
+        raise ReplError("SubmitUncertain",
+                        f"The connection dropped while submitting step {files.key}: {scrub(str(err))}. "
+                        "The command was not resent, so it ran once or not at all.",
+                        hint="Run status to see whether the session is busy; exec again only if the step's "
+                             "effect is missing.", cmd_id=files.key) from None
+    except Exception as err:
+        gone = isinstance(err, ws.errors.DatabricksError) and not _is_auth_error(err, ws.errors) and \
+            not ws.context_alive(session["cluster_id"], session["context_id"])
+        if gone:
+            return recover_from_eviction(ws, project, failed=active)
+        record_step(project, step_entry(project, files, active, "SubmitFailed"))
+        raise map_sdk_error(err, action="submit the command") from None
+    active["state"] = "running"
+    with project.lock():
+        current = project.load()
+        current["active_command"] = active
+        project.save(current)
+    return await_active(ws, project, session, active, timeout, max_bytes)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 8. Subcommands
+# ---------------------------------------------------------------------------------------------------
+
+def read_command(spec):
+    """The code to run, from inline text, @file, or - (stdin)."""
+    if spec == "-":
+        data = sys.stdin.buffer.read()
+        origin = "standard input"
+    elif spec.startswith("@"):
+        path = spec[1:]
+        origin = path
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except IsADirectoryError:
+            raise ReplError("InvalidCommand", f"{path} is a directory, not a code file.",
+                            exit_code=EXIT_USAGE, hint="Pass --command @path/to/file.py") from None
+        except OSError as err:
+            raise ReplError("InvalidCommand", f"Cannot read {path}: {err.strerror}.", exit_code=EXIT_USAGE,
+                            hint="Check the path after @ (relative to the current directory).") from None
+    else:
+        return _require_code(spec, "--command")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ReplError("InvalidCommand", f"{origin} is not UTF-8 text ({err.reason} at byte {err.start}).",
+                        exit_code=EXIT_USAGE, hint="Save the file as UTF-8.") from None
+    return _require_code(text, origin)
+
+
+def _require_code(text, origin):
+    if "\x00" in text:
+        raise ReplError("InvalidCommand", f"The command from {origin} contains a NUL byte.", exit_code=EXIT_USAGE,
+                        hint="Pass Python source text.")
+    if not text.strip():
+        raise ReplError("InvalidCommand", f"The command from {origin} is empty.", exit_code=EXIT_USAGE,
+                        hint="Pass Python code with --command, --command @file.py or --command -.")
+    return text
+
+
+def positive_timeout(value):
+    if value is None or not (value > 0) or value != value or value == float("inf"):
+        raise ReplError("InvalidTimeout", f"--timeout must be a positive number of seconds, not {value}.",
+                        exit_code=EXIT_USAGE, hint="For example --timeout 600.")
+    return value
+
+
+def cmd_create(args):
+    project = Project(args.project_dir).check()
+    cluster_id = (args.cluster_id or "").strip()
+    if not cluster_id:
+        raise ReplError("InvalidClusterId", "--cluster-id is empty.", exit_code=EXIT_USAGE,
+                        hint="Resolve it with find_cluster.py --name NAME.")
+    name = (args.session_name or "").strip()
+    if not name:
+        raise ReplError("InvalidSessionName", "--session-name is empty.", exit_code=EXIT_USAGE,
+                        hint="Name the task, e.g. --session-name churn-analysis.")
+    existing = project.load(required=False)
+    if existing and existing.get("status") == "active":
+        raise ReplError("SessionExists",
+                        f"Session {existing.get('session_name')!r} is already active in {project.display_root}.",
+                        hint="Reuse it with exec, or destroy it first to start a new one.",
+                        session_name=existing.get("session_name"), context_id=existing.get("context_id"),
+                        cluster_id=existing.get("cluster_id"))
+    ws = Workspace(args.profile, args.debug)
+    try:
+        cluster = ws.cluster(cluster_id)
+    except ws.errors.NotFound:
+        raise ReplError("ClusterNotFound", f"No cluster with id {cluster_id}.",
+                        hint="Resolve the id with find_cluster.py --name NAME.", cluster_id=cluster_id) from None
+    except Exception as err:
+        raise map_sdk_error(err, action="look up the cluster") from None
+    if cluster.get("cluster_source") in ("JOB", "PIPELINE", "PIPELINE_MAINTENANCE", "SQL", "MODELS"):
+        raise ReplError("ClusterNotSupported",
+                        f"Cluster {cluster_id} is a {cluster['cluster_source']} cluster; execution contexts "
+                        "need a classic all-purpose cluster.",
+                        hint="Pick an all-purpose cluster (find_cluster.py shows all_purpose: true).",
+                        cluster_id=cluster_id)
+    if cluster.get("state") not in RUNNABLE_CLUSTER_STATES:
+        raise cluster_not_running(cluster_id, cluster)
+    session = {
+        "format": SESSION_FORMAT, "status": "active", "session_name": name,
+        "session_id": hashlib.sha256(os.urandom(16)).hexdigest()[:16],
+        "cluster_id": cluster_id, "cluster_name": cluster.get("cluster_name"), "context_id": None,
+        "profile": args.profile, "host": ws.host,
+        "llm_endpoint": args.llm_endpoint or os.environ.get(ENV_LLM_ENDPOINT) or DEFAULT_LLM_ENDPOINT,
+        "llm_max_calls": args.llm_max_calls, "llm_max_tokens": args.llm_max_tokens,
+        "created_at": now_iso(), "step_counter": 0, "steps": [], "active_command": None,
+    }
+    try:
+        session["context_id"] = start_context(ws, cluster_id, bootstrap_config(session, ws.host))
+    except ReplError:
+        raise
+    except ContextGone as err:
+        raise ReplError("ContextFailed", f"The new execution context disappeared: {err}",
+                        hint="Retry create.") from None
+    except Exception as err:
+        raise map_sdk_error(err, action="start an execution context") from None
+    with project.lock():
+        previous = project.load(required=False)
+        if previous and previous.get("status") == "active":  # a concurrent create won the race
+            with contextlib.suppress(Exception):
+                ws.destroy_context(cluster_id, session["context_id"])
+            raise ReplError("SessionExists", f"Another session became active in {project.display_root}.",
+                            hint="Reuse it with exec.")
+        project.ensure_outputs_dir()
+        if previous:
+            archive = os.path.join(project.outputs_dir, ARCHIVE_DIR)
+            os.makedirs(archive, mode=0o700, exist_ok=True)
+            stamp = re.sub(r"[^0-9]", "", previous.get("created_at") or now_iso())[:14]
+            write_atomic(os.path.join(archive, f"session-{stamp}-{previous.get('session_id', 'old')}.json"),
+                         json.dumps(previous, indent=2, ensure_ascii=False))
+            session["step_counter"] = previous.get("step_counter", 0)
+        session["step_counter"] = max(session["step_counter"], project.highest_step_on_disk())
+        session["contexts"] = [{"context_id": session["context_id"], "created_at": session["created_at"]}]
+        project.save(session)
+    return response("Created", f"Session {name!r} is ready on cluster {cluster.get('cluster_name') or cluster_id}.",
+                    session_name=name, cluster_id=cluster_id, cluster_name=cluster.get("cluster_name"),
+                    context_id=session["context_id"], session_file=project.show(project.session_path),
+                    llm_endpoint=session["llm_endpoint"],
+                    hint=f"Run code with {cli_hint('exec', project)} --command \"...\" --tag NAME")
+
+
+def cmd_exec(args):
+    tag = sanitize_tag(args.tag)
+    timeout = positive_timeout(args.timeout)
+    code = read_command(args.command)
+    project = Project(args.project_dir).check()
+    session = require_active(project, project.load())
+    ws = Workspace(args.profile or session.get("profile"), args.debug)
+    return submit_step(ws, project, session, code, tag, timeout, args.max_output_bytes)
+
+
+def cmd_await(args):
+    timeout = positive_timeout(args.timeout)
+    project = Project(args.project_dir).check()
+    session = require_active(project, project.load())
+    active = session.get("active_command")
+    if not active:
+        raise ReplError("NothingToAwait", "No command is running in this session.",
+                        hint="The last command already finished or was cancelled; see its files in repl_outputs/.")
+    ws = Workspace(args.profile or session.get("profile"), args.debug)
+    if not active.get("command_id"):
+        record_step(project, step_entry(project, StepFiles(project, active["step"], active["tag"]), active,
+                                        "SubmitUncertain"))
+        raise ReplError("SubmitUncertain", "The CLI stopped while submitting this step, so its command id is "
+                        "unknown.", hint="exec the step again if its effect is missing.")
+    return await_active(ws, project, session, active, timeout, args.max_output_bytes)
+
+
+def cmd_cancel(args):
+    project = Project(args.project_dir).check()
+    session = require_active(project, project.load())
+    active = session.get("active_command")
+    command_id = args.run_id or (active or {}).get("command_id")
+    if not command_id:
+        raise ReplError("NothingToCancel", "No command is running in this session.",
+                        hint="Nothing to do: the last command already finished or was cancelled.")
+    ws = Workspace(args.profile or session.get("profile"), args.debug)
+    tracked = active if active and active.get("command_id") == command_id else None
+    try:
+        status = cancel_and_confirm(ws, session, command_id)
+    except ContextGone:
+        return recover_from_eviction(ws, project, failed=tracked)
+    except Exception as err:
+        raise map_sdk_error(err, action="cancel the command") from None
+    if status is not None and not is_cancellation(status.get("status"), status.get("results")):
+        if tracked:
+            body = finish_command(ws, project, session, tracked, status, args.max_output_bytes)
+            body["message"] = "The command had already finished before the cancel; its output was saved."
+            return body
+        return response("NothingToCancel", f"Command {command_id} had already finished.",
+                        command_id=command_id, hint="Nothing to do.")
+    fields = {"command_id": command_id}
+    if tracked:
+        files = StepFiles(project, tracked["step"], tracked["tag"])
+        for path in (files.stdout, files.stderr):
+            if not os.path.exists(path):
+                write_atomic(path, b"")
+        record_step(project, step_entry(project, files, tracked, "Cancelled", elapsed=elapsed_since(tracked)),
+                    command_id=command_id)
+        fields["cmd_id"] = files.key
+    if status is None:
+        return response("Cancelling", "Cancel was requested but the command has not stopped yet.",
+                        hint=f"Check again with {cli_hint('status', project)}.", exit_code=EXIT_FAILED, **fields)
+    return response("Cancelled", "The command was cancelled; the session is still usable.",
+                    hint="Continue with exec.", **fields)
+
+
+def cmd_destroy(args):
+    project = Project(args.project_dir).check()
+    session = project.load()
+    if session.get("status") == "destroyed":
+        return response("Destroyed", "The session was already destroyed.", session_name=session.get("session_name"))
+    ws = Workspace(args.profile or session.get("profile"), args.debug)
+    try:
+        ws.destroy_context(session["cluster_id"], session["context_id"])
+        note = "The execution context was destroyed."
+    except Exception as err:
+        if isinstance(err, ws.errors.DatabricksError) and not _is_auth_error(err, ws.errors) and \
+                not ws.context_alive(session["cluster_id"], session["context_id"]):
+            note = "The execution context was already gone."
+        else:
+            raise map_sdk_error(err, action="destroy the execution context") from None
+    with project.lock():
+        session = project.load()
+        active = session.get("active_command")
+        if active:
+            files = StepFiles(project, active["step"], active["tag"])
+            for path in (files.stdout, files.stderr):
+                if not os.path.exists(path):
+                    write_atomic(path, b"")
+            session["steps"].append(step_entry(project, files, active, "Cancelled",
+                                               elapsed=elapsed_since(active)))
+            session["active_command"] = None
+        session["status"] = "destroyed"
+        session["destroyed_at"] = now_iso()
+        project.save(session)
+    return response("Destroyed", f"Session {session.get('session_name')!r} destroyed. {note}",
+                    session_name=session.get("session_name"), context_id=session.get("context_id"),
+                    steps=len(session["steps"]),
+                    hint="Its steps stay in session.json and repl_outputs/; create starts a new session.")
+
+
+# -- find-cluster ------------------------------------------------------------------------------------
+
+def cluster_summary(cluster):
+    source = cluster.get("cluster_source")
+    return {
+        "cluster_id": cluster.get("cluster_id"),
+        "cluster_name": cluster.get("cluster_name"),
+        "state": cluster.get("state"),
+        "all_purpose": source not in ("JOB", "PIPELINE", "PIPELINE_MAINTENANCE", "SQL", "MODELS"),
+        "cluster_source": source,
+        "access_mode": cluster.get("data_security_mode"),
+        "single_user_name": cluster.get("single_user_name"),
+        "spark_version": cluster.get("spark_version"),
+    }
+
+
+def find_clusters(clusters, name):
+    """Clusters whose name contains `name` (case-insensitive): exact matches first, then by name."""
+    needle = name.casefold()
+    matches = [c for c in clusters if needle in (c.get("cluster_name") or "").casefold()]
+    return sorted(matches, key=lambda c: ((c.get("cluster_name") or "").casefold() != needle,
+                                          c.get("state") != "RUNNING", c.get("cluster_name") or ""))
+
+
+def cmd_find_cluster(args):
+    name = (args.name or "").strip()
+    if not name:
+        raise ReplError("InvalidName", "--name is empty.", exit_code=EXIT_USAGE,
+                        hint="Pass part of the cluster's name, e.g. --name analytics.")
+    ws = Workspace(args.profile, args.debug)
+    try:
+        clusters = ws.clusters()
+    except Exception as err:
+        raise map_sdk_error(err, action="list clusters") from None
+    matches = [cluster_summary(c) for c in find_clusters(clusters, name)]
+    if not matches:
+        raise ReplError("ClusterNotFound", f"No cluster name contains {name!r}.",
+                        hint="Try a shorter part of the name.",
+                        available=sorted(c.get("cluster_name") or "" for c in clusters)[:50])
+    if len(matches) == 1:
+        return response("Found", f"Cluster {matches[0]['cluster_name']!r} is {matches[0]['state']}.",
+                        **matches[0], hint=_cluster_hint(matches[0]))
+    return response("Ambiguous", f"{len(matches)} clusters match {name!r}; ask the user which one.",
+                    matches=matches, hint="Pick one cluster_id (an all_purpose, RUNNING one can host a session).")
+
+
+def _cluster_hint(cluster):
+    if not cluster["all_purpose"]:
+        return "This is not an all-purpose cluster; execution contexts need one."
+    if cluster["state"] not in RUNNABLE_CLUSTER_STATES:
+        return "The cluster is not running: ask the user to start it, then create the session."
+    return f"Create a session: dbx_repl.py create --cluster-id {cluster['cluster_id']} --session-name NAME"
+
+
+# ---------------------------------------------------------------------------------------------------
+# 9. Argument parsing and the entry point
+# ---------------------------------------------------------------------------------------------------
+
+class JsonArgumentParser(argparse.ArgumentParser):
+    """argparse that reports usage errors as the one JSON response instead of text on stderr."""
+
+    def error(self, message):
+        raise ReplError("UsageError", f"{self.prog}: {message}", exit_code=EXIT_USAGE,
+                        hint=f"Run {self.prog} --help for the options.")
+
+    def exit(self, status=0, message=None):
+        if status:
+            raise ReplError("UsageError", (message or "").strip() or "invalid arguments", exit_code=EXIT_USAGE)
+        sys.exit(status)
+
+
+def add_common(parser):
+    parser.add_argument("--project-dir", default=".", help="Directory holding session.json and repl_outputs/")
+    parser.add_argument("--profile", default=None, help="Profile in ~/.databrickscfg (default: SDK default auth)")
+    parser.add_argument("--debug", action="store_true", help="Print SDK debug information to stderr")
+
+
+def add_wait_options(parser):
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                        help="Seconds to wait before answering Running (the command keeps running)")
+    parser.add_argument("--max-output-bytes", type=int, default=DEFAULT_MAX_OUTPUT_BYTES,
+                        help="Cap on the output fetched into the stdout file")
+
+
+def build_parser():
+    parser = JsonArgumentParser(prog="dbx_repl.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=VERSION)
+    sub = parser.add_subparsers(dest="subcommand", parser_class=JsonArgumentParser)
+
+    p = sub.add_parser("create", help="Create a session: an execution context with the helpers installed")
+    add_common(p)
+    p.add_argument("--cluster-id", required=True)
+    p.add_argument("--session-name", required=True)
+    p.add_argument("--llm-endpoint", default=None, help=f"Default sub_llm endpoint (env {ENV_LLM_ENDPOINT})")
+    p.add_argument("--llm-max-calls", type=int, default=None, help="Budget: sub_llm calls in this session")
+    p.add_argument("--llm-max-tokens", type=int, default=None, help="Budget: sub_llm tokens in this session")
+    p.set_defaults(handler=cmd_create)
+
+    p = sub.add_parser("exec", help="Run code as the next step and wait for it")
+    add_common(p)
+    p.add_argument("--command", required=True, help="Python code, @file.py, or - for stdin")
+    p.add_argument("--tag", required=True, help="Label of the step (used in file names)")
+    add_wait_options(p)
+    p.set_defaults(handler=cmd_exec)
+
+    p = sub.add_parser("await", help="Keep waiting for the running command")
+    add_common(p)
+    add_wait_options(p)
+    p.set_defaults(handler=cmd_await)
+
+    p = sub.add_parser("cancel", help="Cancel the running command")
+    add_common(p)
+    p.add_argument("--run-id", default=None, help="Command id to cancel (default: the active command)")
+    p.add_argument("--max-output-bytes", type=int, default=DEFAULT_MAX_OUTPUT_BYTES, help=argparse.SUPPRESS)
+    p.set_defaults(handler=cmd_cancel)
+
+    p = sub.add_parser("destroy", help="Destroy the execution context; keep the step log")
+    add_common(p)
+    p.set_defaults(handler=cmd_destroy)
+
+    p = sub.add_parser("find-cluster", help="Find clusters whose name contains a string")
+    add_common(p)
+    p.add_argument("--name", required=True)
+    p.set_defaults(handler=cmd_find_cluster)
+    return parser
+
+
+def main(argv=None):
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    os.umask(os.umask(0o077) | 0o077)  # session and output files: owner only, or stricter
+    try:
+        args = build_parser().parse_args(argv)
+        if not getattr(args, "handler", None):
+            raise ReplError("UsageError", "No subcommand given.", exit_code=EXIT_USAGE,
+                            hint="Run dbx_repl.py --help for the subcommands.")
+        if getattr(args, "max_output_bytes", 1) <= 0:
+            raise ReplError("UsageError", "--max-output-bytes must be positive.", exit_code=EXIT_USAGE)
+        body = args.handler(args)
+    except ReplError as err:
+        body = err.response()
+    except KeyboardInterrupt:
+        body = response("Interrupted", "Interrupted before any command was submitted.", exit_code=EXIT_INTERRUPTED)
+    except Exception as err:  # the agent never gets a traceback unless it asks for one
+        if debug:
+            import traceback
+            traceback.print_exc(file=sys.stderr)
+        body = map_sdk_error(err).response() if _SDK.loaded else response(
+            "UnexpectedError", f"{type(err).__name__}: {scrub(str(err))}",
+            hint="Rerun with --debug for the traceback.", exit_code=EXIT_FAILED)
+    return emit(body)
+
+
+def _console_main():
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

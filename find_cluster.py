@@ -1,0 +1,31 @@
+#!/usr/bin/env python3
+"""Resolve a Databricks cluster name (or part of it) to cluster ids, as one JSON object on stdout.
+
+    python find_cluster.py [--profile PROFILE] --name SUBSTRING
+
+One match answers {"status": "Found", "cluster_id", "cluster_name", "state", "all_purpose",
+"access_mode", ...}; several answer {"status": "Ambiguous", "matches": [...]}; none answers
+{"status": "ClusterNotFound"}. The logic lives in dbx_repl.py (`find-cluster`), next to this file.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import dbx_repl  # noqa: E402
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0
+    return dbx_repl.main(["find-cluster", *argv])
+
+
+def _console_main():
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
