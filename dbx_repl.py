@@ -1095,15 +1095,23 @@ class Terminated(Exception):
     """SIGTERM arrived (an agent's tool timeout): leave the command running and say so."""
 
 
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 @contextlib.contextmanager
-def terminate_as_exception():
-    def handler(signum, frame):
-        raise Terminated()
-    previous = signal.signal(signal.SIGTERM, handler)
+def signals_deferred():
+    """Hold Ctrl+C and SIGTERM while a command is submitted and its id saved, so an interrupt
+    never leaves a running command the session does not know about; they fire on exit."""
+    mask = getattr(signal, "pthread_sigmask", None)
+    if mask is None:
+        yield
+        return
+    mask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        mask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 def poll_delay(waited):
@@ -1448,8 +1456,7 @@ def await_active(ws, project, session, active, timeout, max_bytes):
     """Wait for the active command and answer for it: the step, Running, Cancelled or ContextEvicted."""
     cluster_id, context_id = session["cluster_id"], active.get("context_id") or session["context_id"]
     try:
-        with terminate_as_exception():
-            status = poll_command(ws, cluster_id, context_id, active["command_id"], timeout)
+        status = poll_command(ws, cluster_id, context_id, active["command_id"], timeout)
     except KeyboardInterrupt:
         return interrupt_active(ws, project, session, active, max_bytes)
     except Terminated:
@@ -1583,6 +1590,21 @@ def cluster_not_running(cluster_id, cluster):
 
 def submit_step(ws, project, session, code, tag, timeout, max_bytes, replay_of=None):
     """Reserve a step, submit its command, and wait for it: the heart of `exec` and `replay`."""
+    with signals_deferred():
+        session, files, active, command = reserve_step(project, code, tag, replay_of)
+        early = submit_reserved(ws, project, session, files, active, command)
+    if early is not None:
+        return early
+    try:
+        return await_active(ws, project, session, active, timeout, max_bytes)
+    except KeyboardInterrupt:  # arrived while signals were deferred
+        return interrupt_active(ws, project, session, active, max_bytes)
+    except Terminated:
+        return running_response(project, active, timeout)
+
+
+def reserve_step(project, code, tag, replay_of=None):
+    """Take the next step number, write its command file, and mark it active in session.json."""
     with project.lock():
         session = require_active(project, project.load())
         busy = session.get("active_command")
@@ -1605,6 +1627,11 @@ def submit_step(ws, project, session, code, tag, timeout, max_bytes, replay_of=N
         session["step_counter"] = step
         session["active_command"] = active
         project.save(session)
+    return session, files, active, command
+
+
+def submit_reserved(ws, project, session, files, active, command):
+    """Submit a reserved step and save its command id. Returns a response only when it failed."""
     try:
         active["command_id"] = ws.execute(session["cluster_id"], session["context_id"], command)
     except SubmitUncertain as err:
@@ -1626,7 +1653,7 @@ def submit_step(ws, project, session, code, tag, timeout, max_bytes, replay_of=N
         current = project.load()
         current["active_command"] = active
         project.save(current)
-    return await_active(ws, project, session, active, timeout, max_bytes)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1984,6 +2011,7 @@ def build_parser():
 def main(argv=None):
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     os.umask(os.umask(0o077) | 0o077)  # session and output files: owner only, or stricter
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         args = build_parser().parse_args(argv)
         if not getattr(args, "handler", None):
@@ -1996,6 +2024,9 @@ def main(argv=None):
         body = err.response()
     except KeyboardInterrupt:
         body = response("Interrupted", "Interrupted before any command was submitted.", exit_code=EXIT_INTERRUPTED)
+    except Terminated:
+        body = response("Terminated", "Stopped by SIGTERM before any command was submitted.",
+                        exit_code=EXIT_FAILED)
     except Exception as err:  # the agent never gets a traceback unless it asks for one
         if debug:
             import traceback

@@ -1,0 +1,68 @@
+"""Shared fixtures: a fresh local workspace per test and an SDK client for it."""
+
+import os
+import sys
+
+import pytest
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+if TESTS_DIR not in sys.path:
+    sys.path.insert(0, TESTS_DIR)
+
+from local_workspace import LocalWorkspace  # noqa: E402
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@pytest.fixture
+def workspace():
+    """A started LocalWorkspace on a free port; teardown checks no context process survives."""
+    ws = LocalWorkspace()
+    ws.start()
+    try:
+        yield ws
+    finally:
+        ws.stop()
+        leaked = [pid for pid in ws.all_pids() if _pid_alive(pid)]
+        assert not leaked, "context processes still alive after stop(): %s" % leaked
+
+
+@pytest.fixture
+def sdk_client(workspace):
+    """A real databricks-sdk WorkspaceClient (PAT auth) pointed at the local workspace."""
+    from databricks.sdk import WorkspaceClient
+    from databricks.sdk.core import Config
+
+    config = Config(host=workspace.host, token=workspace.token, retry_timeout_seconds=20)
+    return WorkspaceClient(config=config)
+
+
+# -- the CLI, run as a subprocess against the local workspace ---------------------------------------
+
+@pytest.fixture
+def repl(workspace, tmp_path):
+    """The CLI bound to a fresh project dir (and an empty HOME) on the local workspace."""
+    from repl_harness import Repl
+    project = tmp_path / "project"
+    project.mkdir()
+    home = tmp_path / "home"
+    home.mkdir()
+    return Repl(workspace, project, home)
+
+
+@pytest.fixture
+def session(repl):
+    """A live session on the running all-purpose cluster; destroyed at teardown."""
+    created = repl.create()
+    assert created.status == "Created", created
+    yield repl
+    if repl.session().get("status") == "active":
+        repl.run("destroy")

@@ -1,0 +1,870 @@
+"""One execution context of the local workspace: a Python REPL process.
+
+Started by ``local_workspace.py`` as ``python context_worker.py REQ_FD RES_FD CANCEL_FD``.
+The protocol never touches fd 0/1/2 (user code may write to fd 1 through
+``os.system`` or a subprocess); it runs on three inherited pipes:
+
+* REQ_FD (server -> worker): JSON lines. First ``{"type": "init", ...}`` with the
+  host, token and cluster facts, then ``{"type": "exec", "id", "code", ...}``.
+* RES_FD (worker -> server): JSON lines. ``{"type": "ready", "pid"}`` after the
+  init, then one ``{"type": "result", "id", "results", "cancelled"}`` per exec.
+* CANCEL_FD (server -> worker): command ids (one per line) whose cancellation
+  was asked for. The server writes the id, then sends SIGINT; the SIGINT
+  handler reads this pipe and interrupts the running command only if its id is
+  there, so a late signal can never hit the next command.
+
+Only the standard library is needed. pandas, matplotlib and pyspark are used
+only when user code brings them in. User code runs in the main thread.
+"""
+
+import ast
+import json
+import os
+import signal
+import sys
+
+# The worker's own folder must not shadow user imports.
+_THIS_FILE = os.path.abspath(__file__)
+_HERE = os.path.dirname(_THIS_FILE)
+if sys.path and os.path.abspath(sys.path[0] or ".") == _HERE:
+    del sys.path[0]
+
+MAX_TABLE_ROWS = 10_000
+MAX_TABLE_BYTES = 2 * 1024 * 1024
+MAX_RESULT_CHARS = 20 * 1024 * 1024
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+RED = "\x1b[0;31m"
+GREEN = "\x1b[0;32m"
+CYAN = "\x1b[0;36m"
+RESET = "\x1b[0m"
+
+STATE = {
+    "current": None,  # id of the running command
+    "cancelled": set(),  # ids whose cancel was asked for
+    "display": None,  # last display() result of the running command
+    "exit": None,
+    "counter": 0,
+    "init": {},
+    "limits": {},
+}
+
+
+class _NotebookExit(BaseException):
+    """Raised by dbutils.notebook.exit(); ends the command with a text result."""
+
+    def __init__(self, value):
+        super().__init__(value)
+        self.value = value
+
+
+# ---------------------------------------------------------------- cancellation
+
+def _drain_cancel_pipe(fd):
+    try:
+        data = os.read(fd, 65536)
+    except (BlockingIOError, InterruptedError):
+        return
+    except OSError:
+        return
+    for line in data.decode("utf-8", "replace").split("\n"):
+        line = line.strip()
+        if line:
+            STATE["cancelled"].add(line)
+
+
+def _make_sigint_handler(cancel_fd):
+    def handler(signum, frame):
+        _drain_cancel_pipe(cancel_fd)
+        current = STATE["current"]
+        if current is not None and current in STATE["cancelled"]:
+            raise KeyboardInterrupt
+        # A stray SIGINT (idle worker, or aimed at an earlier command): ignore.
+
+    return handler
+
+
+# ---------------------------------------------------------------- output capture
+
+class _Capture:
+    """A text stream that collects stdout and stderr in the order written."""
+
+    encoding = "utf-8"
+    errors = "replace"
+
+    def __init__(self, parts):
+        self._parts = parts
+        self._size = 0
+
+    def write(self, s):
+        if not isinstance(s, str):
+            raise TypeError("write() argument must be str, not %s" % type(s).__name__)
+        if self._size <= MAX_RESULT_CHARS:
+            self._parts.append(s)
+            self._size += len(s)
+        return len(s)
+
+    def writelines(self, lines):
+        for line in lines:
+            self.write(line)
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return False
+
+    def readable(self):
+        return False
+
+    def writable(self):
+        return True
+
+    def fileno(self):
+        import io
+
+        raise io.UnsupportedOperation("fileno")
+
+
+# ---------------------------------------------------------------- display()
+
+def _spark_type(value):
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "long"
+    if isinstance(value, float):
+        return "double"
+    import datetime
+
+    if isinstance(value, datetime.datetime):
+        return "timestamp"
+    if isinstance(value, datetime.date):
+        return "date"
+    return "string"
+
+
+def _json_cell(value):
+    import datetime
+    import math
+
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return None if math.isnan(value) or math.isinf(value) else value
+    if isinstance(value, datetime.datetime):
+        return value.isoformat()
+    if isinstance(value, datetime.date):
+        return value.isoformat()
+    if isinstance(value, (list, tuple, dict)):
+        try:
+            return json.dumps(value, default=str)
+        except (TypeError, ValueError):
+            return str(value)
+    # numpy / pandas scalars
+    item = getattr(value, "item", None)
+    if callable(item):
+        try:
+            return _json_cell(item())
+        except Exception:
+            pass
+    isoformat = getattr(value, "isoformat", None)
+    if callable(isoformat):
+        try:
+            return isoformat()
+        except Exception:
+            pass
+    return str(value)
+
+
+def _table_result(columns, types, rows):
+    data = []
+    size = 2
+    truncated = False
+    for row in rows:
+        if len(data) >= MAX_TABLE_ROWS:
+            truncated = True
+            break
+        cells = [_json_cell(v) for v in row]
+        row_size = len(json.dumps(cells, default=str)) + 1
+        if size + row_size > MAX_TABLE_BYTES:
+            truncated = True
+            break
+        size += row_size
+        data.append(cells)
+    schema = [
+        {"name": str(name), "type": json.dumps(t), "metadata": "{}"}
+        for name, t in zip(columns, types)
+    ]
+    return {
+        "resultType": "table",
+        "data": data,
+        "schema": schema,
+        "isJsonSchema": True,
+        "truncated": truncated,
+    }
+
+
+def _pandas_type(dtype):
+    kind = getattr(dtype, "kind", "O")
+    if kind == "b":
+        return "boolean"
+    if kind in "iu":
+        return "long"
+    if kind == "f":
+        return "double"
+    if kind == "M":
+        return "timestamp"
+    return "string"
+
+
+def _pandas_table(df):
+    columns = [str(c) for c in df.columns]
+    types = [_pandas_type(df.dtypes.iloc[i]) for i in range(len(columns))]
+    head = df.head(MAX_TABLE_ROWS + 1)
+    rows = head.itertuples(index=False, name=None)
+    result = _table_result(columns, types, rows)
+    if len(df) > MAX_TABLE_ROWS:
+        result["truncated"] = True
+    return result
+
+
+_SPARK_TYPE_NAMES = {
+    "LongType": "long", "IntegerType": "integer", "ShortType": "short", "ByteType": "byte",
+    "DoubleType": "double", "FloatType": "float", "BooleanType": "boolean",
+    "TimestampType": "timestamp", "TimestampNTZType": "timestamp_ntz", "DateType": "date",
+    "StringType": "string",
+}
+
+
+def _spark_table(df):
+    fields = df.schema.fields
+    columns = [f.name for f in fields]
+    types = [_SPARK_TYPE_NAMES.get(type(f.dataType).__name__, "string") for f in fields]
+    rows = [tuple(r) for r in df.take(MAX_TABLE_ROWS + 1)]
+    return _table_result(columns, types, rows)
+
+
+def _rows_table(rows, columns=None):
+    rows = list(rows)
+    if rows and all(isinstance(r, dict) for r in rows):
+        names = []
+        for r in rows:
+            for k in r:
+                if k not in names:
+                    names.append(k)
+        tuples = [tuple(r.get(k) for k in names) for r in rows]
+    else:
+        tuples = [tuple(r) if isinstance(r, (list, tuple)) else (r,) for r in rows]
+        width = max((len(t) for t in tuples), default=len(columns or []))
+        names = list(columns) if columns else ["_%d" % (i + 1) for i in range(width)]
+        tuples = [t + (None,) * (len(names) - len(t)) for t in tuples]
+    types = []
+    for i in range(len(names)):
+        t = "string"
+        for row in tuples:
+            if i < len(row) and row[i] is not None:
+                t = _spark_type(row[i])
+                break
+        types.append(t)
+    return _table_result(names, types, tuples)
+
+
+def _image_result(png):
+    limits = STATE["limits"]
+    inline_limit = limits.get("image_inline_limit", 512 * 1024)
+    if len(png) > inline_limit and limits.get("plots_dir"):
+        import uuid
+
+        name = "%s.png" % uuid.uuid4()
+        path = os.path.join(limits["plots_dir"], name)
+        with open(path + ".tmp", "wb") as f:
+            f.write(png)
+        os.replace(path + ".tmp", path)
+        return {"resultType": "images", "fileNames": ["/plots/" + name]}
+    import base64
+
+    url = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+    return {"resultType": "images", "fileNames": [url]}
+
+
+def _figure_png(fig):
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _is_instance_of(obj, module_prefix, class_name):
+    for klass in type(obj).__mro__:
+        if klass.__name__ == class_name and (klass.__module__ or "").startswith(module_prefix):
+            return True
+    return False
+
+
+def display(obj=None, *args, **kwargs):
+    """Show a table (DataFrame, list of dicts/rows) or an image (Figure, PNG bytes)."""
+    if _is_instance_of(obj, "pandas", "DataFrame"):
+        result = _pandas_table(obj)
+    elif _is_instance_of(obj, "pyspark", "DataFrame"):
+        result = _spark_table(obj)
+    elif _is_instance_of(obj, "matplotlib", "Figure"):
+        result = _image_result(_figure_png(obj))
+    elif isinstance(obj, (bytes, bytearray)) and bytes(obj[:8]) == PNG_MAGIC:
+        result = _image_result(bytes(obj))
+    elif isinstance(obj, (list, tuple)) and (not obj or isinstance(obj[0], (dict, list, tuple))):
+        result = _rows_table(obj, kwargs.get("columns") or (args[0] if args else None))
+    elif _is_instance_of(obj, "pandas", "Series"):
+        result = _pandas_table(obj.to_frame())
+    else:
+        result = {"resultType": "text", "data": str(obj)}
+    STATE["display"] = result
+
+
+def displayHTML(html):
+    STATE["display"] = {"resultType": "text", "data": str(html)}
+
+
+def _show_open_figures(plt, close=True):
+    nums = plt.get_fignums()
+    for num in nums:
+        display(plt.figure(num))
+    if close and nums:
+        plt.close("all")
+
+
+def _patch_pyplot(plt):
+    if getattr(plt, "_local_workspace_patched", False):
+        return
+
+    def show(*args, **kwargs):
+        _show_open_figures(plt)
+
+    plt.show = show
+    plt._local_workspace_patched = True
+
+
+class _PyplotImportHook:
+    """Patch matplotlib.pyplot.show as soon as pyplot is imported."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "matplotlib.pyplot":
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        loader = spec.loader
+        original = getattr(loader, "exec_module", None)
+        if original is None:
+            return spec
+
+        class _Loader:
+            def create_module(self, spec):
+                create = getattr(loader, "create_module", None)
+                return create(spec) if create else None
+
+            def exec_module(self, module):
+                original(module)
+                _patch_pyplot(module)
+
+        spec.loader = _Loader()
+        return spec
+
+
+# ---------------------------------------------------------------- spark, dbutils, dbruntime
+
+class _Option:
+    def __init__(self, value):
+        self._value = value
+
+    def get(self):
+        if self._value is None:
+            raise ValueError("None.get")
+        return self._value
+
+    def isDefined(self):
+        return self._value is not None
+
+    def getOrElse(self, default):
+        return default if self._value is None else self._value
+
+    def __repr__(self):
+        return "Some(%s)" % self._value if self._value is not None else "None"
+
+
+class _ScalaMap:
+    def __init__(self, mapping):
+        self._mapping = dict(mapping)
+
+    def get(self, key):
+        return _Option(self._mapping.get(key))
+
+    def apply(self, key):
+        return self._mapping[key]
+
+    def contains(self, key):
+        return key in self._mapping
+
+    def keys(self):
+        return list(self._mapping)
+
+    def toJson(self):
+        return json.dumps(self._mapping)
+
+    def __repr__(self):
+        return "Map(%s)" % ", ".join("%s -> %s" % kv for kv in self._mapping.items())
+
+
+class _CommandContext:
+    def __init__(self, init):
+        self._init = init
+
+    def apiToken(self):
+        return _Option(self._init["token"])
+
+    def apiUrl(self):
+        return _Option(self._init["host"])
+
+    def browserHostName(self):
+        return _Option(self._init["workspace_url"].split(":")[0])
+
+    def workspaceId(self):
+        return _Option(self._init["workspace_id"])
+
+    def clusterId(self):
+        return _Option(self._init["cluster_id"])
+
+    def notebookPath(self):
+        return _Option(None)
+
+    def tags(self):
+        return _ScalaMap(self._tags())
+
+    def _tags(self):
+        return {
+            "clusterId": self._init["cluster_id"],
+            "orgId": self._init["workspace_id"],
+            "browserHostName": self._init["workspace_url"].split(":")[0],
+            "user": self._init.get("user", ""),
+            "sparkVersion": self._init.get("spark_version", ""),
+        }
+
+    def toJson(self):
+        return json.dumps({"tags": self._tags(), "extraContext": {"api_url": self._init["host"]}})
+
+
+class Py4JError(Exception):
+    pass
+
+
+Py4JError.__module__ = "py4j.protocol"
+
+
+class _NotebookUtils:
+    def __init__(self, init):
+        self._init = init
+
+    def getContext(self):
+        if self._init.get("shared"):
+            raise Py4JError(
+                "An error occurred while calling o412.getContext. Trace:\n"
+                "py4j.security.Py4JSecurityException: Method public "
+                "com.databricks.backend.common.rpc.CommandContext "
+                "com.databricks.dbutils_v1.impl.NotebookUtilsImpl.getContext() is not "
+                "whitelisted on class class com.databricks.dbutils_v1.impl.NotebookUtilsImpl\n"
+                "\tat py4j.security.WhitelistingPy4JSecurityManager.checkCall"
+                "(WhitelistingPy4JSecurityManager.java:473)\n"
+                "\tat py4j.Gateway.invoke(Gateway.java:305)\n"
+            )
+        return _CommandContext(self._init)
+
+
+class _DbutilsJvm:
+    def __init__(self, init):
+        self._notebook = _NotebookUtils(init)
+
+    def notebook(self):
+        return self._notebook
+
+
+class _EntryPoint:
+    def __init__(self, init):
+        self._dbutils = _DbutilsJvm(init)
+
+    def getDbutils(self):
+        return self._dbutils
+
+
+class _Notebook:
+    def __init__(self, init):
+        self.entry_point = _EntryPoint(init)
+
+    def exit(self, value=""):
+        raise _NotebookExit(value)
+
+    def __repr__(self):
+        return "<dbutils.notebook>"
+
+
+class _Dbutils:
+    def __init__(self, init):
+        self.notebook = _Notebook(init)
+
+    def __repr__(self):
+        return "<dbutils (local workspace)>"
+
+
+class _ReplContext:
+    def __init__(self, init):
+        self.apiToken = init["token"]
+        self.apiUrl = init["host"]
+        self.workspaceUrl = init["workspace_url"]
+        self.workspaceId = init["workspace_id"]
+        self.clusterId = init["cluster_id"]
+        self.isInJob = False
+        self.isInNotebook = False
+        self.notebookPath = None
+
+    def __repr__(self):
+        return "DatabricksReplContext(apiUrl=%r, clusterId=%r)" % (self.apiUrl, self.clusterId)
+
+
+def _install_dbruntime(init):
+    import types
+
+    package = types.ModuleType("dbruntime")
+    package.__path__ = []
+    module = types.ModuleType("dbruntime.databricks_repl_context")
+
+    def get_context():
+        return _ReplContext(init)
+
+    module.get_context = get_context
+    package.databricks_repl_context = module
+    sys.modules["dbruntime"] = package
+    sys.modules["dbruntime.databricks_repl_context"] = module
+
+
+SPARK_MISSING = (
+    "pyspark is not installed in this local workspace, so `spark` cannot run anything here. "
+    "Install it with: pip install 'databricks-repl[spark]'  (or: pip install pyspark)"
+)
+
+
+class _LazyConf:
+    def __init__(self, lazy):
+        self._lazy = lazy
+
+    def _known(self):
+        init = self._lazy._init
+        return {
+            "spark.databricks.workspaceUrl": init["workspace_url"],
+            "spark.databricks.clusterUsageTags.clusterId": init["cluster_id"],
+            "spark.databricks.clusterUsageTags.clusterName": init.get("cluster_name", ""),
+            "spark.databricks.clusterUsageTags.sparkVersion": init.get("spark_version", ""),
+        }
+
+    def get(self, key, *default):
+        known = self._known()
+        if key in known:
+            return known[key]
+        if self._lazy._session is None and default:
+            return default[0]
+        return self._lazy._get_session().conf.get(key, *default)
+
+    def set(self, key, value):
+        return self._lazy._get_session().conf.set(key, value)
+
+    def __getattr__(self, name):
+        return getattr(self._lazy._get_session().conf, name)
+
+
+class _LazySpark:
+    """`spark`: a local SparkSession created on first real use (if pyspark exists)."""
+
+    def __init__(self, init):
+        self._init = init
+        self._session = None
+        self.conf = _LazyConf(self)
+
+    def _get_session(self):
+        if self._session is None:
+            try:
+                from pyspark.sql import SparkSession
+            except ImportError:
+                raise ModuleNotFoundError(SPARK_MISSING, name="pyspark") from None
+            builder = (
+                SparkSession.builder.master("local[2]")
+                .appName("local-workspace-" + self._init["cluster_id"])
+                .config("spark.ui.enabled", "false")
+                .config("spark.driver.memory", "512m")
+                .config("spark.sql.shuffle.partitions", "2")
+                .config("spark.driver.bindAddress", "127.0.0.1")
+                .config("spark.driver.host", "127.0.0.1")
+            )
+            self._session = builder.getOrCreate()
+        return self._session
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self._get_session(), name)
+
+    def __repr__(self):
+        if self._session is None:
+            return "<local SparkSession (not started yet)>"
+        return repr(self._session)
+
+
+# ---------------------------------------------------------------- errors
+
+def _summary(exc_type, message):
+    import html
+
+    text = "<span class='ansi-red-fg'>%s</span>" % html.escape(exc_type)
+    if message:
+        text += ": " + html.escape(message)
+    return text
+
+
+def _exc_name(exc):
+    return type(exc).__name__
+
+
+def _error_result(exc, filename):
+    import linecache
+    import traceback
+
+    name = _exc_name(exc)
+    message = str(exc)
+    lines = [RED + "-" * 75 + RESET]
+    if isinstance(exc, SyntaxError) and exc.filename == filename:
+        lines.append("  File " + GREEN + "%s:%s" % (exc.filename, exc.lineno) + RESET)
+        if exc.text:
+            lines.append("    " + exc.text.rstrip("\n"))
+            if exc.offset:
+                lines.append("    " + " " * (exc.offset - 1) + "^")
+        lines.append(RED + name + RESET + ": " + (exc.msg or ""))
+        return {
+            "resultType": "error",
+            "summary": _summary(name, exc.msg or ""),
+            "cause": "\n".join(lines),
+        }
+    lines.append(
+        RED + name + RESET + " " * max(1, 42 - len(name)) + "Traceback (most recent call last)"
+    )
+    frames = traceback.extract_tb(exc.__traceback__)
+    # Drop the worker's own frames that precede the user's code.
+    while frames and frames[0].filename != filename:
+        frames.pop(0)
+    # ... and the runtime's own frames (the lazy `spark`, dbutils), as a cluster hides its own.
+    frames = [f for f in frames if os.path.abspath(f.filename) != _THIS_FILE]
+    for frame in frames:
+        lines.append("File " + GREEN + "%s:%s" % (frame.filename, frame.lineno) + RESET
+                     + (", in " + CYAN + frame.name + RESET if frame.name != "<module>" else ""))
+        source = frame.line or linecache.getline(frame.filename, frame.lineno).strip()
+        if source:
+            lines.append(GREEN + "----> %d" % frame.lineno + RESET + " " + source)
+        lines.append("")
+    lines.append(RED + name + RESET + ": " + message)
+    return {
+        "resultType": "error",
+        "summary": _summary(name, message),
+        "cause": "\n".join(lines),
+    }
+
+
+# ---------------------------------------------------------------- magics
+
+def _run_process(argv, shell=False):
+    import subprocess
+
+    proc = subprocess.run(
+        argv,
+        shell=shell,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    sys.stdout.write(proc.stdout.decode("utf-8", "replace"))
+    return proc.returncode
+
+
+def _magic(kind, arg):
+    import shlex
+
+    if kind == "pip":
+        _run_process([sys.executable, "-m", "pip"] + shlex.split(arg))
+        return None
+    if kind == "sh":
+        _run_process(arg, shell=True)
+        return None
+    raise _UsageError("Line magic function `%%%s` not found." % kind)
+
+
+class _UsageError(Exception):
+    pass
+
+
+_UsageError.__name__ = "UsageError"
+
+
+def _transform_magics(code):
+    """Turn %pip / %sh / ! lines into calls; a leading %%sh makes the whole cell shell."""
+    stripped = code.lstrip()
+    if stripped.startswith("%%"):
+        first, _, body = stripped.partition("\n")
+        name = first[2:].split()[0] if first[2:].split() else ""
+        if name in ("sh", "bash"):
+            return "__local_magic__('sh', %r)\n" % body
+        raise _UsageError("Cell magic `%%%%%s` not found." % name)
+    out = []
+    changed = False
+    for line in code.split("\n"):
+        body = line.lstrip()
+        indent = line[: len(line) - len(body)]
+        if body.startswith("%") and not body.startswith("%%"):
+            head, _, rest = body[1:].partition(" ")
+            out.append("%s__local_magic__(%r, %r)" % (indent, head.strip(), rest.strip()))
+            changed = True
+        elif body.startswith("!"):
+            out.append("%s__local_magic__('sh', %r)" % (indent, body[1:].strip()))
+            changed = True
+        else:
+            out.append(line)
+    return "\n".join(out) if changed else code
+
+
+# ---------------------------------------------------------------- execution
+
+def _execute(code, namespace):
+    import linecache
+
+    STATE["counter"] += 1
+    n = STATE["counter"]
+    filename = "<command-%d>" % (4_000_000_000 + os.getpid() * 1000 + n)
+    parts = []
+    capture = _Capture(parts)
+    STATE["display"] = None
+    old_out, old_err = sys.stdout, sys.stderr
+    sys.stdout = sys.stderr = capture
+    value = None
+    try:
+        try:
+            source = _transform_magics(code)
+            linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+            tree = ast.parse(source, filename, "exec")
+            last = None
+            if tree.body and isinstance(tree.body[-1], ast.Expr):
+                last = ast.Expression(tree.body.pop().value)
+            exec(compile(tree, filename, "exec"), namespace)
+            if last is not None:
+                value = eval(compile(last, filename, "eval"), namespace)
+            plt = sys.modules.get("matplotlib.pyplot")
+            if plt is not None and STATE["display"] is None:
+                _show_open_figures(plt)
+        finally:
+            sys.stdout, sys.stderr = old_out, old_err
+    except _NotebookExit as e:
+        return {"resultType": "text", "data": str(e.value)}
+    except KeyboardInterrupt:
+        if STATE["current"] in STATE["cancelled"]:
+            raise
+        return _error_result(KeyboardInterrupt(), filename)
+    except _UsageError as e:
+        return {
+            "resultType": "error",
+            "summary": _summary("UsageError", str(e)),
+            "cause": RED + "UsageError" + RESET + ": " + str(e),
+        }
+    except BaseException as e:  # noqa: B902 - user code may raise SystemExit etc.
+        return _error_result(e, filename)
+    if STATE["display"] is not None:
+        return STATE["display"]
+    text = "".join(parts)
+    if value is not None:
+        namespace["_"] = value
+        try:
+            shown = repr(value)
+        except Exception as e:  # a broken __repr__
+            return _error_result(e, filename)
+        if text and not text.endswith("\n"):
+            text += "\n"
+        text += "Out[%d]: %s" % (n, shown)
+    return {"resultType": "text", "data": text[: MAX_RESULT_CHARS + 1]}
+
+
+def _send(res_file, message):
+    res_file.write(json.dumps(message) + "\n")
+    res_file.flush()
+
+
+def main(argv):
+    req_fd, res_fd, cancel_fd = (int(a) for a in argv[1:4])
+    os.set_blocking(cancel_fd, False)
+    req = os.fdopen(req_fd, "r", encoding="utf-8", closefd=True)
+    res = os.fdopen(res_fd, "w", encoding="utf-8", closefd=True)
+    signal.signal(signal.SIGINT, _make_sigint_handler(cancel_fd))
+
+    init = json.loads(req.readline())
+    STATE["init"] = init
+    sys.meta_path.insert(0, _PyplotImportHook())
+    _install_dbruntime(init)
+    namespace = {
+        "__name__": "__main__",
+        "__builtins__": __builtins__,
+        "display": display,
+        "displayHTML": displayHTML,
+        "dbutils": _Dbutils(init),
+        "spark": _LazySpark(init),
+        "__local_magic__": _magic,
+    }
+    real_out, real_err = sys.stdout, sys.stderr
+    _send(res, {"type": "ready", "pid": os.getpid()})
+
+    while True:
+        try:
+            line = req.readline()
+        except KeyboardInterrupt:  # pragma: no cover - the handler does not raise when idle
+            continue
+        if not line:
+            return 0
+        message = json.loads(line)
+        if message.get("type") != "exec":
+            continue
+        STATE["limits"] = message.get("limits", {})
+        command_id = message["id"]
+        STATE["current"] = command_id
+        outcome = None
+        while outcome is None:
+            try:
+                try:
+                    _drain_cancel_pipe(cancel_fd)
+                    if command_id in STATE["cancelled"]:
+                        raise KeyboardInterrupt
+                    outcome = (_execute(message["code"], namespace), False)
+                except KeyboardInterrupt:
+                    outcome = (None, True)
+            except KeyboardInterrupt:  # a repeated SIGINT landed inside the handler above
+                outcome = (None, True)
+        while True:  # once `current` is None the SIGINT handler can no longer raise
+            try:
+                STATE["current"] = None
+                break
+            except KeyboardInterrupt:
+                continue
+        sys.stdout, sys.stderr = real_out, real_err
+        results, cancelled = outcome
+        STATE["cancelled"].discard(command_id)
+        _send(res, {"type": "result", "id": command_id, "results": results,
+                    "cancelled": cancelled})
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,113 @@
+"""Drive the CLI the way an agent does: as a subprocess, one JSON object per call.
+
+`Repl.run(...)` checks the contract on every call (exactly one JSON object on stdout, a `status`
+and a `message`, no traceback on stderr) and returns a `Call` with the parsed body and exit code.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLI = os.path.join(ROOT, "dbx_repl.py")
+FIND_CLUSTER = os.path.join(ROOT, "find_cluster.py")
+
+
+class Call:
+    def __init__(self, args, code, stdout, stderr):
+        self.args, self.code, self.stdout, self.stderr = args, code, stdout, stderr
+        lines = [line for line in stdout.splitlines() if line.strip()]
+        assert len(lines) == 1, f"expected one JSON line from {args}, got {stdout!r} (stderr {stderr!r})"
+        self.body = json.loads(lines[0])
+        assert isinstance(self.body, dict), self.body
+        assert isinstance(self.body.get("status"), str) and self.body["status"], self.body
+        assert isinstance(self.body.get("message"), str) and self.body["message"], self.body
+        if "--debug" not in args:
+            assert "Traceback" not in stderr, stderr
+
+    @property
+    def status(self):
+        return self.body["status"]
+
+    def __getitem__(self, key):
+        return self.body[key]
+
+    def get(self, key, default=None):
+        return self.body.get(key, default)
+
+    def __repr__(self):
+        return f"Call({self.args!r}, code={self.code}, body={self.body!r})"
+
+
+def cli_env(workspace, home, extra=None):
+    """A clean environment: the local workspace's host and token, an empty HOME, no stray profile."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABRICKS_", "DBX_REPL_"))}
+    env.update(HOME=str(home), DATABRICKS_HOST=workspace.host, DATABRICKS_TOKEN=workspace.token,
+               DBX_REPL_RETRY_TIMEOUT="10", PYTHONDONTWRITEBYTECODE="1")
+    env.update(extra or {})
+    return env
+
+
+class Repl:
+    """The CLI bound to one project dir and one local workspace."""
+
+    def __init__(self, workspace, project_dir, home, cwd=None):
+        self.workspace, self.project_dir, self.home = workspace, str(project_dir), home
+        self.cwd = str(cwd or project_dir)
+        self.env = cli_env(workspace, home)
+
+    def argv(self, subcommand, *args, project=True):
+        extra = ["--project-dir", self.project_dir] if project and subcommand != "find-cluster" else []
+        return [sys.executable, CLI, subcommand, *extra, *args]
+
+    def run(self, subcommand, *args, stdin=None, timeout=120, env=None, project=True):
+        argv = self.argv(subcommand, *args, project=project)
+        proc = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=timeout,
+                              cwd=self.cwd, env={**self.env, **(env or {})})
+        return Call(argv, proc.returncode, proc.stdout, proc.stderr)
+
+    def popen(self, subcommand, *args, env=None):
+        argv = self.argv(subcommand, *args)
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                cwd=self.cwd, env={**self.env, **(env or {})})
+
+    def finish(self, proc, timeout=60):
+        stdout, stderr = proc.communicate(timeout=timeout)
+        return Call(proc.args, proc.returncode, stdout, stderr)
+
+    def create(self, cluster_id=None, name="test-session", *extra):
+        from local_workspace import RUNNING_CLUSTER_ID
+        return self.run("create", "--cluster-id", cluster_id or RUNNING_CLUSTER_ID, "--session-name", name,
+                        *extra)
+
+    def exec(self, command, tag="step", *extra, **kwargs):
+        return self.run("exec", "--command", command, "--tag", tag, *extra, **kwargs)
+
+    def session(self):
+        with open(os.path.join(self.project_dir, "session.json"), encoding="utf-8") as f:
+            return json.load(f)
+
+    def path(self, relative):
+        """A path from a response, resolved against the CLI's working directory."""
+        return relative if os.path.isabs(relative) else os.path.join(self.cwd, relative)
+
+    def read(self, relative, mode="r"):
+        with open(self.path(relative), mode) as f:
+            return f.read()
+
+
+def wait_for(predicate, timeout=10.0, interval=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return predicate()
+
+
+def interrupt(proc, sig=signal.SIGINT):
+    proc.send_signal(sig)
