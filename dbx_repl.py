@@ -182,12 +182,16 @@ class Project:
 
     def check(self):
         if not os.path.isdir(self.root):
-            raise ReplError("ProjectDirNotFound", f"Project directory {self.display_root} does not exist.",
+            what = "is not a directory" if os.path.exists(self.root) else "does not exist"
+            raise ReplError("ProjectDirNotFound", f"Project directory {self.display_root} {what}.",
                             hint="Create it, or pass an existing --project-dir.")
-        if not os.access(self.root, os.W_OK | os.X_OK):
+        # Probe for real (root passes os.access on any directory): create the lock file.
+        try:
+            os.close(os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600))
+        except OSError as err:
             raise ReplError("ProjectDirNotWritable",
-                            f"Project directory {self.display_root} is not writable.",
-                            hint="Pass a --project-dir you can write to.")
+                            f"Project directory {self.display_root} is not writable ({err.strerror}).",
+                            hint="Pass a --project-dir you can write to.") from None
         return self
 
     def output_path(self, name):
@@ -224,17 +228,20 @@ class Project:
                 raise ReplError("NoSession", f"No {SESSION_FILE} in project dir {self.display_root!r}.",
                                 hint=f"Run {cli_hint('create', self)} --cluster-id ID --session-name NAME")
             return None
+        except OSError as err:  # a directory, or unreadable
+            raw, problem = None, f"cannot be read ({err.strerror})"
         try:
-            session = json.loads(raw.decode("utf-8"))
-            problem = session_problem(session)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            problem = f"not valid JSON ({err})"
+            session = json.loads(raw.decode("utf-8")) if raw is not None else None
+            problem = session_problem(session) if raw is not None else problem
+        except (ValueError, RecursionError) as err:  # bad UTF-8, bad JSON, absurd nesting
+            problem = f"not valid JSON ({str(err)[:200]})"
         if problem:
             raise ReplError(
                 "CorruptSession", f"{self.show(self.session_path)} is unreadable: {problem}. "
                 "It was left untouched.",
-                hint=f"Repair the file by hand, or move it aside (mv {SESSION_FILE} {SESSION_FILE}.bad) "
-                     "and run create again; step numbers continue from repl_outputs/.",
+                hint=f"Repair the file by hand, or move it aside (mv {self.show(self.session_path)} "
+                     f"{self.show(self.session_path)}.bad) and run create again; step numbers continue "
+                     "from repl_outputs/ (see references/guarantees.md).",
                 session_file=self.show(self.session_path))
         return session
 
@@ -275,12 +282,18 @@ def session_problem(session):
     for key, kind in SESSION_KEYS.items():
         if not isinstance(session.get(key), kind):
             return f"field {key!r} is missing or has the wrong type"
-    if not all(isinstance(s, dict) and isinstance(s.get("step"), int) for s in session["steps"]):
+    if not all(_is_step_record(s) for s in session["steps"]):
         return "an entry of 'steps' is malformed"
     active = session.get("active_command")
-    if active is not None and not isinstance(active, dict):
+    if active is not None and not (_is_step_record(active) and
+                                   isinstance(active.get("command_id"), (str, type(None)))):
         return "field 'active_command' is malformed"
     return None
+
+
+def _is_step_record(entry):
+    return (isinstance(entry, dict) and type(entry.get("step")) is int and entry["step"] >= 0
+            and isinstance(entry.get("tag"), str))
 
 
 def require_active(project, session):
@@ -979,13 +992,39 @@ def html_to_text(text):
     return html.unescape(re.sub(r"<[^>]+>", "", text or "")).strip()
 
 
-def preview(text, limit=PREVIEW_CHARS):
+PREVIEW_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def printable(text):
+    """Text safe to show in a response: ANSI sequences removed, CR line ends made LF, and other
+    control characters (which some JSON-lines readers take as line breaks) shown as U+FFFD."""
+    text = strip_ansi(text).replace("\r\n", "\n").replace("\r", "\n")
+    return PREVIEW_CONTROL.sub("\ufffd", text)
+
+
+def preview(text, limit=PREVIEW_CHARS, total_bytes=None):
     """Head and tail of a text with an explicit marker of what was left out, line breaks kept."""
     if len(text) <= limit:
-        return text
-    head, tail = text[: limit * 6 // 10], text[-(limit * 3 // 10):]
-    omitted = len(text.encode("utf-8")) - len(head.encode("utf-8")) - len(tail.encode("utf-8"))
-    return f"{head}\n[... {omitted} bytes omitted ...]\n{tail}"
+        return printable(text)
+    if total_bytes is None:
+        total_bytes = len(text.encode("utf-8", "replace"))
+    return _head_and_tail(text[: limit * 6 // 10], text[-(limit * 3 // 10):], total_bytes)
+
+
+def _head_and_tail(head, tail, total_bytes):
+    """Join a head and a tail of a text of total_bytes with the omitted marker; the cut moves to a
+    line boundary when one is near, so a preview of many lines shows whole lines."""
+    newline = head.rfind("\n")
+    if newline >= len(head) * 2 // 3:
+        head = head[:newline + 1]
+    newline = tail.find("\n")
+    if 0 <= newline < len(tail) // 3 and newline < len(tail) - 1:
+        tail = tail[newline + 1:]
+    omitted = (total_bytes - len(head.encode("utf-8", "replace"))
+               - len(tail.encode("utf-8", "replace")))
+    head = printable(head)
+    separator = "" if head.endswith("\n") else "\n"
+    return f"{head}{separator}[... {omitted} bytes omitted ...]\n{printable(tail)}"
 
 
 def file_preview(path, limit=PREVIEW_CHARS):
@@ -993,13 +1032,11 @@ def file_preview(path, limit=PREVIEW_CHARS):
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         if size <= limit * 4:
-            return preview(f.read().decode("utf-8", "replace"), limit)
+            return preview(f.read().decode("utf-8", "replace"), limit, total_bytes=size)
         head = f.read(limit).decode("utf-8", "ignore")
         f.seek(size - limit)
         tail = f.read().decode("utf-8", "ignore")
-    head, tail = head[: limit * 6 // 10], tail[-(limit * 3 // 10):]
-    omitted = size - len(head.encode("utf-8")) - len(tail.encode("utf-8"))
-    return f"{head}\n[... {omitted} bytes omitted ...]\n{tail}"
+    return _head_and_tail(head[: limit * 6 // 10], tail[-(limit * 3 // 10):], size)
 
 
 def parse_error(summary, cause):
@@ -1206,22 +1243,31 @@ def split_end_marker(text, key):
     return output, complete
 
 
+def cut_marker(written, size):
+    """The line that ends a stdout file cut by --max-output-bytes."""
+    return f"\n[dbx-repl: output cut at {written} of {size} bytes (--max-output-bytes)]\n".encode()
+
+
 def write_text_output(files, ws, session, text, wrapped, need_full, max_bytes):
     """Write the step's stdout file; fetch the full text from the driver when it was cut.
 
-    Returns (truncated, note, traceback): truncated when the file does not hold all of the output;
-    traceback is the wrapper's clean traceback of a failed command, when the driver kept one."""
+    Returns (truncated, note, traceback, total): truncated when the file does not hold all of the
+    output; traceback is the wrapper's clean traceback of a failed command, when the driver kept one;
+    total is the output's full size in bytes, when known."""
     complete = True
     if wrapped:
         text, complete = split_end_marker(text, files.key)
     if not need_full and complete:
-        data = text.encode("utf-8")
-        write_atomic(files.stdout, data[:max_bytes])
-        return len(data) > max_bytes, None, None
+        data = text.encode("utf-8", "replace")
+        if len(data) <= max_bytes:
+            write_atomic(files.stdout, data)
+            return False, None, None, len(data)
+        write_atomic(files.stdout, data[:max_bytes] + cut_marker(max_bytes, len(data)))
+        return True, _cut_note(max_bytes, len(data)), None, len(data)
     if not wrapped:
-        write_atomic(files.stdout, text)
+        write_atomic(files.stdout, text.encode("utf-8", "replace")[:max_bytes])
         return need_full, ("The service cut this output and it cannot be fetched (commands with magics "
-                           "are not teed)."), None
+                           "are not teed)."), None, None
     key = files.key
     try:
         with open(files.stdout, "wb") as sink:
@@ -1229,16 +1275,21 @@ def write_text_output(files, ws, session, text, wrapped, need_full, max_bytes):
                 ws, session, lambda off, mode: f"_dbx_repl.fetch_output({key!r}, {off}, {mode!r})",
                 sink, max_bytes)
             if size < 0:
-                sink.write(text.encode("utf-8"))
-                return need_full or not complete, "The driver copy of the output was not found.", None
+                sink.write(text.encode("utf-8", "replace")[:max_bytes])
+                return need_full or not complete, "The driver copy of the output was not found.", None, None
             if written < size:
-                sink.write(f"\n[dbx-repl: output cut at {written} of {size} bytes "
-                           f"(--max-output-bytes)]\n".encode())
-                return True, None, header.get("traceback")
-    except ReplError as err:
-        write_atomic(files.stdout, text)
-        return True, f"Could not fetch the full output: {err.message}", None
-    return False, None, header.get("traceback")
+                sink.write(cut_marker(written, size))
+                return True, _cut_note(written, size), header.get("traceback"), size
+    except Exception as err:  # a failed fetch must not lose the step: keep what the service sent
+        write_atomic(files.stdout, text.encode("utf-8", "replace")[:max_bytes])
+        detail = err.message if isinstance(err, ReplError) else f"{type(err).__name__}: {err}"
+        return True, f"Could not fetch the full output: {detail}", None, None
+    return False, None, header.get("traceback"), size
+
+
+def _cut_note(written, size):
+    return (f"Output is {size} bytes; the stdout file holds the first {written} (--max-output-bytes) "
+            "and ends with a cut marker.")
 
 
 def save_table(files, results):
@@ -1257,8 +1308,15 @@ def save_table(files, results):
     details = {"rows": len(rows), "columns": len(columns), "truncated": bool(results.get("truncated"))}
     files.add("table", csv_path, **details)
     files.add("table_json", json_path)
+    shown, budget = [], 400                # keep the response small however wide the table is
+    for name in names[:50]:
+        name = printable(str(name))[:60]
+        budget -= len(name) + 4
+        if budget < 0:
+            break
+        shown.append(name)
     return render_table(columns, rows), {**details, "file": files.project.show(csv_path),
-                                         "column_names": names[:50]}
+                                         "column_names": shown}
 
 
 def save_images(files, ws, results):
@@ -1267,11 +1325,14 @@ def save_images(files, ws, results):
         names.append(results["fileName"])
     saved, unresolved = [], []
     for index, name in enumerate(names, start=1):
-        decoded = decode_data_url(name)
+        try:
+            decoded = decode_data_url(name)
+        except ValueError:                 # a data URL whose base64 does not decode
+            decoded = ("png", None)
         if decoded is None:
             decoded = ("png", _read_filestore_image(ws, name))
         if decoded[1] is None:
-            unresolved.append(name)
+            unresolved.append(name if len(name) <= 200 else name[:60] + "...")
             continue
         path = files.path(f".{index}.{decoded[0]}")
         write_atomic(path, decoded[1])
@@ -1303,7 +1364,7 @@ def render_results(ws, session, files, status, wrapped, max_bytes):
     """Turn a finished command's status into step files and the response fields.
 
     Returns (step_status, fields). Files are written before the caller records the step."""
-    results = status.get("results") or {}
+    results = valid_unicode(status.get("results") or {})
     kind = results.get("resultType")
     fields, notes = {}, []
     write_atomic(files.stderr, b"")
@@ -1312,15 +1373,15 @@ def render_results(ws, session, files, status, wrapped, max_bytes):
         return "Cancelled", {"message": "The command was cancelled."}
     if kind == "text" or kind is None and status.get("status") == "Finished":
         text = results.get("data") if isinstance(results.get("data"), str) else json.dumps(results.get("data"))
-        fields["truncated"], note, _ = write_text_output(files, ws, session, text or "", wrapped,
-                                                         bool(results.get("truncated")), max_bytes)
+        fields["truncated"], note, _, total = write_text_output(files, ws, session, text or "", wrapped,
+                                                                bool(results.get("truncated")), max_bytes)
         notes.append(note)
     else:
         # Error, table and image results drop the printed text: fetch it from the driver copy.
-        clean_traceback = None
+        clean_traceback, total = None, None
         if wrapped:
-            fields["truncated"], note, clean_traceback = write_text_output(files, ws, session, "", True,
-                                                                          True, max_bytes)
+            fields["truncated"], note, clean_traceback, total = write_text_output(files, ws, session, "", True,
+                                                                                 True, max_bytes)
             if note and "not found" not in note:
                 notes.append(note)
         else:
@@ -1331,16 +1392,36 @@ def render_results(ws, session, files, status, wrapped, max_bytes):
         elif kind in ("images", "image"):
             fields["images"], unresolved = save_images(files, ws, results)
             if unresolved:
-                notes.append(f"{len(unresolved)} image(s) could not be fetched: {', '.join(unresolved)}")
+                fields["unfetched_images"] = unresolved
+                notes.append(f"{len(unresolved)} image(s) could not be fetched; their FileStore paths are "
+                             "in unfetched_images.")
         elif kind == "error" or status.get("status") == "Error":
-            cause = clean_traceback or strip_ansi(results.get("cause") or "") or html_to_text(
+            cause = valid_unicode(clean_traceback) or strip_ansi(results.get("cause") or "") or html_to_text(
                 results.get("summary"))
             write_atomic(files.stderr, cause.rstrip("\n") + "\n")
             error_type, message = parse_error(results.get("summary"), results.get("cause"))
-            fields["error"] = {"type": error_type, "message": message[:500]}
+            fields["error"] = {"type": printable(error_type)[:200], "message": printable(message)[:500]}
+    if fields.get("truncated") and total is not None:
+        fields["stdout_total_bytes"] = total
     step_status = "Error" if "error" in fields else "Finished"
     fields["message"] = " ".join(n for n in notes if n) or None
     return step_status, fields
+
+
+def valid_unicode(value):
+    """The value with lone surrogates (undecodable bytes printed on the driver) replaced by '?', so
+    files and the JSON response can always be written as UTF-8."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+            return value
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "replace").decode("utf-8")
+    if isinstance(value, list):
+        return [valid_unicode(v) for v in value]
+    if isinstance(value, dict):
+        return {valid_unicode(k): valid_unicode(v) for k, v in value.items()}
+    return value
 
 
 def _append(path, text):
@@ -1881,6 +1962,451 @@ def cmd_destroy(args):
                     hint="Its steps stay in session.json and repl_outputs/; create starts a new session.")
 
 
+# -- status ------------------------------------------------------------------------------------------
+
+def cmd_status(args):
+    """The session at a glance, with a live probe of the cluster, the context and the active command."""
+    project = Project(args.project_dir).check()
+    session = project.load()
+    steps = session["steps"]
+    last = steps[-1] if steps else None
+    active = session.get("active_command")
+    summary = {
+        "session_name": session.get("session_name"),
+        "session_status": session.get("status"),
+        "cluster_id": session.get("cluster_id"),
+        "cluster_name": session.get("cluster_name"),
+        "context_id": session.get("context_id"),
+        "created_at": session.get("created_at"),
+        "steps": len(steps),
+        "steps_by_status": _count_by(s.get("status") for s in steps),
+        "last_step": {"cmd_id": step_key(last["step"], last["tag"]), "status": last.get("status"),
+                      "finished_at": last.get("finished_at")} if last else None,
+        "active_command": {"cmd_id": step_key(active["step"], active["tag"]),
+                           "command_id": active.get("command_id"),
+                           "elapsed_seconds": round(elapsed_since(active), 1)} if active else None,
+    }
+    if session.get("status") != "active":
+        return response("Destroyed", f"Session {session.get('session_name')!r} was destroyed; no live probe.",
+                        hint=f"Run {cli_hint('create', project)} to start a new session.", **summary)
+    ws = Workspace(args.profile or session.get("profile"), args.debug)
+    try:
+        cluster = ws.cluster(session["cluster_id"])
+        summary["cluster_state"] = cluster.get("state")
+        alive = summary["cluster_state"] in RUNNABLE_CLUSTER_STATES and \
+            ws.context_alive(session["cluster_id"], session["context_id"])
+        summary["context_alive"] = alive
+        if active and active.get("command_id") and alive:
+            remote = ws.command_status(session["cluster_id"], session["context_id"], active["command_id"])
+            summary["active_command"]["remote_status"] = remote.get("status")
+    except Exception as err:
+        raise map_sdk_error(err, action="probe the session") from None
+    if summary["cluster_state"] not in RUNNABLE_CLUSTER_STATES:
+        return response("ClusterNotRunning", f"Cluster {session['cluster_id']} is {summary['cluster_state']}; "
+                        "the session's context is gone with it.", exit_code=EXIT_FAILED,
+                        hint="Start the cluster, then exec: a fresh context is created and the steps to "
+                             "replay are listed.", **summary)
+    if not summary["context_alive"]:
+        return response("ContextLost", "The execution context is gone (evicted or restarted); variables "
+                        "are lost.", exit_code=EXIT_FAILED,
+                        hint=f"Run {cli_hint('replay', project)} to start a fresh context and re-run the "
+                             "successful steps.", **summary)
+    if active:
+        return response("Busy", f"Step {summary['active_command']['cmd_id']} is running.",
+                        hint="Use await to wait for it or cancel to stop it.", **summary)
+    return response("Active", f"Session {session.get('session_name')!r} is alive with {len(steps)} step(s).",
+                    hint="Run exec for the next step.", **summary)
+
+
+def _count_by(values):
+    counts = {}
+    for value in values:
+        counts[value] = counts.get(value, 0) + 1
+    return counts
+
+
+# -- replay ------------------------------------------------------------------------------------------
+
+def parse_step_list(text):
+    """'1,2,5' or '3-7' (or a mix) → sorted step numbers."""
+    steps = set()
+    for part in (text or "").split(","):
+        part = part.strip()
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not match:
+            raise ReplError("InvalidSteps", f"--steps takes numbers like 1,2,5 or 3-7, not {part!r}.",
+                            exit_code=EXIT_USAGE, hint="For example --steps 1,2,5")
+        low, high = int(match.group(1)), int(match.group(2) or match.group(1))
+        steps.update(range(low, high + 1))
+    return sorted(steps)
+
+
+def replay_plan(session, steps=None, first=None, last=None, skip_failed=False):
+    """The recorded steps to re-run, in order, each once (a replay counts as its original)."""
+    by_origin = {}
+    for entry in session["steps"]:
+        origin = entry.get("replay_of") or entry["step"]
+        if entry.get("status") == "Finished" or origin not in by_origin:
+            by_origin[origin] = dict(entry, origin=origin)
+    if steps:
+        missing = [n for n in steps if n not in by_origin]
+        if missing:
+            raise ReplError("UnknownStep", f"No recorded step {missing[0]} in this session.",
+                            exit_code=EXIT_USAGE, hint="See session.json for the step numbers.")
+        chosen = [by_origin[n] for n in steps]
+    else:
+        chosen = [e for n, e in sorted(by_origin.items())
+                  if (first is None or n >= first) and (last is None or n <= last)]
+        if first is None and last is None or skip_failed:
+            chosen = [e for e in chosen if e.get("status") == "Finished"]
+    return chosen
+
+
+def cmd_replay(args):
+    timeout = positive_timeout(args.timeout)
+    project = Project(args.project_dir).check()
+    session = require_active(project, project.load())
+    plan = replay_plan(session, parse_step_list(args.steps) if args.steps else None,
+                       args.from_step, args.to_step, args.skip_failed)
+    if not plan:
+        return response("NothingToReplay", "No recorded step matches.", hint="Pick steps with --steps 1,2,5.")
+    ws = Workspace(args.profile or session.get("profile"), args.debug)
+    if not ws.context_alive(session["cluster_id"], session["context_id"]):
+        evicted = recover_from_eviction(ws, project)
+        if evicted["status"] != "ContextEvicted":
+            return evicted
+    restored = []
+    for index, entry in enumerate(plan):
+        try:
+            with open(os.path.join(project.root, entry["command_file"]), encoding="utf-8") as f:
+                code = f.read()
+        except OSError as err:
+            failure = {"step": entry["origin"], "status": "MissingCommandFile", "message": err.strerror}
+            return _replay_report(project, restored, failure, plan[index + 1:])
+        body = submit_step(ws, project, project.load(), code, entry["tag"], timeout, args.max_output_bytes,
+                           replay_of=entry["origin"])
+        if body["status"] != "Finished":
+            failure = {"step": entry["origin"], "cmd_id": body.get("cmd_id"), "status": body["status"],
+                       "message": body.get("message"), "error": body.get("error")}
+            return _replay_report(project, restored, failure, plan[index + 1:])
+        restored.append({"step": entry["origin"], "tag": entry["tag"], "cmd_id": body["cmd_id"]})
+    return _replay_report(project, restored, None, [])
+
+
+def _replay_report(project, restored, failure, not_run):
+    fields = {"restored": restored, "failed": failure, "not_run": [e["origin"] for e in not_run]}
+    if failure is None:
+        return response("Replayed", f"Re-ran {len(restored)} step(s) in the current context.",
+                        hint="State is restored; continue with exec.", **fields)
+    return response("ReplayFailed", f"Replay stopped at step {failure['step']} ({failure['status']}).",
+                    exit_code=EXIT_RUNNING if failure["status"] == "Running" else EXIT_FAILED,
+                    hint="Read the failed step's files, fix the cause, then replay the remaining steps "
+                         "with --steps.", **fields)
+
+
+# -- export ------------------------------------------------------------------------------------------
+
+def export_script(session, read_code):
+    """One clean .py from the session: the last successful step per tag, in step order, with
+    %pip lines turned into a '# Requires:' header and top-level imports gathered at the top."""
+    import ast
+    last_per_tag = {}
+    for entry in session["steps"]:
+        if entry.get("status") == "Finished":
+            last_per_tag[entry["tag"]] = entry
+    chosen = sorted(last_per_tag.values(), key=lambda e: e["step"])
+    requires, imports, bodies = [], [], []
+    for entry in chosen:
+        kept = []
+        for line in read_code(entry).splitlines():
+            pip = re.match(r"\s*[%!]\s*pip\s+install\s+(.*)$", line)
+            if pip:
+                requires += [p for p in pip.group(1).split() if not p.startswith("-") and p not in requires]
+            elif MAGIC_LINE.match(line):
+                kept.append("# (magic, not run as Python) " + line.strip())
+            else:
+                kept.append(line)
+        code = "\n".join(kept)
+        try:
+            tree = ast.parse(code)
+        except SyntaxError:
+            tree = None
+        if tree is not None:
+            lines = code.splitlines()
+            import_lines = set()
+            for node in tree.body:
+                if isinstance(node, (ast.Import, ast.ImportFrom)) and node.col_offset == 0 and \
+                        node.end_lineno == node.lineno and not (isinstance(node, ast.ImportFrom)
+                                                                and node.module == "__future__"):
+                    text = lines[node.lineno - 1].strip()
+                    if ";" not in text:
+                        import_lines.add(node.lineno - 1)
+                        if text not in imports:
+                            imports.append(text)
+            code = "\n".join(l for i, l in enumerate(lines) if i not in import_lines)
+        bodies.append(f"# --- Step {entry['step']}: {entry['tag']} ---\n{code.strip()}\n")
+    header = [f'"""Exported from databricks-repl session {session.get("session_name")!r} '
+              f'(cluster {session.get("cluster_id")}).',
+              "",
+              f"Steps: {', '.join(str(e['step']) for e in chosen) or 'none'} - the last successful run "
+              "of each tag, in step order.",
+              '"""']
+    if requires:
+        header.insert(0, "# Requires: " + " ".join(requires))
+    parts = ["\n".join(header), "\n".join(imports)] if imports else ["\n".join(header)]
+    return "\n\n".join(parts + bodies).rstrip("\n") + "\n", chosen
+
+
+def inside_project(project, path, option):
+    """Resolve a local path for writing; it must stay inside the project dir."""
+    absolute = os.path.abspath(path)
+    if os.path.commonpath([absolute, project.root]) != project.root:
+        raise ReplError("PathOutsideProject", f"{option} {path} is outside the project dir {project.display_root}.",
+                        exit_code=EXIT_USAGE, hint="Write inside the project dir (relative paths are fine).")
+    if os.path.isdir(absolute):
+        raise ReplError("InvalidPath", f"{option} {path} is a directory.", exit_code=EXIT_USAGE,
+                        hint="Name a file.")
+    return absolute
+
+
+def cmd_export(args):
+    project = Project(args.project_dir).check()
+    session = project.load()
+    name = sanitize_tag(session.get("session_name") or "session")
+    target = inside_project(project, args.output or os.path.join(project.root, f"{name}_export.py"), "--output")
+
+    def read_code(entry):
+        with open(os.path.join(project.root, entry["command_file"]), encoding="utf-8") as f:
+            return f.read()
+
+    try:
+        script, chosen = export_script(session, read_code)
+    except OSError as err:
+        raise ReplError("MissingCommandFile", f"A step's command file is unreadable: {err}",
+                        hint="Restore repl_outputs/ or export fewer steps.") from None
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    write_atomic(target, script)
+    return response("Exported", f"Wrote {len(chosen)} step(s) to {project.show(target)}.",
+                    output_file=project.show(target), steps=[e["step"] for e in chosen],
+                    bytes=len(script.encode("utf-8")),
+                    hint="Review the script; it runs top to bottom where the session's data is reachable.")
+
+
+# -- put / get: files between this machine and the driver -----------------------------------------
+
+DEFAULT_TRANSFER_CAP = 512 * 1024 * 1024
+PUT_CHUNK_BYTES = 4 * 1024 * 1024
+
+
+def idle_session(project, args):
+    session = require_active(project, project.load())
+    if session.get("active_command"):
+        busy = session["active_command"]
+        raise ReplError("CommandRunning", f"Step {step_key(busy['step'], busy['tag'])} is still running.",
+                        hint="Transfers run in the same context: await or cancel the command first.")
+    return session, Workspace(args.profile or session.get("profile"), args.debug)
+
+
+def remote_stat(ws, session, remote):
+    results = run_internal(ws, session, f"_dbx_repl.stat({remote!r})")
+    if results.get("resultType") == "error":
+        error_type, message = parse_error(results.get("summary"), results.get("cause"))
+        raise ReplError("RemoteFileError", f"{remote} on the driver: {error_type}: {message}",
+                        hint="Check the path; it must be a file the driver can open.")
+    return json.loads((results.get("data") or "").strip().splitlines()[-1])
+
+
+def record_transfer(project, entry):
+    with project.lock():
+        session = project.load()
+        session.setdefault("transfers", []).append(entry)
+        project.save(session)
+
+
+def cmd_put(args):
+    project = Project(args.project_dir).check()
+    try:
+        size = os.path.getsize(args.local)
+        if os.path.isdir(args.local):
+            raise IsADirectoryError()
+    except OSError as err:
+        raise ReplError("InvalidPath", f"Cannot read {args.local}: {err.strerror or 'is a directory'}.",
+                        exit_code=EXIT_USAGE, hint="Name a readable local file.") from None
+    if size > args.max_bytes:
+        raise ReplError("TooLarge", f"{args.local} is {size} bytes, over the {args.max_bytes}-byte cap.",
+                        hint="Raise --max-bytes, or move large data through a Volume.")
+    session, ws = idle_session(project, args)
+    started, digest, offset, chunks = time.monotonic(), hashlib.sha256(), 0, 0
+    try:
+        with open(args.local, "rb") as f:
+            while True:
+                block = f.read(PUT_CHUNK_BYTES)
+                if not block and offset:
+                    break
+                digest.update(block)
+                packed = base64.b64encode(zlib.compress(block, 6)).decode("ascii")
+                results = run_internal(ws, session, f"_dbx_repl.put({args.remote!r}, {offset}, {packed!r})")
+                if results.get("resultType") == "error":
+                    error_type, message = parse_error(results.get("summary"), results.get("cause"))
+                    raise ReplError("RemoteFileError", f"Writing {args.remote}: {error_type}: {message}",
+                                    hint="Check that the driver can write that path.")
+                offset += len(block)
+                chunks += 1
+                if not block:
+                    break
+        remote = remote_stat(ws, session, args.remote)
+    except ReplError:
+        raise
+    except Exception as err:
+        raise map_sdk_error(err, action="upload the file") from None
+    if remote["sha256"] != digest.hexdigest() or remote["size"] != size:
+        raise ReplError("ChecksumMismatch", f"{args.remote} on the driver does not match {args.local}.",
+                        hint="Retry the put.", local_sha256=digest.hexdigest(), remote_sha256=remote["sha256"])
+    record_transfer(project, {"direction": "put", "local": args.local, "remote": args.remote, "bytes": size,
+                              "sha256": remote["sha256"], "at": now_iso()})
+    return response("Uploaded", f"Copied {size} bytes to {args.remote} on the driver.", local=args.local,
+                    remote=args.remote, bytes=size, sha256=remote["sha256"], chunks=chunks,
+                    elapsed_seconds=round(time.monotonic() - started, 3),
+                    hint="Open it from your code on the cluster by that path.")
+
+
+def cmd_get(args):
+    project = Project(args.project_dir).check()
+    target = inside_project(project, args.local, "LOCAL")
+    session, ws = idle_session(project, args)
+    started = time.monotonic()
+    try:
+        remote = remote_stat(ws, session, args.remote)
+        if remote["size"] > args.max_bytes:
+            raise ReplError("TooLarge", f"{args.remote} is {remote['size']} bytes, over the {args.max_bytes}-byte cap.",
+                            hint="Raise --max-bytes, or write a smaller extract on the cluster.")
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".get-", dir=os.path.dirname(target))
+        try:
+            with os.fdopen(fd, "wb") as sink:
+                written, size, _ = fetch_driver_file(
+                    ws, session, lambda off, mode: f"_dbx_repl.fetch({args.remote!r}, {off}, {mode!r})",
+                    sink, args.max_bytes)
+            with open(tmp, "rb") as f:
+                local_sha = hashlib.file_digest(f, "sha256").hexdigest() if hasattr(hashlib, "file_digest") \
+                    else hashlib.sha256(f.read()).hexdigest()
+            if size != remote["size"] or written != size or local_sha != remote["sha256"]:
+                raise ReplError("ChecksumMismatch", f"The copy of {args.remote} does not match the driver's file "
+                                "(it may have changed during the transfer).", hint="Retry the get.")
+            os.replace(tmp, target)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+    except ReplError:
+        raise
+    except Exception as err:
+        raise map_sdk_error(err, action="download the file") from None
+    record_transfer(project, {"direction": "get", "local": project.stored(target), "remote": args.remote,
+                              "bytes": remote["size"], "sha256": remote["sha256"], "at": now_iso()})
+    return response("Downloaded", f"Copied {remote['size']} bytes from {args.remote} on the driver.",
+                    local=project.show(target), remote=args.remote, bytes=remote["size"],
+                    sha256=remote["sha256"], elapsed_seconds=round(time.monotonic() - started, 3),
+                    hint="Read the local file selectively.")
+
+
+# -- smoke -------------------------------------------------------------------------------------------
+
+SMOKE_COMMAND = "print(sum(range(10)) * 6 // 5 - 12)"      # prints 42
+SMOKE_LLM_COMMAND = "print(sub_llm('Reply with the word ok.', max_tokens=16))"
+
+
+def cmd_smoke(args):
+    """Create a session in a temporary dir, run a known command (and a sub_llm call), destroy it."""
+    phases, started = [], time.monotonic()
+
+    def phase(name, action):
+        began = time.monotonic()
+        try:
+            detail = action()
+            phases.append({"phase": name, "status": "Passed", "seconds": round(time.monotonic() - began, 3),
+                           **({"detail": detail} if detail else {})})
+            return True
+        except ReplError as err:
+            phases.append({"phase": name, "status": "Failed", "seconds": round(time.monotonic() - began, 3),
+                           "error": err.status, "message": err.message})
+        except Exception as err:
+            mapped = map_sdk_error(err) if _SDK.loaded else ReplError("UnexpectedError", str(err))
+            phases.append({"phase": name, "status": "Failed", "seconds": round(time.monotonic() - began, 3),
+                           "error": mapped.status, "message": mapped.message})
+        return False
+
+    state = {}
+
+    def connect():
+        state["ws"] = Workspace(args.profile, args.debug)
+        return state["ws"].host
+
+    def resolve():
+        ws = state["ws"]
+        if args.cluster_id:
+            try:
+                cluster = ws.cluster(args.cluster_id)
+            except ws.errors.NotFound:
+                raise ReplError("ClusterNotFound", f"No cluster with id {args.cluster_id}.") from None
+        else:
+            name = args.cluster_name or ws.config.cluster_id
+            if not name:
+                raise ReplError("UsageError", "Pass --cluster-id or --cluster-name (or set cluster_id in the profile).")
+            found = [c for c in find_clusters(ws.clusters(), name) if cluster_summary(c)["all_purpose"]]
+            if not found:
+                raise ReplError("ClusterNotFound", f"No all-purpose cluster name contains {name!r}.")
+            cluster = found[0]
+        if cluster.get("state") not in RUNNABLE_CLUSTER_STATES:
+            raise cluster_not_running(cluster["cluster_id"], cluster)
+        state["cluster_id"] = cluster["cluster_id"]
+        return f"{cluster.get('cluster_name')} ({cluster['cluster_id']}) {cluster.get('state')}"
+
+    def run_subcommand(handler, **extra):
+        ns = argparse.Namespace(project_dir=state["dir"], profile=args.profile, debug=args.debug,
+                                timeout=args.timeout, max_output_bytes=DEFAULT_MAX_OUTPUT_BYTES, **extra)
+        body = handler(ns)
+        return body
+
+    def create():
+        body = run_subcommand(cmd_create, cluster_id=state["cluster_id"], session_name="dbx-repl-smoke",
+                              llm_endpoint=args.llm_endpoint, llm_max_calls=5, llm_max_tokens=None)
+        state["created"] = True
+        return body["context_id"]
+
+    def run_check(command, tag, check):
+        def action():
+            body = run_subcommand(cmd_exec, command=command, tag=tag)
+            if body["status"] != "Finished":
+                raise ReplError(body["status"], body.get("message", ""))
+            text = body.get("stdout_preview", "").strip()
+            if not check(text):
+                raise ReplError("UnexpectedOutput", f"Got {text[:200]!r}.")
+            return text[:200]
+        return action
+
+    def destroy():
+        body = run_subcommand(cmd_destroy)
+        return body["status"]
+
+    with tempfile.TemporaryDirectory(prefix="dbx-repl-smoke-") as directory:
+        state["dir"] = directory
+        ok = phase("auth", connect) and phase("cluster", resolve) and phase("create", create)
+        ok = ok and phase("exec", run_check(SMOKE_COMMAND, "smoke", lambda t: t == "42"))
+        if ok and args.llm_endpoint:
+            ok = phase("sub_llm", run_check(SMOKE_LLM_COMMAND, "smoke_llm",
+                                            lambda t: bool(t) and not t.startswith("[ERROR]")))
+        if state.get("created"):
+            ok = phase("destroy", destroy) and ok
+    failed = next((p for p in phases if p["status"] == "Failed"), None)
+    fields = {"phases": phases, "elapsed_seconds": round(time.monotonic() - started, 3)}
+    if failed is None:
+        return response("Passed", f"Smoke test passed: {', '.join(p['phase'] for p in phases)}.",
+                        hint="The workspace, cluster and REPL work end to end.", **fields)
+    return response("Failed", f"Smoke test failed in phase {failed['phase']}: {failed['message']}",
+                    failed_phase=failed["phase"], exit_code=EXIT_FAILED,
+                    hint="Fix what the failed phase names, then rerun smoke.", **fields)
+
+
 # -- find-cluster ------------------------------------------------------------------------------------
 
 def cluster_summary(cluster):
@@ -2000,6 +2526,47 @@ def build_parser():
     p = sub.add_parser("destroy", help="Destroy the execution context; keep the step log")
     add_common(p)
     p.set_defaults(handler=cmd_destroy)
+
+    p = sub.add_parser("status", help="Summarise the session and probe its cluster, context and command")
+    add_common(p)
+    p.set_defaults(handler=cmd_status)
+
+    p = sub.add_parser("replay", help="Re-run recorded steps in the current context (after an eviction)")
+    add_common(p)
+    p.add_argument("--steps", default=None, help="Step numbers, e.g. 1,2,5 or 3-7")
+    p.add_argument("--from", dest="from_step", type=int, default=None, help="First step of a range")
+    p.add_argument("--to", dest="to_step", type=int, default=None, help="Last step of a range")
+    p.add_argument("--skip-failed", action="store_true", help="Leave out steps that did not finish")
+    add_wait_options(p)
+    p.set_defaults(handler=cmd_replay)
+
+    p = sub.add_parser("export", help="Write the session as one clean Python script")
+    add_common(p)
+    p.add_argument("--output", default=None, help="Script path inside the project dir")
+    p.set_defaults(handler=cmd_export)
+
+    p = sub.add_parser("put", help="Copy a local file to the driver")
+    add_common(p)
+    p.add_argument("local")
+    p.add_argument("remote")
+    p.add_argument("--max-bytes", type=int, default=DEFAULT_TRANSFER_CAP)
+    p.set_defaults(handler=cmd_put)
+
+    p = sub.add_parser("get", help="Copy a driver file into the project dir")
+    add_common(p)
+    p.add_argument("remote")
+    p.add_argument("local")
+    p.add_argument("--max-bytes", type=int, default=DEFAULT_TRANSFER_CAP)
+    p.set_defaults(handler=cmd_get)
+
+    p = sub.add_parser("smoke", help="End-to-end check: create, exec, (sub_llm), destroy in a temp dir")
+    p.add_argument("--profile", default=None)
+    p.add_argument("--debug", action="store_true")
+    p.add_argument("--cluster-id", default=None)
+    p.add_argument("--cluster-name", default=None)
+    p.add_argument("--llm-endpoint", default=None)
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.set_defaults(handler=cmd_smoke)
 
     p = sub.add_parser("find-cluster", help="Find clusters whose name contains a string")
     add_common(p)
