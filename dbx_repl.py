@@ -56,11 +56,12 @@ ENV_HTTP_TIMEOUT = "DBX_REPL_HTTP_TIMEOUT"
 DEFAULT_RETRY_TIMEOUT = 20
 DEFAULT_HTTP_TIMEOUT = 30
 
-# Poll schedule for commands: the next poll comes after 4% of the time already waited, at least
-# 30 ms and at most 5 s. A short command is seen within ~0.1 s of finishing, a long one within 5% of
-# its run time, and a 10-minute wait costs ~150 status calls (well under the service's rate limits).
+# Poll schedule for commands: the next poll comes after 2.5% of the time already waited, at least
+# 30 ms and at most 5 s. A command of up to 2 s is seen within 50 ms of finishing, a long one within
+# 2.5% of its run time, and a 10-minute wait costs ~330 status calls (well under the service's rate
+# limits). See references/benchmark.md for the measured lag.
 POLL_MIN_SECONDS = 0.03
-POLL_FRACTION = 0.04
+POLL_FRACTION = 0.025
 POLL_MAX_SECONDS = 5.0
 CANCEL_WAIT_SECONDS = 30.0
 CONTEXT_START_TIMEOUT = 300.0
@@ -128,7 +129,10 @@ def emit(body):
     """Print a response as the call's single JSON line and return its exit code."""
     body = dict(body)
     exit_code = body.pop("_exit", EXIT_OK)
-    sys.stdout.write(scrub(json.dumps(body, ensure_ascii=False)) + "\n")
+    text = scrub(json.dumps(body, ensure_ascii=False))
+    for separator in ("\u2028", "\u2029", "\x85"):  # line breaks to splitlines(): keep one line
+        text = text.replace(separator, json.dumps(separator)[1:-1])
+    sys.stdout.write(text + "\n")
     sys.stdout.flush()
     return exit_code
 
@@ -328,11 +332,47 @@ class _SDK:
     any surprise falls back to the normal import.
     """
     loaded = None
+    # Modules credentials_provider imports at load time but only Google/Azure auth uses (~0.15 s,
+    # mostly `cryptography` and the provisioning service): loaded on first attribute access instead.
+    DEFERRED = ("google.auth.impersonated_credentials", "google.oauth2.service_account",
+                "databricks.sdk.azure")
+
+    @staticmethod
+    def _defer(names):
+        import importlib.util
+        deferred = []
+        for name in names:
+            if name in sys.modules:
+                continue
+            spec = importlib.util.find_spec(name)
+            if spec is None or spec.loader is None:
+                continue
+            spec.loader = importlib.util.LazyLoader(spec.loader)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+            # As a real import would: then `from parent import child` takes the attribute without
+            # touching the module (any attribute access, even __spec__, loads it).
+            parent, _, child = name.rpartition(".")
+            setattr(sys.modules[parent], child, module)
+            deferred.append(name)
+        return deferred
 
     @classmethod
     def get(cls):
         if cls.loaded is None:
-            cls.loaded = cls._import(fast=os.environ.get("DBX_REPL_SDK_IMPORT") != "full")
+            # The import creates ~600 modules' worth of long-lived objects: with the cyclic GC off it
+            # skips a dozen full collections, and freezing the survivors keeps them out of every later
+            # collection, including the one at interpreter exit (~0.2 s saved per call in total).
+            import gc
+            enabled = gc.isenabled()
+            gc.disable()
+            try:
+                cls.loaded = cls._import(fast=os.environ.get("DBX_REPL_SDK_IMPORT") != "full")
+            finally:
+                if enabled:
+                    gc.enable()
+            gc.freeze()
         return cls.loaded
 
     @staticmethod
@@ -349,7 +389,9 @@ class _SDK:
                 stub.__path__ = [package_dir]
                 stub.__dbx_repl_stub__ = True
                 sys.modules["databricks.sdk"] = stub
+                deferred = []
                 try:
+                    deferred = _SDK._defer(_SDK.DEFERRED)
                     config = importlib.import_module("databricks.sdk.config")
                     core = importlib.import_module("databricks.sdk.core")
                     errors = importlib.import_module("databricks.sdk.errors")
@@ -357,8 +399,8 @@ class _SDK:
                                                       errors=errors, import_path="fast")
                 except Exception:
                     for name in [n for n in sys.modules if n == "databricks.sdk" or
-                                 n.startswith("databricks.sdk.")]:
-                        del sys.modules[name]
+                                 n.startswith("databricks.sdk.")] + deferred:
+                        sys.modules.pop(name, None)
                     raise
                 logging.getLogger("databricks.sdk").addHandler(logging.NullHandler())
                 return namespace
@@ -406,6 +448,7 @@ class Workspace:
         self.sdk, self.errors = sdk, sdk.errors
         if debug:
             _enable_debug_logging()
+            sys.stderr.write(f"[dbx_repl debug] databricks-sdk import path: {sdk.import_path}\n")
         try:
             self.config = sdk.Config(profile=profile, product="databricks-repl", product_version=VERSION,
                                      retry_timeout_seconds=int(_env_number(ENV_RETRY_TIMEOUT,
@@ -684,7 +727,9 @@ def _dbx_repl_install(config, namespace):
             header = dict(extra or {}, size=size, offset=offset)
             payload = b""
             if size >= 0:
-                packer = zlib.compressobj(6)
+                # Level 1: ~30 MB/s on varied text against ~4 MB/s at level 6, for 15% more bytes;
+                # compression, not the round trips, was what limited the transfer rate.
+                packer = zlib.compressobj(1)
                 parts, packed_size, position = [], 0, offset
                 with open(path, "rb") as f:
                     f.seek(offset)
@@ -740,212 +785,340 @@ def _dbx_repl_install(config, namespace):
     _repl = _Repl()
 
     class SubLLMError(RuntimeError):
-        """A sub_llm call failed after its retries."""
+        """A sub_llm call failed (after its retries, when the failure was retryable)."""
 
-    class SubLLMBudgetExceeded(SubLLMError):
+    class SubLLMBudgetError(SubLLMError):
         """The session's sub_llm budget (calls or tokens) is spent."""
+
+    SubLLMError.__qualname__, SubLLMBudgetError.__qualname__ = "SubLLMError", "SubLLMBudgetError"
+    keep = object()  # "leave this budget limit as it is"
 
     class _BatchResults(list):
         """sub_llm_batch results in input order; `.errors` maps failed indexes to their error text."""
-        errors = {}
+        def __init__(self, size):
+            list.__init__(self, [None] * size)
+            self.errors = {}
+
+    def setting(name, default, cast):
+        value = config.get(name)
+        return default if value is None else cast(value)
+
+    def short_reason(error):
+        text = str(error)
+        if "whitelisted" in text:
+            return "blocked (shared access mode: getContext() is not whitelisted)"
+        first = text.strip().splitlines()[0][:120] if text.strip() else ""
+        return "%s%s" % (type(error).__name__, (": " + first) if first else "")
 
     class _LLM(object):
+        """State behind sub_llm: settings, usage, budget. It never holds the workspace token."""
         def __init__(self):
             self.endpoint = config.get("llm_endpoint") or "default-llm-endpoint"
-            self.timeout = float(config.get("llm_timeout") or 120)
-            self.retry_budget = float(config.get("llm_retry_budget") or 300)
-            self.max_retries = int(config.get("llm_max_retries") or 6)
+            self.timeout = setting("llm_timeout", 120.0, float)          # seconds per HTTP attempt
+            self.retry_budget = setting("llm_retry_budget", 300.0, float)  # seconds of retrying per call
+            self.max_retries = setting("llm_max_retries", 6, int)        # retries after the first attempt
+            self.backoff = setting("llm_backoff", 0.5, float)            # first backoff; doubles each retry
+            self.max_backoff = setting("llm_max_backoff", 30.0, float)
             self.lock = threading.Lock()
-            self.usage = {"calls": 0, "succeeded": 0, "failed": 0, "retries": 0, "prompt_tokens": 0,
-                          "completion_tokens": 0, "total_tokens": 0, "wall_seconds": 0.0}
-            self.budget = {"max_calls": config.get("llm_max_calls"),
-                           "max_tokens": config.get("llm_max_tokens")}
-            self._auth = None
+            self.usage = self.zero_usage()
+            self.spent = {"calls": 0, "tokens": 0}  # what the budget counts; never reset
+            self.budget = {"max_calls": config.get("llm_max_calls"), "max_tokens": config.get("llm_max_tokens")}
+            self.auth_source = None
+            self._in_flight, self._busy_since = 0, 0.0
 
-        # -- auth: host from the runtime, the CLI's host, or spark.conf; token from the runtime ----
-        def auth(self, refresh=False):
-            if self._auth is not None and not refresh:
-                return self._auth
-            tried, host, token = [], None, None
+        @staticmethod
+        def zero_usage():
+            return {"calls": 0, "succeeded": 0, "failed": 0, "refused": 0, "retries": 0,
+                    "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0,
+                    "wall_seconds": 0.0, "call_seconds": 0.0}
+
+        # -- auth: read fresh for every attempt, so a rotated token is picked up; never stored ------
+        def auth(self):
+            tried, host, token, sources = [], None, None, []
             try:
                 from dbruntime.databricks_repl_context import get_context
                 ctx = get_context()
-                host, token = getattr(ctx, "apiUrl", None), getattr(ctx, "apiToken", None)
+                token = getattr(ctx, "apiToken", None) or None
+                host = getattr(ctx, "apiUrl", None) or None
                 if not host and getattr(ctx, "workspaceUrl", None):
-                    host = "https://" + ctx.workspaceUrl
-                tried.append("dbruntime context" + ("" if token else " (no token)"))
+                    host = ctx.workspaceUrl
+                tried.append("dbruntime get_context(): " + ("ok" if host and token else
+                             "no " + " or ".join(n for n, v in (("host", host), ("token", token)) if not v)))
+                if host or token:
+                    sources.append("dbruntime")
             except Exception as error:
-                tried.append("dbruntime context (%s)" % type(error).__name__)
-            if not token or not host:
+                tried.append("dbruntime get_context(): " + short_reason(error))
+            if not (host and token):
                 try:
                     ctx = namespace["dbutils"].notebook.entry_point.getDbutils().notebook().getContext()
-                    token = token or ctx.apiToken().get()
-                    host = host or ctx.apiUrl().get()
-                    tried.append("dbutils context")
+                    if not token:
+                        token = ctx.apiToken().get() or None
+                    if not host:
+                        host = ctx.apiUrl().get() or None
+                    tried.append("dbutils getContext(): ok")
+                    sources.append("dbutils")
                 except Exception as error:
-                    tried.append("dbutils context (%s)" % type(error).__name__)
+                    tried.append("dbutils getContext(): " + short_reason(error))
             if not host and config.get("host"):
                 host = config["host"]
-                tried.append("CLI host")
+                tried.append("host given at create: ok")
+                sources.append("create")
             if not host:
                 try:
-                    host = "https://" + namespace["spark"].conf.get("spark.databricks.workspaceUrl")
-                    tried.append("spark.conf workspaceUrl")
+                    host = namespace["spark"].conf.get("spark.databricks.workspaceUrl") or None
+                    tried.append("spark.conf spark.databricks.workspaceUrl: " + ("ok" if host else "empty"))
+                    sources.append("spark.conf")
                 except Exception as error:
-                    tried.append("spark.conf (%s)" % type(error).__name__)
-            if not token and os.environ.get("DATABRICKS_TOKEN"):
-                token = os.environ["DATABRICKS_TOKEN"]
-                host = host or os.environ.get("DATABRICKS_HOST")
-                tried.append("environment")
+                    tried.append("spark.conf spark.databricks.workspaceUrl: " + short_reason(error))
+            if not token:
+                token = os.environ.get("DATABRICKS_TOKEN") or None
+                tried.append("env DATABRICKS_TOKEN: " + ("ok" if token else "not set"))
+                if token:
+                    sources.append("env")
+            if not host:
+                host = os.environ.get("DATABRICKS_HOST") or None
+                tried.append("env DATABRICKS_HOST: " + ("ok" if host else "not set"))
             if not host or not token:
-                raise SubLLMError("sub_llm found no workspace host/token on the cluster; tried: "
-                                  + ", ".join(tried))
+                missing = " and ".join(n for n, v in (("host", host), ("token", token)) if not v)
+                found = "sub_llm found no workspace %s on the cluster. Tried, in order: %s. " % (
+                    missing, "; ".join(tried))
+                raise SubLLMError(found + "Fix: set os.environ['DATABRICKS_HOST'] and "
+                                  "os.environ['DATABRICKS_TOKEN'] on the driver (the token from a secret, "
+                                  "e.g. dbutils.secrets.get(...)) and call again.")
             if "://" not in host:
                 host = "https://" + host
-            self._auth = (host.rstrip("/"), token)
-            return self._auth
+            self.auth_source = "+".join(sources)
+            return host.rstrip("/"), token
 
-        def check_budget(self):
+        # -- budget and accounting --------------------------------------------------------------------
+        def reserve(self):
             with self.lock:
                 calls, tokens = self.budget["max_calls"], self.budget["max_tokens"]
-                if calls is not None and self.usage["calls"] >= calls:
-                    raise SubLLMBudgetExceeded("sub_llm budget of %d calls is spent" % calls)
-                if tokens is not None and self.usage["total_tokens"] >= tokens:
-                    used = self.usage["total_tokens"]
-                    raise SubLLMBudgetExceeded("sub_llm budget of %d tokens is spent (%d used)" % (tokens, used))
+                if calls is not None and self.spent["calls"] >= calls:
+                    self.usage["refused"] += 1
+                    raise SubLLMBudgetError(
+                        "sub_llm budget spent: %d of max_calls=%d calls used. Raise or lift it with "
+                        "sub_llm_budget(max_calls=N or None)." % (self.spent["calls"], calls))
+                if tokens is not None and self.spent["tokens"] >= tokens:
+                    self.usage["refused"] += 1
+                    raise SubLLMBudgetError(
+                        "sub_llm budget spent: %d of max_tokens=%d tokens used. Raise or lift it with "
+                        "sub_llm_budget(max_tokens=N or None)." % (self.spent["tokens"], tokens))
+                self.spent["calls"] += 1
                 self.usage["calls"] += 1
+                if self._in_flight == 0:
+                    self._busy_since = time.time()
+                self._in_flight += 1
+            return time.time()
 
-        def post(self, url, token, body):
-            import urllib.request
-            request = urllib.request.Request(url, data=json.dumps(body).encode("utf-8"), method="POST",
-                                             headers={"Authorization": "Bearer " + token,
-                                                      "Content-Type": "application/json"})
-            with urllib.request.urlopen(request, timeout=self.timeout) as answer:
-                return json.loads(answer.read().decode("utf-8"))
+        def release(self, started, usage):
+            now = time.time()
+            with self.lock:
+                if usage is None:
+                    self.usage["failed"] += 1
+                else:
+                    self.usage["succeeded"] += 1
+                    counts = {}
+                    for field in ("prompt_tokens", "completion_tokens", "total_tokens"):
+                        try:
+                            counts[field] = int(usage.get(field) or 0)
+                        except (TypeError, ValueError):
+                            counts[field] = 0
+                    if not counts["total_tokens"]:
+                        counts["total_tokens"] = counts["prompt_tokens"] + counts["completion_tokens"]
+                    for field, value in counts.items():
+                        self.usage[field] += value
+                    self.spent["tokens"] += counts["total_tokens"]
+                self.usage["call_seconds"] += now - started
+                self._in_flight -= 1
+                if self._in_flight == 0:
+                    self.usage["wall_seconds"] += now - self._busy_since
+
+        # -- one call: timeout per attempt, retries with backoff and jitter on 429/5xx/network -------
+        def delay(self, attempt, retry_after):
+            if retry_after is not None:
+                return retry_after + random.uniform(0, min(1.0, 0.1 * retry_after + 0.05))
+            ceiling = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
+            return random.uniform(ceiling / 2, ceiling)
+
+        @staticmethod
+        def retry_after(headers):
+            value = headers.get("Retry-After") if headers is not None else None
+            if not value:
+                return None
+            try:
+                return max(0.0, float(value))
+            except ValueError:
+                pass
+            try:
+                import email.utils
+                return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+            except Exception:
+                return None
 
         def call(self, prompt, endpoint=None, max_tokens=1024, system="", temperature=0.0):
-            import urllib.error
-            self.check_budget()
-            started = time.time()
             endpoint = endpoint or self.endpoint
-            messages = ([{"role": "system", "content": system}] if system else [])
-            messages.append({"role": "user", "content": str(prompt)})
-            body = {"messages": messages, "max_tokens": max_tokens, "temperature": temperature}
-            attempt, deadline, refreshed = 0, started + self.retry_budget, False
+            started = self.reserve()
+            usage = None
             try:
-                while True:
-                    host, token = self.auth()
-                    url = "%s/serving-endpoints/%s/invocations" % (host, endpoint)
-                    try:
-                        answer = self.post(url, token, body)
-                        break
-                    except urllib.error.HTTPError as error:
-                        detail = error.read().decode("utf-8", "replace")[:300]
-                        if error.code == 404:
-                            raise SubLLMError(
-                                "serving endpoint %r not found (HTTP 404: %s). List the workspace's "
-                                "endpoints (GET /api/2.0/serving-endpoints) and pass endpoint=..." % (endpoint, detail))
-                        if error.code in (401, 403) and not refreshed:
-                            refreshed = True
-                            self.auth(refresh=True)
-                            continue
-                        retryable = error.code == 429 or error.code >= 500
-                        wait = error.headers.get("Retry-After") if error.headers else None
-                        failure = "HTTP %d from %s: %s" % (error.code, endpoint, detail)
-                    except (urllib.error.URLError, OSError) as error:
-                        retryable, wait = True, None
-                        failure = "%s calling %s: %s" % (type(error).__name__, endpoint, error)
-                    attempt += 1
-                    try:
-                        delay = float(wait)
-                    except (TypeError, ValueError):
-                        delay = min(30.0, 0.5 * 2 ** (attempt - 1))
-                    delay += random.uniform(0, 0.25 * delay + 0.1)
-                    if not retryable or attempt > self.max_retries or time.time() + delay > deadline:
-                        raise SubLLMError(failure + " (after %d attempts)" % attempt)
-                    with self.lock:
-                        self.usage["retries"] += 1
-                    time.sleep(delay)
-                text = self.text_of(answer)
-                usage = answer.get("usage") or {}
-                with self.lock:
-                    self.usage["succeeded"] += 1
-                    for field in ("prompt_tokens", "completion_tokens", "total_tokens"):
-                        self.usage[field] += int(usage.get(field) or 0)
+                text, usage = self.request(prompt, endpoint, max_tokens, system, temperature)
                 return text
-            except BaseException:
-                with self.lock:
-                    self.usage["failed"] += 1
-                raise
             finally:
+                self.release(started, usage)
+
+        def request(self, prompt, endpoint, max_tokens, system, temperature):
+            import http.client, urllib.error, urllib.parse, urllib.request
+            messages = [{"role": "system", "content": system}] if system else []
+            messages.append({"role": "user", "content": str(prompt)})
+            payload = json.dumps({"messages": messages, "max_tokens": max_tokens,
+                                  "temperature": temperature}).encode("utf-8")
+            path = "/serving-endpoints/%s/invocations" % urllib.parse.quote(str(endpoint), safe="")
+            deadline = time.time() + self.retry_budget
+            attempt, refreshed = 0, False
+            while True:
+                attempt += 1
+                host, token = self.auth()
+                timeout = self.timeout if attempt == 1 else max(0.1, min(self.timeout, deadline - time.time()))
+                request = urllib.request.Request(host + path, data=payload, method="POST",
+                                                 headers={"Authorization": "Bearer " + token,
+                                                          "Content-Type": "application/json"})
+                del token
+                fatal, wait = None, None
+                try:
+                    with urllib.request.urlopen(request, timeout=timeout) as response:
+                        answer = json.loads(response.read().decode("utf-8"))
+                    return self.text_of(answer), (answer.get("usage") or {})
+                except urllib.error.HTTPError as error:
+                    try:
+                        detail = error.read().decode("utf-8", "replace").strip()[:300]
+                    except Exception:
+                        detail = ""
+                    failure = "HTTP %d from serving endpoint %r: %s" % (error.code, endpoint, detail or error.reason)
+                    wait = self.retry_after(error.headers)
+                    if error.code == 404:
+                        fatal = ("Serving endpoint %r was not found in this workspace (HTTP 404: %s). List the "
+                                 "workspace's serving endpoints (`databricks serving-endpoints list`, or GET "
+                                 "/api/2.0/serving-endpoints) and pass endpoint=NAME, or create the session "
+                                 "with --llm-endpoint NAME." % (endpoint, detail))
+                    elif error.code in (401, 403) and not refreshed:
+                        refreshed = True
+                        continue
+                    elif not (error.code == 429 or error.code >= 500):
+                        fatal = failure
+                except (OSError, http.client.HTTPException, ValueError) as error:
+                    reason = getattr(error, "reason", None) or error
+                    failure = "%s calling serving endpoint %r: %s" % (type(error).__name__, endpoint, reason)
+                    if isinstance(error, ValueError) and not isinstance(error, json.JSONDecodeError):
+                        fatal = failure  # e.g. a malformed host URL: retrying cannot help
+                finally:
+                    request = None
+                if fatal:
+                    raise SubLLMError(fatal)
+                if attempt > self.max_retries:
+                    raise SubLLMError("%s (gave up after %d attempts)" % (failure, attempt))
+                pause = self.delay(attempt, wait)
+                if time.time() + pause > deadline:
+                    raise SubLLMError("%s (gave up after %d attempts: waiting %.1fs more would pass the "
+                                      "%.0fs retry budget)" % (failure, attempt, pause, self.retry_budget))
                 with self.lock:
-                    self.usage["wall_seconds"] += time.time() - started
+                    self.usage["retries"] += 1
+                time.sleep(pause)
 
         @staticmethod
         def text_of(answer):
-            choices = answer.get("choices") or []
+            choices = answer.get("choices") if isinstance(answer, dict) else None
             if not choices:
                 raise SubLLMError("the endpoint answered without choices: %s" % str(answer)[:200])
-            content = (choices[0].get("message") or {}).get("content")
+            choice = choices[0] or {}
+            content = (choice.get("message") or {}).get("content")
+            if content is None and isinstance(choice.get("text"), str):
+                content = choice["text"]
             if isinstance(content, list):
                 texts = []
                 for item in content:
                     if isinstance(item, str):
                         texts.append(item)
-                    elif isinstance(item, dict) and item.get("type") == "text":
-                        texts.append(item.get("text") or "")
+                    elif isinstance(item, dict) and item.get("type", "text") in ("text", "output_text"):
+                        texts.append(str(item.get("text") or ""))
                 return "".join(texts)
             return content if isinstance(content, str) else ""
 
     _llm = _LLM()
 
     def sub_llm(prompt, endpoint=None, max_tokens=1024, system="", temperature=0.0):
-        """Ask a model-serving endpoint one prompt; returns the answer text. Raises SubLLMError."""
+        """Ask a model-serving endpoint one prompt and return the answer text.
+        Raises sub_llm.Error (SubLLMError) when it fails after retries, sub_llm.BudgetError when
+        the session's budget is spent."""
         return _llm.call(prompt, endpoint=endpoint, max_tokens=max_tokens, system=system,
                          temperature=temperature)
 
-    def sub_llm_batch(prompts, endpoint=None, max_tokens=1024, system="", temperature=0.0,
-                      max_workers=8):
-        """Ask many prompts in parallel. Results keep input order; a failed item becomes
-        "[ERROR] <type>: <message>" and is listed in the result's .errors {index: text}."""
+    sub_llm.Error, sub_llm.BudgetError = SubLLMError, SubLLMBudgetError
+
+    def sub_llm_batch(prompts, endpoint=None, max_tokens=1024, system="", temperature=0.0, max_workers=8):
+        """Ask many prompts with at most max_workers in flight. Results keep input order; a failed
+        item becomes "[ERROR] <type>: <message>" and is also in the result's .errors {index: text}."""
         from concurrent.futures import ThreadPoolExecutor
         prompts = list(prompts)
-        results = _BatchResults([None] * len(prompts))
-        results.errors = {}
+        workers = int(max_workers)
+        if workers < 1:
+            raise ValueError("max_workers must be at least 1, got %r" % (max_workers,))
+        results = _BatchResults(len(prompts))
 
         def one(index):
             try:
-                results[index] = sub_llm(prompts[index], endpoint=endpoint, max_tokens=max_tokens,
-                                         system=system, temperature=temperature)
+                results[index] = _llm.call(prompts[index], endpoint=endpoint, max_tokens=max_tokens,
+                                           system=system, temperature=temperature)
             except Exception as error:
                 text = "%s: %s" % (type(error).__name__, error)
                 results.errors[index] = text
                 results[index] = "[ERROR] " + text
 
-        if prompts:
-            with ThreadPoolExecutor(max_workers=max(1, min(int(max_workers), len(prompts)))) as pool:
-                list(pool.map(one, range(len(prompts))))
+        if not prompts:
+            return results
+        pool = ThreadPoolExecutor(max_workers=min(workers, len(prompts)))
+        futures = []
+        try:
+            futures = [pool.submit(one, index) for index in range(len(prompts))]
+            for future in futures:
+                future.result()
+        except BaseException:  # e.g. cancel (KeyboardInterrupt): drop what has not started
+            for future in futures:
+                future.cancel()
+            pool.shutdown(wait=False)
+            raise
+        pool.shutdown(wait=True)
         return results
 
     def sub_llm_usage(reset=False):
-        """Calls, failures, retries, tokens and wall time of sub_llm in this session."""
+        """Calls, succeeded, failed, refused, retries, tokens, wall_seconds (time with a call in
+        flight) and call_seconds (summed call durations) of sub_llm in this session."""
         with _llm.lock:
             snapshot = dict(_llm.usage)
             snapshot["wall_seconds"] = round(snapshot["wall_seconds"], 3)
-            snapshot["budget"] = dict(_llm.budget)
+            snapshot["call_seconds"] = round(snapshot["call_seconds"], 3)
+            snapshot["budget"] = dict(_llm.budget, calls_used=_llm.spent["calls"], tokens_used=_llm.spent["tokens"])
             snapshot["endpoint"] = _llm.endpoint
+            snapshot["auth"] = _llm.auth_source
             if reset:
-                for key in _llm.usage:
-                    _llm.usage[key] = 0.0 if key == "wall_seconds" else 0
+                _llm.usage = _llm.zero_usage()
         return snapshot
 
-    def sub_llm_budget(max_calls=None, max_tokens=None):
-        """Cap sub_llm for the rest of the session (None lifts a cap); counts include past calls."""
+    def sub_llm_budget(max_calls=keep, max_tokens=keep):
+        """Cap sub_llm for the rest of the session. A limit not passed stays as it is; None lifts it.
+        Counts include calls already made. Returns the budget with what has been used."""
+        for name, value in (("max_calls", max_calls), ("max_tokens", max_tokens)):
+            if value is keep or value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError("%s must be a non-negative int or None, got %r" % (name, value))
         with _llm.lock:
-            _llm.budget = {"max_calls": max_calls, "max_tokens": max_tokens}
-            return dict(_llm.budget)
+            if max_calls is not keep:
+                _llm.budget["max_calls"] = max_calls
+            if max_tokens is not keep:
+                _llm.budget["max_tokens"] = max_tokens
+            return dict(_llm.budget, calls_used=_llm.spent["calls"], tokens_used=_llm.spent["tokens"])
 
-    _repl.SubLLMError, _repl.SubLLMBudgetExceeded = SubLLMError, SubLLMBudgetExceeded
+    _repl.SubLLMError, _repl.SubLLMBudgetError = SubLLMError, SubLLMBudgetError
     _repl.llm = _llm
     namespace["_dbx_repl"] = _repl
     namespace["sub_llm"] = sub_llm
@@ -1128,8 +1301,11 @@ class StepFiles:
 # 7. Running commands: submit, poll, fetch full output, finish the step
 # ---------------------------------------------------------------------------------------------------
 
-class Terminated(Exception):
-    """SIGTERM arrived (an agent's tool timeout): leave the command running and say so."""
+class Terminated(BaseException):
+    """SIGTERM arrived (an agent's tool timeout): leave the command running and say so.
+
+    A BaseException, like KeyboardInterrupt, so that no `except Exception` (a retried poll, an SDK
+    error handler) swallows it."""
 
 
 def _raise_terminated(signum, frame):
@@ -1171,7 +1347,13 @@ def poll_command(ws, cluster_id, context_id, command_id, timeout):
         except Exception as err:
             if isinstance(err, ws.errors.DatabricksError) and _is_auth_error(err, ws.errors):
                 raise
-            if not ws.context_alive(cluster_id, context_id):
+            try:
+                alive = ws.context_alive(cluster_id, context_id)
+            except Exception as probe_err:  # the network is down too: keep polling until the timeout
+                if not _looks_transient(probe_err, ws.errors):
+                    raise
+                alive = True
+            if not alive:
                 raise ContextGone(str(err)) from None
             if not _looks_transient(err, ws.errors) and isinstance(err, ws.errors.DatabricksError):
                 raise
@@ -1372,7 +1554,8 @@ def render_results(ws, session, files, status, wrapped, max_bytes):
         write_atomic(files.stdout, b"")
         return "Cancelled", {"message": "The command was cancelled."}
     if kind == "text" or kind is None and status.get("status") == "Finished":
-        text = results.get("data") if isinstance(results.get("data"), str) else json.dumps(results.get("data"))
+        data = results.get("data")
+        text = data if isinstance(data, str) else "" if data is None else json.dumps(data)
         fields["truncated"], note, _, total = write_text_output(files, ws, session, text or "", wrapped,
                                                                 bool(results.get("truncated")), max_bytes)
         notes.append(note)
@@ -1396,7 +1579,7 @@ def render_results(ws, session, files, status, wrapped, max_bytes):
                 notes.append(f"{len(unresolved)} image(s) could not be fetched; their FileStore paths are "
                              "in unfetched_images.")
         elif kind == "error" or status.get("status") == "Error":
-            cause = valid_unicode(clean_traceback) or strip_ansi(results.get("cause") or "") or html_to_text(
+            cause = strip_ansi(valid_unicode(clean_traceback)) or strip_ansi(results.get("cause")) or html_to_text(
                 results.get("summary"))
             write_atomic(files.stderr, cause.rstrip("\n") + "\n")
             error_type, message = parse_error(results.get("summary"), results.get("cause"))
@@ -1455,6 +1638,7 @@ def step_response(project, files, step_status, elapsed, fields, exit_code=None):
     hints = {
         "Error": f"Read {body['stderr_file']}, fix the code, and exec again.",
         "Cancelled": "The session is still usable.",
+        "RenderFailed": "The raw service result is in the .result.json output; the session is usable.",
     }
     body.update(fields)
     body["outputs"] = files.outputs()
@@ -1466,9 +1650,19 @@ def step_response(project, files, step_status, elapsed, fields, exit_code=None):
 
 def record_step(project, entry, command_id=None):
     """Append a step to session.json (after its files exist) and clear the matching active command."""
+    for key in ("stdout_file", "stderr_file"):  # a step that never ran still gets its (empty) files
+        path = os.path.join(project.root, entry[key]) if entry.get(key) else None
+        if path and not os.path.exists(path):
+            write_atomic(path, b"")
     with project.lock():
         session = project.load()
-        session["steps"].append(entry)
+        # A step is recorded once: when `cancel` and the waiting exec both finish it, merge.
+        earlier = [s for s in session["steps"] if s.get("step") == entry["step"]
+                   and s.get("command_id") == entry.get("command_id")]
+        if earlier:
+            earlier[-1].update((k, v) for k, v in entry.items() if v is not None)
+        else:
+            session["steps"].append(entry)
         active = session.get("active_command")
         if active and (active.get("step") == entry["step"] or
                        (command_id and active.get("command_id") == command_id)):
@@ -1506,7 +1700,20 @@ def elapsed_since(active):
 def finish_command(ws, project, session, active, status, max_bytes):
     """Render a finished command's results, record its step, and build the response."""
     files = StepFiles(project, active["step"], active["tag"])
-    step_status, fields = render_results(ws, session, files, status, active.get("wrapped", True), max_bytes)
+    try:
+        step_status, fields = render_results(ws, session, files, status, active.get("wrapped", True),
+                                             max_bytes)
+    except (ReplError, Exception) as err:
+        # Never leave the session blocked on a command that has ended: keep the raw result instead.
+        raw = files.path(".result.json")
+        write_atomic(raw, json.dumps(status, ensure_ascii=False, default=str))
+        files.add("raw_result", raw)
+        for path in (files.stdout, files.stderr):
+            if not os.path.exists(path):
+                write_atomic(path, b"")
+        reason = err.message if isinstance(err, ReplError) else f"{type(err).__name__}: {scrub(str(err))}"
+        step_status, fields = "RenderFailed", {"message": f"The command ended ({status.get('status')}) but "
+                                                          f"its output could not be saved: {reason}"}
     elapsed = elapsed_since(active)
     outputs = [o for o in files.outputs() if o["kind"] not in ("command", "stdout", "stderr")]
     record_step(project, step_entry(project, files, active, step_status, elapsed=elapsed,
@@ -1671,16 +1878,19 @@ def cluster_not_running(cluster_id, cluster):
 
 def submit_step(ws, project, session, code, tag, timeout, max_bytes, replay_of=None):
     """Reserve a step, submit its command, and wait for it: the heart of `exec` and `replay`."""
-    with signals_deferred():
-        session, files, active, command = reserve_step(project, code, tag, replay_of)
-        early = submit_reserved(ws, project, session, files, active, command)
-    if early is not None:
-        return early
+    active = None
     try:
+        with signals_deferred():  # a held Ctrl+C or SIGTERM fires when this block ends
+            session, files, active, command = reserve_step(project, code, tag, replay_of)
+            early = submit_reserved(ws, project, session, files, active, command)
+        if early is not None:
+            return early
         return await_active(ws, project, session, active, timeout, max_bytes)
-    except KeyboardInterrupt:  # arrived while signals were deferred
-        return interrupt_active(ws, project, session, active, max_bytes)
-    except Terminated:
+    except (KeyboardInterrupt, Terminated) as interruption:
+        if not (active and active.get("command_id")):
+            raise  # nothing was submitted (or the submit already failed and was recorded)
+        if isinstance(interruption, KeyboardInterrupt):
+            return interrupt_active(ws, project, session, active, max_bytes)
         return running_response(project, active, timeout)
 
 
@@ -2585,14 +2795,16 @@ def main(argv=None):
             raise ReplError("UsageError", "No subcommand given.", exit_code=EXIT_USAGE,
                             hint="Run dbx_repl.py --help for the subcommands.")
         if getattr(args, "max_output_bytes", 1) <= 0:
-            raise ReplError("UsageError", "--max-output-bytes must be positive.", exit_code=EXIT_USAGE)
+            raise ReplError("UsageError", "--max-output-bytes must be positive.", exit_code=EXIT_USAGE,
+                            hint=f"Leave it out for the default ({DEFAULT_MAX_OUTPUT_BYTES} bytes).")
         body = args.handler(args)
     except ReplError as err:
         body = err.response()
     except KeyboardInterrupt:
-        body = response("Interrupted", "Interrupted before any command was submitted.", exit_code=EXIT_INTERRUPTED)
+        body = response("Interrupted", "Interrupted before any command was submitted or cancelled.",
+                        exit_code=EXIT_INTERRUPTED)
     except Terminated:
-        body = response("Terminated", "Stopped by SIGTERM before any command was submitted.",
+        body = response("Terminated", "Stopped by SIGTERM before any command was submitted or cancelled.",
                         exit_code=EXIT_FAILED)
     except Exception as err:  # the agent never gets a traceback unless it asks for one
         if debug:
