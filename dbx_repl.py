@@ -513,7 +513,9 @@ class Workspace:
         body = json.dumps({"clusterId": cluster_id, "command": command, "contextId": context_id,
                            "language": "python"}).encode("utf-8")
         deadline = time.monotonic() + self.config.retry_timeout_seconds
+        attempt = 0
         while True:
+            attempt += 1
             try:
                 return self.api.do("POST", "/api/1.2/commands/execute", data=_OneShotBody(body),
                                    headers={"Content-Type": "application/json"})["id"]
@@ -523,7 +525,12 @@ class Workspace:
                     raise
                 time.sleep(wait)
             except (requests.ConnectionError, requests.Timeout) as err:
-                raise SubmitUncertain(str(err)) from None
+                if not _never_connected(err):
+                    raise SubmitUncertain(str(err)) from None
+                wait = min(attempt, 5)  # refused or no connection: nothing was sent, safe to retry
+                if time.monotonic() + wait > deadline:
+                    raise
+                time.sleep(wait)
 
     def command_status(self, cluster_id, context_id, command_id):
         return self._do("GET", "/api/1.2/commands/status",
@@ -538,6 +545,19 @@ class Workspace:
 
     def _do(self, method, path, query=None, body=None):
         return self.api.do(method, path, query=query, body=body)
+
+
+def _never_connected(err):
+    """True when a requests error shows no connection was made, so no request reached the server."""
+    import requests
+    if isinstance(err, requests.exceptions.ConnectTimeout):
+        return True
+    try:
+        from urllib3.exceptions import ConnectTimeoutError  # NewConnectionError (refused) subclasses it
+    except ImportError:
+        return False
+    reason = getattr(err.args[0], "reason", None) if err.args else None
+    return isinstance(reason, ConnectTimeoutError)
 
 
 def _enable_debug_logging():
