@@ -2775,19 +2775,15 @@ def build_parser():
     p.add_argument("--output", default=None, help="Script path inside the project dir")
     p.set_defaults(handler=cmd_export)
 
-    p = sub.add_parser("put", help="Copy a local file to the driver")
-    add_common(p)
-    p.add_argument("local")
-    p.add_argument("remote")
-    p.add_argument("--max-bytes", type=int, default=DEFAULT_TRANSFER_CAP)
-    p.set_defaults(handler=cmd_put)
-
-    p = sub.add_parser("get", help="Copy a driver file into the project dir")
-    add_common(p)
-    p.add_argument("remote")
-    p.add_argument("local")
-    p.add_argument("--max-bytes", type=int, default=DEFAULT_TRANSFER_CAP)
-    p.set_defaults(handler=cmd_get)
+    for name, handler, positionals, purpose in (
+            ("put", cmd_put, ("local", "remote"), "Copy a local file to the driver"),
+            ("get", cmd_get, ("remote", "local"), "Copy a driver file into the project dir")):
+        p = sub.add_parser(name, help=purpose)
+        add_common(p)
+        for positional in positionals:
+            p.add_argument(positional)
+        p.add_argument("--max-bytes", type=int, default=DEFAULT_TRANSFER_CAP, help="Size cap of the file")
+        p.set_defaults(handler=handler)
 
     p = sub.add_parser("smoke", help="End-to-end check: create, exec, (sub_llm), destroy in a temp dir")
     p.add_argument("--profile", default=None)

@@ -136,6 +136,9 @@ class _Context:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # socketserver's default listen backlog is 5: a burst of parallel sub_llm calls overflowed it
+    # (connection resets, 1 s SYN retries). The real service accepts many concurrent connections.
+    request_queue_size = 128
 
     def __init__(self, address, workspace):
         self.workspace = workspace
@@ -166,6 +169,9 @@ class _Server(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "LocalDatabricks/1.0"
+    # Headers and body go out in two writes; with Nagle on, a keep-alive connection stalls ~40 ms
+    # on the client's delayed ACK before the body. The real service has no such per-call stall.
+    disable_nagle_algorithm = True
 
     def log_message(self, fmt, *args):  # keep test output clean
         pass
