@@ -840,6 +840,7 @@ def _dbx_repl_install(config, namespace):
             self.backoff = setting("llm_backoff", 0.5, float)            # first backoff; doubles each retry
             self.max_backoff = setting("llm_max_backoff", 30.0, float)
             self.lock = threading.Lock()
+            self.local = threading.local()   # one keep-alive connection per thread and host
             self.usage = self.zero_usage()
             self.spent = {"calls": 0, "tokens": 0}  # what the budget counts; never reset
             self.budget = {"max_calls": config.get("llm_max_calls"), "max_tokens": config.get("llm_max_tokens")}
@@ -987,7 +988,7 @@ def _dbx_repl_install(config, namespace):
                 self.release(started, usage)
 
         def request(self, prompt, endpoint, max_tokens, system, temperature):
-            import http.client, urllib.error, urllib.parse, urllib.request
+            import http.client, urllib.parse
             messages = [{"role": "system", "content": system}] if system else []
             messages.append({"role": "user", "content": str(prompt)})
             payload = json.dumps({"messages": messages, "max_tokens": max_tokens,
@@ -999,31 +1000,27 @@ def _dbx_repl_install(config, namespace):
                 attempt += 1
                 host, token = self.auth()
                 timeout = self.timeout if attempt == 1 else max(0.1, min(self.timeout, deadline - time.time()))
-                request = urllib.request.Request(host + path, data=payload, method="POST",
-                                                 headers={"Authorization": "Bearer " + token,
-                                                          "Content-Type": "application/json"})
+                headers = {"Authorization": "Bearer " + token, "Content-Type": "application/json"}
                 del token
                 fatal, wait = None, None
                 try:
-                    with urllib.request.urlopen(request, timeout=timeout) as response:
-                        answer = json.loads(response.read().decode("utf-8"))
-                    return self.text_of(answer), (answer.get("usage") or {})
-                except urllib.error.HTTPError as error:
-                    try:
-                        detail = error.read().decode("utf-8", "replace").strip()[:300]
-                    except Exception:
-                        detail = ""
-                    failure = "HTTP %d from serving endpoint %r: %s" % (error.code, endpoint, detail or error.reason)
-                    wait = self.retry_after(error.headers)
-                    if error.code == 404:
+                    code, reply_headers, body = self.send(host, path, payload, headers, timeout)
+                    headers = None
+                    if code == 200:
+                        answer = json.loads(body.decode("utf-8"))
+                        return self.text_of(answer), (answer.get("usage") or {})
+                    detail = body.decode("utf-8", "replace").strip()[:300]
+                    failure = "HTTP %d from serving endpoint %r: %s" % (code, endpoint, detail or code)
+                    wait = self.retry_after(reply_headers)
+                    if code == 404:
                         fatal = ("Serving endpoint %r was not found in this workspace (HTTP 404: %s). List the "
                                  "workspace's serving endpoints (`databricks serving-endpoints list`, or GET "
                                  "/api/2.0/serving-endpoints) and pass endpoint=NAME, or create the session "
                                  "with --llm-endpoint NAME." % (endpoint, detail))
-                    elif error.code in (401, 403) and not refreshed:
+                    elif code in (401, 403) and not refreshed:
                         refreshed = True
                         continue
-                    elif not (error.code == 429 or error.code >= 500):
+                    elif not (code == 429 or code >= 500):
                         fatal = failure
                 except (OSError, http.client.HTTPException, ValueError) as error:
                     reason = getattr(error, "reason", None) or error
@@ -1031,7 +1028,7 @@ def _dbx_repl_install(config, namespace):
                     if isinstance(error, ValueError) and not isinstance(error, json.JSONDecodeError):
                         fatal = failure  # e.g. a malformed host URL: retrying cannot help
                 finally:
-                    request = None
+                    headers = None
                 if fatal:
                     raise SubLLMError(fatal)
                 if attempt > self.max_retries:
@@ -1043,6 +1040,43 @@ def _dbx_repl_install(config, namespace):
                 with self.lock:
                     self.usage["retries"] += 1
                 time.sleep(pause)
+
+        def send(self, host, path, payload, headers, timeout):
+            """POST over this thread's keep-alive connection to the host: (status, headers, body).
+            A reused connection the server has closed meanwhile is replaced once."""
+            import http.client, urllib.parse
+            parts = urllib.parse.urlsplit(host)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ValueError("workspace host %r is not an http(s) URL" % host)
+            pool = self.local.__dict__.setdefault("connections", {})
+            key = (parts.scheme, parts.netloc)
+            while True:
+                connection = pool.pop(key, None)
+                reused = connection is not None
+                if connection is None:
+                    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+                    connection = kind(parts.netloc, timeout=timeout)
+                connection.timeout = timeout
+                if connection.sock is not None:
+                    connection.sock.settimeout(timeout)
+                try:
+                    connection.request("POST", parts.path.rstrip("/") + path, body=payload, headers=headers)
+                    response = connection.getresponse()
+                    body = response.read()
+                except (http.client.RemoteDisconnected, http.client.CannotSendRequest, BrokenPipeError,
+                        ConnectionResetError):
+                    connection.close()
+                    if reused:
+                        continue
+                    raise
+                except BaseException:
+                    connection.close()
+                    raise
+                if not response.will_close:
+                    pool[key] = connection
+                else:
+                    connection.close()
+                return response.status, response.headers, body
 
         @staticmethod
         def text_of(answer):
