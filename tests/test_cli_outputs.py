@@ -8,6 +8,7 @@ sends errors as an HTML summary plus an ANSI-coloured traceback.
 import csv
 import json
 import os
+import random
 import re
 import struct
 import time
@@ -374,3 +375,30 @@ def test_outputs_lists_every_file_of_a_step_with_kind_and_size(shared):
     assert shared.read(by_kind(call)["command"]["path"]) == "print('summary')\n" + TABLE_5000
     logged = shared.session()["steps"][-1]["outputs"]
     assert [o["kind"] for o in logged] == ["table", "table_json"]
+
+
+def test_full_output_still_arrives_when_the_repl_cannot_display_tables(workspace, session, tmp_path):
+    # Chunks normally travel as table results; without display() they fall back to text results,
+    # each small enough for the service's 50,000-character cut.
+    assert session.exec("del display", "no_display").status == "Finished"
+    noise = random.Random(7)   # hard to compress, so one chunk would not fit in one text result
+    text = "".join("line %06d %032x\n" % (i, noise.getrandbits(128)) for i in range(6000))
+    script = tmp_path / "big.py"
+    script.write_text(f"print({text!r}, end='')")
+    executes = lambda: sum(r["path"] == "/api/1.2/commands/execute" for r in workspace.requests())
+    before = executes()
+    call = session.exec(f"@{script}", "big")
+    assert call.status == "Finished" and call["truncated"] is False
+    assert session.read(call["stdout_file"]) == text
+    assert executes() - before >= 1 + 1 + 4   # the step, one cut table-mode try, several text chunks
+
+
+def test_the_end_marker_decides_completeness_and_tolerates_untee_d_extra_text():
+    import dbx_repl
+    marker = dbx_repl.END_MARKER
+    assert dbx_repl.split_end_marker("hi\n" + marker + "001_a 3", "001_a") == ("hi\n", True)
+    # a logging handler made before the command writes past the tee: more text is still complete
+    assert dbx_repl.split_end_marker("WARN x\nhi\n" + marker + "001_a 3", "001_a") == ("WARN x\nhi\n", True)
+    assert dbx_repl.split_end_marker("hi\n" + marker + "002_b 3", "001_a")[1] is False
+    assert dbx_repl.split_end_marker("h" + marker + "001_a 3", "001_a")[1] is False
+    assert dbx_repl.split_end_marker("hi\nno marker: the service cut the end", "001_a")[1] is False
