@@ -39,6 +39,7 @@ SESSION_FILE = "session.json"
 OUTPUT_DIR = "repl_outputs"
 ARCHIVE_DIR = "previous_sessions"          # under OUTPUT_DIR: destroyed sessions replaced by `create`
 LOCK_FILE = ".dbx_repl.lock"
+DRIVER_OUTPUT_DIR = "/tmp"                 # on the driver: dbx_repl_<session_id>/NNN_tag.out copies
 SESSION_FORMAT = 1
 
 DEFAULT_TIMEOUT = 600.0
@@ -1525,7 +1526,9 @@ def write_text_output(files, ws, session, text, wrapped, need_full, max_bytes):
     except Exception as err:  # a failed fetch must not lose the step: keep what the service sent
         write_atomic(files.stdout, text.encode("utf-8", "replace")[:max_bytes])
         detail = err.message if isinstance(err, ReplError) else f"{type(err).__name__}: {err}"
-        return True, f"Could not fetch the full output: {detail}", None, None
+        driver_copy = f"{DRIVER_OUTPUT_DIR}/dbx_repl_{session.get('session_id')}/{key}.out"
+        return True, (f"Could not fetch the full output: {scrub(detail)}. Until the next exec it is on the "
+                      f"driver: dbx_repl.py get {driver_copy} {key}.full.stdout"), None, None
     return False, None, header.get("traceback"), size
 
 
@@ -1879,7 +1882,7 @@ def start_context(ws, cluster_id, config):
 def bootstrap_config(session, host):
     return {"session_id": session["session_id"], "host": host, "llm_endpoint": session.get("llm_endpoint"),
             "llm_max_calls": session.get("llm_max_calls"), "llm_max_tokens": session.get("llm_max_tokens"),
-            "session_name": session.get("session_name")}
+            "session_name": session.get("session_name"), "out_dir": DRIVER_OUTPUT_DIR}
 
 
 def recover_from_eviction(ws, project, failed=None):
