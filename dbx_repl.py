@@ -68,6 +68,7 @@ CANCEL_WAIT_SECONDS = 30.0
 CONTEXT_START_TIMEOUT = 300.0
 
 RUNNABLE_CLUSTER_STATES = ("RUNNING", "RESIZING")
+NOT_ALL_PURPOSE_SOURCES = ("JOB", "PIPELINE", "PIPELINE_MAINTENANCE", "SQL", "MODELS")  # no contexts
 DONE_COMMAND_STATES = ("Finished", "Error", "Cancelled")
 
 EXIT_OK = 0
@@ -144,7 +145,8 @@ def now_iso():
 
 def cli_hint(subcommand, project):
     """The command line an agent should run next, with the project dir it used."""
-    return f"dbx_repl.py {subcommand} --project-dir {project.display_root}"
+    import shlex
+    return f"dbx_repl.py {subcommand} --project-dir {shlex.quote(project.display_root)}"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1691,7 +1693,7 @@ def step_response(project, files, step_status, elapsed, fields, exit_code=None):
     if stderr_bytes:
         body["stderr_preview"] = file_preview(files.stderr)
     body["elapsed_seconds"] = round(elapsed, 3)
-    message = fields.pop("message", None)
+    message, note = fields.pop("message", None), fields.pop("note", None)
     error = fields.get("error")
     default_messages = {
         "Finished": "The command finished.",
@@ -1707,16 +1709,22 @@ def step_response(project, files, step_status, elapsed, fields, exit_code=None):
     body["outputs"] = files.outputs()
     if exit_code is None:
         exit_code = EXIT_OK if step_status == "Finished" else EXIT_FAILED
-    return response(step_status, message or default_messages.get(step_status, step_status),
+    message = " ".join(filter(None, [message or default_messages.get(step_status, step_status), note]))
+    return response(step_status, message,
                     hint=hints.get(step_status), exit_code=exit_code, **body)
+
+
+def touch_step_files(project, entry):
+    """A step that never ran, or was cut short, still gets its (empty) stdout and stderr files."""
+    for key in ("stdout_file", "stderr_file"):
+        path = os.path.join(project.root, entry[key]) if entry.get(key) else None
+        if path and not os.path.exists(path):
+            write_atomic(path, b"")
 
 
 def record_step(project, entry, command_id=None):
     """Append a step to session.json (after its files exist) and clear the matching active command."""
-    for key in ("stdout_file", "stderr_file"):  # a step that never ran still gets its (empty) files
-        path = os.path.join(project.root, entry[key]) if entry.get(key) else None
-        if path and not os.path.exists(path):
-            write_atomic(path, b"")
+    touch_step_files(project, entry)
     with project.lock():
         session = project.load()
         # A step is recorded once: when `cancel` and the waiting exec both finish it, merge.
@@ -1771,12 +1779,13 @@ def finish_command(ws, project, session, active, status, max_bytes):
         raw = files.path(".result.json")
         write_atomic(raw, json.dumps(status, ensure_ascii=False, default=str))
         files.add("raw_result", raw)
-        for path in (files.stdout, files.stderr):
-            if not os.path.exists(path):
-                write_atomic(path, b"")
+        touch_step_files(project, step_entry(project, files, active, "RenderFailed"))
         reason = err.message if isinstance(err, ReplError) else f"{type(err).__name__}: {scrub(str(err))}"
         step_status, fields = "RenderFailed", {"message": f"The command ended ({status.get('status')}) but "
                                                           f"its output could not be saved: {reason}"}
+    if active.get("helpers_reinstalled"):
+        fields["note"] = ("The REPL had lost its helpers (a Python restart also clears your variables); "
+                          "they were installed again and this step ran after that.")
     elapsed = elapsed_since(active)
     outputs = [o for o in files.outputs() if o["kind"] not in ("command", "stdout", "stderr")]
     record_step(project, step_entry(project, files, active, step_status, elapsed=elapsed,
@@ -1808,6 +1817,9 @@ def await_active(ws, project, session, active, timeout, max_bytes):
     cluster_id, context_id = session["cluster_id"], active.get("context_id") or session["context_id"]
     try:
         status = poll_command(ws, cluster_id, context_id, active["command_id"], timeout)
+        if status is not None and helpers_missing(active, status):
+            rerun_with_helpers(ws, project, session, active)
+            status = poll_command(ws, cluster_id, context_id, active["command_id"], timeout)
     except KeyboardInterrupt:
         return interrupt_active(ws, project, session, active, max_bytes)
     except Terminated:
@@ -1817,6 +1829,35 @@ def await_active(ws, project, session, active, timeout, max_bytes):
     if status is None:
         return running_response(project, active, timeout)
     return finish_command(ws, project, session, active, status, max_bytes)
+
+
+HELPERS_MISSING = re.compile(r"name .?_dbx_repl.? is not defined")
+
+
+def helpers_missing(active, status):
+    """True when a wrapped step failed only because the REPL lost the bootstrap (a Python restart,
+    e.g. dbutils.library.restartPython(), clears it): the step itself never started."""
+    results = status.get("results") or {}
+    if not active.get("wrapped") or active.get("helpers_reinstalled") or results.get("resultType") != "error":
+        return False
+    text = html_to_text(strip_ansi(results.get("summary"))) + strip_ansi(results.get("cause"))
+    return bool(HELPERS_MISSING.search(text))
+
+
+def rerun_with_helpers(ws, project, session, active):
+    """Install the helpers again and submit the step once more, saving its new command id."""
+    target = {"cluster_id": session["cluster_id"], "context_id": active.get("context_id") or session["context_id"]}
+    run_internal(ws, target, bootstrap_command(bootstrap_config(session, ws.host)), timeout=CONTEXT_START_TIMEOUT)
+    files = StepFiles(project, active["step"], active["tag"])
+    with open(files.command, encoding="utf-8") as f:
+        command, _ = wrap_command(f.read(), files.key)
+    with signals_deferred():
+        active["command_id"] = ws.execute(target["cluster_id"], target["context_id"], command)
+        active["helpers_reinstalled"] = True
+        with project.lock():
+            current = project.load()
+            current["active_command"] = active
+            project.save(current)
 
 
 def interrupt_active(ws, project, session, active, max_bytes):
@@ -1832,8 +1873,6 @@ def interrupt_active(ws, project, session, active, max_bytes):
         if status is not None and not is_cancellation(status.get("status"), status.get("results")):
             return finish_command(ws, project, session, active, status, max_bytes)
         files = StepFiles(project, active["step"], active["tag"])
-        for path in (files.stdout, files.stderr):
-            write_atomic(path, b"")
         elapsed = elapsed_since(active)
         record_step(project, step_entry(project, files, active, "Cancelled", elapsed=elapsed),
                     command_id=active.get("command_id"))
@@ -1893,10 +1932,8 @@ def recover_from_eviction(ws, project, failed=None):
         failed_entry = None
         if failed:
             files = StepFiles(project, failed["step"], failed["tag"])
-            for path in (files.stdout, files.stderr):
-                if not os.path.exists(path):
-                    write_atomic(path, b"")
             failed_entry = step_entry(project, files, failed, "Evicted")
+            touch_step_files(project, failed_entry)
             session["steps"].append(failed_entry)
         session["active_command"] = None
         project.save(session)
@@ -2083,7 +2120,7 @@ def cmd_create(args):
                         hint="Resolve the id with find_cluster.py --name NAME.", cluster_id=cluster_id) from None
     except Exception as err:
         raise map_sdk_error(err, action="look up the cluster") from None
-    if cluster.get("cluster_source") in ("JOB", "PIPELINE", "PIPELINE_MAINTENANCE", "SQL", "MODELS"):
+    if not is_all_purpose(cluster):
         raise ReplError("ClusterNotSupported",
                         f"Cluster {cluster_id} is a {cluster['cluster_source']} cluster; execution contexts "
                         "need a classic all-purpose cluster.",
@@ -2102,8 +2139,6 @@ def cmd_create(args):
     }
     try:
         session["context_id"] = start_context(ws, cluster_id, bootstrap_config(session, ws.host))
-    except ReplError:
-        raise
     except ContextGone as err:
         raise ReplError("ContextFailed", f"The new execution context disappeared: {err}",
                         hint="Retry create.") from None
@@ -2187,9 +2222,6 @@ def cmd_cancel(args):
     fields = {"command_id": command_id}
     if tracked:
         files = StepFiles(project, tracked["step"], tracked["tag"])
-        for path in (files.stdout, files.stderr):
-            if not os.path.exists(path):
-                write_atomic(path, b"")
         record_step(project, step_entry(project, files, tracked, "Cancelled", elapsed=elapsed_since(tracked)),
                     command_id=command_id)
         fields["cmd_id"] = files.key
@@ -2219,12 +2251,10 @@ def cmd_destroy(args):
         session = project.load()
         active = session.get("active_command")
         if active:
-            files = StepFiles(project, active["step"], active["tag"])
-            for path in (files.stdout, files.stderr):
-                if not os.path.exists(path):
-                    write_atomic(path, b"")
-            session["steps"].append(step_entry(project, files, active, "Cancelled",
-                                               elapsed=elapsed_since(active)))
+            entry = step_entry(project, StepFiles(project, active["step"], active["tag"]), active,
+                               "Cancelled", elapsed=elapsed_since(active))
+            touch_step_files(project, entry)
+            session["steps"].append(entry)
             session["active_command"] = None
         session["status"] = "destroyed"
         session["destroyed_at"] = now_iso()
@@ -2356,8 +2386,8 @@ def cmd_replay(args):
         except OSError as err:
             failure = {"step": entry["origin"], "status": "MissingCommandFile", "message": err.strerror}
             return _replay_report(project, restored, failure, plan[index + 1:])
-        body = submit_step(ws, project, project.load(), code, entry["tag"], timeout, args.max_output_bytes,
-                           replay_of=entry["origin"])
+        body = submit_step(ws, project, project.load(), code, sanitize_tag(entry["tag"]), timeout,
+                           args.max_output_bytes, replay_of=entry["origin"])
         if body["status"] != "Finished":
             failure = {"step": entry["origin"], "cmd_id": body.get("cmd_id"), "status": body["status"],
                        "message": body.get("message"), "error": body.get("error")}
@@ -2625,7 +2655,7 @@ def cmd_smoke(args):
             name = args.cluster_name or ws.config.cluster_id
             if not name:
                 raise ReplError("UsageError", "Pass --cluster-id or --cluster-name (or set cluster_id in the profile).")
-            found = [c for c in find_clusters(ws.clusters(), name) if cluster_summary(c)["all_purpose"]]
+            found = [c for c in find_clusters(ws.clusters(), name) if is_all_purpose(c)]
             if not found:
                 raise ReplError("ClusterNotFound", f"No all-purpose cluster name contains {name!r}.")
             cluster = found[0]
@@ -2682,13 +2712,17 @@ def cmd_smoke(args):
 
 # -- find-cluster ------------------------------------------------------------------------------------
 
+def is_all_purpose(cluster):
+    return cluster.get("cluster_source") not in NOT_ALL_PURPOSE_SOURCES
+
+
 def cluster_summary(cluster):
     source = cluster.get("cluster_source")
     return {
         "cluster_id": cluster.get("cluster_id"),
         "cluster_name": cluster.get("cluster_name"),
         "state": cluster.get("state"),
-        "all_purpose": source not in ("JOB", "PIPELINE", "PIPELINE_MAINTENANCE", "SQL", "MODELS"),
+        "all_purpose": is_all_purpose(cluster),
         "cluster_source": source,
         "access_mode": cluster.get("data_security_mode"),
         "single_user_name": cluster.get("single_user_name"),

@@ -316,3 +316,13 @@ def test_find_cluster_several_matches_rank_the_exact_name_first(repl):
 def test_find_cluster_with_no_match(repl):
     call = _find(repl, "--name", "no-such-cluster")
     assert call.status == "ClusterNotFound" and call.code != 0
+
+
+def test_a_repl_that_lost_its_helpers_gets_them_back_and_runs_the_step(session):
+    # A Python restart (dbutils.library.restartPython()) clears the REPL, bootstrap included.
+    assert session.exec("del _dbx_repl", "forget").status == "Finished"
+    call = session.exec("print(sub_llm('upper: back'))", "after_restart")
+    assert call.status == "Finished", call
+    assert call["stdout_preview"] == "BACK\n"
+    assert "installed again" in call["message"]
+    assert session.exec("print('normal')", "next")["message"] == "The command finished."
