@@ -1529,8 +1529,9 @@ def write_text_output(files, ws, session, text, wrapped, need_full, max_bytes):
         write_atomic(files.stdout, text.encode("utf-8", "replace")[:max_bytes])
         detail = err.message if isinstance(err, ReplError) else f"{type(err).__name__}: {err}"
         driver_copy = f"{DRIVER_OUTPUT_DIR}/dbx_repl_{session.get('session_id')}/{key}.out"
+        local_copy = files.project.show(files.path(".full.stdout"))
         return True, (f"Could not fetch the full output: {scrub(detail)}. Until the next exec it is on the "
-                      f"driver: dbx_repl.py get {driver_copy} {key}.full.stdout"), None, None
+                      f"driver: {cli_hint('get', files.project)} {driver_copy} {local_copy}"), None, None
     return False, None, header.get("traceback"), size
 
 

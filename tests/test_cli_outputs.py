@@ -402,3 +402,21 @@ def test_the_end_marker_decides_completeness_and_tolerates_untee_d_extra_text():
     assert dbx_repl.split_end_marker("hi\n" + marker + "002_b 3", "001_a")[1] is False
     assert dbx_repl.split_end_marker("h" + marker + "001_a 3", "001_a")[1] is False
     assert dbx_repl.split_end_marker("hi\nno marker: the service cut the end", "001_a")[1] is False
+
+
+def test_a_failed_output_fetch_keeps_the_step_and_names_the_get_for_the_driver_copy(workspace, session):
+    text_size = 120_000  # over the 50,000-character cut, so the CLI must fetch the rest
+    proc = session.popen("exec", "--command", f"import time\ntime.sleep(1)\nprint('y' * {text_size})",
+                         "--tag", "big")
+    assert wait_for(lambda: (session.session().get("active_command") or {}).get("command_id"), 15)
+    workspace.inject("/api/1.2/commands/execute", method="POST", count=1, status=400,
+                     body={"error": "java.lang.RuntimeException: injected fetch failure"})
+    call = session.finish(proc)
+    assert call.status == "Finished" and call["truncated"] is True
+    assert "Could not fetch the full output" in call["message"]
+    get_command = call["message"].split("dbx_repl.py ")[-1].split()
+    assert get_command[0] == "get"
+    assert session.session()["steps"][-1]["status"] == "Finished"
+    copied = session.run(*get_command)
+    assert copied.status == "Downloaded", copied
+    assert session.read(copied["local"]) == "y" * text_size + "\n"
