@@ -364,6 +364,8 @@ class _SDK:
     @classmethod
     def get(cls):
         if cls.loaded is None:
+            import warnings  # e.g. google-auth's end-of-life notices: not the agent's concern
+            warnings.filterwarnings("ignore", category=FutureWarning, module=r"google\.")
             # The import creates ~600 modules' worth of long-lived objects: with the cyclic GC off it
             # skips a dozen full collections, and freezing the survivors keeps them out of every later
             # collection, including the one at interpreter exit (~0.2 s saved per call in total).
