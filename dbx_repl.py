@@ -2190,19 +2190,28 @@ def cmd_await(args):
     if not active:
         raise ReplError("NothingToAwait", "No command is running in this session.",
                         hint="The last command already finished or was cancelled; see its files in repl_outputs/.")
-    ws = Workspace(args.profile or session.get("profile"), args.debug)
     if not active.get("command_id"):
-        record_step(project, step_entry(project, StepFiles(project, active["step"], active["tag"]), active,
-                                        "SubmitUncertain"))
-        raise ReplError("SubmitUncertain", "The CLI stopped while submitting this step, so its command id is "
-                        "unknown.", hint="exec the step again if its effect is missing.")
+        settle_unsubmitted(project, active)
+    ws = Workspace(args.profile or session.get("profile"), args.debug)
     return await_active(ws, project, session, active, timeout, args.max_output_bytes)
+
+
+def settle_unsubmitted(project, active):
+    """A step whose CLI died while submitting has no command id: record it and free the session."""
+    record_step(project, step_entry(project, StepFiles(project, active["step"], active["tag"]), active,
+                                    "SubmitUncertain"))
+    raise ReplError("SubmitUncertain", "The CLI stopped while submitting this step, so its command id is "
+                    "unknown; the step is recorded as SubmitUncertain and the session is free.",
+                    hint="exec the step again if its effect is missing.",
+                    cmd_id=step_key(active["step"], active["tag"]))
 
 
 def cmd_cancel(args):
     project = Project(args.project_dir).check()
     session = require_active(project, project.load())
     active = session.get("active_command")
+    if active and not active.get("command_id") and not args.run_id:
+        settle_unsubmitted(project, active)
     command_id = args.run_id or (active or {}).get("command_id")
     if not command_id:
         raise ReplError("NothingToCancel", "No command is running in this session.",
@@ -2224,13 +2233,15 @@ def cmd_cancel(args):
                         command_id=command_id, hint="Nothing to do.")
     fields = {"command_id": command_id}
     if tracked:
+        fields["cmd_id"] = step_key(tracked["step"], tracked["tag"])
+    if status is None:  # still stopping: the step stays active so await can settle it
+        return response("Cancelling", "Cancel was requested but the command has not stopped yet.",
+                        hint=f"Wait for it with {cli_hint('await', project)}, or check {cli_hint('status', project)}.",
+                        exit_code=EXIT_FAILED, **fields)
+    if tracked:
         files = StepFiles(project, tracked["step"], tracked["tag"])
         record_step(project, step_entry(project, files, tracked, "Cancelled", elapsed=elapsed_since(tracked)),
                     command_id=command_id)
-        fields["cmd_id"] = files.key
-    if status is None:
-        return response("Cancelling", "Cancel was requested but the command has not stopped yet.",
-                        hint=f"Check again with {cli_hint('status', project)}.", exit_code=EXIT_FAILED, **fields)
     return response("Cancelled", "The command was cancelled; the session is still usable.",
                     hint="Continue with exec.", **fields)
 

@@ -183,3 +183,15 @@ def test_smoke_fails_on_a_bad_token_naming_the_phase(repl):
 def test_smoke_refuses_a_job_cluster(repl):
     call = _smoke(repl, "--cluster-id", JOB_CLUSTER_ID)
     assert call.status == "Failed" and call["failed_phase"] == "create"
+
+
+def test_replay_right_after_an_eviction_starts_a_fresh_context_first(workspace, session):
+    session.exec("base = 40", "one")
+    session.exec("base += 2", "two")
+    old_context = session.session()["context_id"]
+    workspace.evict()
+    assert session.run("status").status == "ContextLost"
+    call = session.run("replay")
+    assert call.status == "Replayed" and [r["step"] for r in call["restored"]] == [1, 2]
+    assert session.session()["context_id"] != old_context
+    assert session.exec("print(base)", "check")["stdout_preview"] == "42\n"

@@ -309,3 +309,16 @@ def test_a_corrupt_session_file_is_recovered_by_moving_it_aside(workspace, sessi
     call = session.exec("print(2)", "two")
     assert call.status == "Finished" and call["cmd_id"] == "002_two"   # numbering continues
     assert os.path.exists(path + ".bad")
+
+
+def test_sigkill_while_submitting_is_also_resolved_by_cancel(workspace, session):
+    workspace.inject(EXECUTE, method="POST", count=1, status=503, retry_after=5)
+    proc = session.popen("exec", "--command", "print('never sent')", "--tag", "bump")
+    assert wait_for(lambda: any(r["status"] == 503 for r in executes(workspace)), 15)
+    proc.kill()
+    proc.communicate(timeout=10)
+    call = session.run("cancel")
+    assert call.status == "SubmitUncertain" and call["cmd_id"] == "001_bump"
+    assert session.session()["active_command"] is None
+    assert session.exec("print('free')", "next").status == "Finished"
+    assert_log_consistent(session)
