@@ -664,6 +664,14 @@ def _dbx_repl_install(config, namespace):
         def __getattr__(self, name):
             return getattr(self._stream, name)
 
+    class _NullSink(object):
+        def write(self, text):
+            return len(text)
+        def flush(self):
+            pass
+        def close(self):
+            pass
+
     class _Repl(object):
         """Runs commands with their output teed to a driver file, and serves files in chunks."""
         def __init__(self):
@@ -677,13 +685,14 @@ def _dbx_repl_install(config, namespace):
 
         def run(self, key, source_b64):
             source = base64.b64decode(source_b64).decode("utf-8")
-            for name in os.listdir(self.out_dir):
-                if name.endswith((".out", ".err")):
-                    try:
+            try:  # the driver copy is a convenience: a full or cleaned-up /tmp must not stop the step
+                os.makedirs(self.out_dir, mode=0o700, exist_ok=True)
+                for name in os.listdir(self.out_dir):
+                    if name.endswith((".out", ".err")):
                         os.unlink(os.path.join(self.out_dir, name))
-                    except OSError:
-                        pass
-            sink = open(self.out_path(key), "w", encoding="utf-8", errors="replace")
+                sink = open(self.out_path(key), "w", encoding="utf-8", errors="replace")
+            except OSError:
+                sink = _NullSink()
             counter = [0]
             out, err = sys.stdout, sys.stderr
             sys.stdout, sys.stderr = _Tee(out, sink, counter), _Tee(err, sink, counter)

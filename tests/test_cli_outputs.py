@@ -420,3 +420,10 @@ def test_a_failed_output_fetch_keeps_the_step_and_names_the_get_for_the_driver_c
     copied = session.run(*get_command)
     assert copied.status == "Downloaded", copied
     assert session.read(copied["local"]) == "y" * text_size + "\n"
+
+
+def test_steps_still_run_and_fetch_after_the_driver_temp_dir_was_cleaned(session):
+    assert session.exec("import shutil\nshutil.rmtree(_dbx_repl.out_dir)", "clean_tmp").status == "Finished"
+    call = session.exec("print('z' * 60000)", "after_cleanup")
+    assert call.status == "Finished" and call["truncated"] is False
+    assert session.read(call["stdout_file"]) == "z" * 60000 + "\n"
