@@ -392,7 +392,7 @@ class _SDK:
                                    if os.path.isfile(os.path.join(p, "sdk", "config.py")))
                 stub = types.ModuleType("databricks.sdk")
                 stub.__path__ = [package_dir]
-                stub.__dbx_repl_stub__ = True
+                stub.__dbx_repl_stub__ = True   # lets tests see which import path was taken
                 sys.modules["databricks.sdk"] = stub
                 deferred = []
                 try:
@@ -466,7 +466,7 @@ class Workspace:
         except ReplError:
             raise
         except Exception as err:  # ValueError from config resolution, TimeoutError from the probe
-            raise map_sdk_error(err, self) from None
+            raise map_sdk_error(err, action="configure the workspace client") from None
         self.host = self.config.host
 
     # -- clusters -----------------------------------------------------------------------------------
@@ -594,7 +594,7 @@ def _looks_transient(err, errors):
                             errors.DeadlineExceeded))
 
 
-def map_sdk_error(err, workspace=None, action="call the workspace"):
+def map_sdk_error(err, action="call the workspace"):
     """The one place that turns an SDK or network exception into an agent-facing ReplError."""
     if isinstance(err, ReplError):
         return err
