@@ -326,3 +326,14 @@ def test_a_repl_that_lost_its_helpers_gets_them_back_and_runs_the_step(session):
     assert call["stdout_preview"] == "BACK\n"
     assert "installed again" in call["message"]
     assert session.exec("print('normal')", "next")["message"] == "The command finished."
+
+
+def test_installed_console_scripts_speak_the_same_json(repl):
+    import subprocess
+    import sysconfig
+    for script, args in (("dbx-repl", ["find-cluster", "--name", "dev"]), ("dbx-find-cluster", ["--name", "dev"])):
+        path = os.path.join(sysconfig.get_path("scripts"), script)
+        assert os.path.exists(path), f"{script} is not installed: run pip install -e ."
+        proc = subprocess.run([path, *args], capture_output=True, text=True, env=repl.env, timeout=60)
+        call = Call([script, *args], proc.returncode, proc.stdout, proc.stderr)
+        assert call.status == "Found" and call["cluster_id"] == RUNNING_CLUSTER_ID
