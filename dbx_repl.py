@@ -2477,6 +2477,14 @@ def export_script(session, read_code):
               f"Steps: {', '.join(str(e['step']) for e in chosen) or 'none'} - the last successful run "
               "of each tag, in step order.",
               '"""']
+    body_text = "\n".join(bodies)
+    runtime = [name for name in ("spark", "dbutils", "display") if re.search(rf"\b{name}\b", body_text)]
+    helpers = sorted(set(re.findall(r"\bsub_llm(?:_batch|_usage|_budget)?\b", body_text)))
+    if helpers:
+        header.insert(-1, f"Uses the databricks-repl helpers {', '.join(helpers)}: run it in a session "
+                          "(dbx_repl.py exec --command @this_file.py) or define them first.")
+    if runtime:
+        header.insert(-1, f"Needs the Databricks runtime for {', '.join(runtime)} (a notebook, job or session).")
     if requires:
         header.insert(0, "# Requires: " + " ".join(requires))
     parts = ["\n".join(header), "\n".join(imports)] if imports else ["\n".join(header)]
