@@ -2338,6 +2338,11 @@ def cmd_status(args):
                         hint=f"Run {cli_hint('replay', project)} to start a fresh context and re-run the "
                              "successful steps.", **summary)
     if active:
+        remote = summary["active_command"].get("remote_status")
+        if remote in DONE_COMMAND_STATES:
+            return response("Busy", f"Step {summary['active_command']['cmd_id']} has ended ({remote}) but its "
+                            "output is not collected yet.", hint=f"Run {cli_hint('await', project)} to collect it.",
+                            **summary)
         return response("Busy", f"Step {summary['active_command']['cmd_id']} is running.",
                         hint="Use await to wait for it or cancel to stop it.", **summary)
     return response("Active", f"Session {session.get('session_name')!r} is alive with {len(steps)} step(s).",

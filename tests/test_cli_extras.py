@@ -195,3 +195,14 @@ def test_replay_right_after_an_eviction_starts_a_fresh_context_first(workspace, 
     assert call.status == "Replayed" and [r["step"] for r in call["restored"]] == [1, 2]
     assert session.session()["context_id"] != old_context
     assert session.exec("print(base)", "check")["stdout_preview"] == "42\n"
+
+
+def test_status_says_when_a_timed_out_step_has_ended_and_await_collects_it(session):
+    running = session.exec("import time\ntime.sleep(1.5)\nprint('late')", "late", "--timeout", "0.3")
+    assert running.status == "Running"
+    import time
+    time.sleep(2)
+    call = session.run("status")
+    assert call.status == "Busy" and call["active_command"]["remote_status"] == "Finished"
+    assert "await" in call["hint"] and "not collected" in call["message"]
+    assert session.run("await")["stdout_preview"] == "late\n"
