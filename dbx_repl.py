@@ -1642,8 +1642,7 @@ def render_results(ws, session, files, status, wrapped, max_bytes):
         if wrapped:
             fields["truncated"], note, clean_traceback, total = write_text_output(files, ws, session, "", True,
                                                                                  True, max_bytes)
-            if note and "not found" not in note:
-                notes.append(note)
+            notes.append(note)
         else:
             write_atomic(files.stdout, b"")
         if kind == "table":
@@ -1786,7 +1785,7 @@ def finish_command(ws, project, session, active, status, max_bytes):
     try:
         step_status, fields = render_results(ws, session, files, status, active.get("wrapped", True),
                                              max_bytes)
-    except (ReplError, Exception) as err:
+    except Exception as err:
         # Never leave the session blocked on a command that has ended: keep the raw result instead.
         raw = files.path(".result.json")
         write_atomic(raw, json.dumps(status, ensure_ascii=False, default=str))
