@@ -737,7 +737,7 @@ def test_no_context_process_survives_stop():
 
 
 def test_the_serve_command_prints_exports_and_stops_cleanly_on_ctrl_c():
-    proc = subprocess.Popen([sys.executable, os.path.join(TESTS_DIR, "local_workspace.py"),
+    proc = subprocess.Popen([sys.executable, os.path.join(TESTS_DIR, "local_workspace"),
                              "serve", "--token", "cli-token"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

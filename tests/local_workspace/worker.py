@@ -1,6 +1,7 @@
 """One execution context of the local workspace: a Python REPL process.
 
-Started by ``local_workspace.py`` as ``python context_worker.py REQ_FD RES_FD CANCEL_FD``.
+Started by ``cluster.py`` as ``python -c <boot> REQ_FD RES_FD CANCEL_FD`` (the boot line imports
+this module and takes ``tests/`` off ``sys.path`` again, so nothing here shadows user imports).
 The protocol never touches fd 0/1/2 (user code may write to fd 1 through
 ``os.system`` or a subprocess); it runs on three inherited pipes:
 
@@ -23,11 +24,11 @@ import os
 import signal
 import sys
 
-# The worker's own folder must not shadow user imports.
-_THIS_FILE = os.path.abspath(__file__)
-_HERE = os.path.dirname(_THIS_FILE)
-if sys.path and os.path.abspath(sys.path[0] or ".") == _HERE:
-    del sys.path[0]
+from .dbutils import _Dbutils, _install_dbruntime, _NotebookExit
+from .spark import _LazySpark
+
+# The runtime's own frames (this package) are hidden from tracebacks, as a cluster hides its own.
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 MAX_TABLE_ROWS = 10_000
 MAX_TABLE_BYTES = 2 * 1024 * 1024
@@ -50,12 +51,6 @@ STATE = {
 }
 
 
-class _NotebookExit(BaseException):
-    """Raised by dbutils.notebook.exit(); ends the command with a text result."""
-
-    def __init__(self, value):
-        super().__init__(value)
-        self.value = value
 
 
 # ---------------------------------------------------------------- cancellation
@@ -377,250 +372,6 @@ class _PyplotImportHook:
         return spec
 
 
-# ---------------------------------------------------------------- spark, dbutils, dbruntime
-
-class _Option:
-    def __init__(self, value):
-        self._value = value
-
-    def get(self):
-        if self._value is None:
-            raise ValueError("None.get")
-        return self._value
-
-    def isDefined(self):
-        return self._value is not None
-
-    def getOrElse(self, default):
-        return default if self._value is None else self._value
-
-    def __repr__(self):
-        return "Some(%s)" % self._value if self._value is not None else "None"
-
-
-class _ScalaMap:
-    def __init__(self, mapping):
-        self._mapping = dict(mapping)
-
-    def get(self, key):
-        return _Option(self._mapping.get(key))
-
-    def apply(self, key):
-        return self._mapping[key]
-
-    def contains(self, key):
-        return key in self._mapping
-
-    def keys(self):
-        return list(self._mapping)
-
-    def toJson(self):
-        return json.dumps(self._mapping)
-
-    def __repr__(self):
-        return "Map(%s)" % ", ".join("%s -> %s" % kv for kv in self._mapping.items())
-
-
-class _CommandContext:
-    def __init__(self, init):
-        self._init = init
-
-    def apiToken(self):
-        return _Option(self._init["token"])
-
-    def apiUrl(self):
-        return _Option(self._init["host"])
-
-    def browserHostName(self):
-        return _Option(self._init["workspace_url"].split(":")[0])
-
-    def workspaceId(self):
-        return _Option(self._init["workspace_id"])
-
-    def clusterId(self):
-        return _Option(self._init["cluster_id"])
-
-    def notebookPath(self):
-        return _Option(None)
-
-    def tags(self):
-        return _ScalaMap(self._tags())
-
-    def _tags(self):
-        return {
-            "clusterId": self._init["cluster_id"],
-            "orgId": self._init["workspace_id"],
-            "browserHostName": self._init["workspace_url"].split(":")[0],
-            "user": self._init.get("user", ""),
-            "sparkVersion": self._init.get("spark_version", ""),
-        }
-
-    def toJson(self):
-        return json.dumps({"tags": self._tags(), "extraContext": {"api_url": self._init["host"]}})
-
-
-class Py4JError(Exception):
-    pass
-
-
-Py4JError.__module__ = "py4j.protocol"
-
-
-class _NotebookUtils:
-    def __init__(self, init):
-        self._init = init
-
-    def getContext(self):
-        if self._init.get("shared"):
-            raise Py4JError(
-                "An error occurred while calling o412.getContext. Trace:\n"
-                "py4j.security.Py4JSecurityException: Method public "
-                "com.databricks.backend.common.rpc.CommandContext "
-                "com.databricks.dbutils_v1.impl.NotebookUtilsImpl.getContext() is not "
-                "whitelisted on class class com.databricks.dbutils_v1.impl.NotebookUtilsImpl\n"
-                "\tat py4j.security.WhitelistingPy4JSecurityManager.checkCall"
-                "(WhitelistingPy4JSecurityManager.java:473)\n"
-                "\tat py4j.Gateway.invoke(Gateway.java:305)\n"
-            )
-        return _CommandContext(self._init)
-
-
-class _DbutilsJvm:
-    def __init__(self, init):
-        self._notebook = _NotebookUtils(init)
-
-    def notebook(self):
-        return self._notebook
-
-
-class _EntryPoint:
-    def __init__(self, init):
-        self._dbutils = _DbutilsJvm(init)
-
-    def getDbutils(self):
-        return self._dbutils
-
-
-class _Notebook:
-    def __init__(self, init):
-        self.entry_point = _EntryPoint(init)
-
-    def exit(self, value=""):
-        raise _NotebookExit(value)
-
-    def __repr__(self):
-        return "<dbutils.notebook>"
-
-
-class _Dbutils:
-    def __init__(self, init):
-        self.notebook = _Notebook(init)
-
-    def __repr__(self):
-        return "<dbutils (local workspace)>"
-
-
-class _ReplContext:
-    def __init__(self, init):
-        self.apiToken = init["token"]
-        self.apiUrl = init["host"]
-        self.workspaceUrl = init["workspace_url"]
-        self.workspaceId = init["workspace_id"]
-        self.clusterId = init["cluster_id"]
-        self.isInJob = False
-        self.isInNotebook = False
-        self.notebookPath = None
-
-    def __repr__(self):
-        return "DatabricksReplContext(apiUrl=%r, clusterId=%r)" % (self.apiUrl, self.clusterId)
-
-
-def _install_dbruntime(init):
-    import types
-
-    package = types.ModuleType("dbruntime")
-    package.__path__ = []
-    module = types.ModuleType("dbruntime.databricks_repl_context")
-
-    def get_context():
-        return _ReplContext(init)
-
-    module.get_context = get_context
-    package.databricks_repl_context = module
-    sys.modules["dbruntime"] = package
-    sys.modules["dbruntime.databricks_repl_context"] = module
-
-
-SPARK_MISSING = (
-    "pyspark is not installed in this local workspace, so `spark` cannot run anything here. "
-    "Install it with: pip install 'databricks-repl[spark]'  (or: pip install pyspark)"
-)
-
-
-class _LazyConf:
-    def __init__(self, lazy):
-        self._lazy = lazy
-
-    def _known(self):
-        init = self._lazy._init
-        return {
-            "spark.databricks.workspaceUrl": init["workspace_url"],
-            "spark.databricks.clusterUsageTags.clusterId": init["cluster_id"],
-            "spark.databricks.clusterUsageTags.clusterName": init.get("cluster_name", ""),
-            "spark.databricks.clusterUsageTags.sparkVersion": init.get("spark_version", ""),
-        }
-
-    def get(self, key, *default):
-        known = self._known()
-        if key in known:
-            return known[key]
-        if self._lazy._session is None and default:
-            return default[0]
-        return self._lazy._get_session().conf.get(key, *default)
-
-    def set(self, key, value):
-        return self._lazy._get_session().conf.set(key, value)
-
-    def __getattr__(self, name):
-        return getattr(self._lazy._get_session().conf, name)
-
-
-class _LazySpark:
-    """`spark`: a local SparkSession created on first real use (if pyspark exists)."""
-
-    def __init__(self, init):
-        self._init = init
-        self._session = None
-        self.conf = _LazyConf(self)
-
-    def _get_session(self):
-        if self._session is None:
-            try:
-                from pyspark.sql import SparkSession
-            except ImportError:
-                raise ModuleNotFoundError(SPARK_MISSING, name="pyspark") from None
-            builder = (
-                SparkSession.builder.master("local[2]")
-                .appName("local-workspace-" + self._init["cluster_id"])
-                .config("spark.ui.enabled", "false")
-                .config("spark.driver.memory", "512m")
-                .config("spark.sql.shuffle.partitions", "2")
-                .config("spark.driver.bindAddress", "127.0.0.1")
-                .config("spark.driver.host", "127.0.0.1")
-            )
-            self._session = builder.getOrCreate()
-        return self._session
-
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return getattr(self._get_session(), name)
-
-    def __repr__(self):
-        if self._session is None:
-            return "<local SparkSession (not started yet)>"
-        return repr(self._session)
-
 
 # ---------------------------------------------------------------- errors
 
@@ -664,7 +415,8 @@ def _error_result(exc, filename):
     while frames and frames[0].filename != filename:
         frames.pop(0)
     # ... and the runtime's own frames (the lazy `spark`, dbutils), as a cluster hides its own.
-    frames = [f for f in frames if os.path.abspath(f.filename) != _THIS_FILE]
+    frames = [f for f in frames
+              if os.path.dirname(os.path.abspath(f.filename)) != _PACKAGE_DIR]
     for frame in frames:
         lines.append("File " + GREEN + "%s:%s" % (frame.filename, frame.lineno) + RESET
                      + (", in " + CYAN + frame.name + RESET if frame.name != "<module>" else ""))
@@ -865,6 +617,3 @@ def main(argv):
         _send(res, {"type": "result", "id": command_id, "results": results,
                     "cancelled": cancelled})
 
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv))

@@ -1,0 +1,22 @@
+"""A local stand-in for a Databricks workspace, for tests and offline use.
+
+The parts, each readable on its own:
+
+* ``server``  - the HTTP server, its routes and the control API (``LocalWorkspace``);
+* ``cluster`` - execution contexts and commands: the worker processes behind the 1.2 API;
+* ``worker``  - one execution context: a Python REPL process (with ``dbutils`` and ``spark``);
+* ``dbutils`` - dbutils, the notebook context and ``dbruntime`` inside a context;
+* ``spark``   - ``spark`` inside a context;
+* ``serving`` - model serving with a deterministic chat model.
+
+    python tests/local_workspace serve [--port N] [--token T]
+
+See ``references/local-workspace.md``.
+"""
+
+from .errors import ApiError
+from .server import (JOB_CLUSTER_ID, RUNNING_CLUSTER_ID, SHARED_CLUSTER_ID, SPARK_VERSION,
+                     TERMINATED_CLUSTER_ID, LocalWorkspace, chat_answer, main)
+
+__all__ = ["ApiError", "JOB_CLUSTER_ID", "RUNNING_CLUSTER_ID", "SHARED_CLUSTER_ID", "SPARK_VERSION",
+           "TERMINATED_CLUSTER_ID", "LocalWorkspace", "chat_answer", "main"]

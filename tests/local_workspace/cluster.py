@@ -1,0 +1,476 @@
+"""Execution contexts on a cluster: one Python process per context, commands in order.
+
+The part of the local workspace that the 1.2 API's contexts and commands live in: it spawns the
+context workers (``worker.py``), feeds each one its queue of commands, cancels, evicts and reaps.
+``server.LocalWorkspace`` mixes it in; ``_route`` maps the 1.2 endpoints onto its methods.
+"""
+
+import collections
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+from .errors import ApiError, context_gone as _context_gone, param_error as _param_error
+
+TESTS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The worker runs from this package without putting tests/ on the user's sys.path.
+WORKER_BOOT = ("import sys; sys.path.insert(0, %r); import local_workspace.worker as w; "
+               "sys.path.remove(%r); sys.exit(w.main(sys.argv))" % (TESTS_DIR, TESTS_DIR))
+
+RUNNABLE_STATES = ("RUNNING", "RESIZING")
+SHARED_MODES = ("USER_ISOLATION", "DATA_SECURITY_MODE_STANDARD")
+MAX_NON_TABLE_BYTES = 20 * 1024 * 1024
+CANCEL_FIRST_SIGNAL_DELAY = 0.1
+CANCEL_RESEND_INTERVAL = 0.25
+CANCEL_KILL_AFTER = 10.0
+RUNTIME_VERSION = "15.4"
+CANCEL_MODES = ("cancelled", "finished_error")
+WORKSPACE_ID = "1234567890123456"
+OWNER = "analyst@example.com"
+
+CANCELLED_CAUSE = (
+    "com.databricks.backend.common.rpc.CommandCancelledException\n"
+    "\tat com.databricks.spark.chauffeur.ExecContextState.cancel(ExecContextState.scala:437)\n"
+    "\tat com.databricks.spark.chauffeur.ChauffeurState.cancelExecution(ChauffeurState.scala:1252)\n"
+    "\tat com.databricks.spark.chauffeur.Chauffeur$$anonfun$receive$1.applyOrElse(Chauffeur.scala:1021)"
+)
+
+
+class _Command:
+    def __init__(self, command_id, context, code):
+        self.id = command_id
+        self.context = context
+        self.code = code
+        self.status = "Queued"
+        self.results = None
+        self.cancel_requested = False
+        self.canceller = None
+
+
+class _Context:
+    def __init__(self, context_id, cluster_id, lock):
+        self.id = context_id
+        self.cluster_id = cluster_id
+        self.status = "Pending"
+        self.proc = None
+        self.req = None
+        self.res = None
+        self.cancel_fd = None
+        self.queue = collections.deque()
+        self.cond = threading.Condition(lock)
+        self.commands = {}
+        self.current = None
+        self.last_active = time.monotonic()
+        self.closed = False  # evicted or destroyed
+        self.dead = False  # worker process gone
+        self.thread = None
+
+
+
+
+class ExecutionContexts:
+    """The 1.2 contexts/commands endpoints and the worker processes behind them (a mixin)."""
+
+    # ----- execution contexts
+
+    def _cluster_for_1_2(self, cluster_id):
+        if not cluster_id:
+            raise ApiError(400, {"error": "java.lang.IllegalArgumentException: clusterId is "
+                                          "required"})
+        with self._lock:
+            cluster = self._clusters.get(cluster_id)
+        if cluster is None:
+            raise ApiError(400, {"error": "java.lang.IllegalArgumentException: Cluster %s does "
+                                          "not exist" % cluster_id})
+        return cluster
+
+    def _contexts_create(self, body):
+        cluster_id = body.get("clusterId")
+        cluster = self._cluster_for_1_2(cluster_id)
+        language = body.get("language") or "python"
+        if language != "python":
+            raise ApiError(400, {"error": "java.lang.IllegalArgumentException: language %r is "
+                                          "not supported by the local workspace (only python)"
+                                          % language})
+        with self._lock:
+            state = cluster["state"]
+            if state not in RUNNABLE_STATES:
+                if self._config["not_running_mode"] == "not_ready":
+                    raise ApiError(500, {"error": "ClusterNotReadyException: Cluster %s is not "
+                                                  "currently ready for driver client (state %s)"
+                                                  % (cluster_id, state)})
+                raise ApiError(400, {"error": "java.lang.IllegalStateException: Cluster %s is in "
+                                              "state %s and cannot run commands"
+                                              % (cluster_id, state)})
+            live = sum(1 for c in self._contexts.values()
+                       if c.cluster_id == cluster_id and not c.dead)
+            limit = self._config["context_limit"]
+            if live >= limit:
+                raise _param_error("Too many execution contexts are open right now.(Limit set "
+                                   "currently to %d)" % limit)
+            context_id = str(random.randint(10 ** 18, 9 * 10 ** 18))
+            while context_id in self._contexts:
+                context_id = str(random.randint(10 ** 18, 9 * 10 ** 18))
+            ctx = _Context(context_id, cluster_id, self._lock)
+            self._contexts[context_id] = ctx
+            init = {
+                "type": "init",
+                "host": self.host,
+                "token": self.token,
+                "workspace_url": "127.0.0.1:%d" % self.port,
+                "workspace_id": WORKSPACE_ID,
+                "cluster_id": cluster_id,
+                "cluster_name": cluster["cluster_name"],
+                "spark_version": cluster["spark_version"],
+                "shared": cluster["data_security_mode"] in SHARED_MODES,
+                "user": cluster.get("single_user_name") or OWNER,
+            }
+        try:
+            self._spawn(ctx, init)
+        except Exception:
+            with self._lock:
+                self._contexts.pop(context_id, None)
+            raise
+        return {"id": context_id}
+
+    def _spawn(self, ctx, init):
+        req_r, req_w = os.pipe()
+        res_r, res_w = os.pipe()
+        cancel_r, cancel_w = os.pipe()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DATABRICKS_")}
+        env.update({"DATABRICKS_RUNTIME_VERSION": RUNTIME_VERSION, "MPLBACKEND": "Agg",
+                    "PYTHONIOENCODING": "utf-8"})
+        env.setdefault("PYSPARK_PYTHON", sys.executable)
+        log_path = os.path.join(self._tmpdir, "context-%s.log" % ctx.id)
+        try:
+            with open(log_path, "ab") as log:
+                proc = subprocess.Popen(
+                    [sys.executable, "-c", WORKER_BOOT, str(req_r), str(res_w), str(cancel_r)],
+                    pass_fds=(req_r, res_w, cancel_r), stdin=subprocess.DEVNULL, stdout=log,
+                    stderr=log, env=env, cwd=os.path.join(self._tmpdir, "driver"),
+                    start_new_session=True)
+        except Exception:
+            for fd in (req_r, req_w, res_r, res_w, cancel_r, cancel_w):
+                os.close(fd)
+            raise
+        for fd in (req_r, res_w, cancel_r):
+            os.close(fd)
+        os.set_blocking(cancel_w, False)
+        with self._lock:
+            ctx.proc = proc
+            ctx.req = os.fdopen(req_w, "w", encoding="utf-8")
+            ctx.res = os.fdopen(res_r, "r", encoding="utf-8")
+            ctx.cancel_fd = cancel_w
+            self._pids.append(proc.pid)
+        ctx.thread = threading.Thread(target=self._run_context, args=(ctx, init),
+                                      name="context-%s" % ctx.id, daemon=True)
+        ctx.thread.start()
+
+    def _live_context(self, cluster_id, context_id):
+        """The context, or the 'disconnected' error every unknown/closed context gets."""
+        with self._lock:
+            ctx = self._contexts.get(context_id or "")
+        if ctx is None or ctx.cluster_id != cluster_id:
+            raise _context_gone(context_id)
+        return ctx
+
+    def _contexts_status(self, query):
+        cluster_id = query.get("clusterId")
+        self._cluster_for_1_2(cluster_id)
+        ctx = self._live_context(cluster_id, query.get("contextId"))
+        with self._lock:
+            return {"id": ctx.id, "status": ctx.status}
+
+    def _contexts_destroy(self, body):
+        cluster_id = body.get("clusterId")
+        self._cluster_for_1_2(cluster_id)
+        ctx = self._live_context(cluster_id, body.get("contextId"))
+        self._close_contexts([ctx.id])
+        return {"id": ctx.id}
+
+    def _commands_execute(self, body):
+        cluster_id = body.get("clusterId")
+        self._cluster_for_1_2(cluster_id)
+        language = body.get("language") or "python"
+        if language != "python":
+            raise ApiError(400, {"error": "java.lang.IllegalArgumentException: language %r is "
+                                          "not supported by the local workspace (only python)"
+                                          % language})
+        ctx = self._live_context(cluster_id, body.get("contextId"))
+        code = body.get("command")
+        if not isinstance(code, str):
+            raise ApiError(400, {"error": "java.lang.IllegalArgumentException: command is "
+                                          "required"})
+        with self._lock:
+            if ctx.dead or ctx.closed:
+                raise _context_gone(ctx.id)
+            cmd = _Command(uuid.uuid4().hex, ctx, code)
+            ctx.commands[cmd.id] = cmd
+            ctx.queue.append(cmd)
+            ctx.last_active = time.monotonic()
+            ctx.cond.notify_all()
+        return {"id": cmd.id}
+
+    def _command(self, args):
+        cluster_id = args.get("clusterId")
+        self._cluster_for_1_2(cluster_id)
+        ctx = self._live_context(cluster_id, args.get("contextId"))
+        command_id = args.get("commandId")
+        with self._lock:
+            cmd = ctx.commands.get(command_id or "")
+        if cmd is None:
+            raise ApiError(400, {"error": "Command %s not found in context %s"
+                                          % (command_id, ctx.id)})
+        return ctx, cmd
+
+    def _commands_status(self, query):
+        _, cmd = self._command(query)
+        with self._lock:
+            answer = {"id": cmd.id, "status": cmd.status}
+            if cmd.status in ("Finished", "Cancelled", "Error"):
+                answer["results"] = cmd.results
+            return answer
+
+    def _commands_cancel(self, body):
+        ctx, cmd = self._command(body)
+        with self._lock:
+            if cmd.status in ("Finished", "Cancelled", "Error"):
+                return {}
+            if cmd.status == "Queued":
+                try:
+                    ctx.queue.remove(cmd)
+                except ValueError:
+                    pass
+                else:
+                    self._apply_cancel(cmd)
+                    return {}
+            cmd.cancel_requested = True
+            cmd.status = "Cancelling"
+            if cmd.canceller is None:
+                cmd.canceller = threading.Thread(target=self._cancel_loop, args=(ctx, cmd),
+                                                 name="cancel-%s" % cmd.id, daemon=True)
+                cmd.canceller.start()
+        return {}
+
+    def _cancel_loop(self, ctx, cmd):
+        time.sleep(CANCEL_FIRST_SIGNAL_DELAY)
+        deadline = time.monotonic() + CANCEL_KILL_AFTER
+        while not self._stopping.is_set():
+            with self._lock:
+                if ctx.current is not cmd or ctx.dead or ctx.closed:
+                    return
+                try:
+                    os.write(ctx.cancel_fd, (cmd.id + "\n").encode())
+                except OSError:
+                    pass
+                try:
+                    os.kill(ctx.proc.pid, signal.SIGINT)
+                except OSError:
+                    return
+            if time.monotonic() > deadline:
+                # The user code swallows every interrupt: give up on the REPL, as a real
+                # cluster does when it has to restart the Python process.
+                self._signal_group(ctx.proc, signal.SIGKILL)
+                return
+            time.sleep(CANCEL_RESEND_INTERVAL)
+
+    def _apply_cancel(self, cmd):
+        if self._config["cancel_mode"] == "finished_error":
+            cmd.status = "Finished"
+            cmd.results = {
+                "resultType": "error",
+                "summary": "<span class='ansi-red-fg'>CommandCancelledException</span>: "
+                           "Command cancelled",
+                "cause": CANCELLED_CAUSE,
+            }
+        else:
+            cmd.status = "Cancelled"
+            cmd.results = {"resultType": "error", "summary": "Command cancelled",
+                           "cause": CANCELLED_CAUSE}
+
+    def _run_context(self, ctx, init):
+        """Feed the context's queue to its worker, one command at a time."""
+        try:
+            ctx.req.write(json.dumps(init) + "\n")
+            ctx.req.flush()
+            ready = ctx.res.readline()
+            if not ready:
+                return self._worker_gone(ctx)
+            with self._lock:
+                if ctx.closed:
+                    return
+                ctx.status = "Running"
+            while True:
+                with ctx.cond:
+                    while not ctx.queue and not ctx.closed:
+                        ctx.cond.wait()
+                    if ctx.closed:
+                        return
+                    cmd = ctx.queue.popleft()
+                    cmd.status = "Running"
+                    ctx.current = cmd
+                    message = {"type": "exec", "id": cmd.id, "code": cmd.code,
+                               "limits": {"image_inline_limit": self._config["image_inline_limit"],
+                                          "plots_dir": self.plots_dir}}
+                ctx.req.write(json.dumps(message) + "\n")
+                ctx.req.flush()
+                line = ctx.res.readline()
+                if not line:
+                    return self._worker_gone(ctx)
+                reply = json.loads(line)
+                with self._lock:
+                    ctx.current = None
+                    ctx.last_active = time.monotonic()
+                    if reply.get("cancelled"):
+                        self._apply_cancel(cmd)
+                    else:
+                        cmd.status = "Finished"
+                        cmd.results = self._shape_results(reply.get("results"))
+        except (OSError, ValueError):
+            return self._worker_gone(ctx)
+        finally:
+            self._release_pipes(ctx)
+
+    def _worker_gone(self, ctx):
+        with self._lock:
+            if ctx.closed:
+                return
+            ctx.dead = True
+            ctx.status = "Error"
+            cmd, ctx.current = ctx.current, None
+            if cmd is not None:
+                if cmd.cancel_requested:
+                    self._apply_cancel(cmd)
+                else:
+                    cmd.status = "Finished"
+                    cmd.results = {
+                        "resultType": "error",
+                        "summary": "<span class='ansi-red-fg'>Fatal error</span>: The Python "
+                                   "kernel is unresponsive.",
+                        "cause": "The Python process exited unexpectedly (exit code %s)."
+                                 % ctx.proc.poll(),
+                    }
+            for queued in ctx.queue:
+                queued.status = "Error"
+                queued.results = {"resultType": "error",
+                                  "summary": "Context ExecutionContextId(%s) is disconnected."
+                                             % ctx.id,
+                                  "cause": "The Python process of this context exited."}
+            ctx.queue.clear()
+        self._reap(ctx.proc, grace=0)
+
+    def _shape_results(self, results):
+        if not isinstance(results, dict):
+            return results
+        limit = min(self._config["output_limit"], MAX_NON_TABLE_BYTES)
+        if results.get("resultType") == "text":
+            data = results.get("data") or ""
+            if len(data) > limit:
+                results = dict(results, data=data[:limit], truncated=True)
+        elif results.get("resultType") != "table":
+            size = len(json.dumps(results))
+            if size > MAX_NON_TABLE_BYTES:
+                results = {"resultType": "error",
+                           "summary": "<span class='ansi-red-fg'>SparkException</span>: rpc "
+                                      "response (of %d bytes) exceeds limit of %d bytes"
+                                      % (size, MAX_NON_TABLE_BYTES),
+                           "cause": "org.apache.spark.SparkException: rpc response (of %d bytes) "
+                                    "exceeds limit of %d bytes" % (size, MAX_NON_TABLE_BYTES)}
+        return results
+
+    def _close_contexts(self, context_ids, grace=0.0):
+        """Evict/destroy: forget the contexts (and their commands), kill the processes."""
+        closed = []
+        with self._lock:
+            for context_id in context_ids:
+                ctx = self._contexts.pop(context_id, None)
+                if ctx is None:
+                    continue
+                ctx.closed = True
+                ctx.cond.notify_all()
+                closed.append(ctx)
+        procs = [c.proc for c in closed if c.proc is not None]
+        if grace:
+            for proc in procs:
+                self._signal_group(proc, signal.SIGTERM)
+            end = time.monotonic() + grace
+            while time.monotonic() < end and any(_exited(p) is False for p in procs):
+                time.sleep(0.02)
+        for proc in procs:
+            self._reap(proc, grace=0)
+        for ctx in closed:
+            if ctx.thread is not None and ctx.thread is not threading.current_thread():
+                ctx.thread.join(5)
+
+    @staticmethod
+    def _signal_group(proc, signum):
+        """Signal the worker's whole process group (Spark's JVM, %sh children, pip...).
+
+        Only while Popen has not reaped the worker: until then its pid (= the group id)
+        cannot be reused by an unrelated process."""
+        if proc.returncode is not None:
+            return
+        try:
+            os.killpg(proc.pid, signum)
+        except OSError:
+            try:
+                proc.send_signal(signum)
+            except OSError:
+                pass
+
+    def _reap(self, proc, grace=0):
+        if proc is None:
+            return
+        self._signal_group(proc, signal.SIGKILL)
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def _release_pipes(self, ctx):
+        with self._lock:
+            files = (ctx.req, ctx.res)
+            fd, ctx.cancel_fd = ctx.cancel_fd, None
+        for f in files:
+            try:
+                if f is not None:
+                    f.close()
+            except OSError:
+                pass
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def _janitor_loop(self):
+        while not self._stopping.wait(0.2):
+            with self._lock:
+                ttl = self._config["idle_ttl"]
+                if ttl is None:
+                    continue
+                now = time.monotonic()
+                idle = [c.id for c in self._contexts.values()
+                        if c.current is None and not c.queue and now - c.last_active > ttl]
+            if idle:
+                self._close_contexts(idle)
+
+
+
+def _exited(proc):
+    """Has the worker exited? (without reaping it, so its group can still be signalled)"""
+    if proc.returncode is not None:
+        return True
+    try:
+        info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return True
+    return info is not None
+
+
