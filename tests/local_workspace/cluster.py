@@ -16,7 +16,9 @@ import threading
 import time
 import uuid
 
+from . import sandbox
 from .errors import ApiError, context_gone as _context_gone, param_error as _param_error
+from .paths import driver_dir
 
 TESTS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The worker runs from this package without putting tests/ on the user's sys.path.
@@ -130,6 +132,8 @@ class ExecutionContexts:
                 "spark_version": cluster["spark_version"],
                 "shared": cluster["data_security_mode"] in SHARED_MODES,
                 "user": cluster.get("single_user_name") or OWNER,
+                "state_dir": self._tmpdir,
+                "secrets": self._secrets,
             }
         try:
             self._spawn(ctx, init)
@@ -149,12 +153,14 @@ class ExecutionContexts:
         env.setdefault("PYSPARK_PYTHON", sys.executable)
         log_path = os.path.join(self._tmpdir, "context-%s.log" % ctx.id)
         try:
+            argv = sandbox.wrap_command(
+                [sys.executable, "-c", WORKER_BOOT, str(req_r), str(res_w), str(cancel_r)],
+                self._tmpdir, ctx.cluster_id, self._isolation)
             with open(log_path, "ab") as log:
                 proc = subprocess.Popen(
-                    [sys.executable, "-c", WORKER_BOOT, str(req_r), str(res_w), str(cancel_r)],
-                    pass_fds=(req_r, res_w, cancel_r), stdin=subprocess.DEVNULL, stdout=log,
-                    stderr=log, env=env, cwd=os.path.join(self._tmpdir, "driver"),
-                    start_new_session=True)
+                    argv, pass_fds=(req_r, res_w, cancel_r), stdin=subprocess.DEVNULL,
+                    stdout=log, stderr=log, env=env,
+                    cwd=driver_dir(self._tmpdir, ctx.cluster_id), start_new_session=True)
         except Exception:
             for fd in (req_r, req_w, res_r, res_w, cancel_r, cancel_w):
                 os.close(fd)

@@ -8,6 +8,8 @@ endpoints (DBFS, Files, Workspace), so a file written one way reads back every o
     <state>/Workspace/...                 /Workspace/...
     <state>/clusters/<id>/local_disk0     /local_disk0/...            (per cluster, as on a driver)
     <state>/clusters/<id>/tmp             /tmp                        (per cluster)
+    <state>/clusters/<id>/driver          /databricks/driver          (the REPL's working directory)
+    <state>/clusters/<id>/root            the cluster's own ``/`` (mount points only; see sandbox.py)
 """
 
 import os
@@ -15,11 +17,43 @@ import posixpath
 
 SHARED_ROOTS = ("dbfs", "Volumes", "Workspace")
 CLUSTER_ROOTS = ("local_disk0", "tmp")
+DRIVER_DIR = "/databricks/driver"
+# The driver paths that must never reach the host's own root (``/tmp`` is the host's too, but a
+# process cannot run without one, so only the sandbox can map it).
+MAPPED_PREFIXES = tuple("/" + name for name in SHARED_ROOTS + ("local_disk0",))
 
 
 def cluster_dir(state_dir, cluster_id):
     """``<state>/clusters/<cluster_id>``: the cluster's own part of the state directory."""
     return os.path.join(state_dir, "clusters", cluster_id)
+
+
+def driver_dir(state_dir, cluster_id):
+    """The host dir behind ``/databricks/driver``, the REPL's working directory."""
+    return os.path.join(cluster_dir(state_dir, cluster_id), "driver")
+
+
+def mounts(state_dir, cluster_id):
+    """``[(driver path, host dir)]``: every mapped root of one cluster, shared roots first."""
+    own = cluster_dir(state_dir, cluster_id)
+    pairs = [("/" + name, os.path.join(state_dir, name)) for name in SHARED_ROOTS]
+    pairs += [("/" + name, os.path.join(own, name)) for name in CLUSTER_ROOTS]
+    pairs.append((DRIVER_DIR, driver_dir(state_dir, cluster_id)))
+    return pairs
+
+
+def make_dirs(state_dir, cluster_id):
+    """Create every host dir of ``mounts()`` (idempotent); the cluster's tmp is world-writable
+    with the sticky bit, as ``/tmp`` is."""
+    for _, host in mounts(state_dir, cluster_id):
+        os.makedirs(host, exist_ok=True)
+    os.chmod(os.path.join(cluster_dir(state_dir, cluster_id), "tmp"), 0o1777)
+
+
+def is_mapped(path):
+    """True when ``path`` (absolute, normalised or not) names a mapped driver path."""
+    norm = posixpath.normpath(path)
+    return any(norm == p or norm.startswith(p + "/") for p in MAPPED_PREFIXES)
 
 
 def host_path(state_dir, cluster_id, path):
@@ -39,4 +73,14 @@ def host_path(state_dir, cluster_id, path):
         return os.path.join(state_dir, head, *rest)
     if head in CLUSTER_ROOTS and cluster_id:
         return os.path.join(cluster_dir(state_dir, cluster_id), head, *rest)
+    return None
+
+
+def driver_path(state_dir, cluster_id, host):
+    """The driver path a process inside the cluster's view uses for ``host`` (a path under the
+    state directory), or None when ``host`` lies outside every mapped root."""
+    norm = os.path.normpath(host)
+    for driver, root in mounts(state_dir, cluster_id):
+        if norm == root or norm.startswith(root + os.sep):
+            return driver + norm[len(root):].replace(os.sep, "/")
     return None

@@ -23,9 +23,11 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from . import sandbox
 from .cluster import (CANCEL_MODES, OWNER, RUNNABLE_STATES, RUNTIME_VERSION,
                       ExecutionContexts)
 from .errors import ApiError, param_error as _param_error
+from .paths import host_path
 from .serving import ModelServing, chat_answer  # noqa: F401  (chat_answer is re-exported)
 
 RUNNING_CLUSTER_ID = "0101-000001-devrun01"
@@ -140,8 +142,17 @@ class LocalWorkspace(ExecutionContexts, ModelServing):
 
     def __init__(self, token="local-token", output_limit=50_000, context_limit=145,
                  idle_ttl=None, cancel_mode="cancelled", not_running_mode="error",
-                 start_delay=2.0, llm_latency=0.0, image_inline_limit=512 * 1024):
+                 start_delay=2.0, llm_latency=0.0, image_inline_limit=512 * 1024, secrets=None,
+                 isolation="auto"):
+        """``secrets``: ``{"scope": {"key": "value"}}`` for dbutils.secrets. ``isolation``:
+        "auto" (each cluster's processes in their own file system view where the OS allows) or
+        "none" (the host's view; driver paths refused); see sandbox.py."""
         self.token = token
+        self._secrets = {str(scope): {str(k): str(v) for k, v in keys.items()}
+                         for scope, keys in (secrets or {}).items()}
+        if isolation not in sandbox.ISOLATION_MODES:
+            raise ValueError("isolation must be one of %s" % (sandbox.ISOLATION_MODES,))
+        self._isolation = isolation
         self.host = None
         self.port = None
         self._config = dict(DEFAULTS)
@@ -168,9 +179,8 @@ class LocalWorkspace(ExecutionContexts, ModelServing):
 
     def start(self, port=0):
         self._tmpdir = tempfile.mkdtemp(prefix="local-workspace-")
-        self.plots_dir = os.path.join(self._tmpdir, "FileStore", "plots")
+        self.plots_dir = host_path(self._tmpdir, None, "dbfs:/FileStore/plots")
         os.makedirs(self.plots_dir)
-        os.makedirs(os.path.join(self._tmpdir, "driver"))
         self._server = _Server(("127.0.0.1", port), self)
         self.port = self._server.server_address[1]
         self.host = "http://127.0.0.1:%d" % self.port
@@ -618,7 +628,14 @@ def _default_clusters():
 # ------------------------------------------------------------------ CLI
 
 def _serve(args):
-    ws = LocalWorkspace(token=args.token)
+    secrets = None
+    if args.secrets:
+        with open(args.secrets, encoding="utf-8") as f:
+            secrets = json.load(f)
+        if not isinstance(secrets, dict) or not all(isinstance(v, dict)
+                                                    for v in secrets.values()):
+            raise SystemExit('--secrets: expected a JSON object {"scope": {"key": "value"}}')
+    ws = LocalWorkspace(token=args.token, secrets=secrets)
     stop = threading.Event()
 
     def on_signal(signum, frame):
@@ -651,5 +668,7 @@ def main(argv=None):
     serve = sub.add_parser("serve", help="serve until Ctrl+C")
     serve.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: free)")
     serve.add_argument("--token", default="local-token", help="the PAT clients must send")
+    serve.add_argument("--secrets", metavar="FILE",
+                       help='JSON {"scope": {"key": "value"}} for dbutils.secrets')
     args = parser.parse_args(argv)
     return _serve(args)

@@ -24,7 +24,9 @@ import os
 import signal
 import sys
 
-from .dbutils import _Dbutils, _install_dbruntime, _NotebookExit
+from . import sandbox
+from .dbutils import _Dbutils, _install_dbruntime, _NotebookExit, redact
+from .paths import driver_path, host_path
 from .spark import _LazySpark
 
 # The runtime's own frames (this package) are hidden from tracebacks, as a cluster hides its own.
@@ -272,7 +274,7 @@ def _image_result(png):
         import uuid
 
         name = "%s.png" % uuid.uuid4()
-        path = os.path.join(limits["plots_dir"], name)
+        path = os.path.join(_local_path(limits["plots_dir"]), name)
         with open(path + ".tmp", "wb") as f:
             f.write(png)
         os.replace(path + ".tmp", path)
@@ -371,6 +373,31 @@ class _PyplotImportHook:
         spec.loader = _Loader()
         return spec
 
+
+
+# ---------------------------------------------------------------- driver paths
+
+def _local_path(host):
+    """The path this process uses for a host path under the state directory."""
+    init = STATE["init"]
+    if sandbox.isolated():
+        return driver_path(init["state_dir"], init["cluster_id"], host) or host
+    return host
+
+
+def _driver_paths(init):
+    """How this context reaches the driver paths (``/Volumes``, ``dbfs:/``...): a function
+    driver path -> the path to open. Inside the cluster's own view they are the real names;
+    on the host's view the mapped ones are refused to user code (``sandbox.install_guard``)
+    and dbutils reaches them in the state directory."""
+    state_dir, cluster_id = init.get("state_dir"), init["cluster_id"]
+    if sandbox.isolated():
+        return lambda path: path
+    why = os.environ.get(sandbox.SANDBOX_ENV, "none: isolation is switched off")
+    sandbox.install_guard(state_dir, cluster_id, why.split(": ", 1)[-1])
+    if not state_dir:
+        return lambda path: path
+    return lambda path: host_path(state_dir, cluster_id, path) or path
 
 
 # ---------------------------------------------------------------- errors
@@ -568,12 +595,13 @@ def main(argv):
     STATE["init"] = init
     sys.meta_path.insert(0, _PyplotImportHook())
     _install_dbruntime(init)
+    dbutils = _Dbutils(init, _driver_paths(init))
     namespace = {
         "__name__": "__main__",
         "__builtins__": __builtins__,
         "display": display,
         "displayHTML": displayHTML,
-        "dbutils": _Dbutils(init),
+        "dbutils": dbutils,
         "spark": _LazySpark(init),
         "__local_magic__": _magic,
     }
@@ -613,6 +641,7 @@ def main(argv):
                 continue
         sys.stdout, sys.stderr = real_out, real_err
         results, cancelled = outcome
+        results = redact(results, dbutils.secrets)
         STATE["cancelled"].discard(command_id)
         _send(res, {"type": "result", "id": command_id, "results": results,
                     "cancelled": cancelled})
