@@ -108,15 +108,17 @@ def _unisolated_error(driver, state_dir, cluster_id, why):
 
 
 def install_guard(state_dir, cluster_id, why):
-    """Refuse the mapped driver paths in this process: file APIs on them, and commands naming
-    them (``%sh``, subprocess), raise PermissionError naming the local root to use. For the
-    host's view only (``isolated()`` is False); ``why`` says why there is no isolation."""
+    """Refuse the mapped driver paths in this process: file APIs on them, commands naming them
+    (``%sh``, subprocess) and Spark calls naming them raise PermissionError naming the local
+    root to use. For the host's view only (``isolated()`` is False); ``why`` says why there is
+    no isolation. An audit hook (``sys.addaudithook``): it cannot be removed, and it sees what
+    Python does (``os.stat`` has no audit event, so ``os.path.exists`` just answers False)."""
     import posixpath
     import re
 
     from .paths import MAPPED_PREFIXES, is_mapped
 
-    named = re.compile(r"(?:^|[\s'\"=:(])(%s)(?=[/\s'\");|&<>]|$)([^\s'\"();|&<>]*)"
+    named = re.compile(r"(?:^|[\s'\"`=:(])(%s)(?=[/\s'\"`);|&<>]|$)([^\s'\"`();|&<>]*)"
                        % "|".join(re.escape(p) for p in MAPPED_PREFIXES))
 
     def as_path(arg):
@@ -139,7 +141,35 @@ def install_guard(state_dir, cluster_id, why):
                 parts.append(os.fsdecode(arg))
         return " ".join(parts)
 
+    def refuse_mapped(values):
+        for value in values:
+            if isinstance(value, (list, tuple)):
+                refuse_mapped(value)
+            elif isinstance(value, str):
+                path = as_path(value)
+                found = named.search(value) if path is None else None
+                if path and is_mapped(path) or found:
+                    raise _unisolated_error(path if path else found.group(1) + found.group(2),
+                                            state_dir, cluster_id, why)
+
+    def guard_py4j():
+        """Spark's JVM runs on the host's view too: refuse mapped paths at py4j, where every
+        path pyspark hands the JVM passes (``JavaMember.__call__``)."""
+        member = getattr(sys.modules.get("py4j.java_gateway"), "JavaMember", None)
+        if member is None or getattr(member, "_local_workspace_guarded", False):
+            return
+        call = member.__call__
+
+        def guarded_call(self, *args):
+            refuse_mapped(args)
+            return call(self, *args)
+
+        member.__call__ = guarded_call
+        member._local_workspace_guarded = True
+
     def hook(event, args):
+        if "py4j.java_gateway" in sys.modules:  # patched at the first event after its import
+            guard_py4j()
         count = _PATH_EVENTS.get(event)
         if count:
             for arg in args[:count]:
