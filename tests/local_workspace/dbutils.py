@@ -229,11 +229,13 @@ class _Fs:
 _FS_HELP = """dbutils.fs provides utilities for working with FileSystems.
 
 cp(from: String, to: String, recurse: boolean = false): boolean -> Copies a file or directory
-head(file: String, maxBytes: int = 65536): String -> Returns up to the first maxBytes bytes of the file as a String encoded in UTF-8
+head(file: String, maxBytes: int = 65536): String -> Returns up to the first maxBytes bytes
+    of the file as a String encoded in UTF-8
 ls(dir: String): Seq -> Lists the contents of a directory
 mkdirs(dir: String): boolean -> Creates the directory if it does not exist, with its parents
 mv(from: String, to: String, recurse: boolean = false): boolean -> Moves a file or directory
-put(file: String, contents: String, overwrite: boolean = false): boolean -> Writes the String to a file, encoded in UTF-8
+put(file: String, contents: String, overwrite: boolean = false): boolean -> Writes the
+    String to a file, encoded in UTF-8
 rm(dir: String, recurse: boolean = false): boolean -> Removes a file or directory
 """
 

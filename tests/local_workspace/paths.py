@@ -9,7 +9,7 @@ endpoints (DBFS, Files, Workspace), so a file written one way reads back every o
     <state>/clusters/<id>/local_disk0     /local_disk0/...            (per cluster, as on a driver)
     <state>/clusters/<id>/tmp             /tmp                        (per cluster)
     <state>/clusters/<id>/driver          /databricks/driver          (the REPL's working directory)
-    <state>/clusters/<id>/root            the cluster's own ``/`` (mount points only; see sandbox.py)
+    <state>/clusters/<id>/root            the cluster's own ``/`` (mount points; see sandbox.py)
 """
 
 import os
