@@ -140,7 +140,8 @@ def test_put_and_get_round_trip_a_binary_file_byte_for_byte(session, tmp_path):
 
 def test_get_enforces_the_size_cap_and_the_project_boundary(session, tmp_path):
     remote = str(tmp_path / "big.txt")
-    session.exec(f"open({remote!r}, 'w').write('x' * 10000)", "make")
+    session.exec(f"import os\nos.makedirs({str(tmp_path)!r}, exist_ok=True)\n"
+                 f"open({remote!r}, 'w').write('x' * 10000)", "make")
     capped = session.run("get", remote, "big.txt", "--max-bytes", "1000")
     assert capped.status == "TooLarge" and not os.path.exists(os.path.join(session.project_dir, "big.txt"))
     outside = session.run("get", remote, str(tmp_path / "outside.txt"))

@@ -232,6 +232,7 @@ def test_racing_execs_on_one_project_run_one_command_and_never_corrupt_the_log(s
 
 
 RENDEZVOUS = """import os, time
+os.makedirs({shared!r}, exist_ok=True)
 open(os.path.join({shared!r}, {name!r}), "w").close()
 deadline = time.time() + 60
 while len(os.listdir({shared!r})) < 8 and time.time() < deadline:

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from local_workspace import RUNNING_CLUSTER_ID, SHARED_CLUSTER_ID, LocalWorkspace
+from local_workspace.paths import host_path
 from repl_harness import Repl, wait_for
 
 HELPERS = {"sub_llm", "sub_llm_batch", "sub_llm_usage", "sub_llm_budget", "_dbx_repl"}
@@ -362,9 +363,12 @@ print(__import__('json').dumps({"answers": answers, "calls": usage["calls"],
 # -- auth on the cluster ---------------------------------------------------------------------------------
 
 def test_shared_cluster_uses_the_runtime_context_and_says_what_it_tried_when_nothing_works(
-        workspace, repl, tmp_path):
-    secret = tmp_path / "token-file"  # outside the project: the token must not reach its files
-    secret.write_text(workspace.token)
+        workspace, repl):
+    # On the cluster's DBFS, outside the project: the token must not reach its files.
+    secret = host_path(workspace._tmpdir, None, "dbfs:/token-file")
+    os.makedirs(os.path.dirname(secret), exist_ok=True)
+    with open(secret, "w") as f:
+        f.write(workspace.token)
     created = repl.create(SHARED_CLUSTER_ID, "shared")
     assert created.status == "Created", created
     code = """import json, os, sys
@@ -378,11 +382,11 @@ try:
     sub_llm("upper: nothing")
 except sub_llm.Error as error:
     seen["no_credentials"] = str(error)
-os.environ["DATABRICKS_TOKEN"] = open(%r).read().strip()
+os.environ["DATABRICKS_TOKEN"] = dbutils.fs.head("dbfs:/token-file").strip()
 seen["env_answer"], seen["env_auth"] = sub_llm("upper: from env"), sub_llm_usage()["auth"]
 del os.environ["DATABRICKS_TOKEN"]
 print(json.dumps(seen))
-""" % str(secret)
+"""
     call = repl.exec(code, "auth")
     assert call.status == "Finished", call
     seen = json.loads(repl.read(call["stdout_file"]).strip().splitlines()[-1])
