@@ -164,6 +164,17 @@ def test_without_isolation_driver_paths_fail_and_name_the_local_root(start_works
     assert not os.path.exists("/Volumes")
 
 
+def test_the_environment_switch_turns_isolation_off_for_serve(start_workspace, monkeypatch):
+    monkeypatch.setenv("LOCAL_WORKSPACE_ISOLATION", "none")
+    ws, w = start_workspace()
+    ctx = new_context(w)
+    cause = error_text(run(w, ctx, "import os; os.listdir('/dbfs')"))
+    assert "PermissionError" in cause and "isolation is switched off" in cause
+    assert "Use the local root instead: %s" % host_path(ws._tmpdir, None, "/dbfs") in cause
+    assert text(w, ctx, "import os; print(os.environ.get('LOCAL_WORKSPACE_SANDBOX'))") \
+        == "None\n"
+
+
 # ------------------------------------------------------------------ dbutils.fs
 
 def test_dbutils_fs_put_head_ls_cp_mv_rm_mkdirs_answer_like_a_cluster(sdk_client, workspace):

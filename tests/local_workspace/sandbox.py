@@ -21,7 +21,8 @@ the context worker refuses the mapped paths with an error naming the local root
 (``install_guard``).
 
 The setup stage is this file run as a script by a second interpreter (``python -S -I``, no
-site, stdlib only) which then ``exec``s the real argv: about 20 ms per process start.
+site, stdlib only) which then ``exec``s the real argv: about 12 ms more per process start
+(references/local-workspace.md, "Paths").
 """
 
 import os
@@ -48,7 +49,7 @@ def wrap_command(argv, state_dir, cluster_id, isolation="auto"):
     ``isolation``: "auto" (a mount namespace where the OS allows one, else the host's view) or
     "none" (always the host's view; also forced by ``LOCAL_WORKSPACE_ISOLATION=none``). The
     state directories are created here, so the caller can use them at once."""
-    from .paths import cluster_dir, make_dirs, mounts
+    from .paths import DRIVER_DIR, cluster_dir, make_dirs, mounts
 
     if isolation not in ISOLATION_MODES:
         raise ValueError("isolation must be one of %s" % (ISOLATION_MODES,))
@@ -68,8 +69,8 @@ def wrap_command(argv, state_dir, cluster_id, isolation="auto"):
         if path.strip("/").split("/")[0] in hidden:
             pairs += [path, path]
     root = os.path.join(cluster_dir(state_dir, cluster_id), "root")
-    return ([sys.executable, "-S", "-I", _SCRIPT, root, str(len(pairs) // 2)] + pairs + ["--"]
-            + list(argv))
+    return ([sys.executable, "-S", "-I", _SCRIPT, root, DRIVER_DIR, str(len(pairs) // 2)]
+            + pairs + ["--"] + list(argv))
 
 
 def isolated():
@@ -82,7 +83,9 @@ def local_path(state_dir, cluster_id, host):
     path inside the cluster's view, ``host`` itself on the host's view."""
     from .paths import driver_path
 
-    return (driver_path(state_dir, cluster_id, host) or host) if isolated() else host
+    if not (state_dir and isolated()):
+        return host
+    return driver_path(state_dir, cluster_id, host) or host
 
 
 # Audit events whose arguments are paths (the first two at most), and those that run commands.
@@ -191,6 +194,9 @@ def _libc():
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
+    libc.unshare.argtypes = [ctypes.c_int]
+    libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                           ctypes.c_void_p]
     return ctypes, libc
 
 
@@ -260,9 +266,10 @@ def _run_unisolated(argv, why):
 
 
 def _main(args):
-    root, count = args[0], int(args[1])
-    pairs = args[2:2 + 2 * count]
-    argv = args[2 + 2 * count + 1:]
+    """``args``: ROOT CWD N TARGET1 SOURCE1 ... TARGETN SOURCEN -- ARGV..."""
+    root, cwd, count = args[0], args[1], int(args[2])
+    pairs = args[3:3 + 2 * count]
+    argv = args[3 + 2 * count + 1:]
     mapped = dict(zip(pairs[0::2], pairs[1::2]))
     try:
         if not sys.platform.startswith("linux"):
@@ -276,7 +283,7 @@ def _main(args):
         os.chroot(root)
     except OSError as e:  # still the host's view: the namespace is private and not entered
         _run_unisolated(argv, e)
-    os.chdir(next(d for d in mapped if d.startswith("/databricks/")))
+    os.chdir(cwd)
     os.environ[SANDBOX_ENV] = "isolated"
     os.environ["PWD"] = os.getcwd()
     os.execvp(argv[0], argv)

@@ -26,7 +26,7 @@ import sys
 
 from . import sandbox
 from .dbutils import _Dbutils, _install_dbruntime, _NotebookExit, redact
-from .paths import driver_path, host_path
+from .paths import host_path
 from .spark import _LazySpark
 
 # The runtime's own frames (this package) are hidden from tracebacks, as a cluster hides its own.
@@ -274,7 +274,9 @@ def _image_result(png):
         import uuid
 
         name = "%s.png" % uuid.uuid4()
-        path = os.path.join(_local_path(limits["plots_dir"]), name)
+        plots_dir = sandbox.local_path(STATE["init"].get("state_dir"),
+                                       STATE["init"]["cluster_id"], limits["plots_dir"])
+        path = os.path.join(plots_dir, name)
         with open(path + ".tmp", "wb") as f:
             f.write(png)
         os.replace(path + ".tmp", path)
@@ -376,14 +378,6 @@ class _PyplotImportHook:
 
 
 # ---------------------------------------------------------------- driver paths
-
-def _local_path(host):
-    """The path this process uses for a host path under the state directory."""
-    init = STATE["init"]
-    if sandbox.isolated():
-        return driver_path(init["state_dir"], init["cluster_id"], host) or host
-    return host
-
 
 def _driver_paths(init):
     """How this context reaches the driver paths (``/Volumes``, ``dbfs:/``...): a function
