@@ -164,6 +164,19 @@ def test_without_isolation_driver_paths_fail_and_name_the_local_root(start_works
     assert not os.path.exists("/Volumes")
 
 
+def test_when_the_clusters_view_cannot_be_built_driver_paths_fail_and_say_why(sdk_client,
+                                                                              workspace):
+    root = os.path.join(cluster_dir(workspace._tmpdir, RUNNING_CLUSTER_ID), "root")
+    os.makedirs(os.path.dirname(root), exist_ok=True)
+    open(root, "w").close()  # a file where the cluster's own / should be built
+    ctx = new_context(sdk_client)
+    cause = error_text(run(sdk_client, ctx, "open(%r, 'w')" % (VOLUME + "/x.txt")))
+    assert "cannot map the driver paths" in cause and "Not a directory" in cause
+    assert "Use the local root instead: %s" % host_path(workspace._tmpdir, None,
+                                                         VOLUME + "/x.txt") in cause
+    assert not os.path.exists("/Volumes")
+
+
 def test_the_environment_switch_turns_isolation_off_for_serve(start_workspace, monkeypatch):
     monkeypatch.setenv("LOCAL_WORKSPACE_ISOLATION", "none")
     ws, w = start_workspace()
