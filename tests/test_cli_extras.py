@@ -58,7 +58,7 @@ def test_replay_after_eviction_restores_state(workspace, session):
     workspace.evict()
     evicted = session.exec("print(sum(data))", "report")
     assert evicted.status == "ContextEvicted"
-    assert [s["step"] for s in evicted["previous_steps"]] == [1, 2]
+    assert evicted["replay_plan"]["steps"] == "1,2" and evicted["replay_plan"]["count"] == 2
     replay = session.run("replay")
     assert replay.status == "Replayed", replay
     assert [r["step"] for r in replay["restored"]] == [1, 2]
