@@ -218,7 +218,7 @@ class Invocation:
     timeout = None
 
 
-WAITING_SUBCOMMANDS = ("exec", "await", "replay")   # the ones that take --timeout
+WAITING_SUBCOMMANDS = ("exec", "await", "replay", "export")   # the ones that take --timeout
 
 
 def invoked_program(argv0, executable=None):
@@ -2875,19 +2875,83 @@ def _replay_report(project, restored, failure, not_run):
 
 # -- export ------------------------------------------------------------------------------------------
 
-def export_script(session, read_code):
-    """One clean .py from the session: the last successful step per tag, in step order, with
-    %pip lines turned into a '# Requires:' header and top-level imports gathered at the top."""
-    import ast
-    last_per_tag = {}
-    for entry in session["steps"]:
-        if entry.get("status") == "Finished":
-            last_per_tag[entry["tag"]] = entry
-    chosen = sorted(last_per_tag.values(), key=lambda e: e["step"])
+EXPLORATION_FLAGS = ("sleep", "big_output")
+
+
+def export_selection(project, session, steps=None, exclude_tags=()):
+    """(entries in script order, left_out) for `export`.
+
+    By default: the last successful run of each tag (a replay stands in for its original), plus the
+    earlier steps their names need (a failed step contributes the statements before its failure),
+    minus exploration: a step that sleeps or printed a large output and defines nothing a kept step
+    uses. `steps` chooses the steps instead; `exclude_tags` leaves tags out. Each left-out step comes
+    with the reason."""
+    timeline = step_timeline(project, session)
+    by_origin = {e["origin"]: e for e in timeline}
+    left_out = []
+    if steps:
+        missing = [n for n in steps if n not in by_origin]
+        if missing:
+            raise ReplError("UnknownStep", f"No recorded step {missing[0]} in this session.", exit_code=EXIT_USAGE,
+                            hint=f"See the steps with {cli_hint('replay', project)} --plan --all.")
+        chosen = {n: by_origin[n] for n in steps}
+    else:
+        last_per_tag = {}
+        for entry in timeline:
+            if entry.get("status") == "Finished":
+                last_per_tag[entry["tag"]] = entry
+        chosen = {e["origin"]: e for e in last_per_tag.values()}
+        used_later = lambda e: any(e["defines"] & other["uses"] for other in chosen.values()
+                                   if other["origin"] > e["origin"])
+        for origin, entry in sorted(chosen.items()):
+            flags = [f for f in entry["flags"] if f in EXPLORATION_FLAGS]
+            if flags and not used_later(entry):
+                left_out.append({"step": origin, "tag": entry["tag"], "why": "exploration: " + ", ".join(flags)})
+        for row in left_out:
+            chosen.pop(row["step"])
+        for entry in list(chosen.values()):
+            for needed in needed_steps(timeline, entry["uses"], entry["origin"]):
+                chosen.setdefault(needed["origin"], needed)
+    for origin, entry in sorted(chosen.items()):
+        if entry["tag"] in exclude_tags:
+            left_out.append({"step": origin, "tag": entry["tag"], "why": "--exclude-tags"})
+            chosen.pop(origin)
+        elif entry.get("status") != "Finished" and "partial_lines" not in entry:
+            left_out.append({"step": origin, "tag": entry["tag"], "why": f"status {entry.get('status')}"})
+            chosen.pop(origin)
+    return dependency_order(list(chosen.values())), sorted(left_out, key=lambda r: r["step"])
+
+
+def dependency_order(entries):
+    """The entries in session order, except that a step moves after any later step that defines a name
+    it uses which no earlier chosen step defines (a stable topological sort; a cycle keeps the order)."""
+    entries = sorted(entries, key=lambda e: e["origin"])
+    after = {e["origin"]: set() for e in entries}
+    for entry in entries:
+        for name in entry["uses"]:
+            earlier = [d for d in entries if d["origin"] < entry["origin"] and name in d["defines"]]
+            later = [d for d in entries if d["origin"] > entry["origin"] and name in d["defines"]]
+            if not earlier and later:
+                after[entry["origin"]].add(later[0]["origin"])
+    ordered, placed = [], set()
+    while len(ordered) < len(entries):
+        ready = [e for e in entries if e["origin"] not in placed and after[e["origin"]] <= placed]
+        if not ready:                                   # a cycle: keep the session's order
+            ready = [e for e in entries if e["origin"] not in placed]
+        ordered.append(ready[0])
+        placed.add(ready[0]["origin"])
+    return ordered
+
+
+def export_script(session, chosen):
+    """One clean .py from the chosen timeline entries, in their order: %pip lines become a
+    '# Requires:' header, other magics comments, and top-level imports gather at the top.
+
+    Returns (script, requirements)."""
     requires, imports, bodies = [], [], []
     for entry in chosen:
         kept = []
-        for line in read_code(entry).splitlines():
+        for line in replay_code(entry).splitlines():
             pip = re.match(r"\s*[%!]\s*pip\s+install\s+(.*)$", line)
             if pip:
                 requires += [p for p in pip.group(1).split() if not p.startswith("-") and p not in requires]
@@ -2913,12 +2977,15 @@ def export_script(session, read_code):
                         if text not in imports:
                             imports.append(text)
             code = "\n".join(l for i, l in enumerate(lines) if i not in import_lines)
-        bodies.append(f"# --- Step {entry['step']}: {entry['tag']} ---\n{code.strip()}\n")
+        title = f"# --- Step {entry['origin']}: {entry['tag']} ---"
+        if "partial_lines" in entry and entry.get("status") != "Finished":
+            title += f"\n# (lines 1-{entry['partial_lines']}: the statements that ran before it failed)"
+        bodies.append(f"{title}\n{code.strip()}\n")
     header = [f'"""Exported from databricks-repl session {session.get("session_name")!r} '
               f'(cluster {session.get("cluster_id")}).',
               "",
-              f"Steps: {', '.join(str(e['step']) for e in chosen) or 'none'} - the last successful run "
-              "of each tag, in step order.",
+              f"Steps: {', '.join(str(e['origin']) for e in chosen) or 'none'} - the last successful run "
+              "of each tag, ordered so that every name is defined before it is used.",
               '"""']
     body_text = "\n".join(bodies)
     runtime = [name for name in ("spark", "dbutils", "display") if re.search(rf"\b{name}\b", body_text)]
@@ -2931,42 +2998,93 @@ def export_script(session, read_code):
     if requires:
         header.insert(0, "# Requires: " + " ".join(requires))
     parts = ["\n".join(header), "\n".join(imports)] if imports else ["\n".join(header)]
-    return "\n\n".join(parts + bodies).rstrip("\n") + "\n", chosen
+    return "\n\n".join(parts + bodies).rstrip("\n") + "\n", requires
 
 
-def inside_project(project, path, option):
-    """Resolve a local path for writing; it must stay inside the project dir."""
+def explicit_path(path, default_name):
+    """A path the caller named, honoured as `cp` would: relative to the working directory, anywhere;
+    an existing directory receives `default_name`."""
     absolute = os.path.abspath(path)
-    if os.path.commonpath([absolute, project.root]) != project.root:
-        raise ReplError("PathOutsideProject", f"{option} {path} is outside the project dir {project.display_root}.",
-                        exit_code=EXIT_USAGE, hint="Write inside the project dir (relative paths are fine).")
     if os.path.isdir(absolute):
-        raise ReplError("InvalidPath", f"{option} {path} is a directory.", exit_code=EXIT_USAGE,
-                        hint="Name a file.")
+        absolute = os.path.join(absolute, default_name)
+        if os.path.isdir(absolute):
+            raise ReplError("InvalidPath", f"{absolute} is a directory.", exit_code=EXIT_USAGE, hint="Name a file.")
     return absolute
+
+
+def verify_script(ws, project, session, script, requires, timeout, output_path):
+    """Run the exported script in a fresh execution context (created, used once, destroyed), within
+    `timeout` seconds of running. Returns {"status": Passed|Failed|TimedOut, ...} for the answer."""
+    started = time.monotonic()
+    context_id = start_context(ws, session["cluster_id"], bootstrap_config(session, ws.host))
+    target = {"cluster_id": session["cluster_id"], "context_id": context_id}
+    try:
+        commands = ([f"%pip install {' '.join(requires)}"] if requires else []) + [script]
+        for command in commands:
+            remaining = timeout - (time.monotonic() - started)
+            command_id = ws.execute(target["cluster_id"], context_id, command)
+            status = poll_command(ws, target["cluster_id"], context_id, command_id, max(remaining, 0.01))
+            if status is None:
+                with contextlib.suppress(Exception):
+                    ws.cancel(target["cluster_id"], context_id, command_id)
+                return {"status": "TimedOut", "message": f"The script did not finish within {timeout:g}s.",
+                        "elapsed_seconds": round(time.monotonic() - started, 3)}
+            results = valid_unicode(status.get("results") or {})
+            text = results.get("data") if isinstance(results.get("data"), str) else json.dumps(results.get("data"))
+            if results.get("resultType") == "error" or status.get("status") == "Error":
+                error_type, message = parse_error(results.get("summary"), results.get("cause"))
+                write_atomic(output_path, strip_ansi(results.get("cause") or results.get("summary") or ""))
+                return {"status": "Failed", "error": {"type": printable(error_type)[:200],
+                                                      "message": printable(message)[:300]},
+                        "output_file": project.show(output_path),
+                        "elapsed_seconds": round(time.monotonic() - started, 3)}
+        write_atomic(output_path, strip_ansi(text or ""))
+        return {"status": "Passed", "output_file": project.show(output_path),
+                "stdout_preview": preview(strip_ansi(text or ""), limit=200),
+                "elapsed_seconds": round(time.monotonic() - started, 3)}
+    finally:
+        with contextlib.suppress(Exception):
+            ws.destroy_context(target["cluster_id"], context_id)
 
 
 def cmd_export(args):
     project = Project(args.project_dir).check()
     session = project.load()
+    timeout = positive_timeout(args.timeout) if args.verify else None
     name = sanitize_tag(session.get("session_name") or "session")
-    target = inside_project(project, args.output or os.path.join(project.root, f"{name}_export.py"), "--output")
-
-    def read_code(entry):
-        with open(os.path.join(project.root, entry["command_file"]), encoding="utf-8") as f:
-            return f.read()
-
-    try:
-        script, chosen = export_script(session, read_code)
-    except OSError as err:
-        raise ReplError("MissingCommandFile", f"A step's command file is unreadable: {err}",
-                        hint="Restore repl_outputs/ or export fewer steps.") from None
+    default_name = f"{name}_export.py"
+    target = explicit_path(args.output, default_name) if args.output else os.path.join(project.root, default_name)
+    exclude = {t.strip() for t in (args.exclude_tags or "").split(",") if t.strip()}
+    chosen, left_out = export_selection(project, session, parse_step_list(args.steps) if args.steps else None,
+                                        exclude)
+    missing = [e["origin"] for e in chosen if e["code"] is None]
+    if missing:
+        raise ReplError("MissingCommandFile", f"The command file of step {missing[0]} is unreadable.",
+                        hint="Restore repl_outputs/ or leave the step out with --steps.")
+    script, requires = export_script(session, chosen)
     os.makedirs(os.path.dirname(target), exist_ok=True)
     write_atomic(target, script)
-    return response("Exported", f"Wrote {len(chosen)} step(s) to {project.show(target)}.",
-                    output_file=project.show(target), steps=[e["step"] for e in chosen],
-                    bytes=len(script.encode("utf-8")),
-                    hint="Review the script; it runs top to bottom where the session's data is reachable.")
+    fields = {"output_file": project.show(target), "steps": [e["origin"] for e in chosen],
+              "left_out": left_out or None, "bytes": len(script.encode("utf-8"))}
+    if not args.verify:
+        return response("Exported", f"Wrote {len(chosen)} step(s) to {project.show(target)}.", **fields,
+                        hint="Review the script, or check that it runs with --verify (a fresh context).")
+    require_active(project, session)
+    ws = Workspace(args.profile or session.get("profile"), args.debug)
+    try:
+        fields["verify"] = verify_script(ws, project, session, script, requires, timeout,
+                                         project.output_path(f"{name}_export.verify.txt"))
+    except ReplError:
+        raise
+    except Exception as err:
+        raise map_sdk_error(err, action="verify the script in a fresh context") from None
+    if fields["verify"]["status"] == "Passed":
+        return response("Exported", f"Wrote {len(chosen)} step(s) to {project.show(target)}; it ran top to "
+                        "bottom in a fresh context.", **fields, hint="The script is ready to commit.")
+    return response("VerifyFailed", f"Wrote {project.show(target)}, but it did not run in a fresh context "
+                    f"({fields['verify']['status']}).", exit_code=EXIT_FAILED, **fields,
+                    hint="Read verify.output_file; fix the session (exec the missing step) and export again, "
+                         "or choose steps with --steps.")
 
 
 # -- put / get: files between this machine and the driver -----------------------------------------
@@ -3049,7 +3167,7 @@ def cmd_put(args):
 
 def cmd_get(args):
     project = Project(args.project_dir).check()
-    target = inside_project(project, args.local, "LOCAL")
+    target = explicit_path(args.local, os.path.basename(args.remote.rstrip("/")) or "download")
     session, ws = idle_session(project, args)
     started = time.monotonic()
     try:
@@ -3362,12 +3480,18 @@ def build_parser():
 
     p = sub.add_parser("export", help="Write the session as one clean Python script")
     add_common(p)
-    p.add_argument("--output", default=None, help="Script path inside the project dir")
+    p.add_argument("--output", default=None, help="Script path (relative to the working directory; default "
+                                                   "<session>_export.py in the project dir)")
+    p.add_argument("--steps", default=None, help="Export these steps (e.g. 1,2,5 or 3-7) instead of the default")
+    p.add_argument("--exclude-tags", default=None, help="Leave out steps with these tags (comma-separated)")
+    p.add_argument("--verify", action="store_true", help="Run the script in a fresh execution context and "
+                                                         "report the result")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="With --verify: seconds the run may take")
     p.set_defaults(handler=cmd_export)
 
     for name, handler, positionals, purpose in (
             ("put", cmd_put, ("local", "remote"), "Copy a local file to the driver"),
-            ("get", cmd_get, ("remote", "local"), "Copy a driver file into the project dir")):
+            ("get", cmd_get, ("remote", "local"), "Copy a driver file to a local path (as cp would)")):
         p = sub.add_parser(name, help=purpose)
         add_common(p)
         for positional in positionals:
