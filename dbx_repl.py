@@ -155,30 +155,32 @@ def _size(value):
 
 
 def fit_response(body):
-    """The response cut to MAX_RESPONSE_BYTES: the largest fields move, whole, to a JSON file under
-    repl_outputs/responses/ (named in `details_file`, listed in `moved_fields`); long texts keep a
-    head and tail in the answer. status and hint are never moved."""
+    """The response cut to MAX_RESPONSE_BYTES. Long texts (top-level, or one level down such as
+    error.message) are cut to a head and tail first, longest first; then whole fields move, largest
+    first. Every changed field is kept whole in a JSON file under repl_outputs/responses/, named in
+    `details_file` and listed in `moved_fields`. status and hint are never moved."""
     if _size(body) <= MAX_RESPONSE_BYTES:
         return body
     moved, body = {}, dict(body)
     hint = body.pop("hint", None)
     reserve = 300 + min(_size(hint), 400) if hint else 300  # details_file, moved_fields, the hint
-    for _ in range(len(body) * 2):
+    for _ in range(64):
         if _size(body) + reserve <= MAX_RESPONSE_BYTES:
             break
+        texts = [(len(v), k, None) for k, v in body.items() if k != "status" and isinstance(v, str)]
+        texts += [(len(v), k, inner) for k, d in body.items() if isinstance(d, dict)
+                  for inner, v in d.items() if isinstance(v, str)]
+        length, key, inner = max(texts, default=(0, None, None))
+        if length > 160:
+            moved.setdefault(key, body[key])
+            cut = preview(body[key] if inner is None else body[key][inner], limit=max(120, length // 2))
+            body[key] = cut if inner is None else {**body[key], inner: cut}
+            continue
         movable = [k for k in body if k not in KEPT_FIELDS and k not in moved]
         if not movable:
             break
         key = max(movable, key=lambda k: _size(body[k]))
-        moved[key] = body[key]
-        value = body[key]
-        if isinstance(value, str) and len(value) > 200:
-            body[key] = preview(value, limit=200)
-        else:
-            del body[key]
-    if _size(body) + reserve > MAX_RESPONSE_BYTES and isinstance(body.get("message"), str):
-        moved.setdefault("message", body["message"])
-        body["message"] = preview(body["message"], limit=300)
+        moved[key] = body.pop(key)
     if moved:
         body["details_file"] = _save_details(body.get("status", "response"), moved)
         body["moved_fields"] = sorted(moved)
@@ -2923,16 +2925,17 @@ def export_selection(project, session, steps=None, exclude_tags=()):
 
 
 def dependency_order(entries):
-    """The entries in session order, except that a step moves after any later step that defines a name
-    it uses which no earlier chosen step defines (a stable topological sort; a cycle keeps the order)."""
+    """The entries in session order, except that each step comes after the step that defines each name
+    it uses: the nearest earlier one, or, when no earlier chosen step defines it, the first later one
+    (a stable topological sort; a cycle keeps the session's order)."""
     entries = sorted(entries, key=lambda e: e["origin"])
     after = {e["origin"]: set() for e in entries}
     for entry in entries:
         for name in entry["uses"]:
-            earlier = [d for d in entries if d["origin"] < entry["origin"] and name in d["defines"]]
-            later = [d for d in entries if d["origin"] > entry["origin"] and name in d["defines"]]
-            if not earlier and later:
-                after[entry["origin"]].add(later[0]["origin"])
+            definers = [d for d in entries if d is not entry and name in d["defines"]]
+            earlier = [d for d in definers if d["origin"] < entry["origin"]]
+            if earlier or definers:
+                after[entry["origin"]].add((earlier[-1] if earlier else definers[0])["origin"])
     ordered, placed = [], set()
     while len(ordered) < len(entries):
         ready = [e for e in entries if e["origin"] not in placed and after[e["origin"]] <= placed]
