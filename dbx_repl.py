@@ -2443,10 +2443,12 @@ def cmd_status(args):
                         hint="Start the cluster, then exec: a fresh context is created and the steps to "
                              "replay are listed.", **summary)
     if not summary["context_alive"]:
+        plan, target = dependency_plan(project, session)
         return response("ContextLost", "The execution context is gone (evicted or restarted); variables "
-                        "are lost.", exit_code=EXIT_FAILED,
-                        hint=f"Run {cli_hint('replay', project)} to start a fresh context and re-run the "
-                             "successful steps.", **summary)
+                        "are lost.", exit_code=EXIT_FAILED, replay_plan=plan_summary(project, plan, target),
+                        tip={"replay": cli_hint("replay", project), "plan": f"{cli_hint('replay', project)} --plan"},
+                        hint="replay starts a fresh context and re-runs the plan (the steps that define what "
+                             "the session needs; see references/eviction-replay.md).", **summary)
     if active:
         remote = summary["active_command"].get("remote_status")
         if remote in DONE_COMMAND_STATES:
@@ -2454,6 +2456,7 @@ def cmd_status(args):
                             "output is not collected yet.", hint=f"Run {cli_hint('await', project)} to collect it.",
                             **summary)
         return response("Busy", f"Step {summary['active_command']['cmd_id']} is running.",
+                        tip={"await": cli_hint("await", project), "cancel": cli_hint("cancel", project)},
                         hint="Use await to wait for it or cancel to stop it.", **summary)
     return response("Active", f"Session {session.get('session_name')!r} is alive with {len(steps)} step(s).",
                     hint="Run exec for the next step.", **summary)

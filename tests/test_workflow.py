@@ -357,7 +357,32 @@ def test_an_empty_profile_means_no_profile(repl):
     assert exec_step(repl, "print(1)", "one", "--profile", "")["stdout_preview"] == "1\n"
     found = run(repl, "find-cluster", "--name", "analytics", "--profile", "", project=False)
     assert found.status in ("Found", "Ambiguous")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "find_cluster.py"), '--profile=', "--name",
+                           "analytics-dev"], capture_output=True, text=True, env=repl.env, timeout=60)
+    assert json.loads(proc.stdout)["status"] == "Found"          # SKILL.md's template with an empty $0
     run(repl, "destroy")
+
+
+def test_status_of_a_lost_context_carries_the_replay_plan(workspace, session):
+    exec_step(session, "x = 1", "one")
+    exec_step(session, "print('look')", "two")
+    workspace.evict()
+    lost = run(session, "status")
+    assert lost.status == "ContextLost" and lost["replay_plan"]["steps"] == "1"
+    assert lost["tip"]["replay"].startswith(_interpreter())
+
+
+def test_replay_plan_flags_costly_and_side_effect_steps(session, tmp_path):
+    exec_step(session, "%pip install pip", "deps", "--timeout", "300", timeout=400)
+    exec_step(session, "import time\ntime.sleep(0.1)", "nap")
+    exec_step(session, "answer = sub_llm('upper: a')", "llm")
+    exec_step(session, f"open({str(tmp_path / 'w.txt')!r}, 'w').write('x')", "write")
+    exec_step(session, "print('y' * 150000)", "big")
+    exec_step(session, "items = [1]\nitems.append(2)", "quiet")
+    plan = run(session, "replay", "--plan", "--all")
+    assert plan.status == "ReplayPlan" and plan["replay_plan"]["steps"] == "1-6"
+    assert plan["replay_plan"]["flagged"] == {"1": ["pip"], "2": ["sleep"], "3": ["sub_llm"], "4": ["writes"],
+                                              "5": ["big_output"]}
 
 
 # -- DATABRICKS_CLUSTER_ID is a cluster id ---------------------------------------------------------------
