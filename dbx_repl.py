@@ -2719,24 +2719,22 @@ def dependency_plan(project, session, target=None):
     """The replay plan: the steps to re-run, in order, so that the next step can run.
 
     The next step is `target` (a step record, e.g. the one an eviction interrupted) or else the last
-    recorded step when it never finished (Evicted, Cancelled...). Without one, the plan restores every
-    name the session defined. Unparsable steps that finished are kept (their needs are unknown)."""
+    recorded step when the eviction interrupted it. Without one, the plan restores every name the
+    session defined. Steps that finished and cannot be parsed (their needs are unknown) or ran %pip
+    (packages are not names) are always kept."""
     timeline = step_timeline(project, session)
-    if target is None and session["steps"]:
-        last = session["steps"][-1]
-        if last.get("status") not in ("Finished", "Error"):
-            target = last
+    if target is None and session["steps"] and session["steps"][-1].get("status") == "Evicted":
+        target = session["steps"][-1]
     if target is not None:
         origin = target.get("replay_of") or target["step"]
         found = next((e for e in timeline if e["origin"] == origin), None)
         uses = found["uses"] if found else set()
-        steps = needed_steps(timeline, uses, origin)
-        opaque = [e for e in timeline if e["origin"] < origin and not e["parsed"] and e.get("status") == "Finished"]
     else:
-        every = set().union(*(e["defines"] for e in timeline)) if timeline else set()
-        steps = needed_steps(timeline, every, float("inf"))
-        opaque = [e for e in timeline if not e["parsed"] and e.get("status") == "Finished"]
-    chosen = {e["origin"]: e for e in steps + opaque}
+        origin, uses = float("inf"), set().union(*(e["defines"] for e in timeline)) if timeline else set()
+    steps = needed_steps(timeline, uses, origin)
+    kept = [e for e in timeline if e["origin"] < origin and e.get("status") == "Finished"
+            and (not e["parsed"] or "pip" in e["flags"])]
+    chosen = {e["origin"]: e for e in steps + kept}
     return [chosen[o] for o in sorted(chosen)], target
 
 

@@ -383,6 +383,8 @@ def test_replay_plan_flags_costly_and_side_effect_steps(session, tmp_path):
     assert plan.status == "ReplayPlan" and plan["replay_plan"]["steps"] == "1-6"
     assert plan["replay_plan"]["flagged"] == {"1": ["pip"], "2": ["sleep"], "3": ["sub_llm"], "4": ["writes"],
                                               "5": ["big_output"]}
+    needed = run(session, "replay", "--plan")          # what defines a name, and the %pip step (packages)
+    assert needed["replay_plan"]["steps"] == "1-3,6"
 
 
 # -- DATABRICKS_CLUSTER_ID is a cluster id ---------------------------------------------------------------
