@@ -246,7 +246,7 @@ def invoked_program(argv0, executable=None):
 
 def cli_hint(subcommand, project=None, timeout=None):
     """The command line an agent should run next: the program as invoked, the subcommand, the project
-    dir it used, its --profile, and (for exec, await and replay) its --timeout."""
+    dir it used, its --profile, and (for the subcommands that wait) its --timeout."""
     import shlex
     parts = [Invocation.program, subcommand]
     if project is not None:
@@ -2598,7 +2598,7 @@ def _call_flags(call):
         flags.add("sleep")
     if last in ("sub_llm", "sub_llm_batch"):
         flags.add("sub_llm")
-    if last in WRITE_CALLS or ".write." in f".{name}." or name.startswith("dbutils.fs."):
+    if last in WRITE_CALLS or name.startswith("dbutils.fs."):   # `.write` itself: see analyse_code
         flags.add("writes")
     if name == "open":
         mode = call.args[1] if len(call.args) > 1 else next((k.value for k in call.keywords if k.arg == "mode"),
@@ -2697,6 +2697,7 @@ def step_timeline(project, session):
             defined = set().union(*(s[2] for s in done)) if done else set()
             if defined:
                 entry["defines"], entry["partial_lines"] = defined, done[-1][1]
+                entry["uses"] = analyse_code(replay_code(entry))["uses"]
         timeline.append(entry)
     return timeline
 
@@ -2747,7 +2748,7 @@ def plan_rows(project, plan):
             for e in plan]
 
 
-def plan_summary(project, plan, target=None, left_out=None):
+def plan_summary(project, plan, target=None):
     """A few hundred bytes about a replay plan; the full plan goes to repl_outputs/replay_plan.json."""
     project.ensure_outputs_dir()
     path = project.output_path(REPLAY_PLAN_FILE)
@@ -2758,24 +2759,19 @@ def plan_summary(project, plan, target=None, left_out=None):
     flagged = {str(r["step"]): r["flags"] for r in rows if r["flags"]}
     summary = {"steps": _step_ranges([r["step"] for r in rows]), "count": len(rows),
                "partial": [r["step"] for r in rows if r["runs_lines"]] or None,
-               "flagged": dict(list(flagged.items())[:8]) or None,
-               "left_out": left_out, "file": project.show(path)}
+               "flagged": dict(list(flagged.items())[:8]) or None, "file": project.show(path)}
     return {k: v for k, v in summary.items() if v is not None}
 
 
 def _step_ranges(numbers):
-    """[1,2,3,5] → '1-3,5'."""
-    parts, run = [], []
+    """[1,2,3,5,6] → '1-3,5,6' (runs of three or more as ranges)."""
+    runs = []
     for number in sorted(numbers):
-        if run and number == run[-1] + 1:
-            run.append(number)
-            continue
-        if run:
-            parts.append(f"{run[0]}-{run[-1]}" if len(run) > 2 else ",".join(map(str, run)))
-        run = [number]
-    if run:
-        parts.append(f"{run[0]}-{run[-1]}" if len(run) > 2 else ",".join(map(str, run)))
-    return ",".join(parts)
+        if runs and number == runs[-1][-1] + 1:
+            runs[-1].append(number)
+        else:
+            runs.append([number])
+    return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 2 else ",".join(map(str, r)) for r in runs)
 
 
 def replay_code(entry):
@@ -3055,6 +3051,8 @@ def cmd_export(args):
     project = Project(args.project_dir).check()
     session = project.load()
     timeout = positive_timeout(args.timeout) if args.verify else None
+    if args.verify:
+        require_active(project, session)         # before writing anything: --verify needs the cluster
     name = sanitize_tag(session.get("session_name") or "session")
     default_name = f"{name}_export.py"
     target = explicit_path(args.output, default_name) if args.output else os.path.join(project.root, default_name)
@@ -3073,7 +3071,6 @@ def cmd_export(args):
     if not args.verify:
         return response("Exported", f"Wrote {len(chosen)} step(s) to {project.show(target)}.", **fields,
                         hint="Review the script, or check that it runs with --verify (a fresh context).")
-    require_active(project, session)
     ws = Workspace(args.profile or session.get("profile"), args.debug)
     try:
         fields["verify"] = verify_script(ws, project, session, script, requires, timeout,
