@@ -2221,8 +2221,8 @@ def cmd_create(args):
     project = Project(args.project_dir).check()
     cluster_id = (args.cluster_id or "").strip()
     if not cluster_id:
-        raise ReplError("InvalidClusterId", "--cluster-id is empty.", exit_code=EXIT_USAGE,
-                        hint="Resolve it with find_cluster.py --name NAME.")
+        raise ReplError("InvalidClusterId", "--cluster-id is empty (and DATABRICKS_CLUSTER_ID is not set).",
+                        exit_code=EXIT_USAGE, hint="Resolve it with find_cluster.py --name NAME.")
     name = (args.session_name or "").strip()
     if not name:
         raise ReplError("InvalidSessionName", "--session-name is empty.", exit_code=EXIT_USAGE,

@@ -290,9 +290,12 @@ def test_an_error_with_a_long_traceback_and_output_answers_in_2kb_and_keeps_the_
     assert failed["hint"].startswith("Read ")
 
 
-def test_a_pip_step_answers_in_2kb(session):
-    call = exec_step(session, "%pip install pip", "deps", "--timeout", "300", timeout=400)
-    assert call.status == "Finished", call
+def test_escape_heavy_output_and_a_pip_step_answer_in_2kb(session):
+    quoted = exec_step(session, "print('\"\\\\\\t' * 3000)", "quotes")   # each character doubles in JSON
+    assert quoted.status == "Finished" and "stdout_preview" in quoted["moved_fields"]
+    assert quoted["stdout_preview"].startswith('"\\\t')
+    pip = exec_step(session, "%pip install --help", "deps", "--timeout", "300", timeout=400)
+    assert pip.status == "Finished" and pip["stdout_bytes"] > 10_000, pip
 
 
 # -- exact tips --------------------------------------------------------------------------------------------
