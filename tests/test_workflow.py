@@ -452,6 +452,13 @@ def test_the_evals_follow_the_skill_creator_format_and_cover_the_workflow():
     for topic in ("NothingToCancel", "Running", "Cancelled", "ContextEvicted", "replay", "export --verify",
                   "sub_llm_batch"):
         assert topic in text, topic
+    named = set(re.findall(r"\b[A-Z][a-z]+(?:[A-Z][a-z]+)+\b", text)) - {"KeyError", "NameError"}
+    assert named and named <= _statuses_in_the_cli() | {"Finished", "Error"}, named - _statuses_in_the_cli()
+    sys.path.insert(0, ROOT)
+    import dbx_repl
+    parser = dbx_repl.build_parser()
+    for argv in (["replay", "--plan"], ["export", "--verify"], ["cancel"], ["await", "--timeout", "5"]):
+        assert parser.parse_args(argv).handler                   # every command the evals name exists
 
 
 def _statuses_in_the_cli():
