@@ -3428,7 +3428,7 @@ def add_wait_options(parser):
 
 
 def build_parser():
-    parser = JsonArgumentParser(prog="dbx_repl.py", description=__doc__.split("\n\n")[0])
+    parser = JsonArgumentParser(prog=Invocation.program, description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=VERSION)
     sub = parser.add_subparsers(dest="subcommand", parser_class=JsonArgumentParser)
 
@@ -3521,13 +3521,14 @@ def main(argv=None):
     os.umask(os.umask(0o077) | 0o077)  # session and output files: owner only, or stricter
     signal.signal(signal.SIGTERM, _raise_terminated)
     try:
+        Project.current = None
         Invocation.program = invoked_program(sys.argv[0])
         args = build_parser().parse_args(argv)
         Invocation.profile = getattr(args, "profile", None)
         Invocation.timeout = getattr(args, "timeout", None) if args.subcommand in WAITING_SUBCOMMANDS else None
         if not getattr(args, "handler", None):
             raise ReplError("UsageError", "No subcommand given.", exit_code=EXIT_USAGE,
-                            hint="Run dbx_repl.py --help for the subcommands.")
+                            hint=f"Run {Invocation.program} --help for the subcommands.")
         if getattr(args, "max_output_bytes", 1) <= 0:
             raise ReplError("UsageError", "--max-output-bytes must be positive.", exit_code=EXIT_USAGE,
                             hint=f"Leave it out for the default ({DEFAULT_MAX_OUTPUT_BYTES} bytes).")
