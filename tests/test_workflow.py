@@ -254,7 +254,7 @@ def test_export_chooses_steps_and_leaves_tags_out(session, tmp_path):
     assert unknown.status == "UnknownStep" and unknown.code == 2
 
 
-def test_export_verify_reports_a_script_that_fails_in_a_fresh_context(session, tmp_path):
+def test_export_verify_reports_a_script_that_fails_in_a_fresh_context(workspace, session, tmp_path):
     exec_step(session, "a = 1", "define")
     exec_step(session, "print(a)", "use")
     exported = run(session, "export", "--steps", "2", "--verify", "--timeout", "60",
@@ -262,9 +262,16 @@ def test_export_verify_reports_a_script_that_fails_in_a_fresh_context(session, t
     assert exported.status == "VerifyFailed" and exported.code == 1
     assert exported["verify"]["status"] == "Failed" and exported["verify"]["error"]["type"] == "NameError"
     assert (tmp_path / "broken.py").exists()
-    contexts_before = session.session()["context_id"]
+    assert list(workspace.context_pids()) == [session.session()["context_id"]]    # the fresh one is gone
     assert exec_step(session, "print('still here')", "after").status == "Finished"
-    assert session.session()["context_id"] == contexts_before
+
+
+def test_export_verify_stops_at_its_timeout(workspace, session, tmp_path):
+    exec_step(session, "import time\ntime.sleep(0.1)\nprint('short')", "nap")
+    exported = run(session, "export", "--steps", "1", "--verify", "--timeout", "0.05",
+                   "--output", str(tmp_path / "nap.py"))
+    assert exported.status == "VerifyFailed" and exported["verify"]["status"] == "TimedOut"
+    assert list(workspace.context_pids()) == [session.session()["context_id"]]
 
 
 # -- answers stay small ----------------------------------------------------------------------------------
