@@ -349,7 +349,6 @@ def _interpreter():
 
 
 def test_the_program_is_named_as_invoked_for_the_script_the_console_script_and_find_cluster():
-    sys.path.insert(0, ROOT)
     import dbx_repl
     python = "/opt/py/bin/python3"
     assert dbx_repl.invoked_program(".claude/skills/databricks-repl/dbx_repl.py", python) == \
@@ -461,7 +460,6 @@ def test_the_evals_follow_the_skill_creator_format_and_cover_the_workflow():
         assert topic in text, topic
     named = set(re.findall(r"\b[A-Z][a-z]+(?:[A-Z][a-z]+)+\b", text)) - {"KeyError", "NameError"}
     assert named and named <= _statuses_in_the_cli() | {"Finished", "Error"}, named - _statuses_in_the_cli()
-    sys.path.insert(0, ROOT)
     import dbx_repl
     parser = dbx_repl.build_parser()
     for argv in (["replay", "--plan"], ["export", "--verify"], ["cancel"], ["await", "--timeout", "5"]):
