@@ -13,6 +13,7 @@ and the argument parser.
 from __future__ import annotations
 
 import argparse
+import ast
 import base64
 import contextlib
 import csv
@@ -127,26 +128,135 @@ def scrub(text):
     return text
 
 
+MAX_RESPONSE_BYTES = 2048                  # every answer, whatever the session's length or output
+RESPONSES_DIR = "responses"                # under OUTPUT_DIR: fields moved out of an oversized answer
+KEPT_FIELDS = ("status", "message", "hint")
+
+
 def emit(body):
     """Print a response as the call's single JSON line and return its exit code."""
     body = dict(body)
     exit_code = body.pop("_exit", EXIT_OK)
-    text = scrub(json.dumps(body, ensure_ascii=False))
-    for separator in ("\u2028", "\u2029", "\x85"):  # line breaks to splitlines(): keep one line
-        text = text.replace(separator, json.dumps(separator)[1:-1])
+    text = _one_line(fit_response(body))
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
     return exit_code
+
+
+def _one_line(body):
+    text = scrub(json.dumps(body, ensure_ascii=False))
+    for separator in ("\u2028", "\u2029", "\x85"):  # line breaks to splitlines(): keep one line
+        text = text.replace(separator, json.dumps(separator)[1:-1])
+    return text
+
+
+def _size(value):
+    return len(_one_line(value).encode("utf-8"))
+
+
+def fit_response(body):
+    """The response cut to MAX_RESPONSE_BYTES. Long texts (top-level, or one level down such as
+    error.message) are cut to a head and tail first, longest first; then whole fields move, largest
+    first. Every changed field is kept whole in a JSON file under repl_outputs/responses/, named in
+    `details_file` and listed in `moved_fields`. status and hint are never moved."""
+    if _size(body) <= MAX_RESPONSE_BYTES:
+        return body
+    moved, body = {}, dict(body)
+    hint = body.pop("hint", None)
+    reserve = 300 + min(_size(hint), 400) if hint else 300  # details_file, moved_fields, the hint
+    for _ in range(64):
+        if _size(body) + reserve <= MAX_RESPONSE_BYTES:
+            break
+        texts = [(len(v), k, None) for k, v in body.items() if k != "status" and isinstance(v, str)]
+        texts += [(len(v), k, inner) for k, d in body.items() if isinstance(d, dict)
+                  for inner, v in d.items() if isinstance(v, str)]
+        length, key, inner = max(texts, default=(0, None, None))
+        if length > 160:
+            moved.setdefault(key, body[key])
+            cut = preview(body[key] if inner is None else body[key][inner], limit=max(120, length // 2))
+            body[key] = cut if inner is None else {**body[key], inner: cut}
+            continue
+        movable = [k for k in body if k not in KEPT_FIELDS and k not in moved]
+        if not movable:
+            break
+        key = max(movable, key=lambda k: _size(body[k]))
+        moved[key] = body.pop(key)
+    if moved:
+        body["details_file"] = _save_details(body.get("status", "response"), moved)
+        body["moved_fields"] = sorted(moved)
+    if hint:
+        body["hint"] = hint if _size(body) + _size(hint) <= MAX_RESPONSE_BYTES else preview(hint, limit=300)
+    return body
+
+
+def _save_details(status, fields):
+    """Write the fields cut from an answer; the project's repl_outputs/responses/ when a project is
+    known, else the system temp dir. Returns the path as the caller can open it."""
+    name = f"{re.sub(r'[^0-9]', '', now_iso())[:17]}_{re.sub(r'[^A-Za-z]', '', str(status))[:40]}.json"
+    data = scrub(json.dumps(fields, indent=1, ensure_ascii=False, default=str))
+    project = Project.current
+    if project is not None:
+        with contextlib.suppress(OSError):
+            directory = os.path.join(project.outputs_dir, RESPONSES_DIR)
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            path = os.path.join(directory, name)
+            write_atomic(path, data)
+            return project.show(path)
+    fd, path = tempfile.mkstemp(prefix="dbx_repl-", suffix="-" + name)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(data)
+    return path
 
 
 def now_iso():
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
 
 
-def cli_hint(subcommand, project):
-    """The command line an agent should run next, with the project dir it used."""
+class Invocation:
+    """How this call was started, so that every tip can be run as it is: the program as the caller
+    invoked it, its --profile (when one was given) and its --timeout. Set by `main`."""
+    program = "dbx_repl.py"
+    profile = None
+    timeout = None
+
+
+WAITING_SUBCOMMANDS = ("exec", "await", "replay", "export")   # the ones that take --timeout
+
+
+def invoked_program(argv0, executable=None):
+    """The command line that started this CLI, as the caller can type it again: `python3 PATH` for
+    the script (PATH as given), `dbx-repl` for the console script. find_cluster.py points at the
+    dbx_repl.py beside it."""
     import shlex
-    return f"dbx_repl.py {subcommand} --project-dir {shlex.quote(project.display_root)}"
+    import shutil
+    executable = executable or sys.executable
+    directory, name = os.path.split(argv0 or "")
+    if name in ("find_cluster.py", "dbx-find-cluster"):
+        name = "dbx_repl.py" if name.endswith(".py") else "dbx-repl"
+        argv0 = os.path.join(directory, name)
+    if not name or name.startswith("-") or name in ("__main__.py", "pytest"):
+        return "dbx_repl.py"
+    if name.endswith(".py"):
+        interpreter = os.path.basename(executable)
+        if shutil.which(interpreter) != executable:
+            interpreter = executable
+        return f"{shlex.quote(interpreter)} {shlex.quote(argv0)}"
+    return name if shutil.which(name) == argv0 or not directory else shlex.quote(argv0)
+
+
+def cli_hint(subcommand, project=None, timeout=None):
+    """The command line an agent should run next: the program as invoked, the subcommand, the project
+    dir it used, its --profile, and (for the subcommands that wait) its --timeout."""
+    import shlex
+    parts = [Invocation.program, subcommand]
+    if project is not None:
+        parts += ["--project-dir", shlex.quote(project.display_root)]
+    if Invocation.profile:
+        parts += ["--profile", shlex.quote(Invocation.profile)]
+    timeout = timeout if timeout is not None else Invocation.timeout
+    if timeout is not None and subcommand in WAITING_SUBCOMMANDS:
+        parts += ["--timeout", f"{timeout:g}"]
+    return " ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -179,6 +289,7 @@ def write_atomic(path, data):
 
 class Project:
     """A project directory: session.json, repl_outputs/ and the lock that guards them."""
+    current = None          # the project of this call, once checked (where oversized answers spill)
 
     def __init__(self, project_dir):
         self.root = os.path.abspath(project_dir or ".")
@@ -199,6 +310,7 @@ class Project:
             raise ReplError("ProjectDirNotWritable",
                             f"Project directory {self.display_root} is not writable ({err.strerror}).",
                             hint="Pass a --project-dir you can write to.") from None
+        Project.current = self
         return self
 
     def output_path(self, name):
@@ -1811,7 +1923,7 @@ def running_response(project, active, timeout):
         "Running", f"Command still running after {timeout:g}s client-side timeout.",
         exit_code=EXIT_RUNNING, cmd_id=step_key(active["step"], active["tag"]),
         command_id=active.get("command_id"), elapsed_seconds=round(elapsed_since(active), 3),
-        tip={"await": f"{cli_hint('await', project)} --timeout 600",
+        tip={"await": cli_hint("await", project, timeout=timeout),
              "cancel": cli_hint("cancel", project)},
         hint="The command keeps running on the cluster. Use await to keep waiting or cancel to stop it; "
              "do not exec again until it is done.")
@@ -1948,17 +2060,15 @@ def recover_from_eviction(ws, project, failed=None):
             session["steps"].append(failed_entry)
         session["active_command"] = None
         project.save(session)
-    previous = [{"step": s["step"], "tag": s["tag"], "status": s["status"],
-                 "command_file": project.show(s["command_file"])}
-                for s in session["steps"] if s.get("status") == "Finished" and
-                s.get("context_id") in (old_context, None)]
+    plan, target = dependency_plan(project, session, target=failed_entry)
+    summary = plan_summary(project, plan, target)
     try:
         cluster = ws.cluster(session["cluster_id"])
         if cluster.get("state") not in RUNNABLE_CLUSTER_STATES:
             raise cluster_not_running(session["cluster_id"], cluster)
         new_context = start_context(ws, session["cluster_id"], bootstrap_config(session, ws.host))
     except ReplError as err:
-        err.fields.update(evicted_context_id=old_context, previous_steps=previous)
+        err.fields.update(evicted_context_id=old_context, replay_plan=summary)
         err.message = f"The execution context was lost, and a new one could not be started: {err.message}"
         raise
     with project.lock():
@@ -1972,10 +2082,11 @@ def recover_from_eviction(ws, project, failed=None):
         "The execution context was evicted; a new one is ready, but variables and imports are gone.",
         old_context_id=old_context, new_context_id=new_context,
         failed_step=step_key(failed["step"], failed["tag"]) if failed else None,
-        previous_steps=previous,
-        tip={"replay": f"{cli_hint('replay', project)} --steps "
-                       + ",".join(str(s["step"]) for s in previous) if previous else None},
-        hint="Replay the steps you need (see references/eviction-replay.md), then exec the failed step again.",
+        replay_plan=summary,
+        tip={"replay": cli_hint("replay", project), "plan": f"{cli_hint('replay', project)} --plan"}
+        if plan else None,
+        hint="replay runs the plan (the steps whose definitions the failed step needs; see "
+             "references/eviction-replay.md), then exec the failed step again.",
         exit_code=EXIT_FAILED)
 
 
@@ -2110,8 +2221,8 @@ def cmd_create(args):
     project = Project(args.project_dir).check()
     cluster_id = (args.cluster_id or "").strip()
     if not cluster_id:
-        raise ReplError("InvalidClusterId", "--cluster-id is empty.", exit_code=EXIT_USAGE,
-                        hint="Resolve it with find_cluster.py --name NAME.")
+        raise ReplError("InvalidClusterId", "--cluster-id is empty (and DATABRICKS_CLUSTER_ID is not set).",
+                        exit_code=EXIT_USAGE, hint="Resolve it with find_cluster.py --name NAME.")
     name = (args.session_name or "").strip()
     if not name:
         raise ReplError("InvalidSessionName", "--session-name is empty.", exit_code=EXIT_USAGE,
@@ -2332,10 +2443,12 @@ def cmd_status(args):
                         hint="Start the cluster, then exec: a fresh context is created and the steps to "
                              "replay are listed.", **summary)
     if not summary["context_alive"]:
+        plan, target = dependency_plan(project, session)
         return response("ContextLost", "The execution context is gone (evicted or restarted); variables "
-                        "are lost.", exit_code=EXIT_FAILED,
-                        hint=f"Run {cli_hint('replay', project)} to start a fresh context and re-run the "
-                             "successful steps.", **summary)
+                        "are lost.", exit_code=EXIT_FAILED, replay_plan=plan_summary(project, plan, target),
+                        tip={"replay": cli_hint("replay", project), "plan": f"{cli_hint('replay', project)} --plan"},
+                        hint="replay starts a fresh context and re-runs the plan (the steps that define what "
+                             "the session needs; see references/eviction-replay.md).", **summary)
     if active:
         remote = summary["active_command"].get("remote_status")
         if remote in DONE_COMMAND_STATES:
@@ -2343,6 +2456,7 @@ def cmd_status(args):
                             "output is not collected yet.", hint=f"Run {cli_hint('await', project)} to collect it.",
                             **summary)
         return response("Busy", f"Step {summary['active_command']['cmd_id']} is running.",
+                        tip={"await": cli_hint("await", project), "cancel": cli_hint("cancel", project)},
                         hint="Use await to wait for it or cancel to stop it.", **summary)
     return response("Active", f"Session {session.get('session_name')!r} is alive with {len(steps)} step(s).",
                     hint="Run exec for the next step.", **summary)
@@ -2353,6 +2467,319 @@ def _count_by(values):
     for value in values:
         counts[value] = counts.get(value, 0) + 1
     return counts
+
+
+# -- step analysis: the names each step defines and uses ---------------------------------------------
+# Replay and export both need to know which earlier steps a step depends on. A step *defines* the
+# module-level names it binds (assignments, def, class, import, `global` in a function) and the names
+# whose object it changes in place (`d[k] = v`, `obj.attr = v`, and a bare method call statement such
+# as `model.fit(X, y)`); it *uses* the names it reads that it did not bind first. Names the runtime
+# provides (spark, dbutils, display, the sub_llm helpers) and builtins are neither.
+
+RUNTIME_NAMES = frozenset({"spark", "sc", "sqlContext", "dbutils", "display", "displayHTML", "getArgument",
+                           "sub_llm", "sub_llm_batch", "sub_llm_usage", "sub_llm_budget", "_dbx_repl"})
+READ_ONLY_METHODS = frozenset({"show", "head", "tail", "describe", "count", "collect", "toPandas", "explain",
+                               "printSchema", "info", "display", "summary", "take", "first", "keys", "items",
+                               "values", "get", "copy", "format", "join", "split", "strip", "read"})
+WRITE_CALLS = frozenset({"saveAsTable", "insertInto", "to_csv", "to_parquet", "to_json", "to_excel", "dump"})
+SLOW_STEP_SECONDS = 60.0
+BIG_OUTPUT_BYTES = 100_000
+REPLAY_PLAN_FILE = "replay_plan.json"      # under OUTPUT_DIR: the full plan behind a summary
+
+
+def _builtin_names():
+    import builtins
+    return frozenset(dir(builtins))
+
+
+class _Names:
+    """Names bound and read by one top-level statement, scope-aware for functions, lambdas, classes
+    and comprehensions (their own locals are neither defined nor used at module level)."""
+
+    def __init__(self):
+        self.stored, self.loaded, self.calls = set(), set(), []
+
+    def statement(self, node):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            self.stored.add(node.name)
+            for child in node.decorator_list + getattr(node, "bases", []) + getattr(node, "keywords", []):
+                self.visit(child)
+            if isinstance(node, ast.ClassDef):
+                self.scope(node.body, ())
+            else:
+                self.visit(node.args)            # defaults and annotations read module names
+                self.scope(node.body, _argument_names(node.args))
+            return
+        self.visit(node)
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call):
+            func = node.value.func                # obj.method(...) as a statement: it changes obj
+            if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and \
+                    func.attr not in READ_ONLY_METHODS:
+                self.stored.add(func.value.id)
+
+    def visit(self, node):
+        if isinstance(node, ast.Name):
+            (self.loaded if isinstance(node.ctx, ast.Load) else self.stored).add(node.id)
+            return
+        if isinstance(node, ast.AugAssign) and isinstance(node.target, ast.Name):
+            self.loaded.add(node.target.id)       # x += 1 reads x first
+        if isinstance(node, (ast.Attribute, ast.Subscript)) and not isinstance(node.ctx, ast.Load):
+            base = node.value                     # d[k] = v, obj.attr = v: the object changes
+            while isinstance(base, (ast.Attribute, ast.Subscript)):
+                base = base.value
+            if isinstance(base, ast.Name):
+                self.stored.add(base.id)
+                self.loaded.add(base.id)
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            for alias in node.names:
+                if alias.name != "*":
+                    self.stored.add(alias.asname or alias.name.split(".")[0])
+            return
+        if isinstance(node, ast.Call):
+            self.calls.append(node)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            self.statement(node)                  # nested in a block (if/for/with) at module level
+            return
+        if isinstance(node, ast.Lambda):
+            self.visit(node.args)
+            self.scope([node.body], _argument_names(node.args))
+            return
+        if isinstance(node, (ast.ListComp, ast.SetComp, ast.GeneratorExp, ast.DictComp)):
+            inner = _Names()
+            for child in ast.iter_child_nodes(node):
+                inner.visit(child)
+            self.loaded |= inner.loaded - inner.stored
+            self.calls += inner.calls
+            return
+        for child in ast.iter_child_nodes(node):
+            self.visit(child)
+
+    def scope(self, body, arguments):
+        """A function or class body: its free names are module-level uses; `global` names it binds
+        count as defined."""
+        inner = _Names()
+        declared = set()
+        for statement in body:
+            for node in ast.walk(statement):
+                if isinstance(node, ast.Global):
+                    declared.update(node.names)
+            inner.statement(statement)
+        local = (inner.stored | set(arguments)) - declared
+        self.loaded |= inner.loaded - local
+        self.stored |= inner.stored & declared
+        self.calls += inner.calls
+
+
+def _argument_names(arguments):
+    every = arguments.posonlyargs + arguments.args + arguments.kwonlyargs
+    every += [a for a in (arguments.vararg, arguments.kwarg) if a]
+    return [a.arg for a in every]
+
+
+def _call_name(call):
+    func = call.func
+    if isinstance(func, ast.Name):
+        return func.id
+    parts = []
+    while isinstance(func, ast.Attribute):
+        parts.append(func.attr)
+        func = func.value
+    if isinstance(func, ast.Name):
+        parts.append(func.id)
+    return ".".join(reversed(parts))
+
+
+def _call_flags(call):
+    """Cost and side-effect flags of one call."""
+    name = _call_name(call)
+    last = name.rsplit(".", 1)[-1]
+    flags = set()
+    if last == "sleep":
+        flags.add("sleep")
+    if last in ("sub_llm", "sub_llm_batch"):
+        flags.add("sub_llm")
+    if last in WRITE_CALLS or name.startswith("dbutils.fs."):   # `.write` itself: see analyse_code
+        flags.add("writes")
+    if name == "open":
+        mode = call.args[1] if len(call.args) > 1 else next((k.value for k in call.keywords if k.arg == "mode"),
+                                                            None)
+        if isinstance(mode, ast.Constant) and isinstance(mode.value, str) and \
+                set(mode.value) & set("wax+"):
+            flags.add("writes")
+    return flags
+
+
+def analyse_code(code):
+    """What one step's code does, from its syntax tree (magic lines are set aside first).
+
+    Returns {"parsed": bool, "defines": set, "uses": set, "flags": set, "statements":
+    [(first_line, last_line, defined_names)]} for the top-level statements. `uses` holds the names
+    read before the step binds them, builtins and runtime names excluded. Unparsable code has
+    parsed False and no names."""
+    flags = set()
+    lines = code.splitlines()
+    for index, line in enumerate(lines):
+        if MAGIC_LINE.match(line):
+            flags.add("pip" if re.match(r"\s*[%!]\s*pip\b", line) else "magic")
+            lines[index] = ""                     # keep the line numbers of the Python around it
+    found = {"parsed": False, "defines": set(), "uses": set(), "flags": flags, "statements": []}
+    try:
+        tree = ast.parse("\n".join(lines))
+    except (SyntaxError, ValueError):
+        return found
+    ignored = _builtin_names() | RUNTIME_NAMES
+    for node in tree.body:
+        names = _Names()
+        names.statement(node)
+        found["uses"] |= (names.loaded - found["defines"]) - ignored
+        found["defines"] |= names.stored
+        for call in names.calls:
+            flags |= _call_flags(call)
+        if any(isinstance(n, ast.Attribute) and n.attr == "write" for n in ast.walk(node)):
+            flags.add("writes")
+        found["statements"].append((node.lineno, node.end_lineno, names.stored))
+    found["parsed"] = True
+    return found
+
+
+def failing_line(project, entry):
+    """The line of the step's own code where it failed (its <module> frame in the traceback), or None."""
+    path = os.path.join(project.root, entry.get("stderr_file") or "")
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return None
+    key = re.escape(step_key(entry["step"], entry["tag"]))
+    lines = re.findall(rf'File "<command-{key}>", line (\d+), in <module>', text)
+    return int(lines[-1]) if lines else None
+
+
+STATUS_RANK = {"Finished": 2, "Error": 1}
+
+
+def step_timeline(project, session):
+    """The session as it stands: one entry per original step (the best run of it: Finished over
+    Error over the rest, the latest within a rank; a replay stands in for its original), in the
+    original order, each with its code analysed and its cost flags.
+
+    Each entry is the step record plus: origin, code, defines, uses, flags (sorted list), parsed,
+    and for a failed step `partial_lines` (the statements before the failing line) when they define
+    names."""
+    by_origin = {}
+    for entry in session["steps"]:
+        origin = entry.get("replay_of") or entry["step"]
+        best = by_origin.get(origin)
+        if best is None or STATUS_RANK.get(entry.get("status"), 0) >= STATUS_RANK.get(best.get("status"), 0):
+            by_origin[origin] = dict(entry, origin=origin)
+    timeline = []
+    for origin in sorted(by_origin):
+        entry = by_origin[origin]
+        try:
+            with open(os.path.join(project.root, entry.get("command_file") or ""), encoding="utf-8") as f:
+                entry["code"] = f.read()
+        except OSError:
+            entry["code"] = None
+        found = analyse_code(entry["code"] or "")
+        entry.update(parsed=found["parsed"] and entry["code"] is not None, uses=found["uses"], defines=set())
+        flags = set(found["flags"])
+        if (entry.get("elapsed_seconds") or 0) > SLOW_STEP_SECONDS:
+            flags.add("slow")
+        with contextlib.suppress(OSError, TypeError):
+            if os.path.getsize(os.path.join(project.root, entry.get("stdout_file"))) > BIG_OUTPUT_BYTES:
+                flags.add("big_output")
+        entry["flags"] = sorted(flags)
+        if entry.get("status") == "Finished":
+            entry["defines"] = found["defines"]
+        elif entry.get("status") == "Error" and found["parsed"]:
+            line = failing_line(project, entry)
+            done = [s for s in found["statements"] if line is not None and s[1] < line]
+            defined = set().union(*(s[2] for s in done)) if done else set()
+            if defined:
+                entry["defines"], entry["partial_lines"] = defined, done[-1][1]
+                entry["uses"] = analyse_code(replay_code(entry))["uses"]
+        timeline.append(entry)
+    return timeline
+
+
+def needed_steps(timeline, uses, before):
+    """The smallest set of timeline entries (by origin) whose definitions `uses` needs, looking only
+    at steps before position `before`: for each name its nearest definer, then that step's own needs."""
+    chosen, pending = {}, [(name, before) for name in uses]
+    while pending:
+        name, limit = pending.pop()
+        definer = next((e for e in reversed(timeline) if e["origin"] < limit and name in e["defines"]), None)
+        if definer is None or definer["origin"] in chosen:
+            continue
+        chosen[definer["origin"]] = definer
+        pending += [(n, definer["origin"]) for n in definer["uses"]]
+    return [chosen[o] for o in sorted(chosen)]
+
+
+def dependency_plan(project, session, target=None):
+    """The replay plan: the steps to re-run, in order, so that the next step can run.
+
+    The next step is `target` (a step record, e.g. the one an eviction interrupted) or else the last
+    recorded step when the eviction interrupted it. Without one, the plan restores every name the
+    session defined. Steps that finished and cannot be parsed (their needs are unknown) or ran %pip
+    (packages are not names) are always kept."""
+    timeline = step_timeline(project, session)
+    if target is None and session["steps"] and session["steps"][-1].get("status") == "Evicted":
+        target = session["steps"][-1]
+    if target is not None:
+        origin = target.get("replay_of") or target["step"]
+        found = next((e for e in timeline if e["origin"] == origin), None)
+        uses = found["uses"] if found else set()
+    else:
+        origin, uses = float("inf"), set().union(*(e["defines"] for e in timeline)) if timeline else set()
+    steps = needed_steps(timeline, uses, origin)
+    kept = [e for e in timeline if e["origin"] < origin and e.get("status") == "Finished"
+            and (not e["parsed"] or "pip" in e["flags"])]
+    chosen = {e["origin"]: e for e in steps + kept}
+    return [chosen[o] for o in sorted(chosen)], target
+
+
+def plan_rows(project, plan):
+    """The full plan as JSON-ready rows (what the plan file holds)."""
+    return [{"step": e["origin"], "tag": e["tag"], "status": e.get("status"),
+             "runs_lines": f"1-{e['partial_lines']}" if "partial_lines" in e else None,
+             "defines": sorted(e["defines"])[:50], "flags": e["flags"],
+             "command_file": project.show(os.path.join(project.root, e.get("command_file") or ""))}
+            for e in plan]
+
+
+def plan_summary(project, plan, target=None):
+    """A few hundred bytes about a replay plan; the full plan goes to repl_outputs/replay_plan.json."""
+    project.ensure_outputs_dir()
+    path = project.output_path(REPLAY_PLAN_FILE)
+    rows = plan_rows(project, plan)
+    write_atomic(path, json.dumps({"for_step": step_key(target["step"], target["tag"]) if target else None,
+                                   "steps": [{k: v for k, v in r.items() if v is not None} for r in rows]},
+                                  indent=1, ensure_ascii=False))
+    flagged = {str(r["step"]): r["flags"] for r in rows if r["flags"]}
+    summary = {"steps": _step_ranges([r["step"] for r in rows]), "count": len(rows),
+               "partial": [r["step"] for r in rows if r["runs_lines"]] or None,
+               "flagged": dict(list(flagged.items())[:8]) or None, "file": project.show(path)}
+    return {k: v for k, v in summary.items() if v is not None}
+
+
+def _step_ranges(numbers):
+    """[1,2,3,5,6] → '1-3,5,6' (runs of three or more as ranges)."""
+    runs = []
+    for number in sorted(numbers):
+        if runs and number == runs[-1][-1] + 1:
+            runs[-1].append(number)
+        else:
+            runs.append([number])
+    return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 2 else ",".join(map(str, r)) for r in runs)
+
+
+def replay_code(entry):
+    """The code a replay runs for a planned step: all of it, or the statements before its failure."""
+    if "partial_lines" not in entry:
+        return entry["code"]
+    kept = entry["code"].splitlines()[:entry["partial_lines"]]
+    return "\n".join(kept) + "\n"
 
 
 # -- replay ------------------------------------------------------------------------------------------
@@ -2371,35 +2798,45 @@ def parse_step_list(text):
     return sorted(steps)
 
 
-def replay_plan(session, steps=None, first=None, last=None, skip_failed=False):
-    """The recorded steps to re-run, in order, each once (a replay counts as its original)."""
-    by_origin = {}
-    for entry in session["steps"]:
-        origin = entry.get("replay_of") or entry["step"]
-        if entry.get("status") == "Finished" or origin not in by_origin:
-            by_origin[origin] = dict(entry, origin=origin)
-    if steps:
-        missing = [n for n in steps if n not in by_origin]
+def chosen_replay(project, session, args):
+    """(entries, target) to replay: the chosen steps (--steps, --from/--to, --all run each chosen
+    step's whole code), or by default the dependency plan (see dependency_plan)."""
+    timeline = step_timeline(project, session)
+    by_origin = {e["origin"]: e for e in timeline}
+    explicit = args.steps or args.from_step is not None or args.to_step is not None or args.all
+    if not explicit:
+        return dependency_plan(project, session)
+    for entry in timeline:
+        entry.pop("partial_lines", None)      # a step named by the caller runs whole
+    if args.steps:
+        numbers = parse_step_list(args.steps)
+        missing = [n for n in numbers if n not in by_origin]
         if missing:
             raise ReplError("UnknownStep", f"No recorded step {missing[0]} in this session.",
-                            exit_code=EXIT_USAGE, hint="See session.json for the step numbers.")
-        chosen = [by_origin[n] for n in steps]
-    else:
-        chosen = [e for n, e in sorted(by_origin.items())
-                  if (first is None or n >= first) and (last is None or n <= last)]
-        if first is None and last is None or skip_failed:
-            chosen = [e for e in chosen if e.get("status") == "Finished"]
-    return chosen
+                            exit_code=EXIT_USAGE, hint=f"See the step numbers with {cli_hint('replay', project)} --plan.")
+        return [by_origin[n] for n in numbers], None
+    chosen = [e for e in timeline if (args.from_step is None or e["origin"] >= args.from_step)
+              and (args.to_step is None or e["origin"] <= args.to_step)]
+    if args.all or args.skip_failed:
+        chosen = [e for e in chosen if e.get("status") == "Finished"]
+    return chosen, None
 
 
 def cmd_replay(args):
     timeout = positive_timeout(args.timeout)
     project = Project(args.project_dir).check()
     session = require_active(project, project.load())
-    plan = replay_plan(session, parse_step_list(args.steps) if args.steps else None,
-                       args.from_step, args.to_step, args.skip_failed)
+    plan, target = chosen_replay(project, session, args)
+    if args.plan:
+        return response("ReplayPlan", f"The plan re-runs {len(plan)} step(s); nothing was run.",
+                        for_step=step_key(target["step"], target["tag"]) if target else None,
+                        replay_plan=plan_summary(project, plan, target),
+                        tip={"replay": cli_hint("replay", project)},
+                        hint="Run the tip to replay this plan, or choose steps with --steps. Flagged steps "
+                             "are costly or have side effects (see references/eviction-replay.md).")
     if not plan:
-        return response("NothingToReplay", "No recorded step matches.", hint="Pick steps with --steps 1,2,5.")
+        return response("NothingToReplay", "No recorded step matches.",
+                        hint="Nothing defines what the next step needs; exec it again, or pick steps with --steps.")
     ws = Workspace(args.profile or session.get("profile"), args.debug)
     if not ws.context_alive(session["cluster_id"], session["context_id"]):
         evicted = recover_from_eviction(ws, project)
@@ -2407,19 +2844,20 @@ def cmd_replay(args):
             return evicted
     restored = []
     for index, entry in enumerate(plan):
-        try:
-            with open(os.path.join(project.root, entry["command_file"]), encoding="utf-8") as f:
-                code = f.read()
-        except OSError as err:
-            failure = {"step": entry["origin"], "status": "MissingCommandFile", "message": err.strerror}
+        if entry["code"] is None:
+            failure = {"step": entry["origin"], "status": "MissingCommandFile",
+                       "message": f"{entry.get('command_file')} is unreadable."}
             return _replay_report(project, restored, failure, plan[index + 1:])
-        body = submit_step(ws, project, project.load(), code, sanitize_tag(entry["tag"]), timeout,
+        body = submit_step(ws, project, project.load(), replay_code(entry), sanitize_tag(entry["tag"]), timeout,
                            args.max_output_bytes, replay_of=entry["origin"])
         if body["status"] != "Finished":
             failure = {"step": entry["origin"], "cmd_id": body.get("cmd_id"), "status": body["status"],
                        "message": body.get("message"), "error": body.get("error")}
             return _replay_report(project, restored, failure, plan[index + 1:])
-        restored.append({"step": entry["origin"], "tag": entry["tag"], "cmd_id": body["cmd_id"]})
+        done = {"step": entry["origin"], "tag": entry["tag"], "cmd_id": body["cmd_id"]}
+        if "partial_lines" in entry:
+            done["lines"] = f"1-{entry['partial_lines']}"
+        restored.append(done)
     return _replay_report(project, restored, None, [])
 
 
@@ -2431,24 +2869,89 @@ def _replay_report(project, restored, failure, not_run):
     return response("ReplayFailed", f"Replay stopped at step {failure['step']} ({failure['status']}).",
                     exit_code=EXIT_RUNNING if failure["status"] == "Running" else EXIT_FAILED,
                     hint="Read the failed step's files, fix the cause, then replay the remaining steps "
-                         "with --steps.", **fields)
+                         f"with {cli_hint('replay', project)} --steps N,M.", **fields)
 
 
 # -- export ------------------------------------------------------------------------------------------
 
-def export_script(session, read_code):
-    """One clean .py from the session: the last successful step per tag, in step order, with
-    %pip lines turned into a '# Requires:' header and top-level imports gathered at the top."""
-    import ast
-    last_per_tag = {}
-    for entry in session["steps"]:
-        if entry.get("status") == "Finished":
-            last_per_tag[entry["tag"]] = entry
-    chosen = sorted(last_per_tag.values(), key=lambda e: e["step"])
+EXPLORATION_FLAGS = ("sleep", "big_output")
+
+
+def export_selection(project, session, steps=None, exclude_tags=()):
+    """(entries in script order, left_out) for `export`.
+
+    By default: the last successful run of each tag (a replay stands in for its original), plus the
+    earlier steps their names need (a failed step contributes the statements before its failure),
+    minus exploration: a step that sleeps or printed a large output and defines nothing a kept step
+    uses. `steps` chooses the steps instead; `exclude_tags` leaves tags out. Each left-out step comes
+    with the reason."""
+    timeline = step_timeline(project, session)
+    by_origin = {e["origin"]: e for e in timeline}
+    left_out = []
+    if steps:
+        missing = [n for n in steps if n not in by_origin]
+        if missing:
+            raise ReplError("UnknownStep", f"No recorded step {missing[0]} in this session.", exit_code=EXIT_USAGE,
+                            hint=f"See the steps with {cli_hint('replay', project)} --plan --all.")
+        chosen = {n: by_origin[n] for n in steps}
+    else:
+        last_per_tag = {}
+        for entry in timeline:
+            if entry.get("status") == "Finished":
+                last_per_tag[entry["tag"]] = entry
+        chosen = {e["origin"]: e for e in last_per_tag.values()}
+        used_later = lambda e: any(e["defines"] & other["uses"] for other in chosen.values()
+                                   if other["origin"] > e["origin"])
+        for origin, entry in sorted(chosen.items()):
+            flags = [f for f in entry["flags"] if f in EXPLORATION_FLAGS]
+            if flags and not used_later(entry):
+                left_out.append({"step": origin, "tag": entry["tag"], "why": "exploration: " + ", ".join(flags)})
+        for row in left_out:
+            chosen.pop(row["step"])
+        for entry in list(chosen.values()):
+            for needed in needed_steps(timeline, entry["uses"], entry["origin"]):
+                chosen.setdefault(needed["origin"], needed)
+    for origin, entry in sorted(chosen.items()):
+        if entry["tag"] in exclude_tags:
+            left_out.append({"step": origin, "tag": entry["tag"], "why": "--exclude-tags"})
+            chosen.pop(origin)
+        elif entry.get("status") != "Finished" and "partial_lines" not in entry:
+            left_out.append({"step": origin, "tag": entry["tag"], "why": f"status {entry.get('status')}"})
+            chosen.pop(origin)
+    return dependency_order(list(chosen.values())), sorted(left_out, key=lambda r: r["step"])
+
+
+def dependency_order(entries):
+    """The entries in session order, except that each step comes after the step that defines each name
+    it uses: the nearest earlier one, or, when no earlier chosen step defines it, the first later one
+    (a stable topological sort; a cycle keeps the session's order)."""
+    entries = sorted(entries, key=lambda e: e["origin"])
+    after = {e["origin"]: set() for e in entries}
+    for entry in entries:
+        for name in entry["uses"]:
+            definers = [d for d in entries if d is not entry and name in d["defines"]]
+            earlier = [d for d in definers if d["origin"] < entry["origin"]]
+            if earlier or definers:
+                after[entry["origin"]].add((earlier[-1] if earlier else definers[0])["origin"])
+    ordered, placed = [], set()
+    while len(ordered) < len(entries):
+        ready = [e for e in entries if e["origin"] not in placed and after[e["origin"]] <= placed]
+        if not ready:                                   # a cycle: keep the session's order
+            ready = [e for e in entries if e["origin"] not in placed]
+        ordered.append(ready[0])
+        placed.add(ready[0]["origin"])
+    return ordered
+
+
+def export_script(session, chosen):
+    """One clean .py from the chosen timeline entries, in their order: %pip lines become a
+    '# Requires:' header, other magics comments, and top-level imports gather at the top.
+
+    Returns (script, requirements)."""
     requires, imports, bodies = [], [], []
     for entry in chosen:
         kept = []
-        for line in read_code(entry).splitlines():
+        for line in replay_code(entry).splitlines():
             pip = re.match(r"\s*[%!]\s*pip\s+install\s+(.*)$", line)
             if pip:
                 requires += [p for p in pip.group(1).split() if not p.startswith("-") and p not in requires]
@@ -2474,12 +2977,15 @@ def export_script(session, read_code):
                         if text not in imports:
                             imports.append(text)
             code = "\n".join(l for i, l in enumerate(lines) if i not in import_lines)
-        bodies.append(f"# --- Step {entry['step']}: {entry['tag']} ---\n{code.strip()}\n")
+        title = f"# --- Step {entry['origin']}: {entry['tag']} ---"
+        if "partial_lines" in entry and entry.get("status") != "Finished":
+            title += f"\n# (lines 1-{entry['partial_lines']}: the statements that ran before it failed)"
+        bodies.append(f"{title}\n{code.strip()}\n")
     header = [f'"""Exported from databricks-repl session {session.get("session_name")!r} '
               f'(cluster {session.get("cluster_id")}).',
               "",
-              f"Steps: {', '.join(str(e['step']) for e in chosen) or 'none'} - the last successful run "
-              "of each tag, in step order.",
+              f"Steps: {', '.join(str(e['origin']) for e in chosen) or 'none'} - the last successful run "
+              "of each tag, ordered so that every name is defined before it is used.",
               '"""']
     body_text = "\n".join(bodies)
     runtime = [name for name in ("spark", "dbutils", "display") if re.search(rf"\b{name}\b", body_text)]
@@ -2492,42 +2998,94 @@ def export_script(session, read_code):
     if requires:
         header.insert(0, "# Requires: " + " ".join(requires))
     parts = ["\n".join(header), "\n".join(imports)] if imports else ["\n".join(header)]
-    return "\n\n".join(parts + bodies).rstrip("\n") + "\n", chosen
+    return "\n\n".join(parts + bodies).rstrip("\n") + "\n", requires
 
 
-def inside_project(project, path, option):
-    """Resolve a local path for writing; it must stay inside the project dir."""
+def explicit_path(path, default_name):
+    """A path the caller named, honoured as `cp` would: relative to the working directory, anywhere;
+    an existing directory receives `default_name`."""
     absolute = os.path.abspath(path)
-    if os.path.commonpath([absolute, project.root]) != project.root:
-        raise ReplError("PathOutsideProject", f"{option} {path} is outside the project dir {project.display_root}.",
-                        exit_code=EXIT_USAGE, hint="Write inside the project dir (relative paths are fine).")
     if os.path.isdir(absolute):
-        raise ReplError("InvalidPath", f"{option} {path} is a directory.", exit_code=EXIT_USAGE,
-                        hint="Name a file.")
+        absolute = os.path.join(absolute, default_name)
+        if os.path.isdir(absolute):
+            raise ReplError("InvalidPath", f"{absolute} is a directory.", exit_code=EXIT_USAGE, hint="Name a file.")
     return absolute
+
+
+def verify_script(ws, project, session, script, requires, timeout, output_path):
+    """Run the exported script in a fresh execution context (created, used once, destroyed), within
+    `timeout` seconds of running. Returns {"status": Passed|Failed|TimedOut, ...} for the answer."""
+    started = time.monotonic()
+    context_id = start_context(ws, session["cluster_id"], bootstrap_config(session, ws.host))
+    target = {"cluster_id": session["cluster_id"], "context_id": context_id}
+    try:
+        commands = ([f"%pip install {' '.join(requires)}"] if requires else []) + [script]
+        for command in commands:
+            remaining = timeout - (time.monotonic() - started)
+            command_id = ws.execute(target["cluster_id"], context_id, command)
+            status = poll_command(ws, target["cluster_id"], context_id, command_id, max(remaining, 0.01))
+            if status is None:
+                with contextlib.suppress(Exception):
+                    ws.cancel(target["cluster_id"], context_id, command_id)
+                return {"status": "TimedOut", "message": f"The script did not finish within {timeout:g}s.",
+                        "elapsed_seconds": round(time.monotonic() - started, 3)}
+            results = valid_unicode(status.get("results") or {})
+            text = results.get("data") if isinstance(results.get("data"), str) else json.dumps(results.get("data"))
+            if results.get("resultType") == "error" or status.get("status") == "Error":
+                error_type, message = parse_error(results.get("summary"), results.get("cause"))
+                write_atomic(output_path, strip_ansi(results.get("cause") or results.get("summary") or ""))
+                return {"status": "Failed", "error": {"type": printable(error_type)[:200],
+                                                      "message": printable(message)[:300]},
+                        "output_file": project.show(output_path),
+                        "elapsed_seconds": round(time.monotonic() - started, 3)}
+        write_atomic(output_path, strip_ansi(text or ""))
+        return {"status": "Passed", "output_file": project.show(output_path),
+                "stdout_preview": preview(strip_ansi(text or ""), limit=200),
+                "elapsed_seconds": round(time.monotonic() - started, 3)}
+    finally:
+        with contextlib.suppress(Exception):
+            ws.destroy_context(target["cluster_id"], context_id)
 
 
 def cmd_export(args):
     project = Project(args.project_dir).check()
     session = project.load()
+    timeout = positive_timeout(args.timeout) if args.verify else None
+    if args.verify:
+        require_active(project, session)         # before writing anything: --verify needs the cluster
     name = sanitize_tag(session.get("session_name") or "session")
-    target = inside_project(project, args.output or os.path.join(project.root, f"{name}_export.py"), "--output")
-
-    def read_code(entry):
-        with open(os.path.join(project.root, entry["command_file"]), encoding="utf-8") as f:
-            return f.read()
-
-    try:
-        script, chosen = export_script(session, read_code)
-    except OSError as err:
-        raise ReplError("MissingCommandFile", f"A step's command file is unreadable: {err}",
-                        hint="Restore repl_outputs/ or export fewer steps.") from None
+    default_name = f"{name}_export.py"
+    target = explicit_path(args.output, default_name) if args.output else os.path.join(project.root, default_name)
+    exclude = {t.strip() for t in (args.exclude_tags or "").split(",") if t.strip()}
+    chosen, left_out = export_selection(project, session, parse_step_list(args.steps) if args.steps else None,
+                                        exclude)
+    missing = [e["origin"] for e in chosen if e["code"] is None]
+    if missing:
+        raise ReplError("MissingCommandFile", f"The command file of step {missing[0]} is unreadable.",
+                        hint="Restore repl_outputs/ or leave the step out with --steps.")
+    script, requires = export_script(session, chosen)
     os.makedirs(os.path.dirname(target), exist_ok=True)
     write_atomic(target, script)
-    return response("Exported", f"Wrote {len(chosen)} step(s) to {project.show(target)}.",
-                    output_file=project.show(target), steps=[e["step"] for e in chosen],
-                    bytes=len(script.encode("utf-8")),
-                    hint="Review the script; it runs top to bottom where the session's data is reachable.")
+    fields = {"output_file": project.show(target), "steps": [e["origin"] for e in chosen],
+              "left_out": left_out or None, "bytes": len(script.encode("utf-8"))}
+    if not args.verify:
+        return response("Exported", f"Wrote {len(chosen)} step(s) to {project.show(target)}.", **fields,
+                        hint="Review the script, or check that it runs with --verify (a fresh context).")
+    ws = Workspace(args.profile or session.get("profile"), args.debug)
+    try:
+        fields["verify"] = verify_script(ws, project, session, script, requires, timeout,
+                                         project.output_path(f"{name}_export.verify.txt"))
+    except ReplError:
+        raise
+    except Exception as err:
+        raise map_sdk_error(err, action="verify the script in a fresh context") from None
+    if fields["verify"]["status"] == "Passed":
+        return response("Exported", f"Wrote {len(chosen)} step(s) to {project.show(target)}; it ran top to "
+                        "bottom in a fresh context.", **fields, hint="The script is ready to commit.")
+    return response("VerifyFailed", f"Wrote {project.show(target)}, but it did not run in a fresh context "
+                    f"({fields['verify']['status']}).", exit_code=EXIT_FAILED, **fields,
+                    hint="Read verify.output_file; fix the session (exec the missing step) and export again, "
+                         "or choose steps with --steps.")
 
 
 # -- put / get: files between this machine and the driver -----------------------------------------
@@ -2610,7 +3168,7 @@ def cmd_put(args):
 
 def cmd_get(args):
     project = Project(args.project_dir).check()
-    target = inside_project(project, args.local, "LOCAL")
+    target = explicit_path(args.local, os.path.basename(args.remote.rstrip("/")) or "download")
     session, ws = idle_session(project, args)
     started = time.monotonic()
     try:
@@ -2681,15 +3239,18 @@ def cmd_smoke(args):
 
     def resolve():
         ws = state["ws"]
-        if args.cluster_id:
+        # DATABRICKS_CLUSTER_ID (or cluster_id in the profile) is an id, as the SDK reads it.
+        cluster_id = args.cluster_id or (None if args.cluster_name else ws.config.cluster_id)
+        if cluster_id:
             try:
-                cluster = ws.cluster(args.cluster_id)
+                cluster = ws.cluster(cluster_id)
             except ws.errors.NotFound:
-                raise ReplError("ClusterNotFound", f"No cluster with id {args.cluster_id}.") from None
+                raise ReplError("ClusterNotFound", f"No cluster with id {cluster_id}.") from None
         else:
-            name = args.cluster_name or ws.config.cluster_id
+            name = args.cluster_name
             if not name:
-                raise ReplError("UsageError", "Pass --cluster-id or --cluster-name (or set cluster_id in the profile).")
+                raise ReplError("UsageError", "Pass --cluster-id or --cluster-name (or set DATABRICKS_CLUSTER_ID, "
+                                              "or cluster_id in the profile).")
             found = [c for c in find_clusters(ws.clusters(), name) if is_all_purpose(c)]
             if not found:
                 raise ReplError("ClusterNotFound", f"No all-purpose cluster name contains {name!r}.")
@@ -2775,9 +3336,12 @@ def find_clusters(clusters, name):
 
 def cmd_find_cluster(args):
     name = (args.name or "").strip()
+    if not name and args.name is None and env_cluster_id():
+        return find_cluster_by_id(args, env_cluster_id())
     if not name:
         raise ReplError("InvalidName", "--name is empty.", exit_code=EXIT_USAGE,
-                        hint="Pass part of the cluster's name, e.g. --name analytics.")
+                        hint="Pass part of the cluster's name, e.g. --name analytics (or set "
+                             "DATABRICKS_CLUSTER_ID to a cluster id).")
     ws = Workspace(args.profile, args.debug)
     try:
         clusters = ws.clusters()
@@ -2795,12 +3359,27 @@ def cmd_find_cluster(args):
                     matches=matches, hint="Pick one cluster_id (an all_purpose, RUNNING one can host a session).")
 
 
+def find_cluster_by_id(args, cluster_id):
+    """find-cluster without --name: the cluster DATABRICKS_CLUSTER_ID names, by id."""
+    ws = Workspace(args.profile, args.debug)
+    try:
+        found = cluster_summary(ws.cluster(cluster_id))
+    except ws.errors.NotFound:
+        raise ReplError("ClusterNotFound", f"No cluster with id {cluster_id} (from DATABRICKS_CLUSTER_ID).",
+                        hint="Fix DATABRICKS_CLUSTER_ID, or search by name with --name.",
+                        cluster_id=cluster_id) from None
+    except Exception as err:
+        raise map_sdk_error(err, action="look up the cluster") from None
+    return response("Found", f"Cluster {found['cluster_name']!r} (DATABRICKS_CLUSTER_ID) is {found['state']}.",
+                    **found, hint=_cluster_hint(found))
+
+
 def _cluster_hint(cluster):
     if not cluster["all_purpose"]:
         return "This is not an all-purpose cluster; execution contexts need one."
     if cluster["state"] not in RUNNABLE_CLUSTER_STATES:
         return "The cluster is not running: ask the user to start it, then create the session."
-    return f"Create a session: dbx_repl.py create --cluster-id {cluster['cluster_id']} --session-name NAME"
+    return f"Create a session: {cli_hint('create')} --cluster-id {cluster['cluster_id']} --session-name NAME"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -2820,10 +3399,25 @@ class JsonArgumentParser(argparse.ArgumentParser):
         sys.exit(status)
 
 
+def profile_name(text):
+    """--profile: an empty value means no profile, as in the SDK (`--profile ""` from a template)."""
+    return text.strip() or None
+
+
+def env_cluster_id():
+    """DATABRICKS_CLUSTER_ID, the SDK's variable for a cluster id (Config.cluster_id), or None."""
+    return (os.environ.get("DATABRICKS_CLUSTER_ID") or "").strip() or None
+
+
+def add_profile(parser):
+    parser.add_argument("--profile", type=profile_name, default=None,
+                        help="Profile in ~/.databrickscfg; empty or absent: the SDK's default auth")
+    parser.add_argument("--debug", action="store_true", help="Print SDK debug information to stderr")
+
+
 def add_common(parser):
     parser.add_argument("--project-dir", default=".", help="Directory holding session.json and repl_outputs/")
-    parser.add_argument("--profile", default=None, help="Profile in ~/.databrickscfg (default: SDK default auth)")
-    parser.add_argument("--debug", action="store_true", help="Print SDK debug information to stderr")
+    add_profile(parser)
 
 
 def add_wait_options(parser):
@@ -2834,13 +3428,13 @@ def add_wait_options(parser):
 
 
 def build_parser():
-    parser = JsonArgumentParser(prog="dbx_repl.py", description=__doc__.split("\n\n")[0])
+    parser = JsonArgumentParser(prog=Invocation.program, description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=VERSION)
     sub = parser.add_subparsers(dest="subcommand", parser_class=JsonArgumentParser)
 
     p = sub.add_parser("create", help="Create a session: an execution context with the helpers installed")
     add_common(p)
-    p.add_argument("--cluster-id", required=True)
+    p.add_argument("--cluster-id", default=env_cluster_id(), help="Default: $DATABRICKS_CLUSTER_ID")
     p.add_argument("--session-name", required=True)
     p.add_argument("--llm-endpoint", default=None, help=f"Default sub_llm endpoint (env {ENV_LLM_ENDPOINT})")
     p.add_argument("--llm-max-calls", type=int, default=None, help="Budget: sub_llm calls in this session")
@@ -2879,17 +3473,26 @@ def build_parser():
     p.add_argument("--from", dest="from_step", type=int, default=None, help="First step of a range")
     p.add_argument("--to", dest="to_step", type=int, default=None, help="Last step of a range")
     p.add_argument("--skip-failed", action="store_true", help="Leave out steps that did not finish")
+    p.add_argument("--all", action="store_true", help="Every step that finished, instead of the dependency plan")
+    p.add_argument("--plan", action="store_true", help="Show the plan (written to repl_outputs/replay_plan.json) "
+                                                       "without running it")
     add_wait_options(p)
     p.set_defaults(handler=cmd_replay)
 
     p = sub.add_parser("export", help="Write the session as one clean Python script")
     add_common(p)
-    p.add_argument("--output", default=None, help="Script path inside the project dir")
+    p.add_argument("--output", default=None, help="Script path (relative to the working directory; default "
+                                                   "<session>_export.py in the project dir)")
+    p.add_argument("--steps", default=None, help="Export these steps (e.g. 1,2,5 or 3-7) instead of the default")
+    p.add_argument("--exclude-tags", default=None, help="Leave out steps with these tags (comma-separated)")
+    p.add_argument("--verify", action="store_true", help="Run the script in a fresh execution context and "
+                                                         "report the result")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="With --verify: seconds the run may take")
     p.set_defaults(handler=cmd_export)
 
     for name, handler, positionals, purpose in (
             ("put", cmd_put, ("local", "remote"), "Copy a local file to the driver"),
-            ("get", cmd_get, ("remote", "local"), "Copy a driver file into the project dir")):
+            ("get", cmd_get, ("remote", "local"), "Copy a driver file to a local path (as cp would)")):
         p = sub.add_parser(name, help=purpose)
         add_common(p)
         for positional in positionals:
@@ -2898,9 +3501,8 @@ def build_parser():
         p.set_defaults(handler=handler)
 
     p = sub.add_parser("smoke", help="End-to-end check: create, exec, (sub_llm), destroy in a temp dir")
-    p.add_argument("--profile", default=None)
-    p.add_argument("--debug", action="store_true")
-    p.add_argument("--cluster-id", default=None)
+    add_profile(p)
+    p.add_argument("--cluster-id", default=None, help="Default: $DATABRICKS_CLUSTER_ID")
     p.add_argument("--cluster-name", default=None)
     p.add_argument("--llm-endpoint", default=None)
     p.add_argument("--timeout", type=float, default=120.0)
@@ -2908,7 +3510,8 @@ def build_parser():
 
     p = sub.add_parser("find-cluster", help="Find clusters whose name contains a string")
     add_common(p)
-    p.add_argument("--name", required=True)
+    p.add_argument("--name", default=None, help="Part of the cluster's name (default: the cluster "
+                                                "$DATABRICKS_CLUSTER_ID names)")
     p.set_defaults(handler=cmd_find_cluster)
     return parser
 
@@ -2918,10 +3521,14 @@ def main(argv=None):
     os.umask(os.umask(0o077) | 0o077)  # session and output files: owner only, or stricter
     signal.signal(signal.SIGTERM, _raise_terminated)
     try:
+        Project.current = None
+        Invocation.program = invoked_program(sys.argv[0])
         args = build_parser().parse_args(argv)
+        Invocation.profile = getattr(args, "profile", None)
+        Invocation.timeout = getattr(args, "timeout", None) if args.subcommand in WAITING_SUBCOMMANDS else None
         if not getattr(args, "handler", None):
             raise ReplError("UsageError", "No subcommand given.", exit_code=EXIT_USAGE,
-                            hint="Run dbx_repl.py --help for the subcommands.")
+                            hint=f"Run {Invocation.program} --help for the subcommands.")
         if getattr(args, "max_output_bytes", 1) <= 0:
             raise ReplError("UsageError", "--max-output-bytes must be positive.", exit_code=EXIT_USAGE,
                             hint=f"Leave it out for the default ({DEFAULT_MAX_OUTPUT_BYTES} bytes).")

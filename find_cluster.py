@@ -2,10 +2,12 @@
 """Resolve a Databricks cluster name (or part of it) to cluster ids, as one JSON object on stdout.
 
     python find_cluster.py [--profile PROFILE] --name SUBSTRING
+    python find_cluster.py [--profile PROFILE]          # the cluster whose id is $DATABRICKS_CLUSTER_ID
 
 One match answers {"status": "Found", "cluster_id", "cluster_name", "state", "all_purpose",
 "access_mode", ...}; several answer {"status": "Ambiguous", "matches": [...]}; none answers
-{"status": "ClusterNotFound"}. The logic lives in dbx_repl.py (`find-cluster`), next to this file.
+{"status": "ClusterNotFound"}. An empty --profile means the SDK's default auth. The logic lives in
+dbx_repl.py (`find-cluster`), next to this file; its tips name that file.
 """
 import os
 import sys

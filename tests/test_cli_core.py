@@ -226,7 +226,7 @@ def test_tags_are_sanitised_into_safe_file_names(session):
 
 # -- eviction ------------------------------------------------------------------------------------------
 
-def test_exec_after_eviction_reports_previous_steps_and_a_fresh_context(workspace, session):
+def test_exec_after_eviction_reports_the_replay_plan_and_a_fresh_context(workspace, session):
     session.exec("x = 1", "load")
     session.exec("x = x + 1", "transform")
     old_context = session.session()["context_id"]
@@ -234,8 +234,8 @@ def test_exec_after_eviction_reports_previous_steps_and_a_fresh_context(workspac
     call = session.exec("print(x)", "report")
     assert call.status == "ContextEvicted" and call.code != 0
     assert call["old_context_id"] == old_context and call["new_context_id"] != old_context
-    assert [s["step"] for s in call["previous_steps"]] == [1, 2]
-    assert all(os.path.exists(session.path(s["command_file"])) for s in call["previous_steps"])
+    assert call["replay_plan"]["steps"] == "1,2"
+    assert os.path.exists(session.path(call["replay_plan"]["file"]))
     assert session.session()["context_id"] == call["new_context_id"]
     assert session.session()["steps"][-1]["status"] == "Evicted"
     after = session.exec("print('fresh')", "fresh")
