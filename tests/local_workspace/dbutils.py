@@ -147,9 +147,22 @@ class _Notebook:
         return "<dbutils.notebook>"
 
 
+class RestartPython(BaseException):
+    """Raised by dbutils.library.restartPython(): the worker answers, then its Python exits."""
+
+
+class _Library:
+    def restartPython(self):
+        raise RestartPython()
+
+    def __repr__(self):
+        return "<dbutils.library>"
+
+
 class _Dbutils:
     def __init__(self, init):
         self.notebook = _Notebook(init)
+        self.library = _Library()
 
     def __repr__(self):
         return "<dbutils (local workspace)>"
