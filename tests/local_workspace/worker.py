@@ -603,20 +603,25 @@ def _restarts_python(code):
 def _install_runtime_auth(init):
     """``dbruntime.sdk_credential_provider``, the module through which databricks-sdk's runtime
     auth (``runtime_native_auth``, used when ``DATABRICKS_RUNTIME_VERSION`` is set) finds the
-    workspace on a cluster: ``init_runtime_native_auth()`` gives the host and a header factory.
-    Its host is the local workspace's own ``http://`` URL, so ``WorkspaceClient()`` with no
-    arguments works in a context (the REPL-context fallback would build ``https://`` and
-    retry a TLS handshake for the SDK's whole 300 s budget)."""
+    workspace on a cluster: ``init_runtime_native_unified()`` gives the host, account id,
+    workspace id and a header factory (``init_runtime_native_auth()`` the older pair). The host
+    is the local workspace's own ``http://`` URL, so ``WorkspaceClient()`` with no arguments
+    works in a context (the REPL-context fallback builds ``https://`` and would retry a TLS
+    handshake for the SDK's whole 300 s budget)."""
     import types
 
     module = types.ModuleType("dbruntime.sdk_credential_provider")
 
-    def init_runtime_native_auth():
-        def inner():
-            return {"Authorization": "Bearer %s" % init["token"]}
+    def inner():
+        return {"Authorization": "Bearer %s" % init["token"]}
 
+    def init_runtime_native_unified():
+        return init["host"], None, init["workspace_id"], inner
+
+    def init_runtime_native_auth():
         return init["host"], inner
 
+    module.init_runtime_native_unified = init_runtime_native_unified
     module.init_runtime_native_auth = init_runtime_native_auth
     sys.modules["dbruntime.sdk_credential_provider"] = module
     sys.modules["dbruntime"].sdk_credential_provider = module
