@@ -509,7 +509,11 @@ class ExecutionContexts:
     def _abort_for_shutdown(self, ctx):
         """The context is shutting down: its running and queued commands end ``Finished`` with
         the CommandCancelledException of ``ExecContextState.shutdown`` (S4, S5), and their
-        status stays readable after the context is gone. Called with the lock held."""
+        status stays readable after the context is gone. Called with the lock held.
+        ``shutdown_aborts_commands=False``: they vanish with the context instead (every later
+        status call answers "disconnected")."""
+        if not self._config["shutdown_aborts_commands"]:
+            return
         doomed = ([ctx.current] if ctx.current is not None else []) + list(ctx.queue)
         ctx.queue.clear()
         ctx.current = None

@@ -55,6 +55,7 @@ DEFAULTS = {
     "restart_window": 2.0,
     "ready_delay": 1.0,
     "idle_context_tracking": True,
+    "shutdown_aborts_commands": True,
     "context_error_next": 0,
     "latency_ms": 0,
 }
@@ -257,7 +258,7 @@ class LocalWorkspace(ExecutionContexts, ModelServing, WorkspaceFiles):
             raise ValueError("not_running_mode must be one of %s" % (NOT_RUNNING_MODES,))
         if "plots_mode" in settings and settings["plots_mode"] not in PLOTS_MODES:
             raise ValueError("plots_mode must be one of %s" % (PLOTS_MODES,))
-        for key in ("pip_restarts", "idle_context_tracking"):
+        for key in ("pip_restarts", "idle_context_tracking", "shutdown_aborts_commands"):
             if key in settings and not isinstance(settings[key], bool):
                 raise ValueError("%s must be true or false" % key)
         for key in ("output_limit", "context_limit", "image_inline_limit", "context_error_next",
