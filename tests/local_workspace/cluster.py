@@ -50,10 +50,14 @@ SHUTDOWN_CAUSE = (
     "\tat com.databricks.spark.chauffeur.ExecContextState.$anonfun$shutdown$5(ExecContextState.scala:461)\n"
     "\tat com.databricks.spark.chauffeur.ExecContextState.shutdown(ExecContextState.scala:461)"
 )
-# Commands sent while a context's Python restarts (dbx #813: S27).
-KERNEL_RESTARTING = ("java.lang.IllegalStateException: jupyter client is not available because the "
-                     "python kernel is not defined. The kernel may be restarting or the repl may "
-                     "have been shut down.")
+# Commands sent while a context's Python restarts: an error result with this cause (dbx #813: S27).
+KERNEL_RESTARTING = (
+    "java.lang.IllegalStateException: jupyter client is not available because the python kernel "
+    "is not defined. The kernel may be restarting or the repl may have been shut down.\n"
+    "\tat com.databricks.backend.daemon.driver.JupyterDriverLocal.$anonfun$getJupyterKernelListener$2(JupyterDriverLocal.scala:307)\n"
+    "\tat com.databricks.backend.daemon.driver.JupyterDriverLocal.executePython(JupyterDriverLocal.scala:562)\n"
+    "\tat com.databricks.backend.daemon.driver.JupyterDriverLocal.repl(JupyterDriverLocal.scala:524)"
+)
 
 
 class _Command:
@@ -377,8 +381,7 @@ class ExecutionContexts:
                         "resultType": "error",
                         "summary": "<span class='ansi-red-fg'>Fatal error</span>: The Python "
                                    "kernel is unresponsive.",
-                        "cause": "The Python process exited unexpectedly (exit code %s)."
-                                 % ctx.proc.poll(),
+                        "cause": _exit_description(ctx.proc.poll()),
                     }
             for queued in ctx.queue:
                 queued.status = "Error"
@@ -580,6 +583,22 @@ class ExecutionContexts:
             if idle:
                 self._close_contexts(idle)
 
+
+
+def _exit_description(returncode):
+    """How a cluster reports a Python process that died under a command: "The Python process
+    exited with exit code 134 (SIGABRT: Aborted)." (pasted in pymssql #893 and
+    insanely-fast-whisper #257)."""
+    if returncode is not None and returncode < 0:
+        number = -returncode
+        try:
+            name = signal.Signals(number).name
+            meaning = signal.strsignal(number) or name
+        except ValueError:
+            name, meaning = "SIG%d" % number, "signal %d" % number
+        return ("The Python process exited with exit code %d (%s: %s)."
+                % (128 + number, name, meaning.split(":")[0]))
+    return "The Python process exited with exit code %s." % returncode
 
 
 def _exited(proc):
