@@ -2,9 +2,11 @@
 
 An HTTP server on 127.0.0.1 that speaks the REST endpoints databricks-repl uses: the Command
 Execution API 1.2 (``cluster.ExecutionContexts``: every execution context is a real Python
-process, ``worker.py``), clusters list/get/start, DBFS read for stored plots, and model serving
-(``serving.ModelServing``). A control API under ``/_local/...`` lets tests evict contexts, change
-limits, flip cluster states and inject failures. See ``references/local-workspace.md``.
+process, ``worker.py``), clusters list/get/start/restart/events, DBFS, Files and Workspace over
+the state directory (``files.WorkspaceFiles``), and model serving (``serving.ModelServing``).
+A control API under ``/_local/...`` lets tests evict contexts, change settings (the switches of
+the real service's awkward behaviours among them), flip cluster states, inject failures and
+throttle. See ``references/local-workspace.md``.
 """
 
 import argparse
@@ -164,7 +166,7 @@ class LocalWorkspace(ExecutionContexts, ModelServing, WorkspaceFiles):
 
     def __init__(self, token="local-token", output_limit=50_000, context_limit=145,
                  idle_ttl=None, cancel_mode="cancelled", not_running_mode="error",
-                 start_delay=2.0, llm_latency=0.0, image_inline_limit=512 * 1024, **awkward):
+                 start_delay=2.0, llm_latency=0.0, image_inline_limit=512 * 1024, **settings):
         self.token = token
         self.host = None
         self.port = None
@@ -173,7 +175,7 @@ class LocalWorkspace(ExecutionContexts, ModelServing, WorkspaceFiles):
         self.configure(output_limit=output_limit, context_limit=context_limit,
                        idle_ttl=idle_ttl, cancel_mode=cancel_mode,
                        not_running_mode=not_running_mode, start_delay=start_delay,
-                       llm_latency=llm_latency, image_inline_limit=image_inline_limit, **awkward)
+                       llm_latency=llm_latency, image_inline_limit=image_inline_limit, **settings)
         self._contexts = {}
         self._clusters = _default_clusters()
         self._injections = []
