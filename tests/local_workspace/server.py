@@ -188,11 +188,13 @@ class LocalWorkspace(ExecutionContexts, ModelServing, WorkspaceFiles):
         self._dbfs_last_handle = 0
         self._events = []  # clusters/events: {cluster_id, timestamp, type, details}, oldest first
         self._ready_at = {}  # cluster id -> time.monotonic() when the 1.2 API serves it again
-        for cluster in self._clusters.values():
-            self._record_event(cluster["cluster_id"], "CREATING", {"user": OWNER},
-                               timestamp=cluster["start_time"])
-            self._record_event(cluster["cluster_id"], cluster["state"], {},
-                               timestamp=cluster["start_time"] + 60_000)
+        for cluster in self._clusters.values():  # each default cluster's history so far
+            history = ["CREATING", "RUNNING"] + (["TERMINATING"] if cluster["state"] == "TERMINATED"
+                                                 else [])
+            for minute, event_type in enumerate(history):
+                self._record_event(cluster["cluster_id"], event_type,
+                                   {"user": OWNER} if event_type == "CREATING" else {},
+                                   timestamp=cluster["start_time"] + minute * 60_000)
         self._server = None
         self._server_thread = None
         self._janitor = None
