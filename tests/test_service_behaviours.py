@@ -236,7 +236,12 @@ def test_at_the_limit_the_least_recently_used_idle_context_is_evicted_first(
 def test_request_limit_exceeded_is_retried_by_the_sdk_with_and_without_429(
         sdk_client, workspace, http_429):
     ctx = new_context(sdk_client)
-    rule = workspace.throttle("/api/1.2/commands/execute", http_429=http_429)
+    if http_429:
+        rule = workspace.throttle("/api/1.2/commands/execute")
+    else:  # through the control API, as a CLI test in another process would
+        rule = raw(workspace, "POST", "/_local/throttle",
+                   json={"path": "/api/1.2/commands/execute", "http_429": False}).json()["rule"]
+        assert "RPC token bucket limit has been exceeded" in rule["body"]["message"]
     assert rule["body"]["error_code"] == "REQUEST_LIMIT_EXCEEDED"
     assert text(sdk_client, ctx, "print('through')") == "through"
     statuses = [r["status"] for r in workspace.requests()
