@@ -600,14 +600,20 @@ def _restarts_python(code):
         line.lstrip().startswith("%pip") for line in code.split("\n"))
 
 
-def _install_runtime_auth(init):
-    """``dbruntime.sdk_credential_provider``, the module through which databricks-sdk's runtime
-    auth (``runtime_native_auth``, used when ``DATABRICKS_RUNTIME_VERSION`` is set) finds the
-    workspace on a cluster: ``init_runtime_native_unified()`` gives the host, account id,
-    workspace id and a header factory (``init_runtime_native_auth()`` the older pair). The host
-    is the local workspace's own ``http://`` URL, so ``WorkspaceClient()`` with no arguments
-    works in a context (the REPL-context fallback builds ``https://`` and would retry a TLS
-    handshake for the SDK's whole 300 s budget)."""
+def _install_runtime_auth(init, namespace):
+    """What databricks-sdk's runtime auth (``runtime_native_auth``, used when
+    ``DATABRICKS_RUNTIME_VERSION`` is set) imports on a cluster:
+
+    * ``dbruntime.sdk_credential_provider``: ``init_runtime_native_unified()`` gives the host,
+      account id, workspace id and a header factory; ``init_runtime_native_auth()`` the older
+      (host, header factory) pair;
+    * ``dbruntime.UserNamespaceInitializer``: the notebook's namespace, through which
+      ``databricks.sdk.runtime`` takes ``dbutils``, ``spark``, ``display``... and, on SDKs
+      without the unified provider, ``init_runtime_native_auth``.
+
+    The host is the local workspace's own ``http://`` URL, so ``WorkspaceClient()`` with no
+    arguments works in a context, with old and new SDKs alike (the REPL-context fallback builds
+    ``https://`` and would retry a TLS handshake for the SDK's whole 300 s budget)."""
     import types
 
     module = types.ModuleType("dbruntime.sdk_credential_provider")
@@ -626,6 +632,16 @@ def _install_runtime_auth(init):
     sys.modules["dbruntime.sdk_credential_provider"] = module
     sys.modules["dbruntime"].sdk_credential_provider = module
 
+    class UserNamespaceInitializer:
+        @classmethod
+        def getOrCreate(cls):
+            return cls()
+
+        def get_namespace_globals(self):
+            return dict(namespace, init_runtime_native_auth=init_runtime_native_auth)
+
+    sys.modules["dbruntime"].UserNamespaceInitializer = UserNamespaceInitializer
+
 
 def _send(res_file, message):
     res_file.write(json.dumps(message) + "\n")
@@ -643,7 +659,6 @@ def main(argv):
     STATE["init"] = init
     sys.meta_path.insert(0, _PyplotImportHook())
     _install_dbruntime(init)
-    _install_runtime_auth(init)
     namespace = {
         "__name__": "__main__",
         "__builtins__": __builtins__,
@@ -653,6 +668,7 @@ def main(argv):
         "spark": _LazySpark(init),
         "__local_magic__": _magic,
     }
+    _install_runtime_auth(init, namespace)
     real_out, real_err = sys.stdout, sys.stderr
     _send(res, {"type": "ready", "pid": os.getpid()})
 
