@@ -156,7 +156,7 @@ def test_starting_a_running_cluster_is_refused_with_invalid_state(sdk_client):
 
 def test_a_cluster_just_running_answers_cluster_not_ready_which_the_sdk_waits_out(
         sdk_client, workspace):
-    workspace.configure(start_delay=0.3, ready_delay=2.0)
+    workspace.configure(start_delay=0.3, ready_delay=4.0)
     details = sdk_client.clusters.start_and_wait(TERMINATED_CLUSTER_ID)
     assert details.state == State.RUNNING
     refused = raw(workspace, "POST", "/api/1.2/contexts/create",
