@@ -107,7 +107,7 @@ def test_create_on_an_unknown_or_job_cluster_is_refused(repl):
 
 
 def test_context_limit_answers_context_limit_reached(workspace, repl, tmp_path):
-    workspace.configure(context_limit=1)
+    workspace.configure(context_limit=1, idle_context_tracking=False)  # no LRU eviction
     assert repl.create().status == "Created"
     other = tmp_path / "other"
     other.mkdir()
@@ -245,6 +245,7 @@ def test_exec_after_eviction_reports_the_replay_plan_and_a_fresh_context(workspa
 
 
 def test_await_after_eviction_reports_context_evicted(workspace, session):
+    workspace.configure(shutdown_aborts_commands=False)  # the running command vanishes with it
     running = session.exec("import time\ntime.sleep(60)", "long", "--timeout", "0.5")
     assert running.status == "Running"
     workspace.evict()

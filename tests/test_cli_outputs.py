@@ -236,7 +236,16 @@ plt.show()
 """
 
 
-def test_a_matplotlib_plot_lands_as_a_valid_png(shared):
+@pytest.fixture
+def images_mode(shared):
+    """Figures come back as images (plots_mode="images"), for one test."""
+    shared.workspace.configure(plots_mode="images")
+    yield shared
+    shared.workspace.configure(plots_mode="repr")
+
+
+def test_a_matplotlib_plot_lands_as_a_valid_png(images_mode):
+    shared = images_mode
     before = len(dbfs_reads(shared.workspace))
     call = shared.exec(PLOT, "plot")
     assert call.status == "Finished", call
@@ -255,9 +264,9 @@ def dbfs_reads(workspace):
 @pytest.fixture
 def small_inline_limit(shared):
     """Plots over 1,000 bytes come back as FileStore paths, for one test."""
-    shared.workspace.configure(image_inline_limit=1000)
+    shared.workspace.configure(image_inline_limit=1000, plots_mode="images")
     yield shared
-    shared.workspace.configure(image_inline_limit=512 * 1024)
+    shared.workspace.configure(image_inline_limit=512 * 1024, plots_mode="repr")
 
 
 def test_a_large_plot_returned_as_a_filestore_path_is_fetched_through_dbfs(small_inline_limit):

@@ -266,6 +266,7 @@ def test_eight_project_dirs_run_fully_in_parallel(workspace, tmp_path):
 # -- eviction and a broken session.json --------------------------------------------------------------
 
 def test_eviction_mid_command_records_the_step_and_keeps_its_files(workspace, session):
+    workspace.configure(shutdown_aborts_commands=False)  # the running command vanishes with it
     assert session.exec("x = 1", "load").status == "Finished"
     proc = session.popen("exec", "--command", "import time\ntime.sleep(30)", "--tag", "doomed")
     assert wait_for(lambda: active_command_id(session), 15)

@@ -7,9 +7,10 @@ The parts, each readable on its own:
 * ``worker``  - one execution context: a Python REPL process (with ``dbutils`` and ``spark``);
 * ``dbutils`` - dbutils, the notebook context and ``dbruntime`` inside a context;
 * ``spark``   - ``spark`` inside a context;
+* ``files``   - DBFS, Files and Workspace REST over the driver paths (``paths``);
 * ``serving`` - model serving with a deterministic chat model.
 
-    python tests/local_workspace serve [--port N] [--token T]
+    python tests/local_workspace serve [--port N] [--token T] [--latency-ms N]
 
 See ``references/local-workspace.md``.
 """

@@ -42,6 +42,24 @@ CANCELLED_CAUSE = (
     "\tat com.databricks.spark.chauffeur.ChauffeurState.cancelExecution(ChauffeurState.scala:1252)\n"
     "\tat com.databricks.spark.chauffeur.Chauffeur$$anonfun$receive$1.applyOrElse(Chauffeur.scala:1021)"
 )
+# A command whose context shuts down under it (eviction, cluster restart): the frames real users
+# pasted (paiqo/Databricks-VSCode #132 and #220: S4, S5).
+SHUTDOWN_CAUSE = (
+    "com.databricks.backend.common.rpc.CommandCancelledException\n"
+    "\tat com.databricks.spark.chauffeur.SequenceExecutionState.$anonfun$cancel$5(SequenceExecutionState.scala:132)\n"
+    "\tat com.databricks.spark.chauffeur.SequenceExecutionState.cancel(SequenceExecutionState.scala:129)\n"
+    "\tat com.databricks.spark.chauffeur.ExecContextState.abortRunningSequence(ExecContextState.scala:758)\n"
+    "\tat com.databricks.spark.chauffeur.ExecContextState.$anonfun$shutdown$5(ExecContextState.scala:461)\n"
+    "\tat com.databricks.spark.chauffeur.ExecContextState.shutdown(ExecContextState.scala:461)"
+)
+# Commands sent while a context's Python restarts: an error result with this cause (dbx #813: S27).
+KERNEL_RESTARTING = (
+    "java.lang.IllegalStateException: jupyter client is not available because the python kernel "
+    "is not defined. The kernel may be restarting or the repl may have been shut down.\n"
+    "\tat com.databricks.backend.daemon.driver.JupyterDriverLocal.$anonfun$getJupyterKernelListener$2(JupyterDriverLocal.scala:307)\n"
+    "\tat com.databricks.backend.daemon.driver.JupyterDriverLocal.executePython(JupyterDriverLocal.scala:562)\n"
+    "\tat com.databricks.backend.daemon.driver.JupyterDriverLocal.repl(JupyterDriverLocal.scala:524)"
+)
 
 
 class _Command:
@@ -95,6 +113,7 @@ class ExecutionContexts:
     def _contexts_create(self, body):
         cluster_id = body.get("clusterId")
         cluster = self._cluster_for_1_2(cluster_id)
+        self._evict_lru_idle_at_limit(cluster_id)
         language = body.get("language") or "python"
         if language != "python":
             raise ApiError(400, {"error": "java.lang.IllegalArgumentException: language %r is "
@@ -121,6 +140,8 @@ class ExecutionContexts:
                 context_id = str(random.randint(10 ** 18, 9 * 10 ** 18))
             ctx = _Context(context_id, cluster_id, self._lock)
             self._contexts[context_id] = ctx
+            if self._fails_at_creation(ctx):
+                return {"id": context_id}
             init = {
                 "type": "init",
                 "host": self.host,
@@ -226,6 +247,9 @@ class ExecutionContexts:
     def _command(self, args):
         cluster_id = args.get("clusterId")
         self._cluster_for_1_2(cluster_id)
+        aborted = self._aborted_command(args)
+        if aborted is not None:
+            return aborted.context, aborted
         ctx = self._live_context(cluster_id, args.get("contextId"))
         command_id = args.get("commandId")
         with self._lock:
@@ -323,7 +347,9 @@ class ExecutionContexts:
                     ctx.current = cmd
                     message = {"type": "exec", "id": cmd.id, "code": cmd.code,
                                "limits": {"image_inline_limit": self._config["image_inline_limit"],
-                                          "plots_dir": self.plots_dir}}
+                                          "plots_dir": self.plots_dir,
+                                          "plots_mode": self._config["plots_mode"],
+                                          "pip_restarts": self._config["pip_restarts"]}}
                 ctx.req.write(json.dumps(message) + "\n")
                 ctx.req.flush()
                 line = ctx.res.readline()
@@ -338,6 +364,8 @@ class ExecutionContexts:
                     else:
                         cmd.status = "Finished"
                         cmd.results = self._shape_results(reply.get("results"))
+                if reply.get("restart"):
+                    return self._restart_python(ctx, init)
         except (OSError, ValueError):
             return self._worker_gone(ctx)
         finally:
@@ -359,8 +387,7 @@ class ExecutionContexts:
                         "resultType": "error",
                         "summary": "<span class='ansi-red-fg'>Fatal error</span>: The Python "
                                    "kernel is unresponsive.",
-                        "cause": "The Python process exited unexpectedly (exit code %s)."
-                                 % ctx.proc.poll(),
+                        "cause": _exit_description(ctx.proc.poll()),
                     }
             for queued in ctx.queue:
                 queued.status = "Error"
@@ -401,6 +428,7 @@ class ExecutionContexts:
                 ctx.closed = True
                 ctx.cond.notify_all()
                 closed.append(ctx)
+                self._abort_for_shutdown(ctx)
         procs = [c.proc for c in closed if c.proc is not None]
         if grace:
             for proc in procs:
@@ -455,6 +483,100 @@ class ExecutionContexts:
             except OSError:
                 pass
 
+    # ----- the awkward parts of a context's life: limit, faults, shutdown, Python restarts
+
+    def _evict_lru_idle_at_limit(self, cluster_id):
+        """At the context limit, evict the least recently used idle context of the cluster.
+
+        Real clusters do this (S6: "idle contexts are evicted LRU first" when the limit is
+        reached), unless idle-context tracking is off (``idle_context_tracking=False``, the
+        switch behind ``spark.databricks.chauffeur.enableIdleContextTracking``). When no context
+        is idle, nothing is evicted and ``contexts/create`` refuses."""
+        with self._lock:
+            if not self._config["idle_context_tracking"]:
+                return
+            live = [c for c in self._contexts.values()
+                    if c.cluster_id == cluster_id and not c.dead]
+            if len(live) < self._config["context_limit"]:
+                return
+            idle = [c for c in live if c.current is None and not c.queue and c.status == "Running"]
+            if not idle:
+                return
+            victim = min(idle, key=lambda c: c.last_active)
+        self._close_contexts([victim.id])
+
+    def _fails_at_creation(self, ctx):
+        """``context_error_next=N``: the next N new contexts end in status ``Error`` with no
+        process, as contexts do under heavy cluster load (dbt-databricks PR #1243: S11)."""
+        if self._config["context_error_next"] <= 0:
+            return False
+        self._config["context_error_next"] -= 1
+        ctx.status = "Error"
+        ctx.dead = True
+        return True
+
+    def _abort_for_shutdown(self, ctx):
+        """The context is shutting down: its running and queued commands end ``Finished`` with
+        the CommandCancelledException of ``ExecContextState.shutdown`` (S4, S5), and their
+        status stays readable after the context is gone. Called with the lock held.
+        ``shutdown_aborts_commands=False``: they vanish with the context instead (every later
+        status call answers "disconnected")."""
+        if not self._config["shutdown_aborts_commands"]:
+            return
+        doomed = ([ctx.current] if ctx.current is not None else []) + list(ctx.queue)
+        ctx.queue.clear()
+        ctx.current = None
+        for cmd in doomed:
+            cmd.status = "Finished"
+            cmd.results = {"resultType": "error",
+                           "summary": "<span class='ansi-red-fg'>CommandCancelledException</span>",
+                           "cause": SHUTDOWN_CAUSE}
+            self._shutdown_commands[cmd.id] = cmd
+
+    def _aborted_command(self, args):
+        with self._lock:
+            cmd = self._shutdown_commands.get(args.get("commandId") or "")
+        if cmd is None or cmd.context.id != args.get("contextId"):
+            return None
+        return cmd
+
+    def _restart_python(self, ctx, init):
+        """The worker answered a command that restarts Python, and exits. For ``restart_window``
+        seconds the context has no interpreter: commands sent to it end ``Finished`` with the
+        "jupyter client is not available ... kernel may be restarting" error result (S27).
+        Then a fresh interpreter serves the same context id: variables and helpers are gone."""
+        old_thread, old_proc = threading.current_thread(), ctx.proc
+        window = self._config["restart_window"]
+
+        def restart():
+            old_thread.join(5)  # its pipes are released first
+            self._reap(old_proc, grace=0)
+            deadline = time.monotonic() + window
+            with self._lock:
+                while not ctx.closed and not self._stopping.is_set():
+                    for cmd in ctx.queue:
+                        cmd.status = "Finished"
+                        cmd.results = {"resultType": "error",
+                                       "summary": "<span class='ansi-red-fg'>"
+                                                  "IllegalStateException</span>: jupyter client "
+                                                  "is not available",
+                                       "cause": KERNEL_RESTARTING}
+                    ctx.queue.clear()
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    ctx.cond.wait(left)
+                if ctx.closed or self._stopping.is_set():
+                    return
+                ctx.status = "Pending"
+            self._spawn(ctx, init)
+            with self._lock:
+                gone = ctx.closed
+            if gone:  # closed while the new interpreter started
+                self._reap(ctx.proc, grace=0)
+
+        threading.Thread(target=restart, name="restart-%s" % ctx.id, daemon=True).start()
+
     def _janitor_loop(self):
         while not self._stopping.wait(0.2):
             with self._lock:
@@ -467,6 +589,22 @@ class ExecutionContexts:
             if idle:
                 self._close_contexts(idle)
 
+
+
+def _exit_description(returncode):
+    """How a cluster reports a Python process that died under a command: "The Python process
+    exited with exit code 134 (SIGABRT: Aborted)." (pasted in pymssql #893 and
+    insanely-fast-whisper #257)."""
+    if returncode is not None and returncode < 0:
+        number = -returncode
+        try:
+            name = signal.Signals(number).name
+            meaning = signal.strsignal(number) or name
+        except ValueError:
+            name, meaning = "SIG%d" % number, "signal %d" % number
+        return ("The Python process exited with exit code %d (%s: %s)."
+                % (128 + number, name, meaning.split(":")[0]))
+    return "The Python process exited with exit code %s." % returncode
 
 
 def _exited(proc):

@@ -2,9 +2,11 @@
 
 An HTTP server on 127.0.0.1 that speaks the REST endpoints databricks-repl uses: the Command
 Execution API 1.2 (``cluster.ExecutionContexts``: every execution context is a real Python
-process, ``worker.py``), clusters list/get/start, DBFS read for stored plots, and model serving
-(``serving.ModelServing``). A control API under ``/_local/...`` lets tests evict contexts, change
-limits, flip cluster states and inject failures. See ``references/local-workspace.md``.
+process, ``worker.py``), clusters list/get/start/restart/events, DBFS, Files and Workspace over
+the state directory (``files.WorkspaceFiles``), and model serving (``serving.ModelServing``).
+A control API under ``/_local/...`` lets tests evict contexts, change settings (the switches of
+the real service's awkward behaviours among them), flip cluster states, inject failures and
+throttle. See ``references/local-workspace.md``.
 """
 
 import argparse
@@ -23,11 +25,11 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from . import sandbox
+from . import paths, sandbox
 from .cluster import (CANCEL_MODES, OWNER, RUNNABLE_STATES, RUNTIME_VERSION,
                       ExecutionContexts)
 from .errors import ApiError, param_error as _param_error
-from .paths import host_path
+from .files import RawBody, WorkspaceFiles, parse_multipart
 from .serving import ModelServing, chat_answer  # noqa: F401  (chat_answer is re-exported)
 
 RUNNING_CLUSTER_ID = "0101-000001-devrun01"
@@ -39,7 +41,6 @@ SPARK_VERSION = RUNTIME_VERSION + ".x-scala2.12"
 
 CLUSTER_STATES = ("PENDING", "RUNNING", "RESTARTING", "RESIZING", "TERMINATING", "TERMINATED",
                   "ERROR", "UNKNOWN")
-DBFS_MAX_READ = 1024 * 1024
 
 DEFAULTS = {
     "output_limit": 50_000,
@@ -50,8 +51,20 @@ DEFAULTS = {
     "start_delay": 2.0,
     "llm_latency": 0.0,
     "image_inline_limit": 512 * 1024,
+    # The awkward behaviours of the real service (references/local-workspace.md, "Behaviours"):
+    "plots_mode": "repr",
+    "pip_restarts": False,
+    "restart_window": 2.0,
+    "ready_delay": 1.0,
+    "idle_context_tracking": True,
+    "shutdown_aborts_commands": True,
+    "context_error_next": 0,
+    "latency_ms": 0,
 }
 NOT_RUNNING_MODES = ("error", "not_ready")
+PLOTS_MODES = ("repr", "images")
+# While a cluster is in one of these states, the 1.2 API answers ClusterNotReadyException.
+STARTING_STATES = ("PENDING", "RESTARTING")
 
 
 # ------------------------------------------------------------------ HTTP plumbing
@@ -114,6 +127,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_DELETE(self):
         self._handle("DELETE")
 
+    def do_HEAD(self):
+        self._handle("HEAD")
+
     def _handle(self, method):
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length > 0 else b""
@@ -122,11 +138,19 @@ class _Handler(BaseHTTPRequestHandler):
         if drop:
             self.close_connection = True
             return
-        data = b"" if body is None else json.dumps(body).encode("utf-8")
+        if isinstance(body, RawBody):
+            data, content_type = body.data, body.content_type
+        else:
+            data = b"" if body is None else json.dumps(body).encode("utf-8")
+            content_type = "application/json"
+        if self.command == "HEAD":
+            headers = dict(headers, **{"Content-Length": len(data)})
+            data = b""
         try:
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Content-Type", content_type)
+            if "Content-Length" not in headers:
+                self.send_header("Content-Length", str(len(data)))
             for key, value in headers.items():
                 self.send_header(key, str(value))
             self.end_headers()
@@ -137,13 +161,13 @@ class _Handler(BaseHTTPRequestHandler):
 
 # ------------------------------------------------------------------ the workspace
 
-class LocalWorkspace(ExecutionContexts, ModelServing):
+class LocalWorkspace(ExecutionContexts, ModelServing, WorkspaceFiles):
     """The local workspace server. ``start()``, use ``host``/``token``, ``stop()``."""
 
     def __init__(self, token="local-token", output_limit=50_000, context_limit=145,
                  idle_ttl=None, cancel_mode="cancelled", not_running_mode="error",
                  start_delay=2.0, llm_latency=0.0, image_inline_limit=512 * 1024, secrets=None,
-                 isolation="auto"):
+                 isolation="auto", **settings):
         """``secrets``: ``{"scope": {"key": "value"}}`` for dbutils.secrets. ``isolation``:
         "auto" (each cluster's processes in their own file system view where the OS allows) or
         "none" (the host's view; driver paths refused); see sandbox.py."""
@@ -160,7 +184,7 @@ class LocalWorkspace(ExecutionContexts, ModelServing):
         self.configure(output_limit=output_limit, context_limit=context_limit,
                        idle_ttl=idle_ttl, cancel_mode=cancel_mode,
                        not_running_mode=not_running_mode, start_delay=start_delay,
-                       llm_latency=llm_latency, image_inline_limit=image_inline_limit)
+                       llm_latency=llm_latency, image_inline_limit=image_inline_limit, **settings)
         self._contexts = {}
         self._clusters = _default_clusters()
         self._injections = []
@@ -168,6 +192,18 @@ class LocalWorkspace(ExecutionContexts, ModelServing):
         self._pids = []
         self._timers = []
         self._rate_limit_seen = collections.Counter()
+        self._shutdown_commands = {}  # command id -> command aborted by its context's shutdown
+        self._dbfs_streams = {}  # dbfs/create handle -> host path, until dbfs/close
+        self._dbfs_last_handle = 0
+        self._events = []  # clusters/events: {cluster_id, timestamp, type, details}, oldest first
+        self._ready_at = {}  # cluster id -> time.monotonic() when the 1.2 API serves it again
+        for cluster in self._clusters.values():  # each default cluster's history so far
+            history = ["CREATING", "RUNNING"] + (["TERMINATING"] if cluster["state"] == "TERMINATED"
+                                                 else [])
+            for minute, event_type in enumerate(history):
+                self._record_event(cluster["cluster_id"], event_type,
+                                   {"user": OWNER} if event_type == "CREATING" else {},
+                                   timestamp=cluster["start_time"] + minute * 60_000)
         self._server = None
         self._server_thread = None
         self._janitor = None
@@ -179,8 +215,11 @@ class LocalWorkspace(ExecutionContexts, ModelServing):
 
     def start(self, port=0):
         self._tmpdir = tempfile.mkdtemp(prefix="local-workspace-")
-        self.plots_dir = host_path(self._tmpdir, None, "dbfs:/FileStore/plots")
+        # Plots live in the FileStore of the DBFS root, as on a workspace (S24).
+        self.plots_dir = paths.host_path(self._tmpdir, None, "dbfs:/FileStore/plots")
         os.makedirs(self.plots_dir)
+        for root in paths.SHARED_ROOTS:
+            os.makedirs(os.path.join(self._tmpdir, root), exist_ok=True)
         self._server = _Server(("127.0.0.1", port), self)
         self.port = self._server.server_address[1]
         self.host = "http://127.0.0.1:%d" % self.port
@@ -229,10 +268,16 @@ class LocalWorkspace(ExecutionContexts, ModelServing):
         if ("not_running_mode" in settings
                 and settings["not_running_mode"] not in NOT_RUNNING_MODES):
             raise ValueError("not_running_mode must be one of %s" % (NOT_RUNNING_MODES,))
-        for key in ("output_limit", "context_limit", "image_inline_limit"):
+        if "plots_mode" in settings and settings["plots_mode"] not in PLOTS_MODES:
+            raise ValueError("plots_mode must be one of %s" % (PLOTS_MODES,))
+        for key in ("pip_restarts", "idle_context_tracking", "shutdown_aborts_commands"):
+            if key in settings and not isinstance(settings[key], bool):
+                raise ValueError("%s must be true or false" % key)
+        for key in ("output_limit", "context_limit", "image_inline_limit", "context_error_next",
+                    "latency_ms"):
             if key in settings and (not isinstance(settings[key], int) or settings[key] < 0):
                 raise ValueError("%s must be a non-negative integer" % key)
-        for key in ("idle_ttl", "start_delay", "llm_latency"):
+        for key in ("idle_ttl", "start_delay", "llm_latency", "restart_window", "ready_delay"):
             if key in settings and settings[key] is not None:
                 settings[key] = float(settings[key])
         with self._lock:
@@ -268,6 +313,9 @@ class LocalWorkspace(ExecutionContexts, ModelServing):
             elif state == "RUNNING":
                 cluster.pop("termination_reason", None)
                 cluster["last_restarted_time"] = now
+                self._ready_at[cluster_id] = time.monotonic() + self._config["ready_delay"]
+            self._record_event(cluster_id, _EVENT_OF_STATE.get(state, state),
+                               _event_details(cluster, state))
             doomed = [] if state in RUNNABLE_STATES else [
                 c.id for c in self._contexts.values() if c.cluster_id == cluster_id]
         self._close_contexts(doomed)
@@ -283,6 +331,27 @@ class LocalWorkspace(ExecutionContexts, ModelServing):
         with self._lock:
             self._injections.append(rule)
         return dict(rule)
+
+    def throttle(self, path, method="POST", count=1, http_429=True):
+        """The next ``count`` matching requests answer ``REQUEST_LIMIT_EXCEEDED``, unprocessed.
+
+        ``http_429=True``: 429 with ``Retry-After: 1`` (the SDK waits and retries).
+        ``http_429=False``: 400 with no Retry-After and the "RPC token bucket limit has been
+        exceeded" message the platform sends without a 429 (sdk-py #274, PR #395: S33); the SDK
+        retries that message too. Returns the injection rule."""
+        if http_429:
+            return self.inject(path, method=method, count=count, status=429, retry_after=1)
+        name = "".join(p.capitalize() for p in re.split(r"[/\-_.]", path.rsplit("/", 2)[-1]) if p)
+        body = {"error_code": "REQUEST_LIMIT_EXCEEDED",
+                "message": "%sRequest RPC token bucket limit has been exceeded." % name}
+        return self.inject(path, method=method, count=count, status=400, retry_after=None,
+                           body=body)
+
+    def events(self, cluster_id=None):
+        """What happened to the clusters, oldest first: [{cluster_id, timestamp, type, details}]."""
+        with self._lock:
+            return [dict(e) for e in self._events
+                    if cluster_id is None or e["cluster_id"] == cluster_id]
 
     def requests(self):
         with self._lock:
@@ -319,7 +388,13 @@ class LocalWorkspace(ExecutionContexts, ModelServing):
                     if rule["retry_after"] is not None:
                         extra_headers["Retry-After"] = str(rule["retry_after"])
                 else:
-                    payload = _parse_body(raw_body)
+                    content_type = headers.get("Content-Type") or ""
+                    if self._takes_raw_body(method, path):
+                        payload = raw_body
+                    elif content_type.startswith("multipart/form-data"):
+                        payload = parse_multipart(raw_body, content_type)
+                    else:
+                        payload = _parse_body(raw_body)
                     status, body, extra_headers = self._route(method, path, query, payload)
                     if rule is not None:  # drop_after: processed, but never answered
                         drop = True
@@ -329,6 +404,9 @@ class LocalWorkspace(ExecutionContexts, ModelServing):
             status, body = 500, {"error_code": "INTERNAL_ERROR",
                                  "message": "%s: %s" % (type(e).__name__, e)}
         if not path.startswith("/_local/"):
+            latency_ms = self.config["latency_ms"]
+            if latency_ms:
+                time.sleep(latency_ms / 1000.0)  # a real round trip (--latency-ms)
             entry = {"method": method, "path": path, "query": _loggable_query(query),
                      "status": None if drop else status, "dropped": drop, "ts": started}
             with self._lock:
@@ -359,6 +437,11 @@ class LocalWorkspace(ExecutionContexts, ModelServing):
             return self._control(method, path, body)
         if path.startswith("/api/2.0/clusters/") or path.startswith("/api/2.1/clusters/"):
             return self._clusters_api(method, path[len("/api/2.x/clusters/"):], query, body)
+        if path.startswith("/api/1.2/"):
+            self._check_1_2_request(path, _flat(query) if method == "GET" else body)
+        files_answer = self._files_route(method, path, query, body)
+        if files_answer is not None:
+            return files_answer
         handler = {
             ("POST", "/api/1.2/contexts/create"): self._contexts_create,
             ("GET", "/api/1.2/contexts/status"): self._contexts_status,
@@ -366,7 +449,6 @@ class LocalWorkspace(ExecutionContexts, ModelServing):
             ("POST", "/api/1.2/commands/execute"): self._commands_execute,
             ("GET", "/api/1.2/commands/status"): self._commands_status,
             ("POST", "/api/1.2/commands/cancel"): self._commands_cancel,
-            ("GET", "/api/2.0/dbfs/read"): self._dbfs_read,
             ("GET", "/api/2.0/serving-endpoints"): self._serving_list,
         }.get((method, path))
         if handler is not None:
@@ -408,6 +490,11 @@ class LocalWorkspace(ExecutionContexts, ModelServing):
                 return 200, {"rule": self.inject(body["path"], **kwargs)}, {}
             except ValueError as e:
                 raise _param_error(str(e))
+        if method == "POST" and path == "/_local/throttle":
+            if "path" not in body:
+                raise _param_error("path is required")
+            kwargs = {k: body[k] for k in ("method", "count", "http_429") if k in body}
+            return 200, {"rule": self.throttle(body["path"], **kwargs)}, {}
         if method == "GET" and path == "/_local/requests":
             return 200, {"requests": self.requests()}, {}
         if method == "GET" and path == "/_local/contexts":
@@ -431,6 +518,11 @@ class LocalWorkspace(ExecutionContexts, ModelServing):
         if method == "POST" and op == "start":
             self._cluster_start(body.get("cluster_id"))
             return 200, {}, {}
+        if method == "POST" and op == "restart":
+            self._cluster_restart(body.get("cluster_id"))
+            return 200, {}, {}
+        if method == "POST" and op == "events":
+            return 200, self._cluster_events(body), {}
         raise ApiError(404, {"error_code": "ENDPOINT_NOT_FOUND",
                              "message": "No API found for '%s /api/2.1/clusters/%s'" % (method, op)})
 
@@ -475,51 +567,101 @@ class LocalWorkspace(ExecutionContexts, ModelServing):
         return answer
 
     def _cluster_start(self, cluster_id):
+        """TERMINATED -> PENDING -> RUNNING after ``start_delay``; any other state is refused
+        with 400 INVALID_STATE "Cluster X is in unexpected state Running." (databricks/cli
+        PR #6288, sdk-py PR #283, databrickslabs/migrate #204)."""
         cluster = self._cluster_or_error(cluster_id)
         with self._lock:
             if cluster["state"] != "TERMINATED":
-                return
-            cluster["state"] = "PENDING"
-            cluster["state_message"] = "Starting Spark"
+                raise _invalid_state(cluster)
             cluster["start_time"] = _now_ms()
+        self.set_cluster_state(cluster_id, "PENDING")
+        self._after_start_delay(cluster_id, "PENDING")
+
+    def _cluster_restart(self, cluster_id):
+        """RUNNING -> RESTARTING (every context shuts down) -> RUNNING after ``start_delay``.
+        A cluster that is not running is refused like ``start`` refuses a running one."""
+        cluster = self._cluster_or_error(cluster_id)
+        with self._lock:
+            if cluster["state"] not in RUNNABLE_STATES:
+                raise _invalid_state(cluster)
+        self.set_cluster_state(cluster_id, "RESTARTING")
+        self._after_start_delay(cluster_id, "RESTARTING")
+
+    def _after_start_delay(self, cluster_id, from_state):
+        with self._lock:
             timer = threading.Timer(self._config["start_delay"], self._cluster_started,
-                                    args=(cluster_id,))
+                                    args=(cluster_id, from_state))
             timer.daemon = True
             self._timers.append(timer)
         timer.start()
 
-    def _cluster_started(self, cluster_id):
+    def _cluster_started(self, cluster_id, from_state="PENDING"):
         with self._lock:
             cluster = self._clusters.get(cluster_id)
-            if cluster is None or cluster["state"] != "PENDING" or self._stopping.is_set():
+            if cluster is None or cluster["state"] != from_state or self._stopping.is_set():
                 return
         self.set_cluster_state(cluster_id, "RUNNING")
 
-
-    # ----- DBFS (plots only)
-
-    def _dbfs_read(self, query):
-        path = query.get("path") or ""
-        rel = path[len("dbfs:"):] if path.startswith("dbfs:") else path
-        name = rel[len("/FileStore/plots/"):] if rel.startswith("/FileStore/plots/") else None
+    def _cluster_events(self, body):
+        """POST /api/2.1/clusters/events: {events, next_page, total_count}, newest first by
+        default; ``next_page`` is the body of the next request (offset/limit paging)."""
+        cluster_id = body.get("cluster_id")
+        self._cluster_or_error(cluster_id)
         try:
-            offset = int(query.get("offset") or 0)
-            length = int(query.get("length") or 512 * 1024)
-        except ValueError:
-            raise _param_error("offset and length must be integers")
-        if length > DBFS_MAX_READ:
-            raise ApiError(400, {"error_code": "MAX_READ_SIZE_EXCEEDED",
-                                 "message": "Cannot read more than 1.0MiB"})
-        if offset < 0 or length < 0:
-            raise _param_error("offset and length must be non-negative")
-        file_path = os.path.join(self.plots_dir, name) if name and "/" not in name else None
-        if file_path is None or not os.path.isfile(file_path):
-            raise ApiError(404, {"error_code": "RESOURCE_DOES_NOT_EXIST",
-                                 "message": "No file or directory exists on path %s." % rel})
-        with open(file_path, "rb") as f:
-            f.seek(offset)
-            data = f.read(length)
-        return {"bytes_read": len(data), "data": base64.b64encode(data).decode("ascii")}
+            offset = int(body.get("offset") or 0)
+            limit = int(body.get("limit") or body.get("page_size") or 50)
+        except (TypeError, ValueError):
+            raise _param_error("offset and limit must be integers")
+        if offset < 0 or not 1 <= limit <= 500:
+            raise _param_error("limit must be between 1 and 500 and offset non-negative")
+        types = set(body.get("event_types") or [])
+        start, end = body.get("start_time"), body.get("end_time")
+        events = [e for e in self.events(cluster_id)
+                  if (not types or e["type"] in types)
+                  and (start is None or e["timestamp"] >= int(start))
+                  and (end is None or e["timestamp"] <= int(end))]
+        if (body.get("order") or "DESC") == "DESC":
+            events.reverse()
+        answer = {"events": events[offset:offset + limit], "total_count": len(events)}
+        if offset + limit < len(events):
+            answer["next_page"] = dict(body, offset=offset + limit, limit=limit)
+        return answer
+
+    def _record_event(self, cluster_id, event_type, details, timestamp=None):
+        with self._lock:
+            self._events.append({"cluster_id": cluster_id,
+                                 "timestamp": _now_ms() if timestamp is None else timestamp,
+                                 "type": event_type, "details": details})
+
+    # ----- 1.2 requests the real service refuses before they reach a context
+
+    def _check_1_2_request(self, path, args):
+        """Validation and cluster readiness that precede every 1.2 endpoint.
+
+        * execute without ``contextId``: 400 ``{"error": "requirement failed: missing
+          contextId"}`` with no error_code, even for a cluster that does not exist (sdk-py
+          tests/integration/test_commands.py: S1).
+        * a cluster PENDING or RESTARTING, or RUNNING for less than ``ready_delay`` seconds:
+          500 ``{"error": "ClusterNotReadyException: ..."}`` for contexts/create, execute and
+          the status calls (terraform-provider-databricks #217: S7). The SDK retries it."""
+        if path == "/api/1.2/commands/execute" and not args.get("contextId"):
+            raise ApiError(400, {"error": "requirement failed: missing contextId"})
+        if path not in ("/api/1.2/contexts/create", "/api/1.2/commands/execute",
+                        "/api/1.2/contexts/status", "/api/1.2/commands/status"):
+            return
+        cluster_id = args.get("clusterId")
+        with self._lock:
+            cluster = self._clusters.get(cluster_id or "")
+            if cluster is None:
+                return
+            state = cluster["state"]
+            warming = (state in RUNNABLE_STATES
+                       and time.monotonic() < self._ready_at.get(cluster_id, 0))
+        if state in STARTING_STATES or warming:
+            raise ApiError(500, {"error": "ClusterNotReadyException: Cluster %s is not currently "
+                                          "ready for driver client (state %s)"
+                                          % (cluster_id, state)})
 
 
 
@@ -533,6 +675,30 @@ def _default_error_body(status):
     if status == 500:
         return {"error_code": "INTERNAL_ERROR", "message": "Injected internal error."}
     return {"error_code": "INJECTED_ERROR", "message": "Injected HTTP %d." % status}
+
+
+def _invalid_state(cluster):
+    return ApiError(400, {"error_code": "INVALID_STATE",
+                          "message": "Cluster %s is in unexpected state %s."
+                                     % (cluster["cluster_id"], cluster["state"].capitalize())})
+
+
+# clusters/events types (compute.EventType) for each state a cluster enters.
+_EVENT_OF_STATE = {"PENDING": "STARTING", "RUNNING": "RUNNING", "RESTARTING": "RESTARTING",
+                   "TERMINATING": "TERMINATING", "TERMINATED": "TERMINATING",
+                   "RESIZING": "RESIZING", "ERROR": "DRIVER_UNAVAILABLE",
+                   "UNKNOWN": "DRIVER_NOT_RESPONDING"}
+
+
+def _event_details(cluster, state):
+    if state in ("PENDING", "RESTARTING"):
+        return {"user": OWNER}
+    if state == "RUNNING":
+        return {"current_num_workers": cluster["num_workers"],
+                "target_num_workers": cluster["num_workers"]}
+    if state == "TERMINATED":
+        return {"reason": cluster.get("termination_reason", {})}
+    return {}
 
 
 def _parse_body(raw):
@@ -635,7 +801,7 @@ def _serve(args):
         if not isinstance(secrets, dict) or not all(isinstance(v, dict)
                                                     for v in secrets.values()):
             raise SystemExit('--secrets: expected a JSON object {"scope": {"key": "value"}}')
-    ws = LocalWorkspace(token=args.token, secrets=secrets)
+    ws = LocalWorkspace(token=args.token, secrets=secrets, latency_ms=args.latency_ms)
     stop = threading.Event()
 
     def on_signal(signum, frame):
@@ -670,5 +836,7 @@ def main(argv=None):
     serve.add_argument("--token", default="local-token", help="the PAT clients must send")
     serve.add_argument("--secrets", metavar="FILE",
                        help='JSON {"scope": {"key": "value"}} for dbutils.secrets')
+    serve.add_argument("--latency-ms", type=int, default=0, metavar="N",
+                       help="delay every API answer by N ms, as a real round trip does")
     args = parser.parse_args(argv)
     return _serve(args)

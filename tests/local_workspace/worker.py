@@ -25,7 +25,7 @@ import signal
 import sys
 
 from . import sandbox
-from .dbutils import _Dbutils, _install_dbruntime, _NotebookExit, redact
+from .dbutils import RestartPython, _Dbutils, _install_dbruntime, _NotebookExit, redact
 from .paths import host_path
 from .spark import _LazySpark
 
@@ -309,6 +309,9 @@ def display(obj=None, *args, **kwargs):
     elif _is_instance_of(obj, "pyspark", "DataFrame"):
         result = _spark_table(obj)
     elif _is_instance_of(obj, "matplotlib", "Figure"):
+        if STATE["limits"].get("plots_mode") == "repr":
+            print(repr(obj))  # only the figure's text form reaches the API (S23)
+            return
         result = _image_result(_figure_png(obj))
     elif isinstance(obj, (bytes, bytearray)) and bytes(obj[:8]) == PNG_MAGIC:
         result = _image_result(bytes(obj))
@@ -530,7 +533,7 @@ def _execute(code, namespace):
     value = None
     try:
         try:
-            source = _transform_magics(code)
+            source = _transform_magics(_dedent_cell(code))
             linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
             tree = ast.parse(source, filename, "exec")
             last = None
@@ -540,12 +543,16 @@ def _execute(code, namespace):
             if last is not None:
                 value = eval(compile(last, filename, "eval"), namespace)
             plt = sys.modules.get("matplotlib.pyplot")
-            if plt is not None and STATE["display"] is None:
+            if plt is not None and STATE["display"] is None and _open_figures_become_images():
                 _show_open_figures(plt)
         finally:
+            _close_all_figures()
             sys.stdout, sys.stderr = old_out, old_err
     except _NotebookExit as e:
         return {"resultType": "text", "data": str(e.value)}
+    except RestartPython:
+        STATE["restart"] = True
+        return {"resultType": "text", "data": ""}
     except KeyboardInterrupt:
         if STATE["current"] in STATE["cancelled"]:
             raise
@@ -570,7 +577,91 @@ def _execute(code, namespace):
         if text and not text.endswith("\n"):
             text += "\n"
         text += "Out[%d]: %s" % (n, shown)
+    return _text_result(text)
+
+
+def _text_result(text):
+    """Text as the service returns it: without its final newline (``print(1)`` gives ``"1"``:
+    the Go SDK's, databricks-vscode's and terraform's live tests, S18/S13/S19)."""
+    if text.endswith("\n"):
+        text = text[:-1]
     return {"resultType": "text", "data": text[: MAX_RESULT_CHARS + 1]}
+
+
+def _dedent_cell(code):
+    """A uniformly indented cell runs: IPython strips the common indent (the SDK's dbutils proxy
+    sends code that way: S8, S15)."""
+    import textwrap
+
+    return textwrap.dedent(code)
+
+
+def _open_figures_become_images():
+    """In ``plots_mode="images"`` figures still open at the end become images, as the inline
+    backend shows them; in ``"repr"`` nothing but their text comes back (S23)."""
+    return STATE["limits"].get("plots_mode") != "repr"
+
+
+def _close_all_figures():
+    """As the inline backend does, no figure outlives its command, shown or not."""
+    plt = sys.modules.get("matplotlib.pyplot")
+    if plt is not None:
+        try:
+            plt.close("all")
+        except Exception:
+            pass
+
+
+def _restarts_python(code):
+    """Does this command end with a Python restart? ``dbutils.library.restartPython()`` always;
+    ``%pip`` only when the cluster restarts Python after it (``pip_restarts``)."""
+    if STATE.pop("restart", False):
+        return True
+    return bool(STATE["limits"].get("pip_restarts")) and any(
+        line.lstrip().startswith("%pip") for line in code.split("\n"))
+
+
+def _install_runtime_auth(init, namespace):
+    """What databricks-sdk's runtime auth (``runtime_native_auth``, used when
+    ``DATABRICKS_RUNTIME_VERSION`` is set) imports on a cluster:
+
+    * ``dbruntime.sdk_credential_provider``: ``init_runtime_native_unified()`` gives the host,
+      account id, workspace id and a header factory; ``init_runtime_native_auth()`` the older
+      (host, header factory) pair;
+    * ``dbruntime.UserNamespaceInitializer``: the notebook's namespace, through which
+      ``databricks.sdk.runtime`` takes ``dbutils``, ``spark``, ``display``... and, on SDKs
+      without the unified provider, ``init_runtime_native_auth``.
+
+    The host is the local workspace's own ``http://`` URL, so ``WorkspaceClient()`` with no
+    arguments works in a context, with old and new SDKs alike (the REPL-context fallback builds
+    ``https://`` and would retry a TLS handshake for the SDK's whole 300 s budget)."""
+    import types
+
+    module = types.ModuleType("dbruntime.sdk_credential_provider")
+
+    def inner():
+        return {"Authorization": "Bearer %s" % init["token"]}
+
+    def init_runtime_native_unified():
+        return init["host"], None, init["workspace_id"], inner
+
+    def init_runtime_native_auth():
+        return init["host"], inner
+
+    module.init_runtime_native_unified = init_runtime_native_unified
+    module.init_runtime_native_auth = init_runtime_native_auth
+    sys.modules["dbruntime.sdk_credential_provider"] = module
+    sys.modules["dbruntime"].sdk_credential_provider = module
+
+    class UserNamespaceInitializer:
+        @classmethod
+        def getOrCreate(cls):
+            return cls()
+
+        def get_namespace_globals(self):
+            return dict(namespace, init_runtime_native_auth=init_runtime_native_auth)
+
+    sys.modules["dbruntime"].UserNamespaceInitializer = UserNamespaceInitializer
 
 
 def _send(res_file, message):
@@ -599,6 +690,7 @@ def main(argv):
         "spark": _LazySpark(init),
         "__local_magic__": _magic,
     }
+    _install_runtime_auth(init, namespace)
     real_out, real_err = sys.stdout, sys.stderr
     _send(res, {"type": "ready", "pid": os.getpid()})
 
@@ -637,6 +729,9 @@ def main(argv):
         results, cancelled = outcome
         results = redact(results, dbutils.secrets)
         STATE["cancelled"].discard(command_id)
+        restart = not cancelled and _restarts_python(message["code"])
         _send(res, {"type": "result", "id": command_id, "results": results,
-                    "cancelled": cancelled})
+                    "cancelled": cancelled, "restart": restart})
+        if restart:
+            return 0  # the cluster starts a fresh interpreter for this context
 
