@@ -58,7 +58,7 @@ def test_a_volume_file_written_from_python_lands_in_the_state_directory(sdk_clie
     with open(landed) as f:
         assert f.read() == "a,b\n1,2\n"
     assert text(sdk_client, ctx, "print(open(%r).read(), end='')" % (VOLUME + "/data.csv")) \
-        == "a,b\n1,2\n"
+        == "a,b\n1,2"
     assert not os.path.exists("/Volumes"), "the host's root gained /Volumes"
 
 
@@ -66,11 +66,11 @@ def test_sh_sees_the_same_volume_file_as_python(sdk_client, workspace):
     ctx = new_context(sdk_client)
     run(sdk_client, ctx, "import os\nos.makedirs(%r, exist_ok=True)\n"
                          "open(%r, 'w').write('from python\\n')" % (VOLUME, VOLUME + "/note.txt"))
-    assert text(sdk_client, ctx, "!cat %s/note.txt" % VOLUME) == "from python\n"
+    assert text(sdk_client, ctx, "!cat %s/note.txt" % VOLUME) == "from python"
     assert text(sdk_client, ctx, "%%%%sh\necho from sh > %s/sh.txt\npwd" % VOLUME) \
-        == "/databricks/driver\n"
+        == "/databricks/driver"
     assert text(sdk_client, ctx, "print(open(%r).read(), end='')" % (VOLUME + "/sh.txt")) \
-        == "from sh\n"
+        == "from sh"
     assert not os.path.exists("/Volumes")
 
 
@@ -84,7 +84,7 @@ def test_dbfs_workspace_and_local_disk0_follow_the_state_layout(sdk_client, work
         with open(host_path(workspace._tmpdir, RUNNING_CLUSTER_ID, path)) as f:
             assert f.read() == path
         assert not os.path.exists("/" + path.split("/")[1])
-    assert text(sdk_client, ctx, "import os; print(os.getcwd())") == "/databricks/driver\n"
+    assert text(sdk_client, ctx, "import os; print(os.getcwd())") == "/databricks/driver"
 
 
 def test_tmp_in_a_context_is_the_clusters_own_and_the_hosts_tmp_gains_nothing(sdk_client,
@@ -96,10 +96,10 @@ def test_tmp_in_a_context_is_the_clusters_own_and_the_hosts_tmp_gains_nothing(sd
     cluster_tmp = os.path.join(cluster_dir(workspace._tmpdir, RUNNING_CLUSTER_ID), "tmp")
     assert os.listdir(cluster_tmp) == [name]
     second = new_context(sdk_client)  # the same cluster: the same /tmp, as on one driver
-    assert text(sdk_client, second, "print(open('/tmp/%s').read())" % name) == "mine\n"
+    assert text(sdk_client, second, "print(open('/tmp/%s').read())" % name) == "mine"
     other = new_context(sdk_client, JOB_CLUSTER_ID)  # another cluster: its own /tmp
     assert text(sdk_client, other, "import os; print(os.path.exists('/tmp/%s'))" % name,
-                JOB_CLUSTER_ID) == "False\n"
+                JOB_CLUSTER_ID) == "False"
 
 
 def test_a_spark_round_trip_to_a_volume_lands_in_the_state_directory(sdk_client, workspace):
@@ -130,7 +130,7 @@ def test_removing_the_state_directory_never_follows_a_mount_into_the_host(sdk_cl
         f.write("host data")
     try:
         ctx = new_context(sdk_client)  # its view binds the host's /var (and /usr, /work...)
-        assert text(sdk_client, ctx, "print(open(%r).read())" % sentinel) == "host data\n"
+        assert text(sdk_client, ctx, "print(open(%r).read())" % sentinel) == "host data"
         root = os.path.join(cluster_dir(workspace._tmpdir, RUNNING_CLUSTER_ID), "root")
         assert os.listdir(os.path.join(root, "var")) == []  # from the host: an empty dir
         shutil.rmtree(workspace._tmpdir)  # while the context (and its mounts) is alive
@@ -185,7 +185,7 @@ def test_the_environment_switch_turns_isolation_off_for_serve(start_workspace, m
     assert "PermissionError" in cause and "isolation is switched off" in cause
     assert "Use the local root instead: %s" % host_path(ws._tmpdir, None, "/dbfs") in cause
     assert text(w, ctx, "import os; print(os.environ.get('LOCAL_WORKSPACE_SANDBOX'))") \
-        == "None\n"
+        == "None"
 
 
 # ------------------------------------------------------------------ dbutils.fs
@@ -210,7 +210,7 @@ def test_dbutils_fs_put_head_ls_cp_mv_rm_mkdirs_answer_like_a_cluster(sdk_client
         == "Out[8]: True"
     assert text(sdk_client, ctx, "[f.path for f in dbutils.fs.ls(%r)]" % VOLUME) \
         == "Out[9]: ['dbfs:%s/c.txt']" % VOLUME
-    assert text(sdk_client, ctx, "print(open('/dbfs/data/in/a.txt').read())") == "hello world\n"
+    assert text(sdk_client, ctx, "print(open('/dbfs/data/in/a.txt').read())") == "hello world"
     assert text(sdk_client, ctx, "dbutils.fs.cp('/data/in', '/data/copy', recurse=True)") \
         == "Out[11]: True"
     assert text(sdk_client, ctx, "dbutils.fs.rm('/data/copy', recurse=True)") == "Out[12]: True"
@@ -246,7 +246,7 @@ def test_dbutils_secrets_get_list_and_redact_their_values(start_workspace):
     ctx = new_context(w)
     assert text(w, ctx, "pw = dbutils.secrets.get('prod', 'db-password')\nprint(pw)\n"
                         "print('len', len(pw), pw == 'hunter2-s3cret')") \
-        == "[REDACTED]\nlen 14 True\n"
+        == "[REDACTED]\nlen 14 True"
     assert text(w, ctx, "dbutils.secrets.getBytes('dev', 'token')") == "Out[2]: b'[REDACTED]'"
     assert text(w, ctx, "dbutils.secrets.list('prod')") \
         == "Out[3]: [SecretMetadata(key='api-key'), SecretMetadata(key='db-password')]"
@@ -279,7 +279,7 @@ def test_the_serve_command_takes_secrets_from_a_json_file(tmp_path):
                                           token=exports["DATABRICKS_TOKEN"]))
         ctx = new_context(w)
         assert text(w, ctx, "v = dbutils.secrets.get('ops', 'token')\n"
-                            "print(v == 't0k3n-from-file', v)") == "True [REDACTED]\n"
+                            "print(v == 't0k3n-from-file', v)") == "True [REDACTED]"
     finally:
         proc.send_signal(subprocess.signal.SIGINT)
         assert proc.wait(timeout=20) == 0

@@ -32,11 +32,8 @@ SHUTDOWN_FRAME = "ExecContextState.shutdown"
 KERNEL_RESTARTING = "jupyter client is not available because the python kernel is not defined"
 
 
-def driver_path(workspace, path):
-    """Where a driver path (`/Volumes/...`, `/dbfs/...`) lives on the host.
-
-    Until contexts see these paths at their real names, the cross-check tests below write and
-    read through this host path from inside the context; the REST side uses the real path."""
+def host_file(workspace, path):
+    """Where a driver path (`/Volumes/...`, `/dbfs/...`, `/Workspace/...`) lives on the host."""
     return paths.host_path(workspace._tmpdir, RUNNING_CLUSTER_ID, path)
 
 
@@ -269,7 +266,7 @@ def test_requests_are_validated_as_the_real_service_does(sdk_client, workspace):
 def test_the_files_api_reads_and_writes_the_same_volume_files_as_the_context(
         sdk_client, workspace):
     ctx = new_context(sdk_client)
-    written = driver_path(workspace, "/Volumes/main/default/landing/from_context.txt")
+    written = "/Volumes/main/default/landing/from_context.txt"
     run(sdk_client, ctx, "import os\nos.makedirs(os.path.dirname(%r), exist_ok=True)\n"
                          "open(%r, 'w').write('written in the context')" % (written, written))
     download = sdk_client.files.download("/Volumes/main/default/landing/from_context.txt")
@@ -280,7 +277,7 @@ def test_the_files_api_reads_and_writes_the_same_volume_files_as_the_context(
     with pytest.raises(DatabricksError):
         sdk_client.files.upload("/Volumes/main/default/landing/from_api.bin",
                                 io.BytesIO(b"again"), overwrite=False)
-    seen = driver_path(workspace, "/Volumes/main/default/landing/from_api.bin")
+    seen = "/Volumes/main/default/landing/from_api.bin"
     assert text(sdk_client, ctx, "print(open(%r, 'rb').read())" % seen) == "b'\\x00api'"
     names = sorted(e.name for e in sdk_client.files.list_directory_contents(
         "/Volumes/main/default/landing"))
@@ -295,7 +292,7 @@ def test_the_files_api_reads_and_writes_the_same_volume_files_as_the_context(
 
 def test_dbfs_rest_calls_see_what_the_context_wrote_under_dbfs(sdk_client, workspace):
     ctx = new_context(sdk_client)
-    written = driver_path(workspace, "/dbfs/FileStore/reports/summary.csv")
+    written = "/dbfs/FileStore/reports/summary.csv"
     run(sdk_client, ctx, "import os\nos.makedirs(os.path.dirname(%r), exist_ok=True)\n"
                          "open(%r, 'w').write('a,b\\n1,2\\n')" % (written, written))
     status_ = sdk_client.dbfs.get_status("dbfs:/FileStore/reports/summary.csv")
@@ -312,7 +309,7 @@ def test_dbfs_rest_calls_see_what_the_context_wrote_under_dbfs(sdk_client, works
     sdk_client.dbfs.upload("dbfs:/tmp/uploads/stream.bin", io.BytesIO(b"s" * 3000),
                            overwrite=True)
     assert sdk_client.dbfs.download("dbfs:/tmp/uploads/stream.bin").read() == b"s" * 3000
-    seen = driver_path(workspace, "/dbfs/tmp/uploads/small.txt")
+    seen = "/dbfs/tmp/uploads/small.txt"
     assert text(sdk_client, ctx, "print(open(%r).read())" % seen) == "put"
     sdk_client.dbfs.delete("dbfs:/tmp/uploads", recursive=True)
     with pytest.raises(ResourceDoesNotExist):
@@ -331,7 +328,7 @@ def test_workspace_files_and_notebooks_import_list_and_read_back(sdk_client, wor
     assert kinds == {base + "/util.py": ObjectType.FILE, base + "/etl": ObjectType.NOTEBOOK}
     assert sdk_client.workspace.get_status(base + "/etl").language.value == "PYTHON"
     assert sdk_client.workspace.download(base + "/util.py").read() == b"def f():\n    return 1\n"
-    host = driver_path(workspace, "/Workspace" + base + "/util.py")
+    host = host_file(workspace, "/Workspace" + base + "/util.py")
     assert open(host, "rb").read() == b"def f():\n    return 1\n"
     with pytest.raises(ResourceDoesNotExist):
         sdk_client.workspace.get_status(base + "/missing.py")
