@@ -690,9 +690,10 @@ def _dbx_repl_install(config, namespace):
             return "<unprintable %s: %s>" % (type(value).__name__, type(error).__name__)
 
     def open_private(path):
-        """A text file only the driver's user can read: user code may print secrets into it."""
+        """A text file only the driver's user can read (user code may print secrets into it),
+        line-buffered so that a crash (os._exit) loses at most the line being written."""
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        return os.fdopen(fd, "w", encoding="utf-8", errors="replace")
+        return os.fdopen(fd, "w", buffering=1, encoding="utf-8", errors="replace")
 
     class _NullSink(object):
         def write(self, text):
@@ -1562,10 +1563,18 @@ PREVIEW_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def printable(text):
-    """Text safe to show in a response: ANSI sequences removed, CR line ends made LF, and other
-    control characters (which some JSON-lines readers take as line breaks) shown as U+FFFD."""
-    text = strip_ansi(text).replace("\r\n", "\n").replace("\r", "\n")
+    """Text safe to show in a response, as a terminal would show it: ANSI sequences removed, CRLF
+    made LF, carriage-return frames (progress bars) collapsed to the last one, and other control
+    characters (which some JSON-lines readers take as line breaks) shown as U+FFFD."""
+    text = strip_ansi(text).replace("\r\n", "\n")
+    if "\r" in text:
+        text = "\n".join(_last_frame(line) for line in text.split("\n"))
     return PREVIEW_CONTROL.sub("\ufffd", text)
+
+
+def _last_frame(line):
+    frames = line.split("\r")
+    return next((frame for frame in reversed(frames) if frame), "")
 
 
 def preview(text, limit=PREVIEW_CHARS, total_bytes=None):
@@ -1985,6 +1994,7 @@ def _read_filestore_image(ws, name):
 
 
 RESTART_WINDOW = "jupyter client is not available"   # the REPL's Python is restarting (or was shut down)
+RESTART_WAIT_SECONDS = 120.0
 SHUTDOWN_CAUSES = ("ExecContextState.shutdown", "abortRunningSequence")
 
 
@@ -2085,7 +2095,11 @@ def render_results(ws, session, files, status, active, max_bytes):
     if fields.get("truncated") and total is not None:
         fields["stdout_total_bytes"] = total
     step_status = "Finished"
-    if failed:
+    if failed and active.get("python_restarted"):
+        notes.append("Python restarted after this step ran (as %pip can do): the helpers were installed again, "
+                     "and variables and imports are gone; replay the steps you need.")
+        fields["hint"] = f"Run {cli_hint('replay', files.project)} --steps N,... for the state you need."
+    elif failed:
         step_status = failed_ending(files, results, state, ending, header.get("traceback"), fields, notes)
     fields["message"] = " ".join(n for n in notes if n) or None
     return step_status, fields
@@ -2096,6 +2110,10 @@ def failed_ending(files, results, state, ending, traceback_text, fields, notes):
     Finished for sys.exit(0). Fills fields (error, hint) and the stderr file."""
     if ending.get("kind") == "raised":
         error_type, message = str(ending.get("type") or "Exception"), str(ending.get("message") or "")
+    elif RESTART_WINDOW in service_error_text(results):
+        fields["error"] = {"type": "KernelRestarting", "message": printable(html_to_text(results.get("summary")))[:500]}
+        fields["hint"] = "The REPL's Python was restarting and the step did not run; exec it again in a minute."
+        return "Error"
     else:
         error_type, message = parse_error(results.get("summary"), results.get("cause"))
     if is_cancellation(state, results) or error_type == "KeyboardInterrupt":
@@ -2288,6 +2306,13 @@ def await_active(ws, project, session, active, timeout, max_bytes):
         if status is not None and helpers_missing(active, status):
             rerun_with_helpers(ws, project, session, active)
             status = poll_command(ws, cluster_id, context_id, active["command_id"], timeout)
+        if status is not None and restart_window_ending(active, status):
+            if active.get("wrapped") is True:  # the step never reached Python: run it once more
+                rerun_with_helpers(ws, project, session, active)
+                status = poll_command(ws, cluster_id, context_id, active["command_id"], timeout)
+            else:  # a magic (%pip) ran and Python restarted after it: never re-run its side effects
+                reinstall_helpers(ws, session, {"cluster_id": cluster_id, "context_id": context_id})
+                active["python_restarted"] = True
     except KeyboardInterrupt:
         return interrupt_active(ws, project, session, active, max_bytes)
     except Terminated:
@@ -2312,10 +2337,58 @@ def helpers_missing(active, status):
     return bool(HELPERS_MISSING.search(text))
 
 
+def restart_window_ending(active, status):
+    """True when the step's command met the REPL while its Python was restarting (after %pip or
+    restartPython): the service answers an error result with the RESTART_WINDOW text."""
+    results = status.get("results") or {}
+    return results.get("resultType") == "error" and not active.get("helpers_reinstalled") and \
+        RESTART_WINDOW in service_error_text(results)
+
+
+def reinstall_helpers(ws, session, target, wait=RESTART_WAIT_SECONDS):
+    """Install the helpers in the context again, waiting out a Python restart window."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            results = run_internal(ws, target, bootstrap_command(bootstrap_config(session, ws.host)),
+                                   timeout=CONTEXT_START_TIMEOUT)
+            problem = service_error_text(results) if results.get("resultType") == "error" else None
+        except ReplError:
+            raise
+        except Exception as err:
+            if RESTART_WINDOW not in str(err):
+                raise
+            problem = str(err)
+        if problem is None:
+            return
+        if RESTART_WINDOW not in problem:
+            raise ReplError("BootstrapFailed", f"Installing the REPL helpers again failed: {scrub(problem.strip())[:300]}",
+                            hint="Run status; if the context is lost, replay restores it.")
+        if time.monotonic() > deadline:
+            raise ReplError("KernelRestarting", f"The REPL's Python was still restarting after {wait:g}s.",
+                            hint="Wait a minute, then run await (or status).")
+        time.sleep(2)
+
+
+def execute_step(ws, session, command):
+    """Submit a step's command; a REPL in a restart window refused it (nothing ran), so wait the
+    window out, reinstall the helpers and submit once more."""
+    target = {"cluster_id": session["cluster_id"], "context_id": session["context_id"]}
+    try:
+        return ws.execute(target["cluster_id"], target["context_id"], command)
+    except SubmitUncertain:
+        raise
+    except Exception as err:
+        if RESTART_WINDOW not in str(err):
+            raise
+    reinstall_helpers(ws, session, target)
+    return ws.execute(target["cluster_id"], target["context_id"], command)
+
+
 def rerun_with_helpers(ws, project, session, active):
     """Install the helpers again and submit the step once more, saving its new command id."""
     target = {"cluster_id": session["cluster_id"], "context_id": active.get("context_id") or session["context_id"]}
-    run_internal(ws, target, bootstrap_command(bootstrap_config(session, ws.host)), timeout=CONTEXT_START_TIMEOUT)
+    reinstall_helpers(ws, session, target)
     files = StepFiles(project, active["step"], active["tag"])
     with open(files.command, encoding="utf-8") as f:
         command, _ = wrap_command(f.read(), files.key)
@@ -2461,6 +2534,17 @@ def salvage_output(ws, project, session, failed):
     return f"What the step printed before the loss ({size} bytes) is in {project.show(files.stdout)}."
 
 
+def remove_driver_copies(ws, target, session_id=None):
+    """Delete a session's output copies on the driver (this context's session, or session_id's).
+    Best effort; returns the number of files removed, or None when the REPL could not be asked."""
+    call = "_dbx_repl.remove_copies()" if session_id is None else f"_dbx_repl.remove_copies({session_id!r})"
+    try:
+        results = run_internal(ws, target, call, timeout=30.0)
+        return int(json.loads((results.get("data") or "").strip().splitlines()[-1])["removed"])
+    except Exception:
+        return None
+
+
 def cluster_not_running(cluster_id, cluster):
     state = cluster.get("state", "UNKNOWN")
     detail = f" ({cluster['state_message']})" if cluster.get("state_message") else ""
@@ -2517,7 +2601,7 @@ def reserve_step(project, code, tag, replay_of=None):
 def submit_reserved(ws, project, session, files, active, command):
     """Submit a reserved step and save its command id. Returns a response only when it failed."""
     try:
-        active["command_id"] = ws.execute(session["cluster_id"], session["context_id"], command)
+        active["command_id"] = execute_step(ws, session, command)
     except SubmitUncertain as err:
         record_step(project, step_entry(project, files, active, "SubmitUncertain"))
         raise ReplError("SubmitUncertain",
@@ -2632,6 +2716,8 @@ def cmd_create(args):
     }
     try:
         session["context_id"] = start_context(ws, cluster_id, bootstrap_config(session, ws.host))
+        if existing and re.fullmatch(r"[0-9a-f]+", str(existing.get("session_id") or "")):
+            remove_driver_copies(ws, session, existing["session_id"])  # the replaced session's
     except ContextGone as err:
         raise ReplError("ContextFailed", f"The new execution context disappeared: {err}",
                         hint="Retry create.") from None
@@ -2719,8 +2805,7 @@ def cmd_cancel(args):
         if body["status"] in ("Finished", "Error"):
             body["message"] = "The command had already finished before the cancel; its output was saved."
         elif body["status"] == "Cancelled":
-            body["message"] = "The command was cancelled. " + body["message"]
-            body["command_id"] = command_id
+            body["command_id"], body["_exit"] = command_id, EXIT_OK  # the cancel succeeded
         return body
     if status is not None and not is_cancellation(status.get("status"), status.get("results")):
         return response("NothingToCancel", f"Command {command_id} had already finished.",
@@ -2746,6 +2831,8 @@ def cmd_destroy(args):
     if session.get("status") == "destroyed":
         return response("Destroyed", "The session was already destroyed.", session_name=session.get("session_name"))
     ws = Workspace(args.profile or session.get("profile"), args.debug)
+    if not session.get("active_command"):  # a busy context would queue the removal behind the step
+        remove_driver_copies(ws, session)
     try:
         ws.destroy_context(session["cluster_id"], session["context_id"])
         note = "The execution context was destroyed."
