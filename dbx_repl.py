@@ -2512,7 +2512,9 @@ def recover_from_eviction(ws, project, failed=None, lost=None):
         previous_steps=previous,
         tip={"replay": f"{cli_hint('replay', project)} --steps "
                        + ",".join(str(s["step"]) for s in previous) if previous else None},
-        hint="Replay the steps you need (see references/eviction-replay.md), then exec the failed step again.",
+        hint="Replay the steps you need (see references/eviction-replay.md), then "
+             + ("change the failed step before running it again: it took its context down." if lost
+                else "exec the failed step again."),
         exit_code=EXIT_FAILED)
 
 
@@ -2531,6 +2533,8 @@ def salvage_output(ws, project, session, failed):
     if size < 0:
         write_atomic(files.stdout, b"")
         return "What the step printed before the loss is lost too (its driver copy is gone)."
+    if size == 0:
+        return "The step printed nothing before the loss."
     return f"What the step printed before the loss ({size} bytes) is in {project.show(files.stdout)}."
 
 
