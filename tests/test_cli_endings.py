@@ -6,6 +6,7 @@ The outputs table in references/outputs.md lists the same endings.
 """
 
 import os
+import signal
 import stat
 import time
 
@@ -119,6 +120,27 @@ def test_a_crash_says_the_variables_are_lost_keeps_the_printed_lines_and_never_a
     replayed = session.run("replay", "--steps", "1")
     assert replayed.status == "Replayed", replayed
     assert session.exec("print(x)", "check")["stdout_preview"] == "1\n"
+
+
+def test_a_crash_that_also_took_the_driver_copy_says_the_output_is_lost(session):
+    code = "import os, shutil\nprint('gone soon')\nshutil.rmtree(_dbx_repl.out_dir)\nos._exit(1)"
+    call = session.exec(code, "wiped")
+    assert call.status == "ContextLost", call
+    assert "printed before the loss is lost too" in call["message"]
+    with open(os.path.join(session.project_dir, "repl_outputs", "001_wiped.stdout"), "rb") as f:
+        assert f.read() == b""
+
+
+def test_ctrl_c_during_exec_cancels_and_keeps_what_was_printed(session):
+    waiting = session.popen("exec", "--command", "import time\nprint('begun', flush=True)\ntime.sleep(60)",
+                            "--tag", "interrupted")
+    assert wait_for(lambda: active_command_id(session), 15)
+    time.sleep(0.5)
+    waiting.send_signal(signal.SIGINT)
+    call = session.finish(waiting)
+    assert call.status == "Cancelled" and call.code == 130, call
+    assert call["message"].startswith("Command interrupted by user.")
+    assert session.read(call["stdout_file"]) == "begun\n"
 
 
 def test_an_eviction_under_a_running_step_salvages_its_printed_lines(workspace, session):
