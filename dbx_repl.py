@@ -973,21 +973,29 @@ def _dbx_repl_install(config, namespace):
             plt.close("all")
 
         def patch_pyplot(self, plt):
-            show = getattr(plt, "show", None)
-            if getattr(show, "_dbx_repl_show", False):
+            original = getattr(plt, "show", None)
+            if getattr(original, "_dbx_repl_owner", None) is self:
                 return
+            original = getattr(original, "_dbx_repl_original", original)
             repl = self
 
             def show(*args, **kwargs):
-                repl.save_open_figures()
+                try:
+                    repl.save_open_figures()
+                except Exception as error:  # e.g. an unwritable /tmp: the step goes on
+                    sys.stderr.write("[dbx-repl: figures could not be saved: %s]\n" % safe_str(error))
 
-            show._dbx_repl_show = True
+            show._dbx_repl_owner, show._dbx_repl_original = self, original
             plt.show = show
 
         def display(self, value=None, *args, **kwargs):
             """display(): plots are saved as PNGs on the driver; anything else goes to the REPL's."""
-            if self.key is not None and self.sink is not None and self.save_image_of(value):
-                return None
+            if self.key is not None and self.sink is not None:
+                try:
+                    if self.save_image_of(value):
+                        return None
+                except OSError:  # no room on the driver: let the REPL show it
+                    pass
             show = self.service_display
             if not callable(show):
                 raise NameError("name 'display' is not defined")
@@ -1123,6 +1131,10 @@ def _dbx_repl_install(config, namespace):
             print(json.dumps({"written": len(data), "end": offset + len(data)}))
 
     _repl = _Repl()
+    # Lives as long as this Python process: a reinstall tells a restarted interpreter (variables
+    # gone) from a namespace that merely lost `_dbx_repl`.
+    _repl.fresh_interpreter = not getattr(sys, "_dbx_repl_installed", False)
+    sys._dbx_repl_installed = True
 
     def display(*args, **kwargs):
         return _repl.display(*args, **kwargs)
@@ -1517,7 +1529,8 @@ def bootstrap_command(config):
                   chunk_budget=CHUNK_COMPRESSED_BUDGET, copies_bytes=DRIVER_COPIES_BYTES)
     return (inspect.getsource(_dbx_repl_install)
             + "\n_dbx_repl_install(__import__('json').loads(%r), globals())\ndel _dbx_repl_install\n"
-            "print('dbx-repl bootstrap ready')\n" % json.dumps(config))
+            "print('dbx-repl bootstrap ready', 'fresh' if _dbx_repl.fresh_interpreter else 'again')\n"
+            % json.dumps(config))
 
 
 def wrap_command(source, key):
@@ -1905,6 +1918,8 @@ def write_step_output(ws, target, files, text, text_complete, wrapped, max_bytes
     except Exception as err:  # a failed fetch must not lose the step: keep what the service sent
         write_atomic(files.stdout, fallback)
         detail = err.message if isinstance(err, ReplError) else f"{type(err).__name__}: {err}"
+        if HELPERS_MISSING.search(detail):
+            raise HelpersGoneDuringStep() from None
         local_copy = files.project.show(files.path(".full.stdout"))
         return True, (f"Could not fetch the full output: {scrub(detail)}. It stays on the driver (older steps' "
                       f"copies are pruned past {DRIVER_COPIES_BYTES >> 20} MiB per session): "
@@ -1996,6 +2011,11 @@ def _read_filestore_image(ws, name):
 RESTART_WINDOW = "jupyter client is not available"   # the REPL's Python is restarting (or was shut down)
 RESTART_WAIT_SECONDS = 120.0
 SHUTDOWN_CAUSES = ("ExecContextState.shutdown", "abortRunningSequence")
+
+
+class HelpersGoneDuringStep(Exception):
+    """The step's driver copy could not be fetched because the REPL no longer has the helpers: its
+    Python restarted under the step (a crash the service recovered from), or the code removed them."""
 
 
 class ContextLostDuringStep(Exception):
@@ -2260,6 +2280,11 @@ def finish_command(ws, project, session, active, status, max_bytes):
         step_status, fields = render_results(ws, session, files, status, active, max_bytes)
     except ContextLostDuringStep as lost:
         return recover_from_eviction(ws, project, failed=active, lost=lost.reason)
+    except HelpersGoneDuringStep:
+        target = {"cluster_id": session["cluster_id"], "context_id": active.get("context_id") or session["context_id"]}
+        if reinstall_helpers(ws, session, target):
+            return python_restarted_under(ws, project, session, active)
+        return finish_command(ws, project, session, active, status, max_bytes)  # the helpers are back
     except Exception as err:
         # Never leave the session blocked on a command that has ended: keep the raw result instead.
         raw = files.path(".result.json")
@@ -2270,8 +2295,9 @@ def finish_command(ws, project, session, active, status, max_bytes):
         step_status, fields = "RenderFailed", {"message": f"The command ended ({status.get('status')}) but "
                                                           f"its output could not be saved: {reason}"}
     if active.get("helpers_reinstalled"):
-        fields["note"] = ("The REPL had lost its helpers (a Python restart also clears your variables); "
-                          "they were installed again and this step ran after that.")
+        fields["note"] = ("Python had restarted since the last step, so variables and imports are gone; the helpers "
+                          "were installed again and this step ran after that." if active.get("python_was_restarted")
+                          else "The REPL had lost its helpers; they were installed again and this step ran after that.")
     elapsed = elapsed_since(active)
     outputs = [o for o in files.outputs() if o["kind"] not in ("command", "stdout", "stderr")]
     record_step(project, step_entry(project, files, active, step_status, elapsed=elapsed,
@@ -2346,7 +2372,8 @@ def restart_window_ending(active, status):
 
 
 def reinstall_helpers(ws, session, target, wait=RESTART_WAIT_SECONDS):
-    """Install the helpers in the context again, waiting out a Python restart window."""
+    """Install the helpers in the context again, waiting out a Python restart window. Returns True
+    when the REPL's Python had restarted (its variables are gone), False when only the helpers were."""
     deadline = time.monotonic() + wait
     while True:
         try:
@@ -2360,7 +2387,7 @@ def reinstall_helpers(ws, session, target, wait=RESTART_WAIT_SECONDS):
                 raise
             problem = str(err)
         if problem is None:
-            return
+            return (results.get("data") or "").rstrip().endswith("fresh")
         if RESTART_WINDOW not in problem:
             raise ReplError("BootstrapFailed", f"Installing the REPL helpers again failed: {scrub(problem.strip())[:300]}",
                             hint="Run status; if the context is lost, replay restores it.")
@@ -2388,7 +2415,7 @@ def execute_step(ws, session, command):
 def rerun_with_helpers(ws, project, session, active):
     """Install the helpers again and submit the step once more, saving its new command id."""
     target = {"cluster_id": session["cluster_id"], "context_id": active.get("context_id") or session["context_id"]}
-    reinstall_helpers(ws, session, target)
+    active["python_was_restarted"] = reinstall_helpers(ws, session, target)
     files = StepFiles(project, active["step"], active["tag"])
     with open(files.command, encoding="utf-8") as f:
         command, _ = wrap_command(f.read(), files.key)
@@ -2483,10 +2510,7 @@ def recover_from_eviction(ws, project, failed=None, lost=None):
             session["steps"].append(failed_entry)
         session["active_command"] = None
         project.save(session)
-    previous = [{"step": s["step"], "tag": s["tag"], "status": s["status"],
-                 "command_file": project.show(s["command_file"])}
-                for s in session["steps"] if s.get("status") == "Finished" and
-                s.get("context_id") in (old_context, None)]
+    previous = replayable_steps(project, session, old_context)
     try:
         cluster = ws.cluster(session["cluster_id"])
         if cluster.get("state") not in RUNNABLE_CLUSTER_STATES:
@@ -2516,6 +2540,32 @@ def recover_from_eviction(ws, project, failed=None, lost=None):
              + ("change the failed step before running it again: it took its context down." if lost
                 else "exec the failed step again."),
         exit_code=EXIT_FAILED)
+
+
+def python_restarted_under(ws, project, session, active):
+    """The REPL's Python restarted while the step ran (the context lives on with a fresh interpreter,
+    and the helpers were installed again): record the step ContextLost and say what to replay."""
+    files = StepFiles(project, active["step"], active["tag"])
+    salvaged = salvage_output(ws, project, dict(session, context_id=active.get("context_id") or session["context_id"]),
+                              active)
+    entry = step_entry(project, files, active, "ContextLost", elapsed=elapsed_since(active))
+    session = record_step(project, entry, command_id=active.get("command_id"))
+    previous = replayable_steps(project, session, entry["context_id"])
+    return response(
+        "ContextLost", " ".join(filter(None, [
+            "The REPL's Python restarted while the step ran (a crash, os._exit, or the driver ran out of memory), "
+            "so variables and imports are gone; the helpers were installed again in the same context.", salvaged])),
+        context_id=entry["context_id"], failed_step=files.key, previous_steps=previous,
+        tip={"replay": f"{cli_hint('replay', project)} --steps " + ",".join(str(s["step"]) for s in previous)
+             if previous else None},
+        hint="Replay the steps you need, then change the failed step before running it again: it took its "
+             "Python down.", exit_code=EXIT_FAILED)
+
+
+def replayable_steps(project, session, context_id):
+    """The finished steps whose state lived in context_id: what a replay restores."""
+    return [{"step": s["step"], "tag": s["tag"], "status": s["status"], "command_file": project.show(s["command_file"])}
+            for s in session["steps"] if s.get("status") == "Finished" and s.get("context_id") in (context_id, None)]
 
 
 def salvage_output(ws, project, session, failed):

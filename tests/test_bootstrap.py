@@ -28,6 +28,9 @@ def repl(tmp_path):
         yield helpers
     finally:
         sys.meta_path[:] = hooks_before
+        plt = sys.modules.get("matplotlib.pyplot")
+        if plt is not None and hasattr(plt.show, "_dbx_repl_original"):
+            plt.show = plt.show._dbx_repl_original
 
 
 def run(helpers, key, source):
@@ -57,7 +60,7 @@ def test_the_bootstrap_travels_as_source_with_its_config_as_a_json_literal():
             exec(compile(command, "<bootstrap>", "exec"), namespace)
     finally:
         sys.meta_path[:] = hooks_before
-    assert printed.getvalue() == "dbx-repl bootstrap ready\n"
+    assert printed.getvalue() in ("dbx-repl bootstrap ready fresh\n", "dbx-repl bootstrap ready again\n")
     assert "_dbx_repl_install" not in namespace
     assert namespace["_dbx_repl"].out_dir.endswith("dbx_repl_ab12")
     assert namespace["sub_llm_usage"]()["calls"] == 0

@@ -143,6 +143,26 @@ def test_ctrl_c_during_exec_cancels_and_keeps_what_was_printed(session):
     assert session.read(call["stdout_file"]) == "begun\n"
 
 
+def test_a_python_restart_under_a_step_says_the_variables_are_gone(session):
+    # The shape of a REPL whose Python restarted mid-step (the context lives on, fresh): the step
+    # fails and the helpers are gone. Built here by forgetting the helpers and the interpreter mark.
+    code = ("import sys\nprint('before restart')\ndel sys._dbx_repl_installed\n"
+            "del globals()['_dbx_repl']\nraise RuntimeError('the kernel died')")
+    call = session.exec(code, "restarted")
+    assert call.status == "ContextLost" and call.code == 1, call
+    assert "restarted while the step ran" in call["message"] and "variables" in call["message"]
+    assert call["context_id"] == session.session()["context_id"]
+    assert "get --project-dir" not in call.stdout
+    assert session.read(os.path.join("repl_outputs", "001_restarted.stdout")) == "before restart\n"
+    assert session.exec("print('on')", "after")["stdout_preview"] == "on\n"
+
+
+def test_a_step_that_removed_the_helpers_still_reports_its_own_error(session):
+    call = session.exec("print('x')\ndel globals()['_dbx_repl']\nraise ValueError('mine')", "no_helpers")
+    assert call.status == "Error" and call["error"] == {"type": "ValueError", "message": "mine"}, call
+    assert session.read(call["stdout_file"]) == "x\n"
+
+
 def test_an_eviction_under_a_running_step_salvages_its_printed_lines(workspace, session):
     waiting = session.popen("exec", "--command", "import time\nprint('halfway', flush=True)\ntime.sleep(60)",
                             "--tag", "doomed")
