@@ -1909,10 +1909,12 @@ def write_step_output(ws, target, files, text, text_complete, wrapped, max_bytes
         write_atomic(files.stdout, data[:max_bytes] + cut_marker(max_bytes, len(data)))
         return True, _cut_note(max_bytes, len(data)), {}, len(data)
     fallback = (text or "").encode("utf-8", "replace")[:max_bytes]
-    if not wrapped:
+    if not wrapped:  # a cell magic (%%sh): the service's text is all there is
         write_atomic(files.stdout, fallback)
-        return text is not None, ("The service cut this output and it cannot be fetched (a cell magic such as "
-                                  "%%sh is not teed)." if text is not None else None), {}, None
+        if text is None:
+            return True, ("What this cell magic printed is lost: the service returns no text for a failed or "
+                          "cancelled command, and a cell magic cannot be teed."), {}, None
+        return True, "The service cut this output and it cannot be fetched (a cell magic cannot be teed).", {}, None
     try:
         written, size, header = fetch_step_copy(ws, target, files, max_bytes)
     except Exception as err:  # a failed fetch must not lose the step: keep what the service sent
@@ -2115,7 +2117,7 @@ def render_results(ws, session, files, status, active, max_bytes):
     if fields.get("truncated") and total is not None:
         fields["stdout_total_bytes"] = total
     step_status = "Finished"
-    if failed and active.get("python_restarted"):
+    if failed and active.get("restarted_after_magic"):
         notes.append("Python restarted after this step ran (as %pip can do): the helpers were installed again, "
                      "and variables and imports are gone; replay the steps you need.")
         fields["hint"] = f"Run {cli_hint('replay', files.project)} --steps N,... for the state you need."
@@ -2296,7 +2298,7 @@ def finish_command(ws, project, session, active, status, max_bytes):
                                                           f"its output could not be saved: {reason}"}
     if active.get("helpers_reinstalled"):
         fields["note"] = ("Python had restarted since the last step, so variables and imports are gone; the helpers "
-                          "were installed again and this step ran after that." if active.get("python_was_restarted")
+                          "were installed again and this step ran after that." if active.get("python_restarted_before")
                           else "The REPL had lost its helpers; they were installed again and this step ran after that.")
     elapsed = elapsed_since(active)
     outputs = [o for o in files.outputs() if o["kind"] not in ("command", "stdout", "stderr")]
@@ -2338,7 +2340,7 @@ def await_active(ws, project, session, active, timeout, max_bytes):
                 status = poll_command(ws, cluster_id, context_id, active["command_id"], timeout)
             else:  # a magic (%pip) ran and Python restarted after it: never re-run its side effects
                 reinstall_helpers(ws, session, {"cluster_id": cluster_id, "context_id": context_id})
-                active["python_restarted"] = True
+                active["restarted_after_magic"] = True
     except KeyboardInterrupt:
         return interrupt_active(ws, project, session, active, max_bytes)
     except Terminated:
@@ -2415,7 +2417,7 @@ def execute_step(ws, session, command):
 def rerun_with_helpers(ws, project, session, active):
     """Install the helpers again and submit the step once more, saving its new command id."""
     target = {"cluster_id": session["cluster_id"], "context_id": active.get("context_id") or session["context_id"]}
-    active["python_was_restarted"] = reinstall_helpers(ws, session, target)
+    active["python_restarted_before"] = reinstall_helpers(ws, session, target)
     files = StepFiles(project, active["step"], active["tag"])
     with open(files.command, encoding="utf-8") as f:
         command, _ = wrap_command(f.read(), files.key)
