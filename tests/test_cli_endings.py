@@ -92,6 +92,19 @@ def test_a_cancel_keeps_what_the_step_printed_before_it(workspace, session, mode
     assert [s["status"] for s in session.session()["steps"]] == ["Cancelled"]
 
 
+def test_a_cancel_from_another_client_is_a_cancel_with_the_output_kept(session, sdk_client):
+    waiting = session.popen("exec", "--command", "import time\nprint('step one', flush=True)\ntime.sleep(60)",
+                            "--tag", "elsewhere")
+    command_id = wait_for(lambda: active_command_id(session), 15)
+    time.sleep(0.5)
+    log = session.session()
+    sdk_client.api_client.do("POST", "/api/1.2/commands/cancel", body={
+        "clusterId": log["cluster_id"], "contextId": log["context_id"], "commandId": command_id})
+    call = session.finish(waiting)
+    assert call.status == "Cancelled" and "error" not in call.body, call
+    assert session.read(call["stdout_file"]) == "step one\n"
+
+
 def test_a_keyboard_interrupt_result_is_reported_as_a_cancel_not_an_error(session):
     # pyspark's SIGINT handler turns a cancel into KeyboardInterrupt; the service then answers
     # Finished with that error, whichever client asked for the cancel.
