@@ -922,7 +922,10 @@ def _dbx_repl_install(config, namespace):
         def show_value(self, value):
             """The trailing expression's value: its repr, and its image when it has one."""
             if not isinstance(value, type):
-                self.save_image_of(value)
+                try:
+                    self.save_image_of(value)
+                except Exception:  # a failing _repr_png_ (e.g. LaTeX missing) must not fail the step
+                    pass
             print(repr(value))
 
         def save_image_of(self, value):
@@ -994,7 +997,7 @@ def _dbx_repl_install(config, namespace):
                 try:
                     if self.save_image_of(value):
                         return None
-                except OSError:  # no room on the driver: let the REPL show it
+                except Exception:  # no room on the driver, a failing _repr_png_: let the REPL show it
                     pass
             show = self.service_display
             if not callable(show):
