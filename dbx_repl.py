@@ -134,10 +134,18 @@ KEPT_FIELDS = ("status", "message", "hint")
 
 
 def emit(body):
-    """Print a response as the call's single JSON line and return its exit code."""
+    """Print a response as the call's single JSON line and return its exit code.
+
+    Non-ASCII stays readable when stdout can encode it; on any other console (cp1252, ascii) the
+    line is escaped to ASCII, so it is valid JSON whatever the encoding."""
     body = dict(body)
     exit_code = body.pop("_exit", EXIT_OK)
-    text = _one_line(fit_response(body))
+    fitted = fit_response(body)
+    text = _one_line(fitted)
+    try:
+        text.encode(getattr(sys.stdout, "encoding", None) or "utf-8")
+    except (UnicodeEncodeError, LookupError):
+        text = scrub(json.dumps(fitted, ensure_ascii=True))
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
     return exit_code
@@ -748,74 +756,243 @@ def _is_connection_error(err):
 # ---------------------------------------------------------------------------------------------------
 # 5. The bootstrap: helpers injected into the REPL at `create`
 # ---------------------------------------------------------------------------------------------------
-# Everything lives in one object, `_dbx_repl`, plus the public helpers sub_llm, sub_llm_batch,
-# sub_llm_usage and sub_llm_budget. Nothing else is added to the user's namespace. The token used by
+# `_dbx_repl_install` runs on the driver, not here: `bootstrap_command` sends its source
+# (inspect.getsource) with the config as a JSON literal, so it imports only the standard library,
+# and only inside itself. Everything it installs lives in one object, `_dbx_repl`, plus the public
+# helpers sub_llm, sub_llm_batch, sub_llm_usage and sub_llm_budget; `display` is wrapped so plots
+# are saved as PNGs on the driver. Nothing else is added to the user's namespace. The token used by
 # sub_llm is read on the cluster and never leaves it.
 
-BOOTSTRAP_SOURCE = r'''
-def _dbx_repl_install(config, namespace):
-    import ast, base64, hashlib, json, linecache, os, random, sys, threading, time, zlib
+DRIVER_COPIES_BYTES = 256 * 1024 * 1024    # per session: older steps' driver copies are pruned past it
 
-    class _Tee(object):
-        def __init__(self, stream, sink, counter):
-            self._stream, self._sink, self._counter = stream, sink, counter
-        def write(self, text):
-            if isinstance(text, str):
-                try:
-                    self._sink.write(text)
-                    self._counter[0] += len(text)
-                except Exception:
-                    pass
-            return self._stream.write(text)
-        def flush(self):
-            try:
-                self._sink.flush()
-            except Exception:
-                pass
-            return self._stream.flush()
-        def __getattr__(self, name):
-            return getattr(self._stream, name)
+
+def _dbx_repl_install(config, namespace):
+    """Install the REPL helpers into `namespace` (the REPL's globals).
+
+    config: {"session_id", "out_dir", "row_chars", "text_budget", "chunk_budget", "copies_bytes",
+    "host", "llm_endpoint", "llm_max_calls", "llm_max_tokens", ...}; missing keys take defaults."""
+    import ast
+    import base64
+    import hashlib
+    import json
+    import linecache
+    import os
+    import random
+    import sys
+    import textwrap
+    import threading
+    import time
+    import traceback
+    import zlib
+
+    row_chars = int(config.get("row_chars") or 100_000)
+    text_budget = int(config.get("text_budget") or 24_000)
+    chunk_budget = int(config.get("chunk_budget") or 1_000_000)
+
+    def qualified_name(kind):
+        """An exception class's name as Python's traceback prints it: mymod.MyError, or MyError for
+        classes of __main__ and builtins."""
+        module = getattr(kind, "__module__", None)
+        name = getattr(kind, "__qualname__", None) or getattr(kind, "__name__", "Exception")
+        return name if module in (None, "__main__", "builtins") else "%s.%s" % (module, name)
+
+    def safe_str(value):
+        try:
+            return str(value)
+        except Exception as error:  # a broken __str__
+            return "<unprintable %s: %s>" % (type(value).__name__, type(error).__name__)
+
+    def open_private(path):
+        """A text file only the driver's user can read (user code may print secrets into it),
+        line-buffered so that a crash (os._exit) loses at most the line being written."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        return os.fdopen(fd, "w", buffering=1, encoding="utf-8", errors="replace")
 
     class _NullSink(object):
         def write(self, text):
             return len(text)
+
         def flush(self):
             pass
+
         def close(self):
             pass
 
+    class _Tee(object):
+        """sys.stdout or sys.stderr while a step runs: writes go to the REPL's own stream and to the
+        step's driver copy. One per stream for the life of the context, so a handler bound to it in
+        an earlier step (logging.StreamHandler(sys.stdout)) still lands in the current step."""
+
+        def __init__(self, repl, stream):
+            self._repl, self._stream = repl, stream
+
+        def write(self, text):
+            repl = self._repl
+            if repl.sink is not None and isinstance(text, str):
+                try:
+                    repl.sink.write(text)
+                    repl.teed += len(text)
+                except Exception:
+                    pass
+            return self._stream.write(text)
+
+        def flush(self):
+            if self._repl.sink is not None:
+                try:
+                    self._repl.sink.flush()
+                except Exception:
+                    pass
+            return self._stream.flush()
+
+        def __getattr__(self, name):
+            return getattr(self._stream, name)
+
+    class _PyplotHook(object):
+        """Patches matplotlib.pyplot.show as soon as pyplot is imported (see _Repl.patch_pyplot)."""
+
+        def __init__(self, repl):
+            self.repl, self.busy = repl, False
+
+        def find_spec(self, name, path=None, target=None):
+            if name != "matplotlib.pyplot" or self.busy:
+                return None  # busy: another hook asking the finders, this one included
+            self.busy = True
+            try:
+                for finder in sys.meta_path:
+                    if finder is self or not hasattr(finder, "find_spec"):
+                        continue
+                    spec = finder.find_spec(name, path, target)
+                    if spec is not None:
+                        break
+                else:
+                    return None
+            finally:
+                self.busy = False
+            loader, repl = spec.loader, self.repl
+            if not hasattr(loader, "exec_module"):
+                return spec
+
+            class _Loader(object):
+                def create_module(self, spec):
+                    create = getattr(loader, "create_module", None)
+                    return create(spec) if create else None
+
+                def exec_module(self, module):
+                    loader.exec_module(module)
+                    repl.patch_pyplot(module)
+
+            spec.loader = _Loader()
+            return spec
+
     class _Repl(object):
-        """Runs commands with their output teed to a driver file, and serves files in chunks."""
+        """Runs steps with their output teed to a driver copy, saves their plots, and serves
+        driver files to the CLI in chunks."""
+
         def __init__(self):
             base = config.get("out_dir") or "/tmp"
             self.out_dir = os.path.join(base, "dbx_repl_" + config["session_id"])
-            os.makedirs(self.out_dir, mode=0o700, exist_ok=True)
+            self.copies_bytes = int(config.get("copies_bytes") or 256 * 1024 * 1024)
             self.namespace = namespace
+            self.sink, self.teed, self.key = None, 0, None
+            self.ending, self.images = None, []
+            previous = namespace.get("_dbx_repl")  # a reinstall keeps the tees handlers hold
+            tees = getattr(previous, "tees", None)
+            self.tees = tees or {"stdout": _Tee(self, sys.stdout), "stderr": _Tee(self, sys.stderr)}
+            for tee in self.tees.values():
+                tee._repl = self
+            service_display = namespace.get("display")
+            if getattr(service_display, "_dbx_repl_wrapper", False):
+                service_display = service_display.service_display
+            self.service_display = service_display
+            if not any(isinstance(f, _PyplotHook) or type(f).__name__ == "_PyplotHook" for f in sys.meta_path):
+                sys.meta_path.insert(0, _PyplotHook(self))
+            else:
+                for finder in sys.meta_path:
+                    if type(finder).__name__ == "_PyplotHook":
+                        finder.repl = self
+            self.make_dir()
 
-        def out_path(self, key):
-            return os.path.join(self.out_dir, key + ".out")
+        def make_dir(self):
+            os.makedirs(self.out_dir, mode=0o700, exist_ok=True)
+            os.chmod(self.out_dir, 0o700)
+
+        def out_path(self, key, suffix=".out"):
+            return os.path.join(self.out_dir, key + suffix)
+
+        # -- a step's life: begin, run, end -----------------------------------------------------------
+        def begin(self, key):
+            """Start a step: prune old copies, open its driver copy, and tee both streams into it."""
+            self.close_sink()
+            self.key, self.teed, self.ending, self.images = key, 0, None, []
+            try:  # the driver copy is a convenience: a full or cleaned-up /tmp must not stop the step
+                self.make_dir()
+                self.prune()
+                self.sink = open_private(self.out_path(key))
+            except OSError:
+                self.sink = _NullSink()
+            for name, tee in self.tees.items():
+                current = getattr(sys, name)
+                if current is not tee:
+                    tee._stream = current
+                setattr(sys, name, tee)
+            plt = sys.modules.get("matplotlib.pyplot")
+            if plt is not None:
+                self.patch_pyplot(plt)
+
+        def begin_magic(self, key):
+            """The first line of a step with magics (%pip, !ls): tee what the REPL runs after it.
+            No end: a magic may restart Python, so the CLI always fetches this step's copy."""
+            self.begin(key)
+
+        def end(self):
+            """Finish a step: its plots, its ending record, and the streams as they were."""
+            try:
+                self.save_open_figures()
+            except Exception as error:
+                sys.stderr.write("[dbx-repl: open figures could not be saved: %s]\n" % safe_str(error))
+            record = {"ending": self.ending or {"kind": "finished"}, "chars": self.teed,
+                      "images": [os.path.basename(p) for p in self.images]}
+            try:
+                with open_private(self.out_path(self.key, ".end")) as f:
+                    f.write(json.dumps(record))
+            except OSError:
+                pass
+            for name, tee in self.tees.items():
+                if getattr(sys, name) is tee:
+                    setattr(sys, name, tee._stream)
+            self.close_sink()
+            return record
+
+        def close_sink(self):
+            sink, self.sink = self.sink, None
+            if sink is not None:
+                try:
+                    sink.close()
+                except Exception:
+                    pass
+
+        def parse(self, source, filename):
+            """The step's syntax tree. A uniformly indented cell runs, as the service's IPython
+            dedents it; the dedented text is what tracebacks show."""
+            try:
+                return ast.parse(source, filename=filename), source
+            except IndentationError:
+                dedented = textwrap.dedent(source)
+                if dedented == source:
+                    raise
+                return ast.parse(dedented, filename=filename), dedented
 
         def run(self, key, source_b64):
             source = base64.b64decode(source_b64).decode("utf-8")
-            try:  # the driver copy is a convenience: a full or cleaned-up /tmp must not stop the step
-                os.makedirs(self.out_dir, mode=0o700, exist_ok=True)
-                for name in os.listdir(self.out_dir):
-                    if name.endswith((".out", ".err")):
-                        os.unlink(os.path.join(self.out_dir, name))
-                sink = open(self.out_path(key), "w", encoding="utf-8", errors="replace")
-            except OSError:
-                sink = _NullSink()
-            counter = [0]
-            out, err = sys.stdout, sys.stderr
-            sys.stdout, sys.stderr = _Tee(out, sink, counter), _Tee(err, sink, counter)
+            self.begin(key)
             filename = "<command-%s>" % key
-            linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
             try:
                 try:
-                    tree = ast.parse(source, filename=filename)
+                    tree, source = self.parse(source, filename)
                 except SyntaxError as error:
-                    self.save_error(key, error, None)
+                    self.record_error(error, None)
                     raise
+                linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
                 last = None
                 if tree.body and isinstance(tree.body[-1], ast.Expr):
                     last = ast.Expression(tree.body.pop().value)
@@ -823,51 +1000,179 @@ def _dbx_repl_install(config, namespace):
                 if last is not None:
                     value = eval(compile(last, filename, "eval"), self.namespace)
                     if value is not None:
-                        print(repr(value))
+                        self.show_value(value)
             except SyntaxError:
                 raise
             except BaseException as error:
                 sys.stdout.flush()
                 tb = error.__traceback__
                 user_frames = tb.tb_next if tb is not None else None
-                self.save_error(key, error, user_frames)
+                self.record_error(error, user_frames)
                 raise error.with_traceback(user_frames)
             finally:
-                sys.stdout, sys.stderr = out, err
-                try:
-                    sink.close()
-                except Exception:
-                    pass
-            out.write("\n\x1edbx-repl-end %s %d" % (key, counter[0]))
+                record = self.end()
+            sys.stdout.write("\n\x1edbx-repl-end %s %d %d" % (key, record["chars"], len(record["images"])))
 
-        def save_error(self, key, error, frames):
-            """Keep the traceback without the wrapper's frames, for the CLI's stderr file."""
-            import traceback
+        def record_error(self, error, frames):
+            """Keep how the step ended (the exception as Python prints it) and its traceback without
+            the wrapper's frames, for the CLI's response and stderr file."""
+            self.ending = {"kind": "raised", "type": qualified_name(type(error)),
+                           "message": safe_str(error)}
+            if isinstance(error, SystemExit):
+                code = error.code
+                self.ending["exit_code"] = code if code is None or isinstance(code, int) else safe_str(code)
             try:
-                with open(self.out_path(key)[:-4] + ".err", "w", encoding="utf-8") as f:
-                    f.write("".join(traceback.format_exception(type(error), error, frames)))
+                text = "".join(traceback.format_exception(type(error), error, frames))
             except Exception:
+                text = "%s: %s\n" % (self.ending["type"], self.ending["message"])
+            try:
+                with open_private(self.out_path(self.key, ".err")) as f:
+                    f.write(text)
+            except OSError:
                 pass
 
+        # -- plots: saved here, never left to the service's image results -----------------------------
+        def show_value(self, value):
+            """The trailing expression's value: its repr, and its image when it has one."""
+            if not isinstance(value, type):
+                try:
+                    self.save_image_of(value)
+                except Exception:  # a failing _repr_png_ (e.g. LaTeX missing) must not fail the step
+                    pass
+            print(repr(value))
+
+        def save_image_of(self, value):
+            """Save a matplotlib figure, PNG bytes, or an object with _repr_png_; True if saved."""
+            if self.is_figure(value):
+                return self.save_figure(value)
+            if isinstance(value, (bytes, bytearray)) and bytes(value[:8]) == b"\x89PNG\r\n\x1a\n":
+                self.save_png(bytes(value))
+                return True
+            render = getattr(value, "_repr_png_", None)
+            if callable(render):
+                data = render()
+                if isinstance(data, (bytes, bytearray)) and data:
+                    self.save_png(bytes(data))
+                    return True
+            return False
+
+        @staticmethod
+        def is_figure(value):
+            return any(k.__name__ == "Figure" and (k.__module__ or "").startswith("matplotlib")
+                       for k in type(value).__mro__)
+
+        def save_figure(self, figure):
+            if getattr(figure, "_dbx_repl_saved_in", None) == self.key:
+                return True  # each figure once per step
+            import io
+            buffer = io.BytesIO()
+            figure.savefig(buffer, format="png")
+            figure._dbx_repl_saved_in = self.key
+            self.save_png(buffer.getvalue())
+            return True
+
+        def save_png(self, data):
+            path = self.out_path(self.key or "unkeyed", ".%d.png" % (len(self.images) + 1))
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            self.images.append(path)
+
+        def save_open_figures(self):
+            """plt.show() and the end of a step: save every open figure, then close them all (what
+            the inline backend does)."""
+            plt = sys.modules.get("matplotlib.pyplot")
+            if plt is None:
+                return
+            for number in plt.get_fignums():
+                self.save_figure(plt.figure(number))
+            plt.close("all")
+
+        def patch_pyplot(self, plt):
+            original = getattr(plt, "show", None)
+            if getattr(original, "_dbx_repl_owner", None) is self:
+                return
+            original = getattr(original, "_dbx_repl_original", original)
+            repl = self
+
+            def show(*args, **kwargs):
+                try:
+                    repl.save_open_figures()
+                except Exception as error:  # e.g. an unwritable /tmp: the step goes on
+                    sys.stderr.write("[dbx-repl: figures could not be saved: %s]\n" % safe_str(error))
+
+            show._dbx_repl_owner, show._dbx_repl_original = self, original
+            plt.show = show
+
+        def display(self, value=None, *args, **kwargs):
+            """display(): plots are saved as PNGs on the driver; anything else goes to the REPL's."""
+            if self.key is not None and self.sink is not None:
+                try:
+                    if self.save_image_of(value):
+                        return None
+                except Exception:  # no room on the driver, a failing _repr_png_: let the REPL show it
+                    pass
+            show = self.service_display
+            if not callable(show):
+                raise NameError("name 'display' is not defined")
+            return show(value, *args, **kwargs)
+
+        # -- driver copies: bounded, private, removed with the session --------------------------------
+        def prune(self):
+            """Remove the oldest steps' copies until the session's copies fit in copies_bytes."""
+            entries = []
+            for name in os.listdir(self.out_dir):
+                path = os.path.join(self.out_dir, name)
+                try:
+                    info = os.stat(path)
+                except OSError:
+                    continue
+                entries.append((info.st_mtime, info.st_size, path))
+            total = sum(size for _, size, _ in entries)
+            for _, size, path in sorted(entries):
+                if total <= self.copies_bytes:
+                    break
+                try:
+                    os.unlink(path)
+                    total -= size
+                except OSError:
+                    pass
+
+        def remove_copies(self, session_id=None):
+            """Delete a session's driver copies (this one's by default); prints how many files went."""
+            import shutil
+            if session_id is None:
+                self.close_sink()
+                target = self.out_dir
+            else:
+                if not all(c in "0123456789abcdef" for c in str(session_id)) or not session_id:
+                    raise ValueError("not a session id: %r" % (session_id,))
+                target = os.path.join(os.path.dirname(self.out_dir), "dbx_repl_" + session_id)
+            count = sum(len(files) for _, _, files in os.walk(target))
+            shutil.rmtree(target, ignore_errors=True)
+            print(json.dumps({"removed": count}))
+
+        # -- transfer ---------------------------------------------------------------------------------
         def send(self, payload, mode):
             """Return bytes to the CLI: as a one-column table (fast), or as text lines (fallback)."""
             packed = base64.b64encode(payload).decode("ascii")
             if mode == "table":
-                step = __ROW_CHARS__
-                rows = [packed[i:i + step] for i in range(0, len(packed), step)] or [""]
+                rows = [packed[i:i + row_chars] for i in range(0, len(packed), row_chars)] or [""]
                 try:
                     import pandas
                     table = pandas.DataFrame({"chunk": rows})
                 except ImportError:
                     table = [{"chunk": r} for r in rows]
                 show = namespace.get("display")
+                show = getattr(show, "service_display", show)
                 if callable(show):
                     show(table)
                     return
             print(packed)  # text: cut by the service if too long, and the CLI then asks for less
 
-        def fetch(self, path, offset, mode, budget=__BUDGET__, extra=None):
+        def fetch(self, path, offset, mode, budget=None, extra=None):
             """Send bytes of a driver file from offset, zlib-compressed, with a JSON header row."""
+            budget = budget or chunk_budget
             try:
                 size = os.path.getsize(path)
             except OSError:
@@ -875,7 +1180,7 @@ def _dbx_repl_install(config, namespace):
             header = dict(extra or {}, size=size, offset=offset)
             payload = b""
             if mode != "table":  # text results are cut at 50,000 characters: send less per call
-                budget = min(budget, __TEXT_BUDGET__)
+                budget = min(budget, text_budget)
             if size >= 0:
                 # Level 1: ~30 MB/s on varied text against ~4 MB/s at level 6, for 15% more bytes;
                 # compression, not the round trips, was what limited the transfer rate.
@@ -897,14 +1202,28 @@ def _dbx_repl_install(config, namespace):
             self.send(json.dumps(header).encode("utf-8") + b"\n" + payload, mode)
 
         def fetch_output(self, key, offset, mode):
-            """Send the teed output of a command; the first chunk carries its clean traceback.
-            The files stay until the next command runs, so a failed transfer can be retried."""
+            """Send the teed output of a step; the first chunk's header carries its clean traceback
+            ("traceback") and its ending record ("end": ending, chars, images). The copies stay on
+            the driver (bounded, see prune), so a failed transfer can be retried."""
             extra = {}
-            error_path = self.out_path(key)[:-4] + ".err"
-            if offset == 0 and os.path.exists(error_path):
-                with open(error_path, encoding="utf-8", errors="replace") as f:
-                    extra["traceback"] = f.read()
+            if offset == 0:
+                for suffix, field in ((".err", "traceback"), (".end", "end")):
+                    path = self.out_path(key, suffix)
+                    if os.path.exists(path):
+                        with open(path, encoding="utf-8", errors="replace") as f:
+                            extra[field] = f.read()
+                if "end" in extra:
+                    try:
+                        extra["end"] = json.loads(extra["end"])
+                    except ValueError:
+                        del extra["end"]
             self.fetch(self.out_path(key), offset, mode, extra=extra)
+
+        def fetch_image(self, key, name, offset, mode):
+            """Send one of a step's saved plots (a file name from its ending record)."""
+            if os.path.basename(name) != name or not name.startswith(key + "."):
+                raise ValueError("not a plot of step %s: %r" % (key, name))
+            self.fetch(os.path.join(self.out_dir, name), offset, mode)
 
         def stat(self, path):
             """Size and sha256 of a driver file, as text."""
@@ -928,6 +1247,16 @@ def _dbx_repl_install(config, namespace):
             print(json.dumps({"written": len(data), "end": offset + len(data)}))
 
     _repl = _Repl()
+    # Lives as long as this Python process: a reinstall tells a restarted interpreter (variables
+    # gone) from a namespace that merely lost `_dbx_repl`.
+    _repl.fresh_interpreter = not getattr(sys, "_dbx_repl_installed", False)
+    sys._dbx_repl_installed = True
+
+    def display(*args, **kwargs):
+        return _repl.display(*args, **kwargs)
+
+    display._dbx_repl_wrapper, display.service_display = True, _repl.service_display
+    display.__doc__ = _repl.display.__doc__
 
     class SubLLMError(RuntimeError):
         """A sub_llm call failed (after its retries, when the failure was retryable)."""
@@ -1304,32 +1633,47 @@ def _dbx_repl_install(config, namespace):
     namespace["sub_llm_batch"] = sub_llm_batch
     namespace["sub_llm_usage"] = sub_llm_usage
     namespace["sub_llm_budget"] = sub_llm_budget
-'''.replace("__ROW_CHARS__", str(CHUNK_ROW_CHARS)).replace("__TEXT_BUDGET__", str(TEXT_CHUNK_BUDGET)).replace("__BUDGET__", str(CHUNK_COMPRESSED_BUDGET))
+    if "display" in namespace:
+        namespace["display"] = display
 
 
 def bootstrap_command(config):
-    """The command `create` runs: install the helpers, then drop the installer's name."""
-    return (BOOTSTRAP_SOURCE + "\n_dbx_repl_install(%s, globals())\ndel _dbx_repl_install\n"
-            "print('dbx-repl bootstrap ready')\n" % repr(json.loads(json.dumps(config))))
+    """The command `create` runs: install the helpers, then drop the installer's name. The
+    installer travels as its own source; its config as a JSON literal (data, never code)."""
+    import inspect
+    config = dict(config, row_chars=CHUNK_ROW_CHARS, text_budget=TEXT_CHUNK_BUDGET,
+                  chunk_budget=CHUNK_COMPRESSED_BUDGET, copies_bytes=DRIVER_COPIES_BYTES)
+    return (inspect.getsource(_dbx_repl_install)
+            + "\n_dbx_repl_install(__import__('json').loads(%r), globals())\ndel _dbx_repl_install\n"
+            "print('dbx-repl bootstrap ready', 'fresh' if _dbx_repl.fresh_interpreter else 'again')\n"
+            % json.dumps(config))
 
 
 def wrap_command(source, key):
-    """What is sent for a user command. Python runs through the bootstrap's tee so its full output
-    can be fetched when the service truncates it; a command with magics (%pip, !ls), which is not
-    Python, is sent as it is, since only the REPL itself understands them."""
-    if MAGIC_LINE.search(source) and not _is_python(source):
+    """(command to send, wrapped) for a user step. Python runs through `_dbx_repl.run`, which tees
+    its output to a driver copy, saves its plots and records how it ended (wrapped=True). A step
+    with magics (%pip, !ls, %sh), which only the REPL understands, is sent as it is after one line
+    that starts the tee (wrapped="magic"); a cell magic (%%sh) must be the cell's first line, so it
+    is sent untouched (wrapped=False)."""
+    if not MAGIC_LINE.search(source) or _is_python(source):
+        encoded = base64.b64encode(source.encode("utf-8")).decode("ascii")
+        return f"_dbx_repl.run({key!r}, {encoded!r})", True
+    if source.lstrip().startswith("%%"):
         return source, False
-    encoded = base64.b64encode(source.encode("utf-8")).decode("ascii")
-    return f"_dbx_repl.run({key!r}, {encoded!r})", True
+    return f"_dbx_repl.begin_magic({key!r})\n{source}", "magic"
 
 
 def _is_python(source):
+    """True when the source parses as Python, as it is or uniformly dedented (as the REPL runs it)."""
     import ast
-    try:
-        ast.parse(source)
-        return True
-    except (SyntaxError, ValueError):
-        return False
+    import textwrap
+    for text in (source, textwrap.dedent(source)):
+        try:
+            ast.parse(text)
+            return True
+        except (SyntaxError, ValueError):
+            continue
+    return False
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1348,10 +1692,18 @@ PREVIEW_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def printable(text):
-    """Text safe to show in a response: ANSI sequences removed, CR line ends made LF, and other
-    control characters (which some JSON-lines readers take as line breaks) shown as U+FFFD."""
-    text = strip_ansi(text).replace("\r\n", "\n").replace("\r", "\n")
+    """Text safe to show in a response, as a terminal would show it: ANSI sequences removed, CRLF
+    made LF, carriage-return frames (progress bars) collapsed to the last one, and other control
+    characters (which some JSON-lines readers take as line breaks) shown as U+FFFD."""
+    text = strip_ansi(text).replace("\r\n", "\n")
+    if "\r" in text:
+        text = "\n".join(_last_frame(line) for line in text.split("\n"))
     return PREVIEW_CONTROL.sub("\ufffd", text)
+
+
+def _last_frame(line):
+    frames = line.split("\r")
+    return next((frame for frame in reversed(frames) if frame), "")
 
 
 def preview(text, limit=PREVIEW_CHARS, total_bytes=None):
@@ -1406,11 +1758,17 @@ def parse_error(summary, cause):
 
 
 def is_cancellation(status, results):
+    """True when a command ended by a cancel: status Cancelled, or an error result with
+    CommandCancelledException in it, or KeyboardInterrupt (pyspark's SIGINT handler raises it, and
+    the service then answers Finished). A context shutdown looks the same: probe the context."""
     if status == "Cancelled":
         return True
     results = results or {}
-    return results.get("resultType") == "error" and CANCELLED_MARKER in (
-        (results.get("cause") or "") + (results.get("summary") or ""))
+    if results.get("resultType") != "error":
+        return False
+    if CANCELLED_MARKER in (results.get("cause") or "") + (results.get("summary") or ""):
+        return True
+    return parse_error(results.get("summary"), results.get("cause"))[0] == "KeyboardInterrupt"
 
 
 def schema_columns(results):
@@ -1602,13 +1960,21 @@ def split_end_marker(text, key):
     """(output, complete): strip the bootstrap's end marker. The output is complete when the marker
     is there and at least as much text came back as the bootstrap teed (the REPL may show more:
     writes to streams captured before the command, such as an older logging handler)."""
+    output, complete, _ = read_end_marker(text, key)
+    return output, complete
+
+
+def read_end_marker(text, key):
+    """(output, complete, images): the marker is `END_MARKER key chars [images]`, images being the
+    number of plots the bootstrap saved for the step on the driver."""
     index = text.rfind(END_MARKER)
     if index < 0:
-        return text, False
+        return text, False, 0
     tail = text[index + len(END_MARKER):].split()
     output = text[:index]
-    complete = len(tail) == 2 and tail[0] == key and tail[1].isdigit() and int(tail[1]) <= len(output)
-    return output, complete
+    complete = len(tail) in (2, 3) and tail[0] == key and all(t.isdigit() for t in tail[1:]) \
+        and int(tail[1]) <= len(output)
+    return output, complete, int(tail[2]) if complete and len(tail) == 3 else 0
 
 
 def cut_marker(written, size):
@@ -1616,46 +1982,75 @@ def cut_marker(written, size):
     return f"\n[dbx-repl: output cut at {written} of {size} bytes (--max-output-bytes)]\n".encode()
 
 
-def write_text_output(files, ws, session, text, wrapped, need_full, max_bytes):
-    """Write the step's stdout file; fetch the full text from the driver when it was cut.
+def driver_copy_path(session, key):
+    return f"{DRIVER_OUTPUT_DIR}/dbx_repl_{session.get('session_id')}/{key}.out"
 
-    Returns (truncated, note, traceback, total): truncated when the file does not hold all of the
-    output; traceback is the wrapper's clean traceback of a failed command, when the driver kept one;
-    total is the output's full size in bytes, when known."""
-    complete = True
-    if wrapped:
-        text, complete = split_end_marker(text, files.key)
-    if not need_full and complete:
+
+def fetch_step_copy(ws, target, files, max_bytes):
+    """Copy the step's driver copy (everything the bootstrap teed) into its stdout file.
+
+    Returns (written, size, header): size -1 when the driver has no copy; header is the first
+    chunk's, with "traceback" and "end" (the bootstrap's ending record) when the driver kept them.
+    Raises whatever the transfer raised; the stdout file then holds what arrived."""
+    key = files.key
+    with open(files.stdout, "wb") as sink:
+        written, size, header = fetch_driver_file(
+            ws, target, lambda off, mode: f"_dbx_repl.fetch_output({key!r}, {off}, {mode!r})", sink, max_bytes)
+        if 0 <= size and written < size:
+            sink.write(cut_marker(written, size))
+    return written, size, header or {}
+
+
+def merge_service_text(files, text, copy_size, max_bytes):
+    """Append the service's text when the driver copy does not hold it (a dbutils.notebook.exit
+    value, displayHTML content, text written past the tee); returns True if it was appended."""
+    if not text or not text.strip() or copy_size >= max_bytes:
+        return False
+    with open(files.stdout, "rb") as f:
+        held = f.read().decode("utf-8", "replace")
+    if text in held or text.strip() in held:
+        return False
+    _append(files.stdout, ("" if not held or held.endswith("\n") else "\n") + text)
+    return True
+
+
+def write_step_output(ws, target, files, text, text_complete, wrapped, max_bytes):
+    """Write the step's stdout file: the service's text when it is complete, else the driver copy
+    merged with whatever service text it lacks. Returns (truncated, note, header, total)."""
+    if text_complete and text is not None:
         data = text.encode("utf-8", "replace")
         if len(data) <= max_bytes:
             write_atomic(files.stdout, data)
-            return False, None, None, len(data)
+            return False, None, {}, len(data)
         write_atomic(files.stdout, data[:max_bytes] + cut_marker(max_bytes, len(data)))
-        return True, _cut_note(max_bytes, len(data)), None, len(data)
-    if not wrapped:
-        write_atomic(files.stdout, text.encode("utf-8", "replace")[:max_bytes])
-        return need_full, ("The service cut this output and it cannot be fetched (commands with magics "
-                           "are not teed)."), None, None
-    key = files.key
+        return True, _cut_note(max_bytes, len(data)), {}, len(data)
+    fallback = (text or "").encode("utf-8", "replace")[:max_bytes]
+    if not wrapped:  # a cell magic (%%sh): the service's text is all there is
+        write_atomic(files.stdout, fallback)
+        if text is None:
+            return True, ("What this cell magic printed is lost: the service returns no text for a failed or "
+                          "cancelled command, and a cell magic cannot be teed."), {}, None
+        return True, "The service cut this output and it cannot be fetched (a cell magic cannot be teed).", {}, None
     try:
-        with open(files.stdout, "wb") as sink:
-            written, size, header = fetch_driver_file(
-                ws, session, lambda off, mode: f"_dbx_repl.fetch_output({key!r}, {off}, {mode!r})",
-                sink, max_bytes)
-            if size < 0:
-                sink.write(text.encode("utf-8", "replace")[:max_bytes])
-                return need_full or not complete, "The driver copy of the output was not found.", None, None
-            if written < size:
-                sink.write(cut_marker(written, size))
-                return True, _cut_note(written, size), header.get("traceback"), size
+        written, size, header = fetch_step_copy(ws, target, files, max_bytes)
     except Exception as err:  # a failed fetch must not lose the step: keep what the service sent
-        write_atomic(files.stdout, text.encode("utf-8", "replace")[:max_bytes])
+        write_atomic(files.stdout, fallback)
         detail = err.message if isinstance(err, ReplError) else f"{type(err).__name__}: {err}"
-        driver_copy = f"{DRIVER_OUTPUT_DIR}/dbx_repl_{session.get('session_id')}/{key}.out"
+        if HELPERS_MISSING.search(detail):
+            raise HelpersGoneDuringStep() from None
         local_copy = files.project.show(files.path(".full.stdout"))
-        return True, (f"Could not fetch the full output: {scrub(detail)}. Until the next exec it is on the "
-                      f"driver: {cli_hint('get', files.project)} {driver_copy} {local_copy}"), None, None
-    return False, None, header.get("traceback"), size
+        return True, (f"Could not fetch the full output: {scrub(detail)}. It stays on the driver (older steps' "
+                      f"copies are pruned past {DRIVER_COPIES_BYTES >> 20} MiB per session): "
+                      f"{cli_hint('get', files.project)} {driver_copy_path(target, files.key)} {local_copy}"), {}, None
+    if size < 0:
+        write_atomic(files.stdout, fallback)
+        return True, "The driver copy of the output was not found; the stdout file holds what the service sent.", \
+            header, None
+    header = valid_unicode(header)
+    merge_service_text(files, text, written, max_bytes)
+    if written < size:
+        return True, _cut_note(written, size), header, size
+    return False, None, header, size
 
 
 def _cut_note(written, size):
@@ -1731,52 +2126,157 @@ def _read_filestore_image(ws, name):
     return b"".join(chunks) or None
 
 
-def render_results(ws, session, files, status, wrapped, max_bytes):
+RESTART_WINDOW = "jupyter client is not available"   # the REPL's Python is restarting (or was shut down)
+RESTART_WAIT_SECONDS = 120.0
+SHUTDOWN_CAUSES = ("ExecContextState.shutdown", "abortRunningSequence")
+
+
+class HelpersGoneDuringStep(Exception):
+    """The step's driver copy could not be fetched because the REPL no longer has the helpers: its
+    Python restarted under the step (a crash the service recovered from), or the code removed them."""
+
+
+class ContextLostDuringStep(Exception):
+    """The step's context died under it (a crash, a shutdown, a kill after an ignored cancel): its
+    Python state is gone. `reason` is one sentence for the response."""
+
+    def __init__(self, reason):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def service_error_text(results):
+    return html_to_text(strip_ansi((results or {}).get("summary"))) + "\n" + strip_ansi((results or {}).get("cause"))
+
+
+def lost_reason(status):
+    """Why a context died under a step, from the step's last status (the probe said it is gone)."""
+    results = status.get("results") or {}
+    text = service_error_text(results)
+    if any(cause in text for cause in SHUTDOWN_CAUSES):
+        return "The execution context was shut down while the step ran (the cluster restarted, or the service "\
+               "closed the context)."
+    if is_cancellation(status.get("status"), results):
+        return ("The step was cancelled, but it kept running through the interrupts (e.g. it caught "
+                "KeyboardInterrupt), so the service killed its Python process.")
+    return ("The Python process died while the step ran (os._exit, a crash in native code, or the driver ran "
+            "out of memory).")
+
+
+def images_from_driver(ws, target, files, names):
+    """Fetch the plots the bootstrap saved for the step; returns (saved paths, names not fetched)."""
+    saved, missing = [], []
+    for index, name in enumerate(names, start=1):
+        extension = name.rsplit(".", 1)[-1] if "." in name else "png"
+        path = files.path(f".{index}.{extension}")
+        try:
+            with open(path, "wb") as sink:
+                written, size, _ = fetch_driver_file(
+                    ws, target, lambda off, mode, n=name: f"_dbx_repl.fetch_image({files.key!r}, {n!r}, {off}, {mode!r})",
+                    sink, DEFAULT_TRANSFER_CAP)
+            if size < 0 or written != size:
+                raise ReplError("TransferFailed", "incomplete")
+        except Exception:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            missing.append(name)
+            continue
+        files.add("image", path)
+        saved.append(files.project.show(path))
+    return saved, missing
+
+
+def render_results(ws, session, files, status, active, max_bytes):
     """Turn a finished command's status into step files and the response fields.
 
-    Returns (step_status, fields). Files are written before the caller records the step."""
+    Returns (step_status, fields); fields may carry "hint" and "note". Files are written before the
+    caller records the step. Raises ContextLostDuringStep when a probe shows the context died."""
     results = valid_unicode(status.get("results") or {})
-    kind = results.get("resultType")
+    kind, state = results.get("resultType"), status.get("status")
+    wrapped = active.get("wrapped", True)
+    target = {"cluster_id": session["cluster_id"], "context_id": active.get("context_id") or session["context_id"],
+              "session_id": session.get("session_id")}
+    failed = kind == "error" or state in ("Error", "Cancelled")
+    # A cancel, a shutdown and a crash can all end as an error result: only a probe tells whether
+    # the context (and its variables) survived.
+    if failed and not ws.context_alive(target["cluster_id"], target["context_id"]):
+        raise ContextLostDuringStep(lost_reason(status))
     fields, notes = {}, []
     write_atomic(files.stderr, b"")
-    if is_cancellation(status.get("status"), results):
-        write_atomic(files.stdout, b"")
-        return "Cancelled", {"message": "The command was cancelled."}
-    if kind == "text" or kind is None and status.get("status") == "Finished":
+    text, text_complete, image_count = None, False, 0
+    if kind == "text" or (kind is None and state == "Finished"):
         data = results.get("data")
         text = data if isinstance(data, str) else "" if data is None else json.dumps(data)
-        fields["truncated"], note, _, total = write_text_output(files, ws, session, text or "", wrapped,
-                                                                bool(results.get("truncated")), max_bytes)
-        notes.append(note)
-    else:
-        # Error, table and image results drop the printed text: fetch it from the driver copy.
-        clean_traceback, total = None, None
-        if wrapped:
-            fields["truncated"], note, clean_traceback, total = write_text_output(files, ws, session, "", True,
-                                                                                 True, max_bytes)
-            notes.append(note)
+        if wrapped is True:
+            text, text_complete, image_count = read_end_marker(text, files.key)
         else:
-            write_atomic(files.stdout, b"")
-        if kind == "table":
-            rendering, fields["table"] = save_table(files, results)
-            _append(files.stdout, ("\n" if os.path.getsize(files.stdout) else "") + rendering)
-        elif kind in ("images", "image"):
-            fields["images"], unresolved = save_images(files, ws, results)
-            if unresolved:
-                fields["unfetched_images"] = unresolved
-                notes.append(f"{len(unresolved)} image(s) could not be fetched; their FileStore paths are "
-                             "in unfetched_images.")
-        elif kind == "error" or status.get("status") == "Error":
-            cause = strip_ansi(valid_unicode(clean_traceback)) or strip_ansi(results.get("cause")) or html_to_text(
-                results.get("summary"))
-            write_atomic(files.stderr, cause.rstrip("\n") + "\n")
-            error_type, message = parse_error(results.get("summary"), results.get("cause"))
-            fields["error"] = {"type": printable(error_type)[:200], "message": printable(message)[:500]}
+            text_complete = not results.get("truncated")
+    fields["truncated"], note, header, total = write_step_output(ws, target, files, text, text_complete,
+                                                                 wrapped, max_bytes)
+    notes.append(note)
+    record = header.get("end") if isinstance(header.get("end"), dict) else {}
+    ending = record.get("ending") if isinstance(record.get("ending"), dict) else {}
+    if kind == "table":
+        rendering, fields["table"] = save_table(files, results)
+        _append(files.stdout, ("\n" if os.path.getsize(files.stdout) else "") + rendering)
+    image_names = record.get("images") or [f"{files.key}.{i}.png" for i in range(1, image_count + 1)]
+    if wrapped and image_names:
+        fields["images"], unfetched = images_from_driver(ws, target, files, image_names)
+        if unfetched:
+            notes.append(f"{len(unfetched)} plot(s) could not be fetched from the driver ({', '.join(unfetched)}).")
+    elif kind in ("images", "image"):
+        fields["images"], unresolved = save_images(files, ws, results)
+        if unresolved:
+            fields["unfetched_images"] = unresolved
+            notes.append(f"{len(unresolved)} image(s) could not be fetched; their FileStore paths are "
+                         "in unfetched_images.")
     if fields.get("truncated") and total is not None:
         fields["stdout_total_bytes"] = total
-    step_status = "Error" if "error" in fields else "Finished"
+    step_status = "Finished"
+    if failed and active.get("restarted_after_magic"):
+        notes.append("Python restarted after this step ran (as %pip can do): the helpers were installed again, "
+                     "and variables and imports are gone; replay the steps you need.")
+        fields["hint"] = f"Run {cli_hint('replay', files.project)} --steps N,... for the state you need."
+    elif failed:
+        step_status = failed_ending(files, results, state, ending, header.get("traceback"), fields, notes)
     fields["message"] = " ".join(n for n in notes if n) or None
     return step_status, fields
+
+
+def failed_ending(files, results, state, ending, traceback_text, fields, notes):
+    """The status of a step whose command failed while its context lived: Cancelled, Error, or
+    Finished for sys.exit(0). Fills fields (error, hint) and the stderr file."""
+    if ending.get("kind") == "raised":
+        error_type, message = str(ending.get("type") or "Exception"), str(ending.get("message") or "")
+    elif RESTART_WINDOW in service_error_text(results):
+        fields["error"] = {"type": "KernelRestarting", "message": printable(html_to_text(results.get("summary")))[:500]}
+        fields["hint"] = "The REPL's Python was restarting and the step did not run; exec it again in a minute."
+        return "Error"
+    else:
+        error_type, message = parse_error(results.get("summary"), results.get("cause"))
+    if is_cancellation(state, results) or error_type == "KeyboardInterrupt":
+        # pyspark's SIGINT handler turns a cancel into KeyboardInterrupt: the service then answers
+        # Finished with that error, as it does for a cancel from any client.
+        fields["hint"] = ("The session and its variables are intact; what the step printed before the cancel is "
+                          "in stdout_file. Continue with exec.")
+        return "Cancelled"
+    cause = strip_ansi(valid_unicode(traceback_text)) or strip_ansi(results.get("cause")) or html_to_text(
+        results.get("summary"))
+    write_atomic(files.stderr, cause.rstrip("\n") + "\n")
+    if error_type == "SystemExit":
+        code = ending.get("exit_code", message) if ending else message
+        if code in (0, None, "0", "", "None"):
+            notes.append("The step ended by calling sys.exit(0), a normal exit; the session and its variables "
+                         "are intact.")
+            return "Finished"
+        fields["error"] = {"type": "SystemExit", "message": printable(str(code))[:500]}
+        fields["hint"] = (f"The code called sys.exit({code}); the session and its variables are intact. "
+                          f"Read {files.project.show(files.stderr)} and exec the next step.")
+        return "Error"
+    shown = printable(message)
+    fields["error"] = {"type": printable(error_type)[:200],
+                       "message": shown if len(shown) <= 500 else shown[:497] + "..."}
+    return "Error"
 
 
 def valid_unicode(value):
@@ -1816,7 +2316,7 @@ def step_response(project, files, step_status, elapsed, fields, exit_code=None):
     if stderr_bytes:
         body["stderr_preview"] = file_preview(files.stderr)
     body["elapsed_seconds"] = round(elapsed, 3)
-    message, note = fields.pop("message", None), fields.pop("note", None)
+    message, note, hint = fields.pop("message", None), fields.pop("note", None), fields.pop("hint", None)
     error = fields.get("error")
     default_messages = {
         "Finished": "The command finished.",
@@ -1825,7 +2325,7 @@ def step_response(project, files, step_status, elapsed, fields, exit_code=None):
     }
     hints = {
         "Error": f"Read {body['stderr_file']}, fix the code, and exec again.",
-        "Cancelled": "The session is still usable.",
+        "Cancelled": "The session and its variables are intact; continue with exec.",
         "RenderFailed": "The raw service result is in the .result.json output; the session is usable.",
     }
     body.update(fields)
@@ -1834,7 +2334,7 @@ def step_response(project, files, step_status, elapsed, fields, exit_code=None):
         exit_code = EXIT_OK if step_status == "Finished" else EXIT_FAILED
     message = " ".join(filter(None, [message or default_messages.get(step_status, step_status), note]))
     return response(step_status, message,
-                    hint=hints.get(step_status), exit_code=exit_code, **body)
+                    hint=hint or hints.get(step_status), exit_code=exit_code, **body)
 
 
 def touch_step_files(project, entry):
@@ -1895,8 +2395,14 @@ def finish_command(ws, project, session, active, status, max_bytes):
     """Render a finished command's results, record its step, and build the response."""
     files = StepFiles(project, active["step"], active["tag"])
     try:
-        step_status, fields = render_results(ws, session, files, status, active.get("wrapped", True),
-                                             max_bytes)
+        step_status, fields = render_results(ws, session, files, status, active, max_bytes)
+    except ContextLostDuringStep as lost:
+        return recover_from_eviction(ws, project, failed=active, lost=lost.reason)
+    except HelpersGoneDuringStep:
+        target = {"cluster_id": session["cluster_id"], "context_id": active.get("context_id") or session["context_id"]}
+        if reinstall_helpers(ws, session, target):
+            return python_restarted_under(ws, project, session, active)
+        return finish_command(ws, project, session, active, status, max_bytes)  # the helpers are back
     except Exception as err:
         # Never leave the session blocked on a command that has ended: keep the raw result instead.
         raw = files.path(".result.json")
@@ -1907,8 +2413,9 @@ def finish_command(ws, project, session, active, status, max_bytes):
         step_status, fields = "RenderFailed", {"message": f"The command ended ({status.get('status')}) but "
                                                           f"its output could not be saved: {reason}"}
     if active.get("helpers_reinstalled"):
-        fields["note"] = ("The REPL had lost its helpers (a Python restart also clears your variables); "
-                          "they were installed again and this step ran after that.")
+        fields["note"] = ("Python had restarted since the last step, so variables and imports are gone; the helpers "
+                          "were installed again and this step ran after that." if active.get("python_restarted_before")
+                          else "The REPL had lost its helpers; they were installed again and this step ran after that.")
     elapsed = elapsed_since(active)
     outputs = [o for o in files.outputs() if o["kind"] not in ("command", "stdout", "stderr")]
     record_step(project, step_entry(project, files, active, step_status, elapsed=elapsed,
@@ -1943,6 +2450,13 @@ def await_active(ws, project, session, active, timeout, max_bytes):
         if status is not None and helpers_missing(active, status):
             rerun_with_helpers(ws, project, session, active)
             status = poll_command(ws, cluster_id, context_id, active["command_id"], timeout)
+        if status is not None and restart_window_ending(active, status):
+            if active.get("wrapped") is True:  # the step never reached Python: run it once more
+                rerun_with_helpers(ws, project, session, active)
+                status = poll_command(ws, cluster_id, context_id, active["command_id"], timeout)
+            else:  # a magic (%pip) ran and Python restarted after it: never re-run its side effects
+                reinstall_helpers(ws, session, {"cluster_id": cluster_id, "context_id": context_id})
+                active["restarted_after_magic"] = True
     except KeyboardInterrupt:
         return interrupt_active(ws, project, session, active, max_bytes)
     except Terminated:
@@ -1967,10 +2481,59 @@ def helpers_missing(active, status):
     return bool(HELPERS_MISSING.search(text))
 
 
+def restart_window_ending(active, status):
+    """True when the step's command met the REPL while its Python was restarting (after %pip or
+    restartPython): the service answers an error result with the RESTART_WINDOW text."""
+    results = status.get("results") or {}
+    return results.get("resultType") == "error" and not active.get("helpers_reinstalled") and \
+        RESTART_WINDOW in service_error_text(results)
+
+
+def reinstall_helpers(ws, session, target, wait=RESTART_WAIT_SECONDS):
+    """Install the helpers in the context again, waiting out a Python restart window. Returns True
+    when the REPL's Python had restarted (its variables are gone), False when only the helpers were."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            results = run_internal(ws, target, bootstrap_command(bootstrap_config(session, ws.host)),
+                                   timeout=CONTEXT_START_TIMEOUT)
+            problem = service_error_text(results) if results.get("resultType") == "error" else None
+        except ReplError:
+            raise
+        except Exception as err:
+            if RESTART_WINDOW not in str(err):
+                raise
+            problem = str(err)
+        if problem is None:
+            return (results.get("data") or "").rstrip().endswith("fresh")
+        if RESTART_WINDOW not in problem:
+            raise ReplError("BootstrapFailed", f"Installing the REPL helpers again failed: {scrub(problem.strip())[:300]}",
+                            hint="Run status; if the context is lost, replay restores it.")
+        if time.monotonic() > deadline:
+            raise ReplError("KernelRestarting", f"The REPL's Python was still restarting after {wait:g}s.",
+                            hint="Wait a minute, then run await (or status).")
+        time.sleep(2)
+
+
+def execute_step(ws, session, command):
+    """Submit a step's command; a REPL in a restart window refused it (nothing ran), so wait the
+    window out, reinstall the helpers and submit once more."""
+    target = {"cluster_id": session["cluster_id"], "context_id": session["context_id"]}
+    try:
+        return ws.execute(target["cluster_id"], target["context_id"], command)
+    except SubmitUncertain:
+        raise
+    except Exception as err:
+        if RESTART_WINDOW not in str(err):
+            raise
+    reinstall_helpers(ws, session, target)
+    return ws.execute(target["cluster_id"], target["context_id"], command)
+
+
 def rerun_with_helpers(ws, project, session, active):
     """Install the helpers again and submit the step once more, saving its new command id."""
     target = {"cluster_id": session["cluster_id"], "context_id": active.get("context_id") or session["context_id"]}
-    run_internal(ws, target, bootstrap_command(bootstrap_config(session, ws.host)), timeout=CONTEXT_START_TIMEOUT)
+    active["python_restarted_before"] = reinstall_helpers(ws, session, target)
     files = StepFiles(project, active["step"], active["tag"])
     with open(files.command, encoding="utf-8") as f:
         command, _ = wrap_command(f.read(), files.key)
@@ -1993,8 +2556,12 @@ def interrupt_active(ws, project, session, active, max_bytes):
             return recover_from_eviction(ws, project, failed=active)
         except Exception:
             status = None
-        if status is not None and not is_cancellation(status.get("status"), status.get("results")):
-            return finish_command(ws, project, session, active, status, max_bytes)
+        if status is not None:
+            body = finish_command(ws, project, session, active, status, max_bytes)
+            if body["status"] == "Cancelled":
+                body["message"] = "Command interrupted by user. " + body["message"]
+                body["_exit"] = EXIT_INTERRUPTED
+            return body
         files = StepFiles(project, active["step"], active["tag"])
         elapsed = elapsed_since(active)
         record_step(project, step_entry(project, files, active, "Cancelled", elapsed=elapsed),
@@ -2047,15 +2614,16 @@ def bootstrap_config(session, host):
             "session_name": session.get("session_name"), "out_dir": DRIVER_OUTPUT_DIR}
 
 
-def recover_from_eviction(ws, project, failed=None):
-    """The context is gone: record the lost step, start a fresh context, and list what to replay."""
+def recover_from_eviction(ws, project, failed=None, lost=None):
+    """The context is gone: record the lost step, start a fresh context, and list what to replay.
+    lost: why the context died under the failed step (None: evicted); the answer is then ContextLost."""
     with project.lock():
         session = project.load()
         old_context = session.get("context_id")
         failed_entry = None
         if failed:
             files = StepFiles(project, failed["step"], failed["tag"])
-            failed_entry = step_entry(project, files, failed, "Evicted")
+            failed_entry = step_entry(project, files, failed, "ContextLost" if lost else "Evicted")
             touch_step_files(project, failed_entry)
             session["steps"].append(failed_entry)
         session["active_command"] = None
@@ -2077,17 +2645,72 @@ def recover_from_eviction(ws, project, failed=None):
         session.setdefault("contexts", []).append({"context_id": new_context, "created_at": now_iso(),
                                                    "replaces": old_context})
         project.save(session)
+    salvaged = salvage_output(ws, project, session, failed) if failed else None
     return response(
-        "ContextEvicted",
-        "The execution context was evicted; a new one is ready, but variables and imports are gone.",
+        "ContextLost" if lost else "ContextEvicted",
+        " ".join(filter(None, [lost or "The execution context was evicted.",
+                               "A new context is ready, but variables and imports are gone.", salvaged])),
         old_context_id=old_context, new_context_id=new_context,
         failed_step=step_key(failed["step"], failed["tag"]) if failed else None,
         replay_plan=summary,
         tip={"replay": cli_hint("replay", project), "plan": f"{cli_hint('replay', project)} --plan"}
         if plan else None,
         hint="replay runs the plan (the steps whose definitions the failed step needs; see "
-             "references/eviction-replay.md), then exec the failed step again.",
+             "references/eviction-replay.md), then "
+             + ("change the failed step before running it again: it took its context down." if lost
+                else "exec the failed step again."),
         exit_code=EXIT_FAILED)
+
+
+def python_restarted_under(ws, project, session, active):
+    """The REPL's Python restarted while the step ran (the context lives on with a fresh interpreter,
+    and the helpers were installed again): record the step ContextLost and say what to replay."""
+    files = StepFiles(project, active["step"], active["tag"])
+    salvaged = salvage_output(ws, project, dict(session, context_id=active.get("context_id") or session["context_id"]),
+                              active)
+    entry = step_entry(project, files, active, "ContextLost", elapsed=elapsed_since(active))
+    session = record_step(project, entry, command_id=active.get("command_id"))
+    plan, target = dependency_plan(project, session, target=entry)
+    return response(
+        "ContextLost", " ".join(filter(None, [
+            "The REPL's Python restarted while the step ran (a crash, os._exit, or the driver ran out of memory), "
+            "so variables and imports are gone; the helpers were installed again in the same context.", salvaged])),
+        context_id=entry["context_id"], failed_step=files.key, replay_plan=plan_summary(project, plan, target),
+        tip={"replay": cli_hint("replay", project), "plan": f"{cli_hint('replay', project)} --plan"}
+        if plan else None,
+        hint="replay runs the plan (see references/eviction-replay.md), then change the failed step before "
+             "running it again: it took its Python down.", exit_code=EXIT_FAILED)
+
+
+def salvage_output(ws, project, session, failed):
+    """After a context loss: copy what the lost step printed from its driver copy (the driver's disk
+    outlives a context) into its stdout file. Returns one sentence for the response."""
+    files = StepFiles(project, failed["step"], failed["tag"])
+    if not failed.get("wrapped"):
+        return "What the step printed is lost (a cell magic is not teed)."
+    target = {"cluster_id": session["cluster_id"], "context_id": session["context_id"],
+              "session_id": session.get("session_id")}
+    try:
+        written, size, _ = fetch_step_copy(ws, target, files, DEFAULT_MAX_OUTPUT_BYTES)
+    except Exception:
+        size = -1
+    if size < 0:
+        write_atomic(files.stdout, b"")
+        return "What the step printed before the loss is lost too (its driver copy is gone)."
+    if size == 0:
+        return "The step printed nothing before the loss."
+    return f"What the step printed before the loss ({size} bytes) is in {project.show(files.stdout)}."
+
+
+def remove_driver_copies(ws, target, session_id=None):
+    """Delete a session's output copies on the driver (this context's session, or session_id's).
+    Best effort; returns the number of files removed, or None when the REPL could not be asked."""
+    call = "_dbx_repl.remove_copies()" if session_id is None else f"_dbx_repl.remove_copies({session_id!r})"
+    try:
+        results = run_internal(ws, target, call, timeout=30.0)
+        return int(json.loads((results.get("data") or "").strip().splitlines()[-1])["removed"])
+    except Exception:
+        return None
 
 
 def cluster_not_running(cluster_id, cluster):
@@ -2146,7 +2769,7 @@ def reserve_step(project, code, tag, replay_of=None):
 def submit_reserved(ws, project, session, files, active, command):
     """Submit a reserved step and save its command id. Returns a response only when it failed."""
     try:
-        active["command_id"] = ws.execute(session["cluster_id"], session["context_id"], command)
+        active["command_id"] = execute_step(ws, session, command)
     except SubmitUncertain as err:
         record_step(project, step_entry(project, files, active, "SubmitUncertain"))
         raise ReplError("SubmitUncertain",
@@ -2261,6 +2884,8 @@ def cmd_create(args):
     }
     try:
         session["context_id"] = start_context(ws, cluster_id, bootstrap_config(session, ws.host))
+        if existing and re.fullmatch(r"[0-9a-f]+", str(existing.get("session_id") or "")):
+            remove_driver_copies(ws, session, existing["session_id"])  # the replaced session's
     except ContextGone as err:
         raise ReplError("ContextFailed", f"The new execution context disappeared: {err}",
                         hint="Retry create.") from None
@@ -2343,11 +2968,14 @@ def cmd_cancel(args):
         return recover_from_eviction(ws, project, failed=tracked)
     except Exception as err:
         raise map_sdk_error(err, action="cancel the command") from None
-    if status is not None and not is_cancellation(status.get("status"), status.get("results")):
-        if tracked:
-            body = finish_command(ws, project, session, tracked, status, args.max_output_bytes)
+    if status is not None and tracked:
+        body = finish_command(ws, project, session, tracked, status, args.max_output_bytes)
+        if body["status"] in ("Finished", "Error"):
             body["message"] = "The command had already finished before the cancel; its output was saved."
-            return body
+        elif body["status"] == "Cancelled":
+            body["command_id"], body["_exit"] = command_id, EXIT_OK  # the cancel succeeded
+        return body
+    if status is not None and not is_cancellation(status.get("status"), status.get("results")):
         return response("NothingToCancel", f"Command {command_id} had already finished.",
                         command_id=command_id, hint="Nothing to do.")
     fields = {"command_id": command_id}
@@ -2371,6 +2999,8 @@ def cmd_destroy(args):
     if session.get("status") == "destroyed":
         return response("Destroyed", "The session was already destroyed.", session_name=session.get("session_name"))
     ws = Workspace(args.profile or session.get("profile"), args.debug)
+    if not session.get("active_command"):  # a busy context would queue the removal behind the step
+        remove_driver_copies(ws, session)
     try:
         ws.destroy_context(session["cluster_id"], session["context_id"])
         note = "The execution context was destroyed."
@@ -2724,7 +3354,7 @@ def dependency_plan(project, session, target=None):
     session defined. Steps that finished and cannot be parsed (their needs are unknown) or ran %pip
     (packages are not names) are always kept."""
     timeline = step_timeline(project, session)
-    if target is None and session["steps"] and session["steps"][-1].get("status") == "Evicted":
+    if target is None and session["steps"] and session["steps"][-1].get("status") in ("Evicted", "ContextLost"):
         target = session["steps"][-1]
     if target is not None:
         origin = target.get("replay_of") or target["step"]

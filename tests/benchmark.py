@@ -22,7 +22,6 @@ import argparse
 import base64
 import json
 import os
-import random
 import shutil
 import statistics
 import subprocess

@@ -5,7 +5,6 @@ import os
 import signal
 import time
 
-import pytest
 
 from local_workspace import JOB_CLUSTER_ID, RUNNING_CLUSTER_ID, SHARED_CLUSTER_ID, TERMINATED_CLUSTER_ID
 from repl_harness import FIND_CLUSTER, Call, Repl, wait_for

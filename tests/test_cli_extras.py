@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 from local_workspace import JOB_CLUSTER_ID, RUNNING_CLUSTER_ID, TERMINATED_CLUSTER_ID
-from repl_harness import Repl
 
 
 # -- status ------------------------------------------------------------------------------------------

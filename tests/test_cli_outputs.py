@@ -269,16 +269,29 @@ def small_inline_limit(shared):
     shared.workspace.configure(image_inline_limit=512 * 1024, plots_mode="repr")
 
 
-def test_a_large_plot_returned_as_a_filestore_path_is_fetched_through_dbfs(small_inline_limit):
+def test_a_large_plot_comes_from_the_driver_even_when_the_service_would_send_a_filestore_path(small_inline_limit):
     shared = small_inline_limit
     before = len(dbfs_reads(shared.workspace))
     call = shared.exec(PLOT, "bigplot")
     assert call.status == "Finished", call
     assert call["images"] == [os.path.join("repl_outputs", call["cmd_id"] + ".1.png")]
     assert assert_decodes_as_image(shared.path(call["images"][0])) == (400, 300)
+    assert dbfs_reads(shared.workspace)[before:] == []  # the bootstrap saved it: no DBFS read
+    assert "unfetched_images" not in call.body
+
+
+SERVICE_IMAGE = PLOT.replace("plt.show()", "_dbx_repl.service_display(fig)\nplt.close(fig)")
+
+
+def test_an_image_the_repl_returns_itself_is_fetched_through_dbfs(small_inline_limit):
+    shared = small_inline_limit
+    before = len(dbfs_reads(shared.workspace))
+    call = shared.exec(SERVICE_IMAGE, "serviceplot")
+    assert call.status == "Finished", call
+    assert call["images"] == [os.path.join("repl_outputs", call["cmd_id"] + ".1.png")]
+    assert assert_decodes_as_image(shared.path(call["images"][0])) == (400, 300)
     reads = dbfs_reads(shared.workspace)[before:]
     assert reads and all(r["status"] == 200 for r in reads)
-    assert "unfetched_images" not in call.body
 
 
 def test_a_filestore_image_that_cannot_be_read_is_reported_by_path(small_inline_limit):
@@ -286,7 +299,7 @@ def test_a_filestore_image_that_cannot_be_read_is_reported_by_path(small_inline_
     before = len(dbfs_reads(shared.workspace))
     shared.workspace.inject("/api/2.0/dbfs/read", method="GET", count=1, status=404, retry_after=None,
                             body={"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "No file"})
-    call = shared.exec(PLOT, "lost")
+    call = shared.exec(SERVICE_IMAGE, "lost")
     assert call.status == "Finished" and call["images"] == []
     assert len(call["unfetched_images"]) == 1
     assert re.fullmatch(r"/plots/[0-9a-f-]+\.png", call["unfetched_images"][0])

@@ -10,7 +10,7 @@ import sys
 import textwrap
 
 from local_workspace import RUNNING_CLUSTER_ID
-from repl_harness import CLI, ROOT, cli_env
+from repl_harness import ROOT, cli_env
 
 
 def debug_import_path(stderr):
