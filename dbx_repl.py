@@ -2140,9 +2140,10 @@ class ContextLostDuringStep(Exception):
     """The step's context died under it (a crash, a shutdown, a kill after an ignored cancel): its
     Python state is gone. `reason` is one sentence for the response."""
 
-    def __init__(self, reason):
+    def __init__(self, reason, step_at_fault=True):
         super().__init__(reason)
         self.reason = reason
+        self.step_at_fault = step_at_fault   # False: the service shut the context down (an eviction)
 
 
 def service_error_text(results):
@@ -2200,7 +2201,8 @@ def render_results(ws, session, files, status, active, max_bytes):
     # A cancel, a shutdown and a crash can all end as an error result: only a probe tells whether
     # the context (and its variables) survived.
     if failed and not ws.context_alive(target["cluster_id"], target["context_id"]):
-        raise ContextLostDuringStep(lost_reason(status))
+        shutdown = any(cause in service_error_text(results) for cause in SHUTDOWN_CAUSES)
+        raise ContextLostDuringStep(lost_reason(status), step_at_fault=not shutdown)
     fields, notes = {}, []
     write_atomic(files.stderr, b"")
     text, text_complete, image_count = None, False, 0
@@ -2397,7 +2399,8 @@ def finish_command(ws, project, session, active, status, max_bytes):
     try:
         step_status, fields = render_results(ws, session, files, status, active, max_bytes)
     except ContextLostDuringStep as lost:
-        return recover_from_eviction(ws, project, failed=active, lost=lost.reason)
+        # A shutdown by the service is an eviction (the step may run again as it is); the rest was the step.
+        return recover_from_eviction(ws, project, failed=active, lost=lost.reason if lost.step_at_fault else None)
     except HelpersGoneDuringStep:
         target = {"cluster_id": session["cluster_id"], "context_id": active.get("context_id") or session["context_id"]}
         if reinstall_helpers(ws, session, target):

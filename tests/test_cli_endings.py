@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from local_workspace.paths import host_path
 from repl_harness import wait_for
 
 RESTART_TEXT = ("java.lang.IllegalStateException: jupyter client is not available because the python kernel "
@@ -23,8 +24,9 @@ def active_command_id(session):
 
 
 def driver_copies(session):
-    """The session's output copies on the driver (the local workspace's driver /tmp is the host's)."""
-    return os.path.join("/tmp", "dbx_repl_" + session.session()["session_id"])
+    """Where the session's output copies on the driver (its /tmp) live on the host."""
+    return host_path(session.workspace._tmpdir, session.session()["cluster_id"],
+                     "/tmp/dbx_repl_" + session.session()["session_id"])
 
 
 # -- finished and raised ------------------------------------------------------------------------------
@@ -119,7 +121,7 @@ def test_a_keyboard_interrupt_result_is_reported_as_a_cancel_not_an_error(sessio
 def test_a_crash_says_the_variables_are_lost_keeps_the_printed_lines_and_never_advises_get(session):
     assert session.exec("x = 1", "setup").status == "Finished"
     old_context = session.session()["context_id"]
-    call = session.exec("print('before the crash')\nimport os\nos._exit(1)", "crash")
+    call = session.exec("y = x + 1\nprint('before the crash')\nimport os\nos._exit(1)", "crash")
     assert call.status == "ContextLost" and call.code == 1, call
     assert "died" in call["message"] and "variables" in call["message"]
     assert " get " not in call.stdout and "get --project-dir" not in call.stdout
@@ -271,7 +273,7 @@ def test_the_notebook_exit_value_and_display_html_follow_the_printed_text(sessio
 def test_a_magic_step_keeps_its_output_even_when_cancelled(session):
     done = session.exec("!echo hello from the shell", "shell")
     assert done.status == "Finished"
-    assert session.read(done["stdout_file"]) == "hello from the shell\n"
+    assert session.read(done["stdout_file"]).rstrip("\n") == "hello from the shell"
     waiting = session.popen("exec", "--command", "!echo first\n!sleep 60", "--tag", "slow_shell")
     assert wait_for(lambda: active_command_id(session), 15)
     time.sleep(1.0)
