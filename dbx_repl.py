@@ -59,7 +59,7 @@ ENV_HTTP_TIMEOUT = "DBX_REPL_HTTP_TIMEOUT"
 DEFAULT_RETRY_TIMEOUT = 10
 DEFAULT_HTTP_TIMEOUT = 10
 HOST_PROBE_SECONDS = 2                     # the SDK's /.well-known/databricks-config probe (OAuth only)
-WAIT_GRACE_SECONDS = 1.0                   # exec/await answer at most this long after --timeout
+WAIT_GRACE_SECONDS = 0.5                   # a status poll in flight at --timeout may take this much longer
 
 # Poll schedule for commands: the next poll comes after 2.5% of the time already waited, at least
 # 30 ms and at most 5 s. A command of up to 2 s is seen within 50 ms of finishing, a long one within
@@ -675,7 +675,9 @@ class Workspace:
             while True:
                 attempt += 1
                 try:
-                    with _call_alarm(self.clock.deadline - time.monotonic()):
+                    # The alarm comes a little after the retry clock's deadline, so that a refused
+                    # connection ends in the SDK's own TimeoutError with its cause.
+                    with _call_alarm(self.clock.deadline - time.monotonic() + 0.25):
                         return self.api.do(method, path, query=query, body=body)
                 except self.errors.DatabricksError as err:
                     # The SDK retries Retry-After and its transient messages itself; a rate limit sent
@@ -1561,7 +1563,7 @@ def poll_delay(waited):
     return min(POLL_MAX_SECONDS, max(POLL_MIN_SECONDS, waited * POLL_FRACTION))
 
 
-PROCESS_STARTED = time.monotonic()     # --timeout counts from here: the SDK import and submit included
+PROCESS_STARTED = time.monotonic()     # await's --timeout counts from here, the SDK import included
 
 
 class StatusUnavailable(Exception):
@@ -1587,6 +1589,7 @@ def poll_command(ws, cluster_id, context_id, command_id, timeout):
     ws.deadline = min(deadline + WAIT_GRACE_SECONDS, outer or float("inf"))
     try:
         while True:
+            began = time.monotonic()
             try:
                 status = ws.command_status(cluster_id, context_id, command_id)
                 failing_since = last_error = None
@@ -1606,7 +1609,9 @@ def poll_command(ws, cluster_id, context_id, command_id, timeout):
                 if isinstance(err, ws.errors.DatabricksError) and not (
                         _looks_transient(err, ws.errors) or ws.transient(err)):
                     raise
-                failing_since, last_error = failing_since or time.monotonic(), err
+                if failing_since is None and time.monotonic() >= deadline and began > deadline - 1.0:
+                    return None   # only a poll begun just before the deadline was cut: no news, no failure
+                failing_since, last_error = failing_since or began, err
             now = time.monotonic()
             if now >= deadline:
                 if last_error is not None:
@@ -2353,12 +2358,12 @@ def cluster_not_running(cluster_id, cluster):
 def submit_step(ws, project, session, code, tag, timeout, max_bytes, replay_of=None):
     """Reserve a step, submit its command, and wait for it: the heart of `exec` and `replay`.
 
-    `timeout` bounds the whole call (submit and wait). Signals are held while session.json is written;
-    one that lands during the submit request is answered by what the service may have seen (see
-    `interrupted_submit`)."""
-    deadline = time.monotonic() + timeout
+    `timeout` counts from the step's start (its started_at) and bounds the submit and the wait.
+    Signals are held while session.json is written; one that lands during the submit request is
+    answered by what the service may have seen (see `interrupted_submit`)."""
     with signals_deferred():
         session, files, active, command = reserve_step(project, code, tag, replay_of)
+    deadline = time.monotonic() + timeout
     try:
         ws.deadline = deadline + WAIT_GRACE_SECONDS
         try:
@@ -2458,8 +2463,7 @@ def submit_reserved(ws, project, session, files, active, command):
             except Exception:
                 gone = False
             if gone:
-                release_step(project, active)
-                return recover_from_eviction(ws, project)
+                return recover_from_eviction(ws, project, failed=active)
         release_step(project, active)   # the service answered no, or no connection was made: nothing ran
         raise map_sdk_error(err, action="submit the command") from None
     save_command_id(project, active, command_id)
@@ -2622,7 +2626,7 @@ def cmd_exec(args):
     project = Project(args.project_dir).check()
     session = require_active(project, project.load())
     ws = Workspace(args.profile or session.get("profile"), args.debug)
-    return submit_step(ws, project, session, code, tag, time_left(timeout), args.max_output_bytes)
+    return submit_step(ws, project, session, code, tag, timeout, args.max_output_bytes)
 
 
 def time_left(timeout):
