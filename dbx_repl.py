@@ -158,7 +158,8 @@ def cli_hint(subcommand, project):
 # ---------------------------------------------------------------------------------------------------
 
 def write_atomic(path, data):
-    """Write bytes to path so that a reader sees the old file or the new one, never a half."""
+    """Write bytes to path so that a reader sees the old file or the new one, never a half.
+    Returns the new file's os.stat_result."""
     if isinstance(data, str):
         data = data.encode("utf-8")
     directory = os.path.dirname(path) or "."
@@ -168,6 +169,7 @@ def write_atomic(path, data):
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+            written = os.fstat(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -179,6 +181,7 @@ def write_atomic(path, data):
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+    return written
 
 
 class Project:
@@ -190,6 +193,7 @@ class Project:
         self.session_path = os.path.join(self.root, SESSION_FILE)
         self.outputs_dir = os.path.join(self.root, OUTPUT_DIR)
         self.lock_path = os.path.join(self.root, LOCK_FILE)
+        self._known = None      # (file identity, session) of the last load or save by this process
 
     def check(self):
         if not os.path.isdir(self.root):
@@ -232,8 +236,16 @@ class Project:
             os.close(fd)   # closing the descriptor releases the lock
 
     def load(self, required=True):
+        """session.json as a dict (None if missing and not required); CorruptSession if unusable.
+
+        A file this process loaded or saved and nobody replaced since (same inode, size and mtime) is
+        not parsed again: an exec loads and saves session.json several times, and a 10,000-step log
+        takes ~30 ms to parse. Steps are never changed in place (record_step replaces an entry)."""
         try:
             with open(self.session_path, "rb") as f:
+                identity = _file_identity(os.fstat(f.fileno()))
+                if self._known is not None and self._known[0] == identity:
+                    return _session_copy(self._known[1])
                 raw = f.read()
         except FileNotFoundError:
             if required:
@@ -243,7 +255,8 @@ class Project:
         except OSError as err:  # a directory, or unreadable
             raw, problem = None, f"cannot be read ({err.strerror})"
         try:
-            session = json.loads(raw.decode("utf-8")) if raw is not None else None
+            text = raw.decode("utf-8") if raw is not None else None
+            session = json.loads(text) if raw is not None else None
             problem = session_problem(session) if raw is not None else problem
         except (ValueError, RecursionError) as err:  # bad UTF-8, bad JSON, absurd nesting
             problem = f"not valid JSON ({str(err)[:200]})"
@@ -255,10 +268,13 @@ class Project:
                      f"{self.show(self.session_path)}.bad) and run create again; step numbers continue "
                      "from repl_outputs/ (see references/guarantees.md).",
                 session_file=self.show(self.session_path))
-        return session
+        _remember_step_lines(text, session["steps"])
+        self._known = (identity, session)
+        return _session_copy(session)
 
     def save(self, session):
-        write_atomic(self.session_path, session_text(session))
+        written = write_atomic(self.session_path, session_text(session))
+        self._known = (_file_identity(written), _session_copy(session))
 
     def ensure_outputs_dir(self):
         os.makedirs(self.outputs_dir, mode=0o700, exist_ok=True)
@@ -274,12 +290,51 @@ class Project:
         return highest
 
 
+def _file_identity(stat):
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns   # not ctime: the rename changes it
+
+
+def _session_copy(session):
+    """A copy a caller may change: the top-level fields deep, the steps list shallow (entries are
+    never changed in place)."""
+    import copy
+    head = copy.deepcopy({k: v for k, v in session.items() if k != "steps"})
+    head["steps"] = list(session.get("steps", []))
+    return head
+
+
+_step_lines = {}   # id(step entry) -> (entry, its JSON line): an entry is serialised once per process
+
+
+def _step_line(entry):
+    known = _step_lines.get(id(entry))
+    if known is None or known[0] is not entry:
+        known = _step_lines[id(entry)] = (entry, json.dumps(entry, ensure_ascii=False))
+    return known[1]
+
+
+STEPS_OPENING, STEPS_CLOSING, STEP_SEPARATOR = '\n  "steps": [\n    ', "\n  ]\n}\n", ",\n    "
+
+
+def _remember_step_lines(text, steps):
+    """After a load: when the file has session_text's layout (one entry per line, no other way to
+    contain the separator, since JSON escapes newlines in strings), keep each entry's line."""
+    start, end = text.find(STEPS_OPENING), len(text) - len(STEPS_CLOSING)
+    if start < 0 or not text.endswith(STEPS_CLOSING):
+        return
+    lines = text[start + len(STEPS_OPENING):end].split(STEP_SEPARATOR)
+    if len(lines) == len(steps) and all(line[:1] == "{" and line[-1:] == "}" for line in lines):
+        for entry, line in zip(steps, lines):
+            _step_lines[id(entry)] = (entry, line)
+
+
 def session_text(session):
-    """session.json as text: top-level fields indented, then one line per step (a 10,000-step log is
-    written in ~30 ms by the C encoder; a fully indented dump takes the pure-Python one, ~3x slower)."""
+    """session.json as text: top-level fields indented, then one line per step (written by the C
+    encoder, and each entry once per process: a fully indented dump of a 10,000-step log takes the
+    pure-Python encoder, ~70 ms, on every save)."""
     head = {k: v for k, v in session.items() if k != "steps"}
     text = json.dumps(head, indent=2, ensure_ascii=False)
-    steps = ",\n    ".join(json.dumps(s, ensure_ascii=False) for s in session.get("steps", []))
+    steps = STEP_SEPARATOR.join(_step_line(s) for s in session.get("steps", []))
     steps = f'"steps": [\n    {steps}\n  ]' if steps else '"steps": []'
     return (text[:-2] + ",\n  " + steps + "\n}\n") if head else "{\n  " + steps + "\n}\n"
 
@@ -1937,7 +1992,8 @@ def record_step(project, entry, command_id=None):
         earlier = [s for s in session["steps"] if s.get("step") == entry["step"]
                    and s.get("command_id") == entry.get("command_id")]
         if earlier:
-            earlier[-1].update((k, v) for k, v in entry.items() if v is not None)
+            index = session["steps"].index(earlier[-1])
+            session["steps"][index] = dict(earlier[-1], **{k: v for k, v in entry.items() if v is not None})
         else:
             session["steps"].append(entry)
         active = session.get("active_command")
@@ -2080,13 +2136,12 @@ def rerun_with_helpers(ws, project, session, active):
     files = StepFiles(project, active["step"], active["tag"])
     with open(files.command, encoding="utf-8") as f:
         command, _ = wrap_command(f.read(), files.key)
-    with signals_deferred():
-        active["command_id"] = ws.execute(target["cluster_id"], target["context_id"], command)
-        active["helpers_reinstalled"] = True
-        with project.lock():
-            current = project.load()
-            current["active_command"] = active
-            project.save(current)
+    try:
+        command_id = ws.execute(target["cluster_id"], target["context_id"], command)
+    except SubmitUncertain as err:
+        raise uncertain_submit_error(project, files, active, f"The connection dropped ({scrub(str(err))})") from None
+    active["helpers_reinstalled"] = True
+    save_command_id(project, active, command_id)
 
 
 def interrupt_active(ws, project, session, active, max_bytes):
@@ -2366,6 +2421,7 @@ def submit_step(ws, project, session, code, tag, timeout, max_bytes, replay_of=N
     deadline = time.monotonic() + timeout
     try:
         ws.deadline = deadline + WAIT_GRACE_SECONDS
+        ws.submit_state = ws.submitted = None
         try:
             early = submit_reserved(ws, project, session, files, active, command)
         finally:
@@ -2768,6 +2824,8 @@ def cmd_status(args):
     """The session at a glance, with a live probe of the cluster, the context and the active command."""
     project = Project(args.project_dir).check()
     session = project.load()
+    if session.get("status") == "creating":
+        require_active(project, session)   # a placeholder of an interrupted create: NoSession
     steps = session["steps"]
     last = steps[-1] if steps else None
     active = session.get("active_command")
