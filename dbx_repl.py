@@ -60,6 +60,7 @@ DEFAULT_RETRY_TIMEOUT = 10
 DEFAULT_HTTP_TIMEOUT = 10
 HOST_PROBE_SECONDS = 2                     # the SDK's /.well-known/databricks-config probe (OAuth only)
 WAIT_GRACE_SECONDS = 0.5                   # a status poll in flight at --timeout may take this much longer
+SUBMIT_GRACE_SECONDS = 1.5                 # a submit may end this long after --timeout (then: uncertain)
 
 # Poll schedule for commands: the next poll comes after 2.5% of the time already waited, at least
 # 30 ms and at most 5 s. A command of up to 2 s is seen within 50 ms of finishing, a long one within
@@ -2420,7 +2421,7 @@ def submit_step(ws, project, session, code, tag, timeout, max_bytes, replay_of=N
         session, files, active, command = reserve_step(project, code, tag, replay_of)
     deadline = time.monotonic() + timeout
     try:
-        ws.deadline = deadline + WAIT_GRACE_SECONDS
+        ws.deadline = deadline + SUBMIT_GRACE_SECONDS
         ws.submit_state = ws.submitted = None
         try:
             early = submit_reserved(ws, project, session, files, active, command)
