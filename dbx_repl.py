@@ -712,14 +712,14 @@ class Workspace:
                 if not self.transient(err):
                     raise
                 wait = getattr(err, "retry_after_secs", None) or min(2 ** (attempt - 1), 5)
-                self.submit_state = "waiting"
+                self.submit_state, declined = "waiting", err
             except (requests.ConnectionError, requests.Timeout) as err:
                 if not _never_connected(err):
                     raise SubmitUncertain(str(err)) from None
                 wait = min(attempt, 5)  # refused or no connection: nothing was sent, safe to retry
-                self.submit_state = "waiting"
+                self.submit_state, declined = "waiting", err
             if time.monotonic() + wait >= deadline:
-                raise TimeoutError(f"the workspace did not take the request within {deadline - started:.0f}s")
+                raise declined   # the service's own answer (or the connection error) says why
             time.sleep(wait)
 
     def _do(self, method, path, query=None, body=None):

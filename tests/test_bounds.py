@@ -398,3 +398,13 @@ def test_transient_answers_are_retried_and_the_command_runs_once(workspace, repl
     check = repl.exec("print(hits)", "check")
     assert check["stdout_preview"] == "4\n"                    # each ran exactly once
     repl.run("destroy")
+
+
+def test_a_cluster_that_stays_not_ready_is_answered_with_the_services_error_within_the_budget(workspace, repl):
+    workspace.inject(CREATE, method="POST", count=1000, status=500, retry_after=None, body=CLUSTER_NOT_READY)
+    call, seconds = timed(repl, "create", "--cluster-id", RUNNING_CLUSTER_ID, "--session-name", "x",
+                          env={"DBX_REPL_RETRY_TIMEOUT": "3"})
+    assert call.status == "ApiError" and "ClusterNotReadyException" in call["message"], call
+    assert seconds < 3 + 2 and len(requests_to(workspace, CREATE)) >= 2
+    assert not os.path.exists(os.path.join(repl.project_dir, "session.json"))   # nothing was created
+    assert not workspace.context_pids()
