@@ -2062,8 +2062,10 @@ def finish_command(ws, project, session, active, status, max_bytes):
 
 
 def running_response(project, active, timeout):
+    queued = (f" It may be waiting behind step {active['after_uncertain']}, whose submit was uncertain."
+              if active.get("after_uncertain") else "")
     return response(
-        "Running", f"Command still running after {timeout:g}s client-side timeout.",
+        "Running", f"Command still running after {timeout:g}s client-side timeout.{queued}",
         exit_code=EXIT_RUNNING, cmd_id=step_key(active["step"], active["tag"]),
         command_id=active.get("command_id"), elapsed_seconds=round(elapsed_since(active), 3),
         tip={"await": f"{cli_hint('await', project)} --timeout 600",
@@ -2095,15 +2097,16 @@ def cancel_and_confirm(ws, session, command_id, wait=CANCEL_WAIT_SECONDS, contex
     return poll_command(ws, session["cluster_id"], context_id, command_id, wait)
 
 
-def await_active(ws, project, session, active, timeout, max_bytes):
+def await_active(ws, project, session, active, timeout, max_bytes, wait=None):
     """Wait for the active command and answer for it: the step, Running, StatusUnknown, Cancelled,
-    Destroyed or ContextEvicted."""
+    Destroyed or ContextEvicted. `wait`: the seconds left of the caller's --timeout (default all)."""
     cluster_id, context_id = session["cluster_id"], active.get("context_id") or session["context_id"]
+    wait = timeout if wait is None else wait
     try:
-        status = poll_command(ws, cluster_id, context_id, active["command_id"], timeout)
+        status = poll_command(ws, cluster_id, context_id, active["command_id"], wait)
         if status is not None and helpers_missing(active, status):
             rerun_with_helpers(ws, project, session, active)
-            status = poll_command(ws, cluster_id, context_id, active["command_id"], timeout)
+            status = poll_command(ws, cluster_id, context_id, active["command_id"], wait)
     except KeyboardInterrupt:
         return interrupt_active(ws, project, session, active, max_bytes)
     except Terminated:
@@ -2432,7 +2435,8 @@ def submit_step(ws, project, session, code, tag, timeout, max_bytes, replay_of=N
     if early is not None:
         return early
     try:
-        return await_active(ws, project, session, active, max(deadline - time.monotonic(), 0.0), max_bytes)
+        return await_active(ws, project, session, active, timeout, max_bytes,
+                            wait=max(deadline - time.monotonic(), 0.0))
     except (KeyboardInterrupt, Terminated) as interruption:
         if isinstance(interruption, KeyboardInterrupt):
             return interrupt_active(ws, project, session, active, max_bytes)
@@ -2703,7 +2707,7 @@ def cmd_await(args):
         settle_unsubmitted(project, active)
     ws = Workspace(args.profile or session.get("profile"), args.debug)
     try:
-        return await_active(ws, project, session, active, time_left(timeout), args.max_output_bytes)
+        return await_active(ws, project, session, active, timeout, args.max_output_bytes, wait=time_left(timeout))
     except StatusUnavailable as unavailable:   # the helpers' re-install could not be confirmed
         return status_unknown_response(project, active, unavailable)
 
