@@ -2215,13 +2215,21 @@ def start_context(ws, project, cluster_id, config):
         for orphan in mark_pending_create(project, cluster_id):
             with contextlib.suppress(Exception):   # an earlier call died after the create answered
                 ws.destroy_context(orphan["cluster_id"], orphan["context_id"])
+        ws.submit_state = None
         try:
             context_id = ws.create_context(cluster_id)
-        except SubmitUncertain as err:
-            raise ReplError("CreateUncertain", f"The answer to the context create was lost ({scrub(str(err))}): "
-                            "a context may have been created that nothing tracks.",
-                            hint="Run create again. The API cannot list contexts, so a leaked one is freed only "
-                                 "when the cluster restarts; session.json keeps a note under possible_orphans.") from None
+        except (SubmitUncertain, KeyboardInterrupt, Terminated) as err:
+            if not isinstance(err, SubmitUncertain) and ws.submit_state != "sending":
+                drop_pending_create(project)   # interrupted before the request went out
+                raise
+            cause = scrub(str(err)) if isinstance(err, SubmitUncertain) else \
+                ("Ctrl+C" if isinstance(err, KeyboardInterrupt) else "SIGTERM") + " arrived"
+            raise ReplError("CreateUncertain", f"The answer to the context create was lost ({cause}): a context "
+                            "may have been created that nothing tracks.",
+                            exit_code=EXIT_INTERRUPTED if isinstance(err, KeyboardInterrupt) else EXIT_FAILED,
+                            hint="Run create again; it notes this under possible_orphans in session.json. The API "
+                                 "cannot list contexts, so such a context is freed only when the cluster "
+                                 "restarts.") from None
         except ws.errors.DatabricksError as err:
             drop_pending_create(project)
             text = str(err)

@@ -320,6 +320,22 @@ def test_a_create_killed_after_the_context_was_made_is_cleaned_up_by_the_next_cr
     repl.run("destroy")
 
 
+def test_sigterm_during_a_create_that_hangs_says_a_context_may_be_left(workspace, repl, proxy):
+    repl.env = dict(repl.env, DATABRICKS_HOST=proxy.host)
+    proxy.stall(CREATE, forward=True)                   # the context is made; the answer never comes
+    proc = repl.popen("create", "--cluster-id", RUNNING_CLUSTER_ID, "--session-name", "hung")
+    assert wait_for(lambda: proxy.seen(CREATE), 15)
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    call = repl.finish(proc, timeout=30)
+    assert time.monotonic() - started < 5
+    assert call.status == "CreateUncertain" and "SIGTERM" in call["message"], call
+    assert "cannot list contexts" in call["hint"]
+    assert len(workspace.context_pids()) == 1            # the leak it warns about is real
+    assert repl.create().get("possible_orphans") == 1
+    repl.run("destroy")
+
+
 # -- 7. scale ---------------------------------------------------------------------------------------------
 
 def test_a_session_with_10000_steps_keeps_working_and_stays_readable(session):
