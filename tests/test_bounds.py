@@ -199,7 +199,8 @@ def test_failing_status_calls_are_reported_and_cancel_frees_the_session(workspac
     log = assert_log_consistent(session)
     assert log["active_command"] is None and log["steps"][-1]["status"] == "Cancelled"
     assert log["steps"][-1]["cancel_confirmed"] is False
-    workspace._injections.clear()
+    with workspace._lock:                                 # the status store recovers
+        workspace._injections.clear()
     assert session.exec("print('free again')", "next").status == "Finished"
 
 
