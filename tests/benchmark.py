@@ -4,6 +4,7 @@
     python tests/benchmark.py              # full run, a few minutes
     python tests/benchmark.py --quick      # fewer repetitions, no 20 s command
     python tests/benchmark.py --repeat 30  # more samples for the short rows
+    python tests/benchmark.py --only scale # exec in a new session and in one of 10,000 steps (time, RSS)
 
 It starts a LocalWorkspace itself (the real service's 50,000-character output limit), runs the CLI
 as an agent does (one process per call, `sys.executable dbx_repl.py ...`) and prints a Markdown
