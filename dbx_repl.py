@@ -52,11 +52,16 @@ DEFAULT_LLM_ENDPOINT = "default-llm-endpoint"
 ENV_LLM_ENDPOINT = "DBX_REPL_LLM_ENDPOINT"
 
 # HTTP behaviour. The SDK's defaults (300 s retry budget, 60 s per request) make an unreachable host
-# hang for minutes; an agent needs an answer in seconds. 429/503 are still retried inside the budget.
+# hang for minutes; an agent needs an answer in seconds. Every workspace call of the CLI gets one
+# budget for all its attempts, retry sleeps and a request that never answers (see Workspace._do), so
+# a refused or silent host is answered within ~RETRY_TIMEOUT plus start-up (~1 s).
 ENV_RETRY_TIMEOUT = "DBX_REPL_RETRY_TIMEOUT"
 ENV_HTTP_TIMEOUT = "DBX_REPL_HTTP_TIMEOUT"
-DEFAULT_RETRY_TIMEOUT = 20
-DEFAULT_HTTP_TIMEOUT = 30
+DEFAULT_RETRY_TIMEOUT = 10
+DEFAULT_HTTP_TIMEOUT = 10
+HOST_PROBE_SECONDS = 2                     # the SDK's /.well-known/databricks-config probe (OAuth only)
+WAIT_GRACE_SECONDS = 0.5                   # a status poll in flight at --timeout may take this much longer
+SUBMIT_GRACE_SECONDS = 1.5                 # a submit may end this long after --timeout (then: uncertain)
 
 # Poll schedule for commands: the next poll comes after 2.5% of the time already waited, at least
 # 30 ms and at most 5 s. A command of up to 2 s is seen within 50 ms of finishing, a long one within
@@ -65,7 +70,7 @@ DEFAULT_HTTP_TIMEOUT = 30
 POLL_MIN_SECONDS = 0.03
 POLL_FRACTION = 0.025
 POLL_MAX_SECONDS = 5.0
-CANCEL_WAIT_SECONDS = 30.0
+CANCEL_WAIT_SECONDS = 10.0
 CONTEXT_START_TIMEOUT = 300.0
 
 RUNNABLE_CLUSTER_STATES = ("RUNNING", "RESIZING")
@@ -272,7 +277,8 @@ def cli_hint(subcommand, project=None, timeout=None):
 # ---------------------------------------------------------------------------------------------------
 
 def write_atomic(path, data):
-    """Write bytes to path so that a reader sees the old file or the new one, never a half."""
+    """Write bytes to path so that a reader sees the old file or the new one, never a half.
+    Returns the new file's os.stat_result."""
     if isinstance(data, str):
         data = data.encode("utf-8")
     directory = os.path.dirname(path) or "."
@@ -282,6 +288,7 @@ def write_atomic(path, data):
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+            written = os.fstat(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -293,6 +300,7 @@ def write_atomic(path, data):
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+    return written
 
 
 class Project:
@@ -305,15 +313,17 @@ class Project:
         self.session_path = os.path.join(self.root, SESSION_FILE)
         self.outputs_dir = os.path.join(self.root, OUTPUT_DIR)
         self.lock_path = os.path.join(self.root, LOCK_FILE)
+        self._known = None      # (file identity, session) of the last load or save by this process
 
     def check(self):
         if not os.path.isdir(self.root):
             what = "is not a directory" if os.path.exists(self.root) else "does not exist"
             raise ReplError("ProjectDirNotFound", f"Project directory {self.display_root} {what}.",
                             hint="Create it, or pass an existing --project-dir.")
-        # Probe for real (root passes os.access on any directory): create the lock file.
+        # Probe for real (root passes os.access on any directory) with a nameless temporary file, so
+        # that a call refused later leaves no file behind; the lock file appears with the first write.
         try:
-            os.close(os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600))
+            tempfile.TemporaryFile(dir=self.root).close()
         except OSError as err:
             raise ReplError("ProjectDirNotWritable",
                             f"Project directory {self.display_root} is not writable ({err.strerror}).",
@@ -347,8 +357,16 @@ class Project:
             os.close(fd)   # closing the descriptor releases the lock
 
     def load(self, required=True):
+        """session.json as a dict (None if missing and not required); CorruptSession if unusable.
+
+        A file this process loaded or saved and nobody replaced since (same inode, size and mtime) is
+        not parsed again: an exec loads and saves session.json several times, and a 10,000-step log
+        takes ~30 ms to parse. Steps are never changed in place (record_step replaces an entry)."""
         try:
             with open(self.session_path, "rb") as f:
+                identity = _file_identity(os.fstat(f.fileno()))
+                if self._known is not None and self._known[0] == identity:
+                    return _session_copy(self._known[1])
                 raw = f.read()
         except FileNotFoundError:
             if required:
@@ -358,7 +376,8 @@ class Project:
         except OSError as err:  # a directory, or unreadable
             raw, problem = None, f"cannot be read ({err.strerror})"
         try:
-            session = json.loads(raw.decode("utf-8")) if raw is not None else None
+            text = raw.decode("utf-8") if raw is not None else None
+            session = json.loads(text) if raw is not None else None
             problem = session_problem(session) if raw is not None else problem
         except (ValueError, RecursionError) as err:  # bad UTF-8, bad JSON, absurd nesting
             problem = f"not valid JSON ({str(err)[:200]})"
@@ -370,10 +389,13 @@ class Project:
                      f"{self.show(self.session_path)}.bad) and run create again; step numbers continue "
                      "from repl_outputs/ (see references/guarantees.md).",
                 session_file=self.show(self.session_path))
-        return session
+        _remember_step_lines(text, session["steps"])
+        self._known = (identity, session)
+        return _session_copy(session)
 
     def save(self, session):
-        write_atomic(self.session_path, json.dumps(session, indent=2, ensure_ascii=False) + "\n")
+        written = write_atomic(self.session_path, session_text(session))
+        self._known = (_file_identity(written), _session_copy(session))
 
     def ensure_outputs_dir(self):
         os.makedirs(self.outputs_dir, mode=0o700, exist_ok=True)
@@ -387,6 +409,55 @@ class Project:
                 if match:
                     highest = max(highest, int(match.group(1)))
         return highest
+
+
+def _file_identity(stat):
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns   # not ctime: the rename changes it
+
+
+def _session_copy(session):
+    """A copy a caller may change: the top-level fields deep, the steps list shallow (entries are
+    never changed in place)."""
+    import copy
+    head = copy.deepcopy({k: v for k, v in session.items() if k != "steps"})
+    head["steps"] = list(session.get("steps", []))
+    return head
+
+
+_step_lines = {}   # id(step entry) -> (entry, its JSON line): an entry is serialised once per process
+
+
+def _step_line(entry):
+    known = _step_lines.get(id(entry))
+    if known is None or known[0] is not entry:
+        known = _step_lines[id(entry)] = (entry, json.dumps(entry, ensure_ascii=False))
+    return known[1]
+
+
+STEPS_OPENING, STEPS_CLOSING, STEP_SEPARATOR = '\n  "steps": [\n    ', "\n  ]\n}\n", ",\n    "
+
+
+def _remember_step_lines(text, steps):
+    """After a load: when the file has session_text's layout (one entry per line, no other way to
+    contain the separator, since JSON escapes newlines in strings), keep each entry's line."""
+    start, end = text.find(STEPS_OPENING), len(text) - len(STEPS_CLOSING)
+    if start < 0 or not text.endswith(STEPS_CLOSING):
+        return
+    lines = text[start + len(STEPS_OPENING):end].split(STEP_SEPARATOR)
+    if len(lines) == len(steps) and all(line[:1] == "{" and line[-1:] == "}" for line in lines):
+        for entry, line in zip(steps, lines):
+            _step_lines[id(entry)] = (entry, line)
+
+
+def session_text(session):
+    """session.json as text: top-level fields indented, then one line per step (written by the C
+    encoder, and each entry once per process: a fully indented dump of a 10,000-step log takes the
+    pure-Python encoder, ~70 ms, on every save)."""
+    head = {k: v for k, v in session.items() if k != "steps"}
+    text = json.dumps(head, indent=2, ensure_ascii=False)
+    steps = STEP_SEPARATOR.join(_step_line(s) for s in session.get("steps", []))
+    steps = f'"steps": [\n    {steps}\n  ]' if steps else '"steps": []'
+    return (text[:-2] + ",\n  " + steps + "\n}\n") if head else "{\n  " + steps + "\n}\n"
 
 
 def _lock_fd(fd):
@@ -424,6 +495,10 @@ def _is_step_record(entry):
 
 
 def require_active(project, session):
+    if session.get("status") == "creating":
+        raise ReplError("NoSession", f"No session in project dir {project.display_root!r}: a create was "
+                        "interrupted before it finished.",
+                        hint=f"Run {cli_hint('create', project)} --cluster-id ID --session-name NAME")
     if session.get("status") != "active":
         raise ReplError("SessionDestroyed", f"The session in project dir {project.display_root!r} was destroyed.",
                         hint=f"Run {cli_hint('create', project)} --cluster-id ID --session-name NAME")
@@ -548,7 +623,14 @@ class ContextGone(Exception):
 
 
 class SubmitUncertain(Exception):
-    """The connection dropped while submitting a command: it may or may not be running."""
+    """The request may have reached the service but its answer was lost (a dropped connection, no
+    answer within the budget, or a signal mid-request): the command may or may not be running."""
+
+
+class CallTimedOut(BaseException):
+    """A workspace call's budget ran out mid-request (raised by the SIGALRM handler of `_call_alarm`).
+
+    A BaseException so that no `except Exception` in the SDK or requests retries or swallows it."""
 
 
 def _env_number(name, default):
@@ -559,14 +641,66 @@ def _env_number(name, default):
 
 
 class _OneShotBody(io.BytesIO):
-    """A request body the SDK will not resend: it retries only seekable bodies (see `execute`)."""
+    """A request body the SDK will not resend: it retries only seekable bodies (see `submit`)."""
 
     def seekable(self):
         return False
 
 
+class _BudgetClock:
+    """The clock the SDK's retry loop reads: its sleeps end at the current call's deadline, and past
+    the deadline time() jumps ahead so the loop gives up instead of starting another attempt."""
+
+    def __init__(self):
+        self.deadline = None
+
+    def time(self):
+        now = time.monotonic()
+        return float("inf") if self.deadline is not None and now >= self.deadline else now
+
+    def sleep(self, seconds):
+        if self.deadline is not None:
+            seconds = min(seconds, self.deadline - time.monotonic())
+        if seconds > 0:
+            time.sleep(seconds)
+
+
+@contextlib.contextmanager
+def _call_alarm(seconds):
+    """Raise CallTimedOut in this (main) thread if the block runs longer than `seconds`.
+
+    Bounds what no retry budget can: a request to a host that accepts the connection and never
+    answers. Without SIGALRM (Windows) or off the main thread, the per-request timeout is the bound."""
+    def fire(signum, frame):
+        raise CallTimedOut()
+
+    try:
+        previous = signal.signal(signal.SIGALRM, fire)
+    except (AttributeError, ValueError):
+        yield
+        return
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.001))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+# Answers that say the service did not take the request and asks to come back: the SDK's own list of
+# transient messages (a cluster still starting, the RPC rate limiter) plus REQUEST_LIMIT_EXCEEDED,
+# which the service also sends as a 400/500 without Retry-After (references/local-workspace.md).
+TRANSIENT_MESSAGES = ("ClusterNotReadyException", "RPC token bucket limit has been exceeded",
+                      "Please try again later", "does not have any associated worker environments",
+                      "Unknown worker environment")
+
+
 class Workspace:
-    """The workspace calls the CLI makes, through the SDK's authenticated API client."""
+    """The workspace calls the CLI makes, through the SDK's authenticated API client.
+
+    Every call has a budget (`retry_timeout`, DBX_REPL_RETRY_TIMEOUT, default 10 s), cut shorter by
+    `deadline` (a time.monotonic() value) when the subcommand has one: retries, their sleeps and a
+    request in flight all end by then, and the call raises TimeoutError."""
 
     def __init__(self, profile=None, debug=False):
         sdk = _SDK.get()
@@ -574,17 +708,27 @@ class Workspace:
         if debug:
             _enable_debug_logging()
             sys.stderr.write(f"[dbx_repl debug] databricks-sdk import path: {sdk.import_path}\n")
+        self.retry_timeout = max(_env_number(ENV_RETRY_TIMEOUT, DEFAULT_RETRY_TIMEOUT), 0.1)
+        self.deadline = None
+        self.clock = _BudgetClock()
+        # What the last `submit` got to: None, "sending" (the request may be on the wire), "waiting"
+        # (the service declined; nothing runs), "accepted" (`submitted` holds the answer).
+        self.submit_state, self.submitted = None, None
+        http_timeout = _env_number(ENV_HTTP_TIMEOUT, DEFAULT_HTTP_TIMEOUT)
         try:
-            self.config = sdk.Config(profile=profile, product="databricks-repl", product_version=VERSION,
-                                     retry_timeout_seconds=int(_env_number(ENV_RETRY_TIMEOUT,
-                                                                           DEFAULT_RETRY_TIMEOUT)),
-                                     http_timeout_seconds=_env_number(ENV_HTTP_TIMEOUT,
-                                                                      DEFAULT_HTTP_TIMEOUT))
+            with _call_alarm(self.retry_timeout + HOST_PROBE_SECONDS):
+                self.config = _bounded_config(sdk)(
+                    profile=profile, product="databricks-repl", product_version=VERSION,
+                    retry_timeout_seconds=max(int(self.retry_timeout + 1), 1), http_timeout_seconds=http_timeout,
+                    clock=self.clock)
             _secrets.update(s for s in (self.config.token, self.config.client_secret,
                                         getattr(self.config, "password", None)) if s)
             self.api = sdk.ApiClient(self.config)
         except ReplError:
             raise
+        except CallTimedOut:
+            raise map_sdk_error(TimeoutError(f"no answer within {self.retry_timeout:g}s"),
+                                action="configure the workspace client") from None
         except Exception as err:  # ValueError from config resolution, TimeoutError from the probe
             raise map_sdk_error(err, action="configure the workspace client") from None
         self.host = self.config.host
@@ -606,9 +750,9 @@ class Workspace:
 
     # -- execution contexts -------------------------------------------------------------------------
     def create_context(self, cluster_id):
-        created = self._do("POST", "/api/1.2/contexts/create",
-                           body={"clusterId": cluster_id, "language": "python"})
-        return created["id"]
+        """Create a context. Sent once: a lost answer raises SubmitUncertain (a context may exist that
+        nothing tracks; the API cannot list contexts), never a second create."""
+        return self.submit("/api/1.2/contexts/create", {"clusterId": cluster_id, "language": "python"})["id"]
 
     def context_status(self, cluster_id, context_id):
         return self._do("GET", "/api/1.2/contexts/status",
@@ -622,40 +766,15 @@ class Workspace:
         try:
             return self.context_status(cluster_id, context_id) in ("Running", "Pending")
         except self.errors.DatabricksError as err:
-            if _is_auth_error(err, self.errors):
-                raise
+            if _is_auth_error(err, self.errors) or self.transient(err) or _looks_transient(err, self.errors):
+                raise   # no answer about the context (a 5xx, throttling): unknown, not gone
             return False
 
     # -- commands -------------------------------------------------------------------------------------
     def execute(self, cluster_id, context_id, command):
-        """Submit a command. Never resent after a dropped connection, which could run it twice.
-
-        The SDK retries every request, POSTs included, on connection errors. This call sends a body
-        the SDK treats as non-replayable, so it makes one attempt; 429/503 (the service did not take
-        the command) are retried here, honouring Retry-After.
-        """
-        import requests
-        body = json.dumps({"clusterId": cluster_id, "command": command, "contextId": context_id,
-                           "language": "python"}).encode("utf-8")
-        deadline = time.monotonic() + self.config.retry_timeout_seconds
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                return self.api.do("POST", "/api/1.2/commands/execute", data=_OneShotBody(body),
-                                   headers={"Content-Type": "application/json"})["id"]
-            except self.errors.DatabricksError as err:
-                wait = getattr(err, "retry_after_secs", None)
-                if wait is None or time.monotonic() + wait > deadline:
-                    raise
-                time.sleep(wait)
-            except (requests.ConnectionError, requests.Timeout) as err:
-                if not _never_connected(err):
-                    raise SubmitUncertain(str(err)) from None
-                wait = min(attempt, 5)  # refused or no connection: nothing was sent, safe to retry
-                if time.monotonic() + wait > deadline:
-                    raise
-                time.sleep(wait)
+        """Submit a command; its id. Sent once (see `submit`): a command never runs twice."""
+        return self.submit("/api/1.2/commands/execute", {"clusterId": cluster_id, "command": command,
+                                                         "contextId": context_id, "language": "python"})["id"]
 
     def command_status(self, cluster_id, context_id, command_id):
         return self._do("GET", "/api/1.2/commands/status",
@@ -668,8 +787,110 @@ class Workspace:
     def dbfs_read(self, path, offset, length):
         return self._do("GET", "/api/2.0/dbfs/read", query={"path": path, "offset": offset, "length": length})
 
+    # -- the two ways to call ---------------------------------------------------------------------------
+    def transient(self, err):
+        """True for an answer that says the service did not act and asks to come back later."""
+        return isinstance(err, self.errors.DatabricksError) and (
+            getattr(err, "retry_after_secs", None) is not None or isinstance(err, self.errors.TooManyRequests)
+            or any(m in str(err) for m in TRANSIENT_MESSAGES))
+
+    def budget(self):
+        """Seconds the next call may take: the retry budget, or less if the deadline is nearer."""
+        left = self.retry_timeout
+        if self.deadline is not None:
+            left = min(left, self.deadline - time.monotonic())
+        if left <= 0:
+            raise TimeoutError("the call's deadline has passed")
+        return left
+
+    def submit(self, path, payload):
+        """POST a request that must not run twice (a command, a new context).
+
+        The SDK retries every request, POSTs included, after a dropped connection. This sends a body
+        the SDK treats as non-replayable, so it makes one attempt; it is sent again only when the
+        service answered that it did not act (429/503, REQUEST_LIMIT_EXCEEDED, a cluster not ready:
+        see `transient`) or no connection was made. Raises SubmitUncertain when the request may have
+        reached the service but the answer was lost.
+        """
+        import requests
+        body = json.dumps(payload).encode("utf-8")
+        started = time.monotonic()
+        deadline = started + self.budget()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                with _call_alarm(deadline - time.monotonic()):
+                    self.submit_state = "sending"
+                    answer = self.api.do("POST", path, data=_OneShotBody(body),
+                                         headers={"Content-Type": "application/json"})
+                    self.submit_state, self.submitted = "accepted", answer
+                return answer
+            except CallTimedOut:
+                raise SubmitUncertain(f"no answer within {time.monotonic() - started:.0f}s") from None
+            except self.errors.DatabricksError as err:
+                if not self.transient(err):
+                    raise
+                wait = getattr(err, "retry_after_secs", None) or min(2 ** (attempt - 1), 5)
+                self.submit_state, declined = "waiting", err
+            except (requests.ConnectionError, requests.Timeout) as err:
+                if not _never_connected(err):
+                    raise SubmitUncertain(str(err)) from None
+                wait = min(attempt, 5)  # refused or no connection: nothing was sent, safe to retry
+                self.submit_state, declined = "waiting", err
+            if time.monotonic() + wait >= deadline:
+                raise declined   # the service's own answer (or the connection error) says why
+            time.sleep(wait)
+
     def _do(self, method, path, query=None, body=None):
-        return self.api.do(method, path, query=query, body=body)
+        """A request the SDK may retry (reads, cancel, destroy): within `budget()`, TimeoutError after."""
+        budget = self.budget()
+        self.clock.deadline = time.monotonic() + budget
+        attempt = 0
+        try:
+            while True:
+                attempt += 1
+                try:
+                    # The alarm comes a little after the retry clock's deadline, so that a refused
+                    # connection ends in the SDK's own TimeoutError with its cause.
+                    with _call_alarm(self.clock.deadline - time.monotonic() + 0.25):
+                        return self.api.do(method, path, query=query, body=body)
+                except self.errors.DatabricksError as err:
+                    # The SDK retries Retry-After and its transient messages itself; a rate limit sent
+                    # without Retry-After (REQUEST_LIMIT_EXCEEDED as 400/500) is retried here.
+                    wait = min(2 ** (attempt - 1), 5)
+                    if not self.transient(err) or time.monotonic() + wait >= self.clock.deadline:
+                        raise
+                    time.sleep(wait)
+        except CallTimedOut:
+            raise TimeoutError(f"no answer from {path} within {budget:.0f}s") from None
+        finally:
+            self.clock.deadline = None
+
+
+def _bounded_config(sdk):
+    """The SDK's Config, with its host-metadata probe kept within HOST_PROBE_SECONDS.
+
+    Config() asks /.well-known/databricks-config for OAuth discovery data with the full retry budget,
+    so an unreachable host cost two budgets. A token (PAT) needs none of that data: no probe then;
+    otherwise one short attempt (the SDK falls back to its defaults when the probe fails)."""
+    base = sdk.Config
+    if not hasattr(base, "_resolve_host_metadata"):
+        return base
+    base.attributes()      # caches the attribute table on the base class, which the subclass shares
+
+    class BoundedConfig(base):
+        def _resolve_host_metadata(self):
+            if self.token:
+                return
+            saved = self.retry_timeout_seconds, self.http_timeout_seconds
+            self.retry_timeout_seconds, self.http_timeout_seconds = 1, HOST_PROBE_SECONDS
+            try:
+                super()._resolve_host_metadata()
+            finally:
+                self.retry_timeout_seconds, self.http_timeout_seconds = saved
+
+    return BoundedConfig
 
 
 def _never_connected(err):
@@ -1868,42 +2089,72 @@ def poll_delay(waited):
     return min(POLL_MAX_SECONDS, max(POLL_MIN_SECONDS, waited * POLL_FRACTION))
 
 
+PROCESS_STARTED = time.monotonic()     # await's --timeout counts from here, the SDK import included
+
+
+class StatusUnavailable(Exception):
+    """A wait ended while the command's status could not be read: its last polls failed, so whether
+    it runs, ended or was cancelled is unknown. `error` is the last failure, `failing_for` seconds."""
+
+    def __init__(self, error, failing_for):
+        super().__init__(str(error))
+        self.error, self.failing_for = error, failing_for
+
+
 def poll_command(ws, cluster_id, context_id, command_id, timeout):
-    """Poll until the command is done (its status dict) or the timeout passes (None).
+    """Poll until the command is done (its status dict) or `timeout` seconds pass (None).
 
     Polls fast at first (see POLL_*). A failed poll is retried, not reported as a failed command,
-    unless a contexts/status probe shows the context is gone (ContextGone).
+    unless a contexts/status probe shows the context is gone (ContextGone). Every request ends by the
+    timeout plus WAIT_GRACE_SECONDS, whatever the network does; if the last poll failed, the wait
+    raises StatusUnavailable instead of returning None.
     """
     started = time.monotonic()
     deadline = started + timeout
-    while True:
-        try:
-            status = ws.command_status(cluster_id, context_id, command_id)
-            if status.get("status") in DONE_COMMAND_STATES:
-                return status
-        except Exception as err:
-            if isinstance(err, ws.errors.DatabricksError) and _is_auth_error(err, ws.errors):
-                raise
+    outer, failing_since, last_error = ws.deadline, None, None
+    ws.deadline = min(deadline + WAIT_GRACE_SECONDS, outer or float("inf"))
+    try:
+        while True:
+            began = time.monotonic()
             try:
-                alive = ws.context_alive(cluster_id, context_id)
-            except Exception as probe_err:  # the network is down too: keep polling until the timeout
-                if not _looks_transient(probe_err, ws.errors):
+                status = ws.command_status(cluster_id, context_id, command_id)
+                failing_since = last_error = None
+                if status.get("status") in DONE_COMMAND_STATES:
+                    return status
+            except Exception as err:
+                if isinstance(err, ws.errors.DatabricksError) and _is_auth_error(err, ws.errors):
                     raise
-                alive = True
-            if not alive:
-                raise ContextGone(str(err)) from None
-            if not _looks_transient(err, ws.errors) and isinstance(err, ws.errors.DatabricksError):
-                raise
-        now = time.monotonic()
-        if now >= deadline:
-            return None
-        time.sleep(min(poll_delay(now - started), deadline - now))
+                try:
+                    alive = ws.context_alive(cluster_id, context_id)
+                except Exception as probe_err:  # the network is down too: keep polling until the timeout
+                    if not _looks_transient(probe_err, ws.errors) and not ws.transient(probe_err):
+                        raise
+                    alive = True
+                if not alive:
+                    raise ContextGone(str(err)) from None
+                if isinstance(err, ws.errors.DatabricksError) and not (
+                        _looks_transient(err, ws.errors) or ws.transient(err)):
+                    raise
+                if failing_since is None and time.monotonic() >= deadline and began > deadline - 1.0:
+                    return None   # only a poll begun just before the deadline was cut: no news, no failure
+                failing_since, last_error = failing_since or began, err
+            now = time.monotonic()
+            if now >= deadline:
+                if last_error is not None:
+                    raise StatusUnavailable(last_error, now - failing_since)
+                return None
+            time.sleep(min(poll_delay(now - started), deadline - now))
+    finally:
+        ws.deadline = outer
 
 
 def run_internal(ws, session, command, timeout=120.0):
     """Run a helper command of the CLI (bootstrap, fetch) and return its results dict."""
     command_id = ws.execute(session["cluster_id"], session["context_id"], command)
-    status = poll_command(ws, session["cluster_id"], session["context_id"], command_id, timeout)
+    try:
+        status = poll_command(ws, session["cluster_id"], session["context_id"], command_id, timeout)
+    except StatusUnavailable as err:
+        raise map_sdk_error(err.error, action="read a helper command's status") from None
     if status is None:
         raise ReplError("InternalTimeout", f"A helper command did not finish within {timeout:g}s.",
                         hint="The context may be busy; retry, or run status.")
@@ -2356,7 +2607,8 @@ def record_step(project, entry, command_id=None):
         earlier = [s for s in session["steps"] if s.get("step") == entry["step"]
                    and s.get("command_id") == entry.get("command_id")]
         if earlier:
-            earlier[-1].update((k, v) for k, v in entry.items() if v is not None)
+            index = session["steps"].index(earlier[-1])
+            session["steps"][index] = dict(earlier[-1], **{k: v for k, v in entry.items() if v is not None})
         else:
             session["steps"].append(entry)
         active = session.get("active_command")
@@ -2415,6 +2667,9 @@ def finish_command(ws, project, session, active, status, max_bytes):
         reason = err.message if isinstance(err, ReplError) else f"{type(err).__name__}: {scrub(str(err))}"
         step_status, fields = "RenderFailed", {"message": f"The command ended ({status.get('status')}) but "
                                                           f"its output could not be saved: {reason}"}
+    if active.get("after_uncertain"):
+        fields["note"] = (f"Step {active['after_uncertain']} was submitted uncertainly: if the service ran it, "
+                          "this step waited behind it.")
     if active.get("helpers_reinstalled"):
         fields["note"] = ("Python had restarted since the last step, so variables and imports are gone; the helpers "
                           "were installed again and this step ran after that." if active.get("python_restarted_before")
@@ -2429,8 +2684,10 @@ def finish_command(ws, project, session, active, status, max_bytes):
 
 
 def running_response(project, active, timeout):
+    queued = (f" It may be waiting behind step {active['after_uncertain']}, whose submit was uncertain."
+              if active.get("after_uncertain") else "")
     return response(
-        "Running", f"Command still running after {timeout:g}s client-side timeout.",
+        "Running", f"Command still running after {timeout:g}s client-side timeout.{queued}",
         exit_code=EXIT_RUNNING, cmd_id=step_key(active["step"], active["tag"]),
         command_id=active.get("command_id"), elapsed_seconds=round(elapsed_since(active), 3),
         tip={"await": cli_hint("await", project, timeout=timeout),
@@ -2439,24 +2696,43 @@ def running_response(project, active, timeout):
              "do not exec again until it is done.")
 
 
-def cancel_and_confirm(ws, session, command_id, wait=CANCEL_WAIT_SECONDS):
-    """Ask the service to cancel, then poll until the command settles. Returns its last status."""
-    ws.cancel(session["cluster_id"], session["context_id"], command_id)
-    return poll_command(ws, session["cluster_id"], session["context_id"], command_id, wait)
+def status_unknown_response(project, active, unavailable):
+    """The wait ended and the command's status could not be read: say so, with the error."""
+    error = map_sdk_error(unavailable.error, action="read the command's status").message
+    return response(
+        "StatusUnknown", f"The state of step {step_key(active['step'], active['tag'])} is unknown: its status "
+        f"calls have failed for {unavailable.failing_for:.0f}s. {error}",
+        exit_code=EXIT_RUNNING, cmd_id=step_key(active["step"], active["tag"]),
+        command_id=active.get("command_id"), elapsed_seconds=round(elapsed_since(active), 3),
+        status_error=error[:500],
+        tip={"await": cli_hint("await", project), "cancel": cli_hint("cancel", project),
+             "destroy": cli_hint("destroy", project)},
+        hint="The command may still be running. await tries again; cancel asks the service to stop it and "
+             "frees the session even if the service cannot confirm; destroy ends the session.")
 
 
-def await_active(ws, project, session, active, timeout, max_bytes):
-    """Wait for the active command and answer for it: the step, Running, Cancelled or ContextEvicted."""
+def cancel_and_confirm(ws, session, command_id, wait=CANCEL_WAIT_SECONDS, context_id=None):
+    """Ask the service to cancel, then poll until the command settles. Returns its last status, or None
+    if it is still stopping; StatusUnavailable if no status could be read."""
+    context_id = context_id or session["context_id"]
+    ws.cancel(session["cluster_id"], context_id, command_id)
+    return poll_command(ws, session["cluster_id"], context_id, command_id, wait)
+
+
+def await_active(ws, project, session, active, timeout, max_bytes, wait=None):
+    """Wait for the active command and answer for it: the step, Running, StatusUnknown, Cancelled,
+    Destroyed or ContextEvicted. `wait`: the seconds left of the caller's --timeout (default all)."""
     cluster_id, context_id = session["cluster_id"], active.get("context_id") or session["context_id"]
+    wait = timeout if wait is None else wait
     try:
-        status = poll_command(ws, cluster_id, context_id, active["command_id"], timeout)
+        status = poll_command(ws, cluster_id, context_id, active["command_id"], wait)
         if status is not None and helpers_missing(active, status):
             rerun_with_helpers(ws, project, session, active)
-            status = poll_command(ws, cluster_id, context_id, active["command_id"], timeout)
+            status = poll_command(ws, cluster_id, context_id, active["command_id"], wait)
         if status is not None and restart_window_ending(active, status):
             if active.get("wrapped") is True:  # the step never reached Python: run it once more
                 rerun_with_helpers(ws, project, session, active)
-                status = poll_command(ws, cluster_id, context_id, active["command_id"], timeout)
+                status = poll_command(ws, cluster_id, context_id, active["command_id"], wait)
             else:  # a magic (%pip) ran and Python restarted after it: never re-run its side effects
                 reinstall_helpers(ws, session, {"cluster_id": cluster_id, "context_id": context_id})
                 active["restarted_after_magic"] = True
@@ -2464,6 +2740,8 @@ def await_active(ws, project, session, active, timeout, max_bytes):
         return interrupt_active(ws, project, session, active, max_bytes)
     except Terminated:
         return running_response(project, active, timeout)
+    except StatusUnavailable as unavailable:
+        return status_unknown_response(project, active, unavailable)
     except ContextGone:
         return recover_from_eviction(ws, project, failed=active)
     if status is None:
@@ -2540,21 +2818,27 @@ def rerun_with_helpers(ws, project, session, active):
     files = StepFiles(project, active["step"], active["tag"])
     with open(files.command, encoding="utf-8") as f:
         command, _ = wrap_command(f.read(), files.key)
-    with signals_deferred():
-        active["command_id"] = ws.execute(target["cluster_id"], target["context_id"], command)
-        active["helpers_reinstalled"] = True
-        with project.lock():
-            current = project.load()
-            current["active_command"] = active
-            project.save(current)
+    try:
+        command_id = ws.execute(target["cluster_id"], target["context_id"], command)
+    except SubmitUncertain as err:
+        raise uncertain_submit_error(project, files, active, f"The connection dropped ({scrub(str(err))})") from None
+    active["helpers_reinstalled"] = True
+    save_command_id(project, active, command_id)
 
 
 def interrupt_active(ws, project, session, active, max_bytes):
-    """Ctrl+C while waiting: cancel the remote command and record the step as Cancelled."""
+    """Ctrl+C while waiting: cancel the remote command and record the step as Cancelled.
+
+    A SIGTERM during the cancel (an agent's tool timeout after its Ctrl+C) cuts the confirmation short:
+    one last status read decides between Cancelled and Cancelling (await settles that)."""
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         try:
-            status = cancel_and_confirm(ws, session, active["command_id"])
+            status = cancel_and_confirm(ws, session, active["command_id"], context_id=active.get("context_id"))
+        except Terminated:
+            status = last_status(ws, session, active)
+            if status is None:
+                return cancelling_response(project, active, "Stopped by SIGTERM while the cancel was confirmed.")
         except ContextGone:
             return recover_from_eviction(ws, project, failed=active)
         except Exception:
@@ -2578,37 +2862,154 @@ def interrupt_active(ws, project, session, active, max_bytes):
         signal.signal(signal.SIGINT, previous)
 
 
-def start_context(ws, cluster_id, config):
-    """Create an execution context, wait until it runs, and install the bootstrap in it."""
+def last_status(ws, session, active, budget=2.0):
+    """One quick status read of the active command (its status dict if it has ended, else None)."""
+    ws.deadline = time.monotonic() + budget
     try:
-        context_id = ws.create_context(cluster_id)
-    except ws.errors.DatabricksError as err:
-        text = str(err)
-        if re.search(r"\b145\b|too many|limit", text, re.I) and "context" in text.lower():
-            raise ReplError("ContextLimitReached", f"The cluster has no free execution context: {scrub(text)}",
-                            hint="Destroy unused sessions (dbx_repl.py destroy in their project dirs), "
-                                 "or use another cluster.") from None
-        raise map_sdk_error(err, action="create an execution context") from None
-    started = time.monotonic()
-    while True:
-        state = ws.context_status(cluster_id, context_id)
+        status = ws.command_status(session["cluster_id"], active.get("context_id") or session["context_id"],
+                                   active["command_id"])
+        return status if status.get("status") in DONE_COMMAND_STATES else None
+    except Exception:
+        return None
+    finally:
+        ws.deadline = None
+
+
+def cancelling_response(project, active, message):
+    return response("Cancelling", f"{message} Cancel was requested but the command has not stopped yet.",
+                    exit_code=EXIT_FAILED, cmd_id=step_key(active["step"], active["tag"]),
+                    command_id=active.get("command_id"),
+                    hint=f"Wait for it with {cli_hint('await', project)}, or check {cli_hint('status', project)}.")
+
+
+CONTEXT_CREATE_ATTEMPTS = 3
+
+
+def start_context(ws, project, cluster_id, config):
+    """Create an execution context, wait until it runs, and install the bootstrap in it.
+
+    The create is recorded as pending in session.json before it is sent, and sent once: a lost answer
+    is never resent (it could make a second context). A context that comes up in status Error is
+    destroyed and the create tried again, up to CONTEXT_CREATE_ATTEMPTS times with backoff (the
+    service answers Error for transient driver trouble; dbt-databricks retries it too). The caller
+    saves the returned id and drops the pending record (`adopt_context`)."""
+    for attempt in range(1, CONTEXT_CREATE_ATTEMPTS + 1):
+        for orphan in mark_pending_create(project, cluster_id):
+            with contextlib.suppress(Exception):   # an earlier call died after the create answered
+                ws.destroy_context(orphan["cluster_id"], orphan["context_id"])
+        ws.submit_state = None
+        try:
+            context_id = ws.create_context(cluster_id)
+        except (SubmitUncertain, KeyboardInterrupt, Terminated) as err:
+            if not isinstance(err, SubmitUncertain) and ws.submit_state != "sending":
+                drop_pending_create(project)   # interrupted before the request went out
+                raise
+            cause = scrub(str(err)) if isinstance(err, SubmitUncertain) else \
+                ("Ctrl+C" if isinstance(err, KeyboardInterrupt) else "SIGTERM") + " arrived"
+            raise ReplError("CreateUncertain", f"The answer to the context create was lost ({cause}): a context "
+                            "may have been created that nothing tracks.",
+                            exit_code=EXIT_INTERRUPTED if isinstance(err, KeyboardInterrupt) else EXIT_FAILED,
+                            hint="Run create again; it notes this under possible_orphans in session.json. The API "
+                                 "cannot list contexts, so such a context is freed only when the cluster "
+                                 "restarts.") from None
+        except ws.errors.DatabricksError as err:
+            drop_pending_create(project)
+            text = str(err)
+            if re.search(r"\b145\b|too many|limit", text, re.I) and "context" in text.lower():
+                raise ReplError("ContextLimitReached", f"The cluster has no free execution context: {scrub(text)}",
+                                hint="Destroy unused sessions (dbx_repl.py destroy in their project dirs), "
+                                     "or use another cluster.") from None
+            raise map_sdk_error(err, action="create an execution context") from None
+        except Exception:
+            drop_pending_create(project)   # e.g. no connection could be made: nothing was sent
+            raise
+        try:
+            mark_pending_create(project, cluster_id, context_id=context_id)
+            state = wait_for_context(ws, cluster_id, context_id)
+            if state == "Running":
+                results = run_internal(ws, {"cluster_id": cluster_id, "context_id": context_id},
+                                       bootstrap_command(config), timeout=CONTEXT_START_TIMEOUT)
+        except BaseException:
+            abandon_context(ws, project, cluster_id, context_id)
+            raise
         if state == "Running":
             break
-        if state == "Error" or time.monotonic() - started > CONTEXT_START_TIMEOUT:
-            with contextlib.suppress(Exception):
-                ws.destroy_context(cluster_id, context_id)
-            raise ReplError("ContextFailed", f"The execution context did not start (status {state}).",
+        abandon_context(ws, project, cluster_id, context_id)
+        if state != "Error" or attempt == CONTEXT_CREATE_ATTEMPTS:
+            raise ReplError("ContextFailed", f"The execution context did not start (status {state}, "
+                            f"{attempt} attempt(s)).",
                             hint="Check the cluster's driver logs; restart the cluster if this repeats.")
-        time.sleep(poll_delay(time.monotonic() - started))
-    session = {"cluster_id": cluster_id, "context_id": context_id}
-    results = run_internal(ws, session, bootstrap_command(config), timeout=CONTEXT_START_TIMEOUT)
+        time.sleep(min(2 ** attempt, 8))
     if results.get("resultType") == "error":
-        with contextlib.suppress(Exception):
-            ws.destroy_context(cluster_id, context_id)
+        abandon_context(ws, project, cluster_id, context_id)
         error_type, message = parse_error(results.get("summary"), results.get("cause"))
         raise ReplError("BootstrapFailed", f"Installing the REPL helpers failed: {error_type}: {message}",
                         hint="Report this with the cluster's runtime version.")
     return context_id
+
+
+def wait_for_context(ws, cluster_id, context_id):
+    """Poll a new context until it leaves Pending: its status (Running, Error, or Pending on timeout)."""
+    started = time.monotonic()
+    while True:
+        state = ws.context_status(cluster_id, context_id)
+        if state != "Pending" or time.monotonic() - started > CONTEXT_START_TIMEOUT:
+            return state
+        time.sleep(poll_delay(time.monotonic() - started))
+
+
+def abandon_context(ws, project, cluster_id, context_id):
+    """Destroy a new context this call will not use (quickly: the call may be stopping), and forget it."""
+    ws.deadline = time.monotonic() + 3.0
+    try:
+        ws.destroy_context(cluster_id, context_id)
+    except Exception:
+        return   # not confirmed: the pending record with its id stays, so the next create destroys it
+    finally:
+        ws.deadline = None
+    drop_pending_create(project)
+
+
+def mark_pending_create(project, cluster_id, context_id=None):
+    """Record in session.json, before contexts/create is sent, that a create is under way, then the id
+    it answered: if the CLI dies before the session holds the context, the next call knows. Returns
+    earlier pending creates whose context id is known (the caller destroys them)."""
+    with project.lock():
+        session = project.load(required=False)
+        if session is None:  # a first create: a placeholder that no other subcommand takes for a session
+            session = {"format": SESSION_FORMAT, "status": "creating", "cluster_id": cluster_id,
+                       "context_id": None, "step_counter": 0, "steps": [], "active_command": None}
+        found = []
+        if context_id is None:
+            found = note_orphans(session)
+            session["pending_create"] = {"cluster_id": cluster_id, "requested_at": now_iso()}
+        elif session.get("pending_create"):
+            session["pending_create"]["context_id"] = context_id
+        project.save(session)
+    return [o for o in found if o.get("context_id")]
+
+
+def note_orphans(session):
+    """Move a pending create left by an earlier call into possible_orphans: it may have made a context
+    nobody tracks, and the API cannot list contexts to find it. Returns what was moved."""
+    pending = session.pop("pending_create", None)
+    if not pending:
+        return []
+    session.setdefault("possible_orphans", []).append(dict(pending, noted_at=now_iso()))
+    return [pending]
+
+
+def drop_pending_create(project):
+    """The create left no context behind: forget it (and a placeholder session.json)."""
+    with project.lock():
+        session = project.load(required=False)
+        if not session or "pending_create" not in session:
+            return
+        session.pop("pending_create")
+        if session.get("status") == "creating" and not session.get("possible_orphans"):
+            os.unlink(project.session_path)
+        else:
+            project.save(session)
 
 
 def bootstrap_config(session, host):
@@ -2619,10 +3020,17 @@ def bootstrap_config(session, host):
 
 def recover_from_eviction(ws, project, failed=None, lost=None):
     """The context is gone: record the lost step, start a fresh context, and list what to replay.
-    lost: why the context died under the failed step (None: evicted); the answer is then ContextLost."""
+    lost: why the context died under the failed step (None: evicted); the answer is then ContextLost.
+
+    If the session was destroyed meanwhile (a `destroy` from another call during the wait), or another
+    call already recorded the step, nothing is recorded twice and no context is created."""
     with project.lock():
         session = project.load()
         old_context = session.get("context_id")
+        active = session.get("active_command")
+        still_ours = failed is None or (active is not None and active.get("step") == failed["step"])
+        if session.get("status") != "active" or not still_ours:
+            return settled_elsewhere(project, session, failed)
         failed_entry = None
         if failed:
             files = StepFiles(project, failed["step"], failed["tag"])
@@ -2637,17 +3045,14 @@ def recover_from_eviction(ws, project, failed=None, lost=None):
         cluster = ws.cluster(session["cluster_id"])
         if cluster.get("state") not in RUNNABLE_CLUSTER_STATES:
             raise cluster_not_running(session["cluster_id"], cluster)
-        new_context = start_context(ws, session["cluster_id"], bootstrap_config(session, ws.host))
+        new_context = start_context(ws, project, session["cluster_id"], bootstrap_config(session, ws.host))
     except ReplError as err:
         err.fields.update(evicted_context_id=old_context, replay_plan=summary)
         err.message = f"The execution context was lost, and a new one could not be started: {err.message}"
         raise
-    with project.lock():
-        session = project.load()
-        session["context_id"] = new_context
-        session.setdefault("contexts", []).append({"context_id": new_context, "created_at": now_iso(),
-                                                   "replaces": old_context})
-        project.save(session)
+    if not adopt_context(ws, project, new_context, replaces=old_context):
+        return settled_elsewhere(project, project.load(), failed)
+    session = project.load()
     salvaged = salvage_output(ws, project, session, failed) if failed else None
     return response(
         "ContextLost" if lost else "ContextEvicted",
@@ -2716,6 +3121,37 @@ def remove_driver_copies(ws, target, session_id=None):
         return None
 
 
+def adopt_context(ws, project, context_id, replaces=None):
+    """Make a new context the session's, unless the session was destroyed while it was created: then
+    destroy it (no context outlives its session). True if adopted."""
+    with project.lock():
+        session = project.load()
+        session.pop("pending_create", None)
+        if session.get("status") == "active":
+            session["context_id"] = context_id
+            session.setdefault("contexts", []).append({"context_id": context_id, "created_at": now_iso(),
+                                                       "replaces": replaces})
+            project.save(session)
+            return True
+    abandon_context(ws, project, session["cluster_id"], context_id)
+    return False
+
+
+def settled_elsewhere(project, session, failed):
+    """The answer for a wait whose step another call settled: destroy (or cancel) got there first."""
+    recorded = [s for s in session["steps"] if failed and s.get("step") == failed["step"]]
+    status = recorded[-1].get("status") if recorded else None
+    if session.get("status") != "active":
+        return response("Destroyed", f"The session was destroyed while step "
+                        f"{step_key(failed['step'], failed['tag']) if failed else ''} was running; it is recorded "
+                        f"as {status or 'not run'}.", exit_code=EXIT_FAILED,
+                        cmd_id=step_key(failed["step"], failed["tag"]) if failed else None, step_status=status,
+                        hint=f"Run {cli_hint('create', project)} --cluster-id ID --session-name NAME to start again.")
+    return response(status or "Cancelled", f"Step {step_key(failed['step'], failed['tag'])} was settled by another "
+                    f"call ({status}).", exit_code=EXIT_FAILED, cmd_id=step_key(failed["step"], failed["tag"]),
+                    hint="Continue with exec.")
+
+
 def cluster_not_running(cluster_id, cluster):
     state = cluster.get("state", "UNKNOWN")
     detail = f" ({cluster['state_message']})" if cluster.get("state_message") else ""
@@ -2725,18 +3161,29 @@ def cluster_not_running(cluster_id, cluster):
 
 
 def submit_step(ws, project, session, code, tag, timeout, max_bytes, replay_of=None):
-    """Reserve a step, submit its command, and wait for it: the heart of `exec` and `replay`."""
-    active = None
+    """Reserve a step, submit its command, and wait for it: the heart of `exec` and `replay`.
+
+    `timeout` counts from the step's start (its started_at) and bounds the submit and the wait.
+    Signals are held while session.json is written; one that lands during the submit request is
+    answered by what the service may have seen (see `interrupted_submit`)."""
+    with signals_deferred():
+        session, files, active, command = reserve_step(project, code, tag, replay_of)
+    deadline = time.monotonic() + timeout
     try:
-        with signals_deferred():  # a held Ctrl+C or SIGTERM fires when this block ends
-            session, files, active, command = reserve_step(project, code, tag, replay_of)
+        ws.deadline = deadline + SUBMIT_GRACE_SECONDS
+        ws.submit_state = ws.submitted = None
+        try:
             early = submit_reserved(ws, project, session, files, active, command)
-        if early is not None:
-            return early
-        return await_active(ws, project, session, active, timeout, max_bytes)
+        finally:
+            ws.deadline = None
     except (KeyboardInterrupt, Terminated) as interruption:
-        if not (active and active.get("command_id")):
-            raise  # nothing was submitted (or the submit already failed and was recorded)
+        return interrupted_submit(ws, project, session, files, active, interruption, timeout, max_bytes)
+    if early is not None:
+        return early
+    try:
+        return await_active(ws, project, session, active, timeout, max_bytes,
+                            wait=max(deadline - time.monotonic(), 0.0))
+    except (KeyboardInterrupt, Terminated) as interruption:
         if isinstance(interruption, KeyboardInterrupt):
             return interrupt_active(ws, project, session, active, max_bytes)
         return running_response(project, active, timeout)
@@ -2763,36 +3210,92 @@ def reserve_step(project, code, tag, replay_of=None):
                   "started_at": now_iso(), "wrapped": wrapped, "state": "submitting"}
         if replay_of is not None:
             active["replay_of"] = replay_of
+        last = session["steps"][-1] if session["steps"] else None
+        if last and last.get("status") == "SubmitUncertain" and last.get("context_id") == session["context_id"]:
+            active["after_uncertain"] = step_key(last["step"], last["tag"])
         session["step_counter"] = step
         session["active_command"] = active
         project.save(session)
     return session, files, active, command
 
 
+def release_step(project, active):
+    """Undo a reservation whose command the service never took: no step, no files (a refused call
+    writes nothing)."""
+    with signals_deferred(), project.lock():
+        session = project.load()
+        current = session.get("active_command")
+        if not current or current.get("step") != active["step"] or current.get("command_id"):
+            return
+        session["active_command"] = None
+        if session["step_counter"] == active["step"]:
+            session["step_counter"] = active["step"] - 1
+        with contextlib.suppress(OSError):
+            os.unlink(StepFiles(project, active["step"], active["tag"]).command)
+        project.save(session)
+
+
+def save_command_id(project, active, command_id):
+    with signals_deferred():
+        active["command_id"], active["state"] = command_id, "running"
+        with project.lock():
+            current = project.load()
+            if (current.get("active_command") or {}).get("step") == active["step"]:
+                current["active_command"] = active
+                project.save(current)
+
+
+def uncertain_submit_error(project, files, active, cause):
+    """Record a step whose submit may or may not have reached the service, and say what happens next."""
+    record_step(project, step_entry(project, files, active, "SubmitUncertain"))
+    return ReplError("SubmitUncertain",
+                     f"{cause} while submitting step {files.key}: the service may have received it. It was not "
+                     "resent, so it ran once or not at all, and it may still be running: the context runs one "
+                     "command at a time, so the next exec waits behind it (within its --timeout).",
+                     hint="Check the step's effect with a small exec (e.g. print a variable); exec the step again "
+                          "only if the effect is missing.", cmd_id=files.key)
+
+
 def submit_reserved(ws, project, session, files, active, command):
     """Submit a reserved step and save its command id. Returns a response only when it failed."""
     try:
-        active["command_id"] = execute_step(ws, session, command)
+        command_id = execute_step(ws, session, command)
     except SubmitUncertain as err:
-        record_step(project, step_entry(project, files, active, "SubmitUncertain"))
-        raise ReplError("SubmitUncertain",
-                        f"The connection dropped while submitting step {files.key}: {scrub(str(err))}. "
-                        "The command was not resent, so it ran once or not at all.",
-                        hint="Run status to see whether the session is busy; exec again only if the step's "
-                             "effect is missing.", cmd_id=files.key) from None
+        raise uncertain_submit_error(project, files, active,
+                                     f"The connection dropped ({scrub(str(err))})") from None
     except Exception as err:
-        gone = isinstance(err, ws.errors.DatabricksError) and not _is_auth_error(err, ws.errors) and \
-            not ws.context_alive(session["cluster_id"], session["context_id"])
-        if gone:
-            return recover_from_eviction(ws, project, failed=active)
-        record_step(project, step_entry(project, files, active, "SubmitFailed"))
+        if isinstance(err, ws.errors.DatabricksError) and not _is_auth_error(err, ws.errors):
+            try:
+                gone = not ws.context_alive(session["cluster_id"], session["context_id"])
+            except Exception:
+                gone = False
+            if gone:
+                return recover_from_eviction(ws, project, failed=active)
+        release_step(project, active)   # the service answered no, or no connection was made: nothing ran
         raise map_sdk_error(err, action="submit the command") from None
-    active["state"] = "running"
-    with project.lock():
-        current = project.load()
-        current["active_command"] = active
-        project.save(current)
+    save_command_id(project, active, command_id)
     return None
+
+
+def interrupted_submit(ws, project, session, files, active, interruption, timeout, max_bytes):
+    """Ctrl+C or SIGTERM while the command was being submitted: answer with what the service saw."""
+    signal_name = "Ctrl+C" if isinstance(interruption, KeyboardInterrupt) else "SIGTERM"
+    exit_code = EXIT_INTERRUPTED if isinstance(interruption, KeyboardInterrupt) else EXIT_FAILED
+    state = ws.submit_state
+    if state == "accepted" and not active.get("command_id"):
+        save_command_id(project, active, ws.submitted["id"])
+    if active.get("command_id"):   # the service took it: cancel it (Ctrl+C) or leave it running (SIGTERM)
+        if isinstance(interruption, KeyboardInterrupt):
+            return interrupt_active(ws, project, session, active, max_bytes)
+        return running_response(project, active, timeout)
+    if state == "sending":
+        err = uncertain_submit_error(project, files, active, f"{signal_name} arrived")
+        err.exit_code = exit_code
+        return err.response()
+    release_step(project, active)
+    return response("Interrupted" if exit_code == EXIT_INTERRUPTED else "Terminated",
+                    f"{signal_name} arrived before step {files.key} was sent: it did not run and is not recorded.",
+                    exit_code=exit_code, hint="exec it again when ready.")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -2886,7 +3389,7 @@ def cmd_create(args):
         "created_at": now_iso(), "step_counter": 0, "steps": [], "active_command": None,
     }
     try:
-        session["context_id"] = start_context(ws, cluster_id, bootstrap_config(session, ws.host))
+        session["context_id"] = start_context(ws, project, cluster_id, bootstrap_config(session, ws.host))
         if existing and re.fullmatch(r"[0-9a-f]+", str(existing.get("session_id") or "")):
             remove_driver_copies(ws, session, existing["session_id"])  # the replaced session's
     except ContextGone as err:
@@ -2902,7 +3405,9 @@ def cmd_create(args):
             raise ReplError("SessionExists", f"Another session became active in {project.display_root}.",
                             hint="Reuse it with exec.")
         project.ensure_outputs_dir()
-        if previous:
+        if previous and previous.get("possible_orphans"):
+            session["possible_orphans"] = previous["possible_orphans"]
+        if previous and previous.get("status") != "creating":
             archive = os.path.join(project.outputs_dir, ARCHIVE_DIR)
             os.makedirs(archive, mode=0o700, exist_ok=True)
             stamp = re.sub(r"[^0-9]", "", previous.get("created_at") or now_iso())[:14]
@@ -2912,8 +3417,12 @@ def cmd_create(args):
         session["step_counter"] = max(session["step_counter"], project.highest_step_on_disk())
         session["contexts"] = [{"context_id": session["context_id"], "created_at": session["created_at"]}]
         project.save(session)
-    return response("Created", f"Session {name!r} is ready on cluster {cluster.get('cluster_name') or cluster_id}.",
-                    session_name=name, cluster_id=cluster_id, cluster_name=cluster.get("cluster_name"),
+    orphans = session.get("possible_orphans")
+    return response("Created", f"Session {name!r} is ready on cluster {cluster.get('cluster_name') or cluster_id}."
+                    + (f" Note: {len(orphans)} earlier create(s) in this project dir were interrupted and may have "
+                       "left a context running (see possible_orphans in session.json; the API cannot list "
+                       "contexts, so such a context is freed when the cluster restarts)." if orphans else ""),
+                    session_name=name, possible_orphans=len(orphans) if orphans else None, cluster_id=cluster_id, cluster_name=cluster.get("cluster_name"),
                     context_id=session["context_id"], session_file=project.show(project.session_path),
                     llm_endpoint=session["llm_endpoint"],
                     hint=f"Run code with {cli_hint('exec', project)} --command \"...\" --tag NAME")
@@ -2929,6 +3438,11 @@ def cmd_exec(args):
     return submit_step(ws, project, session, code, tag, timeout, args.max_output_bytes)
 
 
+def time_left(timeout):
+    """What remains of a --timeout that counts from the start of the call."""
+    return max(timeout - (time.monotonic() - PROCESS_STARTED), 0.0)
+
+
 def cmd_await(args):
     timeout = positive_timeout(args.timeout)
     project = Project(args.project_dir).check()
@@ -2940,7 +3454,10 @@ def cmd_await(args):
     if not active.get("command_id"):
         settle_unsubmitted(project, active)
     ws = Workspace(args.profile or session.get("profile"), args.debug)
-    return await_active(ws, project, session, active, timeout, args.max_output_bytes)
+    try:
+        return await_active(ws, project, session, active, timeout, args.max_output_bytes, wait=time_left(timeout))
+    except StatusUnavailable as unavailable:   # the helpers' re-install could not be confirmed
+        return status_unknown_response(project, active, unavailable)
 
 
 def settle_unsubmitted(project, active):
@@ -2948,8 +3465,9 @@ def settle_unsubmitted(project, active):
     record_step(project, step_entry(project, StepFiles(project, active["step"], active["tag"]), active,
                                     "SubmitUncertain"))
     raise ReplError("SubmitUncertain", "The CLI stopped while submitting this step, so its command id is "
-                    "unknown; the step is recorded as SubmitUncertain and the session is free.",
-                    hint="exec the step again if its effect is missing.",
+                    "unknown; the step is recorded as SubmitUncertain. If the service received it, it may still "
+                    "be running: the context runs one command at a time, so the next exec waits behind it.",
+                    hint="Check the step's effect with a small exec; exec the step again if its effect is missing.",
                     cmd_id=step_key(active["step"], active["tag"]))
 
 
@@ -2965,10 +3483,26 @@ def cmd_cancel(args):
                         hint="Nothing to do: the last command already finished or was cancelled.")
     ws = Workspace(args.profile or session.get("profile"), args.debug)
     tracked = active if active and active.get("command_id") == command_id else None
+    fields = {"command_id": command_id}
+    if tracked:
+        fields["cmd_id"] = step_key(tracked["step"], tracked["tag"])
     try:
-        status = cancel_and_confirm(ws, session, command_id)
+        status = cancel_and_confirm(ws, session, command_id, context_id=(tracked or {}).get("context_id"))
     except ContextGone:
         return recover_from_eviction(ws, project, failed=tracked)
+    except StatusUnavailable as unavailable:
+        if not tracked:
+            raise map_sdk_error(unavailable.error, action="confirm the cancel") from None
+        # The service took the cancel but cannot say whether the command stopped. Free the session
+        # anyway (the way out when status calls keep failing), and say what that means.
+        error = map_sdk_error(unavailable.error, action="read the command's status").message
+        files = StepFiles(project, tracked["step"], tracked["tag"])
+        record_step(project, step_entry(project, files, tracked, "Cancelled", elapsed=elapsed_since(tracked),
+                                        cancel_confirmed=False), command_id=command_id)
+        return response("Cancelled", "The cancel was sent, but the service could not confirm it: " + error +
+                        " The step is recorded as Cancelled and the session is free; if the command still runs, "
+                        "the next exec waits behind it.", cancel_confirmed=False, status_error=error[:500],
+                        hint="Continue with exec; destroy the session if the next exec answers Running.", **fields)
     except Exception as err:
         raise map_sdk_error(err, action="cancel the command") from None
     if status is not None and tracked:
@@ -2981,9 +3515,6 @@ def cmd_cancel(args):
     if status is not None and not is_cancellation(status.get("status"), status.get("results")):
         return response("NothingToCancel", f"Command {command_id} had already finished.",
                         command_id=command_id, hint="Nothing to do.")
-    fields = {"command_id": command_id}
-    if tracked:
-        fields["cmd_id"] = step_key(tracked["step"], tracked["tag"])
     if status is None:  # still stopping: the step stays active so await can settle it
         return response("Cancelling", "Cancel was requested but the command has not stopped yet.",
                         hint=f"Wait for it with {cli_hint('await', project)}, or check {cli_hint('status', project)}.",
@@ -2997,23 +3528,20 @@ def cmd_cancel(args):
 
 
 def cmd_destroy(args):
+    """End the session: mark it destroyed (settling a running step as Cancelled), then destroy its context.
+
+    The session is marked first, so that an exec waiting on the context sees a destroyed session and
+    never starts a new context for it. If the context cannot be destroyed (no network, a rejected
+    token), the session still ends and the answer says the context may live on, with its id."""
     project = Project(args.project_dir).check()
     session = project.load()
     if session.get("status") == "destroyed":
         return response("Destroyed", "The session was already destroyed.", session_name=session.get("session_name"))
+    require_active(project, session)
     ws = Workspace(args.profile or session.get("profile"), args.debug)
     if not session.get("active_command"):  # a busy context would queue the removal behind the step
         remove_driver_copies(ws, session)
-    try:
-        ws.destroy_context(session["cluster_id"], session["context_id"])
-        note = "The execution context was destroyed."
-    except Exception as err:
-        if isinstance(err, ws.errors.DatabricksError) and not _is_auth_error(err, ws.errors) and \
-                not ws.context_alive(session["cluster_id"], session["context_id"]):
-            note = "The execution context was already gone."
-        else:
-            raise map_sdk_error(err, action="destroy the execution context") from None
-    with project.lock():
+    with signals_deferred(), project.lock():
         session = project.load()
         active = session.get("active_command")
         if active:
@@ -3025,9 +3553,26 @@ def cmd_destroy(args):
         session["status"] = "destroyed"
         session["destroyed_at"] = now_iso()
         project.save(session)
+    context_destroyed = True
+    try:
+        ws.destroy_context(session["cluster_id"], session["context_id"])
+        note = "The execution context was destroyed."
+    except Exception as err:
+        try:
+            gone = isinstance(err, ws.errors.DatabricksError) and not _is_auth_error(err, ws.errors) and \
+                not ws.context_alive(session["cluster_id"], session["context_id"])
+        except Exception:
+            gone = False
+        if gone:
+            note = "The execution context was already gone."
+        else:
+            context_destroyed = False
+            note = (f"The execution context {session['context_id']} could not be destroyed "
+                    f"({map_sdk_error(err, action='destroy it').message}); it stays alive until the cluster "
+                    "restarts or reclaims idle contexts.")
     return response("Destroyed", f"Session {session.get('session_name')!r} destroyed. {note}",
                     session_name=session.get("session_name"), context_id=session.get("context_id"),
-                    steps=len(session["steps"]),
+                    context_destroyed=context_destroyed, steps=len(session["steps"]),
                     hint="Its steps stay in session.json and repl_outputs/; create starts a new session.")
 
 
@@ -3037,6 +3582,8 @@ def cmd_status(args):
     """The session at a glance, with a live probe of the cluster, the context and the active command."""
     project = Project(args.project_dir).check()
     session = project.load()
+    if session.get("status") == "creating":
+        require_active(project, session)   # a placeholder of an interrupted create: NoSession
     steps = session["steps"]
     last = steps[-1] if steps else None
     active = session.get("active_command")
@@ -3066,8 +3613,11 @@ def cmd_status(args):
             ws.context_alive(session["cluster_id"], session["context_id"])
         summary["context_alive"] = alive
         if active and active.get("command_id") and alive:
-            remote = ws.command_status(session["cluster_id"], session["context_id"], active["command_id"])
-            summary["active_command"]["remote_status"] = remote.get("status")
+            try:
+                remote = ws.command_status(session["cluster_id"], session["context_id"], active["command_id"])
+                summary["active_command"]["remote_status"] = remote.get("status")
+            except Exception as err:   # report it: a failing status call must not hide the session
+                summary["active_command"]["remote_error"] = map_sdk_error(err, "read the command's status").message
     except Exception as err:
         raise map_sdk_error(err, action="probe the session") from None
     if summary["cluster_state"] not in RUNNABLE_CLUSTER_STATES:
@@ -3649,7 +4199,7 @@ def verify_script(ws, project, session, script, requires, timeout, output_path):
     """Run the exported script in a fresh execution context (created, used once, destroyed), within
     `timeout` seconds of running. Returns {"status": Passed|Failed|TimedOut, ...} for the answer."""
     started = time.monotonic()
-    context_id = start_context(ws, session["cluster_id"], bootstrap_config(session, ws.host))
+    context_id = start_context(ws, project, session["cluster_id"], bootstrap_config(session, ws.host))
     target = {"cluster_id": session["cluster_id"], "context_id": context_id}
     try:
         commands = ([f"%pip install {' '.join(requires)}"] if requires else []) + [script]
@@ -3676,8 +4226,7 @@ def verify_script(ws, project, session, script, requires, timeout, output_path):
                 "stdout_preview": preview(strip_ansi(text or ""), limit=200),
                 "elapsed_seconds": round(time.monotonic() - started, 3)}
     finally:
-        with contextlib.suppress(Exception):
-            ws.destroy_context(target["cluster_id"], context_id)
+        abandon_context(ws, project, target["cluster_id"], context_id)   # and drops its pending record
 
 
 def cmd_export(args):

@@ -4,6 +4,7 @@
     python tests/benchmark.py              # full run, a few minutes
     python tests/benchmark.py --quick      # fewer repetitions, no 20 s command
     python tests/benchmark.py --repeat 30  # more samples for the short rows
+    python tests/benchmark.py --only scale # exec in a new session and in one of 10,000 steps (time, RSS)
 
 It starts a LocalWorkspace itself (the real service's 50,000-character output limit), runs the CLI
 as an agent does (one process per call, `sys.executable dbx_repl.py ...`) and prints a Markdown
@@ -237,6 +238,60 @@ class Cli:
             return f.read()
 
 
+# Runs the CLI and reports its peak RSS (ru_maxrss, KiB on Linux) on stderr as it exits.
+RSS_WRAPPER = ("import atexit, resource, runpy, sys\n"
+               "atexit.register(lambda: sys.stderr.write('MAXRSS %d\\n' % "
+               "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))\n"
+               "sys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n")
+
+
+def exec_with_rss(cli, code, tag):
+    """(wall seconds, peak RSS in MB) of one `exec` run as an agent runs it."""
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", RSS_WRAPPER, CLI, "exec", "--project-dir", cli.project,
+                           "--command", code, "--tag", tag], capture_output=True, text=True, env=cli.env)
+    wall = time.perf_counter() - started
+    body = json.loads(proc.stdout.strip().splitlines()[-1])
+    if body.get("status") != "Finished":
+        raise RuntimeError("exec %s: %s" % (tag, json.dumps(body)[:2000]))
+    rss = [int(line.split()[1]) for line in proc.stderr.splitlines() if line.startswith("MAXRSS ")]
+    return wall, rss[-1] / 1024
+
+
+def fake_steps(first, count, context_id):
+    return [{"step": n, "tag": "t%d" % n, "status": "Finished", "command_file": "repl_outputs/%03d_t%d.cmd.py" % (n, n),
+             "stdout_file": "repl_outputs/%03d_t%d.stdout" % (n, n), "stderr_file": "repl_outputs/%03d_t%d.stderr" % (n, n),
+             "started_at": "2026-01-01T00:00:00.000+00:00", "finished_at": "2026-01-01T00:00:01.000+00:00",
+             "elapsed_seconds": 1.0, "command_id": "%032x" % n, "context_id": context_id}
+            for n in range(first, first + count)]
+
+
+def scale_rows(cli, table, n):
+    """exec print(1) in a small session and in one whose session.json holds 10,000 steps."""
+    path = os.path.join(cli.project, "session.json")
+    results = {}
+    for label, extra in (("small (a few steps)", 0), ("10,000 steps", 10_000)):
+        if extra:
+            with open(path) as f:
+                log = json.load(f)
+            first = log["step_counter"] + 1
+            log["steps"] += fake_steps(first, extra, log["context_id"])
+            log["step_counter"] = first + extra - 1
+            with open(path, "w") as f:
+                json.dump(log, f)
+        samples = [exec_with_rss(cli, "print(1)", "scale") for _ in range(n)]
+        results[label] = (statistics.median(w for w, _ in samples), max(r for _, r in samples))
+        note = "peak RSS %.0f MB; session.json %.1f MB" % (results[label][1], os.path.getsize(path) / 1e6)
+        if extra:
+            slower = results[label][0] - results["small (a few steps)"][0]
+            more = results[label][1] - results["small (a few steps)"][1]
+            note += "; +%s and +%.0f MB over the small session" % (fmt(slower), more)
+            table.add("exec print(1), session of %s" % label, [w for w, _ in samples],
+                      target="<= small +500 ms, +100 MB", met=slower <= 0.5 and more <= 100, note=note)
+        else:
+            table.add("exec print(1), session of %s" % label, [w for w, _ in samples], note=note)
+
+
 def end_time(text):
     """The `END <time.time()>` line a benchmark command prints last."""
     for line in reversed(text.splitlines()):
@@ -282,6 +337,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions, skip the 20 s command")
     parser.add_argument("--repeat", type=int, default=None, help="samples for the short rows (default 15, quick 5)")
+    parser.add_argument("--only", choices=("scale",), default=None, help="run one section only")
     args = parser.parse_args(argv)
     n = args.repeat or (5 if args.quick else 15)
     heavy = max(2, n // 5) if args.quick else max(3, n // 5)
@@ -303,6 +359,15 @@ def main(argv=None):
         print("dbx_repl benchmark: %s, python %s, %d CPUs, load average %.1f, local workspace %s, output "
               "limit %d chars, n=%d" % (time.strftime("%Y-%m-%d %H:%M"), sys.version.split()[0], os.cpu_count(),
                                         os.getloadavg()[0], workspace.host, REAL_OUTPUT_LIMIT, n), flush=True)
+
+        if args.only == "scale":
+            assert cli.run("create", "--cluster-id", RUNNING_CLUSTER_ID, "--session-name", "bench")[2]["status"] \
+                == "Created"
+            scale_rows(cli, table, n)
+            cli.run("destroy")
+            print()
+            print(table.render())
+            return 0
 
         # 0. floors that do not depend on the session
         pass_samples = python_pass(n)
@@ -454,6 +519,9 @@ def main(argv=None):
                           met=med <= ideal * 1.2, note="%.0f%% of ideal throughput" % (100 * ideal / med))
         finally:
             workspace.configure(llm_latency=0.0)
+
+        # 6. scale: a long session.json
+        scale_rows(cli, table, max(3, n // 3))
 
         cli.run("destroy")
         print()

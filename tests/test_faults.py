@@ -158,22 +158,23 @@ def test_sigkill_while_submitting_is_resolved_by_await_as_submit_uncertain(works
     assert_log_consistent(session)
 
 
-@pytest.mark.parametrize("sig, expected", [(signal.SIGTERM, "Running"), (signal.SIGINT, "Cancelled")])
-def test_a_signal_while_submitting_is_held_until_the_command_id_is_saved(workspace, session, sig, expected):
+@pytest.mark.parametrize("sig, expected, code", [(signal.SIGTERM, "Terminated", 1), (signal.SIGINT, "Interrupted", 130)])
+def test_a_signal_while_the_service_declines_the_submit_runs_nothing_and_records_nothing(
+        workspace, session, sig, expected, code):
+    before = len(executes(workspace))
     workspace.inject(EXECUTE, method="POST", count=1, status=503, retry_after=2)
     proc = session.popen("exec", "--command", "import time\ntime.sleep(30)", "--tag", "held")
     assert wait_for(lambda: any(r["status"] == 503 for r in executes(workspace)), 15)
+    time.sleep(0.5)                                           # the CLI has read the 503: it waits to retry
     proc.send_signal(sig)
     call = session.finish(proc)
-    assert call.status == expected, call
-    assert call["cmd_id"] == "001_held"
-    if expected == "Running":
-        assert active_command_id(session) == call["command_id"]
-        assert session.run("cancel").status == "Cancelled"
-    else:
-        assert session.session()["steps"][-1]["status"] == "Cancelled"
-    assert session.session()["active_command"] is None
-    assert_log_consistent(session)
+    assert call.status == expected and call.code == code, call
+    assert "001_held" in call["message"] and "did not run" in call["message"]
+    assert len(executes(workspace)) == before + 1             # declined once, never sent again
+    log = assert_log_consistent(session)
+    assert log["active_command"] is None and log["steps"] == [] and log["step_counter"] == 0
+    again = session.exec("print('next')", "next")
+    assert again.status == "Finished" and again["cmd_id"] == "001_next"
 
 
 def test_ctrl_c_during_await_cancels_the_command(session):
