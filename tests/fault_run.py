@@ -199,7 +199,7 @@ def uncertain_submits(workspace, root, trials, proxy):
             repl.env["DATABRICKS_HOST"] = proxy.host
             proxy.stall(EXECUTE, forward=True)
             proc = repl.popen("exec", "--command", "hits += 1", "--tag", "h%d" % i)
-            wait_for(lambda: proxy.seen(EXECUTE) > i // 2, 15)
+            wait_for(lambda i=i: proxy.seen(EXECUTE) > i // 2, 15)
             started = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             call = repl.finish(proc, timeout=30)
