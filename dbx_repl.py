@@ -3540,7 +3540,11 @@ def cmd_destroy(args):
     require_active(project, session)
     ws = Workspace(args.profile or session.get("profile"), args.debug)
     if not session.get("active_command"):  # a busy context would queue the removal behind the step
-        remove_driver_copies(ws, session)
+        ws.deadline = time.monotonic() + 3.0   # best effort: an unreachable host must not eat destroy's budget
+        try:
+            remove_driver_copies(ws, session)
+        finally:
+            ws.deadline = None
     with signals_deferred(), project.lock():
         session = project.load()
         active = session.get("active_command")
