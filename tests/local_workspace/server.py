@@ -26,6 +26,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from .cluster import (CANCEL_MODES, OWNER, RUNNABLE_STATES, RUNTIME_VERSION,
                       ExecutionContexts)
 from .errors import ApiError, param_error as _param_error
+from .runtime import ensure_runtime
 from .serving import ModelServing, chat_answer  # noqa: F401  (chat_answer is re-exported)
 
 RUNNING_CLUSTER_ID = "0101-000001-devrun01"
@@ -151,6 +152,9 @@ class LocalWorkspace(ExecutionContexts, ModelServing):
                        not_running_mode=not_running_mode, start_delay=start_delay,
                        llm_latency=llm_latency, image_inline_limit=image_inline_limit)
         self._contexts = {}
+        self._drivers = {}  # cluster id -> cluster._Driver (one Spark driver per running cluster)
+        self._driver_lock = threading.Lock()
+        self._runtime = None
         self._clusters = _default_clusters()
         self._injections = []
         self._requests = []
@@ -167,6 +171,8 @@ class LocalWorkspace(ExecutionContexts, ModelServing):
     # ----- lifecycle
 
     def start(self, port=0):
+        # Every cluster process runs on the Databricks Runtime's Python (built once, cached).
+        self._runtime = ensure_runtime()
         self._tmpdir = tempfile.mkdtemp(prefix="local-workspace-")
         self.plots_dir = os.path.join(self._tmpdir, "FileStore", "plots")
         os.makedirs(self.plots_dir)
@@ -195,6 +201,7 @@ class LocalWorkspace(ExecutionContexts, ModelServing):
         for timer in timers:
             timer.cancel()
         self._close_contexts(list(self._contexts), grace=0.5)
+        self._stop_drivers()
         if self._janitor is not None:
             self._janitor.join(5)
         if self._tmpdir:
@@ -261,6 +268,8 @@ class LocalWorkspace(ExecutionContexts, ModelServing):
             doomed = [] if state in RUNNABLE_STATES else [
                 c.id for c in self._contexts.values() if c.cluster_id == cluster_id]
         self._close_contexts(doomed)
+        if state not in RUNNABLE_STATES:  # the driver (and its JVM) goes with the cluster
+            self._stop_driver(cluster_id)
 
     def inject(self, path, method="POST", count=1, status=503, retry_after=1, body=None,
                mode="respond"):
@@ -651,5 +660,9 @@ def main(argv=None):
     serve = sub.add_parser("serve", help="serve until Ctrl+C")
     serve.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: free)")
     serve.add_argument("--token", default="local-token", help="the PAT clients must send")
+    sub.add_parser("runtime", help="build (or check) the Databricks Runtime Python environment")
     args = parser.parse_args(argv)
+    if args.command == "runtime":
+        from .runtime import main as runtime_main
+        return runtime_main()
     return _serve(args)
