@@ -189,6 +189,9 @@ class ExecutionContexts:
                     "PYTHONIOENCODING": "utf-8", "TMPDIR": tmp,
                     "PYSPARK_PYTHON": self._runtime.python,
                     "PYSPARK_DRIVER_PYTHON": self._runtime.python,
+                    # Every JVM (spark-submit's launcher too): no /tmp/hsperfdata_<user>, and
+                    # its temp files in the cluster's tmp.
+                    "JAVA_TOOL_OPTIONS": "-XX:-UsePerfData -Djava.io.tmpdir=%s" % tmp,
                     "PATH": os.pathsep.join(list(extra_path) + [runtime_bin,
                                                                 env.get("PATH", "")])})
         return env
