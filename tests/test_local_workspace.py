@@ -400,8 +400,8 @@ def test_the_context_limit_refuses_new_contexts(sdk_client, workspace):
     assert new_context(sdk_client, SHARED_CLUSTER_ID)  # the limit is per cluster
 
 
-def test_only_python_is_supported(sdk_client):
-    with pytest.raises(BadRequest, match="only python"):
+def test_only_python_and_sql_are_supported(sdk_client):
+    with pytest.raises(BadRequest, match="python and sql only"):
         sdk_client.command_execution.create(cluster_id=RUNNING_CLUSTER_ID,
                                             language=Language.SCALA)
 

@@ -427,6 +427,7 @@ class ExecutionContexts:
                 if ctx.closed:
                     return
                 ctx.status = "Running"
+                ctx.last_active = time.monotonic()  # idle from when it is ready
             while True:
                 with ctx.cond:
                     while not ctx.queue and not ctx.closed:
@@ -582,7 +583,8 @@ class ExecutionContexts:
                     continue
                 now = time.monotonic()
                 idle = [c.id for c in self._contexts.values()
-                        if c.current is None and not c.queue and now - c.last_active > ttl]
+                        if c.status == "Running" and c.current is None and not c.queue
+                        and now - c.last_active > ttl]
             if idle:
                 self._close_contexts(idle)
 
