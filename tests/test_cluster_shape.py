@@ -194,6 +194,9 @@ def test_pip_install_stays_in_its_own_context(spark_client, spark_workspace, tmp
     assert missing.result_type.value == "error" and "ModuleNotFoundError" in missing.summary
     host = subprocess.run([sys.executable, "-c", "import %s" % name], capture_output=True)
     assert host.returncode != 0 and b"ModuleNotFoundError" in host.stderr
+    # `python` and `pip` in the shell are the context's too
+    prefix = _text(spark_client, installer, "!python -c 'import sys; print(sys.prefix)'").strip()
+    assert os.path.dirname(where).startswith(prefix + os.sep)
     # pip saw the runtime's packages: nothing of the runtime was installed a second time
     assert _text(spark_client, installer, "import pandas, os\nprint(pandas.__file__)") \
         .startswith(runtime.site_packages)

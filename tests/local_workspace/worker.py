@@ -502,7 +502,7 @@ def _pip(args):
 
 
 def _context_env():
-    """The context's own venv (made on first use): its python."""
+    """The context's own venv (made once, kept across a Python restart): its python."""
     import venv
 
     root = STATE["init"]["context_env"]
@@ -697,7 +697,10 @@ def main(argv):
     sys.meta_path.insert(0, _PyplotImportHook())
     _install_dbruntime(init)
     if init.get("context_env"):
-        sys.path.insert(0, _context_site())  # notebook-scoped libraries come first
+        # The context's own venv: `%pip`, and `pip`/`python` in `%sh`, install into it, never
+        # into the runtime's environment; its packages come first on sys.path.
+        _context_env()
+        sys.path.insert(0, _context_site())
     ipython = _IPython()
     namespace = {
         "__name__": "__main__",
