@@ -1,8 +1,12 @@
 """Execution contexts on a cluster: one Python process per context, commands in order.
 
-The part of the local workspace that the 1.2 API's contexts and commands live in: it spawns the
-context workers (``worker.py``), feeds each one its queue of commands, cancels, evicts and reaps.
-``server.LocalWorkspace`` mixes it in; ``_route`` maps the 1.2 endpoints onto its methods.
+The part of the local workspace that the 1.2 API's contexts and commands live in: it starts each
+running cluster's driver (``driver.py``: the one JVM its contexts share, started on the first
+context), spawns the context workers (``worker.py``), feeds each one its queue of commands,
+cancels (the command's Spark job group, then an interrupt), evicts and reaps. Every cluster
+process runs on the runtime's Python (``runtime.py``), with its temp dir under the cluster's state
+dir, started through ``sandbox.wrap_command``. ``server.LocalWorkspace`` mixes it in; ``_route``
+maps the 1.2 endpoints onto its methods.
 """
 
 import collections

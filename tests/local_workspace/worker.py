@@ -6,7 +6,9 @@ The protocol never touches fd 0/1/2 (user code may write to fd 1 through
 ``os.system`` or a subprocess); it runs on three inherited pipes:
 
 * REQ_FD (server -> worker): JSON lines. First ``{"type": "init", ...}`` with the
-  host, token and cluster facts, then ``{"type": "exec", "id", "code", ...}``.
+  host, token and cluster facts (and the cluster driver's socket, the runtime's site dir and
+  the context's own venv dir), then ``{"type": "exec", "id", "code", "language", ...}``
+  (``language``: "python" or "sql").
 * RES_FD (worker -> server): JSON lines. ``{"type": "ready", "pid"}`` after the
   init, then one ``{"type": "result", "id", "results", "cancelled"}`` per exec.
 * CANCEL_FD (server -> worker): command ids (one per line) whose cancellation
@@ -14,8 +16,8 @@ The protocol never touches fd 0/1/2 (user code may write to fd 1 through
   handler reads this pipe and interrupts the running command only if its id is
   there, so a late signal can never hit the next command.
 
-Only the standard library is needed. pandas, matplotlib and pyspark are used
-only when user code brings them in. User code runs in the main thread.
+It runs on the runtime environment's Python (``runtime.py``); pandas, matplotlib and
+pyspark are imported only when user code brings them in. User code runs in the main thread.
 """
 
 import ast
