@@ -205,9 +205,14 @@ def test_pip_install_stays_in_its_own_context(spark_client, spark_workspace, tmp
 # -- SQL contexts ----------------------------------------------------------------------------------
 
 def test_a_sql_context_answers_with_a_table(spark_client, two_contexts):
+    python_context, _ = two_contexts
+    _text(spark_client, python_context,
+          "spark.createDataFrame([(1, 'a'), (2, 'b')], 'n long, s string')"
+          ".write.mode('overwrite').saveAsTable('sql_numbers')")
     context = _context(spark_client, Language.SQL)
     results = _run(spark_client, context,
-                   "SELECT n, s FROM shared_numbers ORDER BY n", Language.SQL)
+                   "CREATE OR REPLACE TEMP VIEW evens AS SELECT * FROM sql_numbers WHERE n % 2 = 0;\n"
+                   "SELECT n, s FROM sql_numbers ORDER BY n", Language.SQL)
     assert results.result_type.value == "table"
     assert results.data == [[1, "a"], [2, "b"]]
     assert [c["name"] for c in results.schema] == ["n", "s"]
@@ -264,6 +269,33 @@ def test_cancel_with_spark_running_keeps_the_session(spark_client, spark_workspa
             == "42 4\n"
     finally:
         spark_workspace.configure(cancel_mode="cancelled")
+
+
+def test_cancel_of_a_blocking_spark_call_that_is_no_job_keeps_spark_usable(spark_client):
+    # A JVM call that no job group can cancel: the interrupt cuts it after a grace period, and the
+    # context's py4j connection (out of step) is replaced, so Spark keeps answering correctly.
+    context = _context(spark_client)
+    _text(spark_client, context, "kept = 7\nprint(spark.range(2).count())")
+    command_id = spark_client.command_execution.execute(
+        cluster_id=RUNNING_CLUSTER_ID, context_id=context,
+        command="sc._jvm.java.lang.Thread.sleep(60000)", language=Language.PYTHON).command_id
+    _wait_running(spark_client, context, command_id)
+    time.sleep(0.5)
+    spark_client.command_execution.cancel(cluster_id=RUNNING_CLUSTER_ID, context_id=context,
+                                          command_id=command_id)
+    ended = _wait_terminal(spark_client, context, command_id, time.monotonic() + CANCEL_DEADLINE)
+    assert ended.status.value == "Cancelled", ended
+    assert _text(spark_client, context,
+                 "print(kept, spark.range(3).count(), spark.range(4).count())") == "7 3 4\n"
+
+
+def _wait_running(client, context, command_id, timeout=30):
+    deadline = time.monotonic() + timeout
+    while client.command_execution.command_status(
+            cluster_id=RUNNING_CLUSTER_ID, context_id=context,
+            command_id=command_id).status.value != "Running":
+        assert time.monotonic() < deadline, "the command never started"
+        time.sleep(0.05)
 
 
 def _wait_for_spark_job(client, context, timeout=60):

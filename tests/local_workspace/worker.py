@@ -655,7 +655,7 @@ def _execute_sql(code, namespace):
         if df is None:
             return {"resultType": "text", "data": ""}
         return _spark_table(df)
-    except BaseException as e:  # noqa: B902 - report as the cluster does
+    except Exception as e:  # a cancel (KeyboardInterrupt) ends the command as cancelled
         name = _exc_name(e)
         message = str(e).strip().split("\n")[0]
         return {"resultType": "error", "summary": _summary(name, message),
