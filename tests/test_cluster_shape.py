@@ -80,8 +80,9 @@ def test_global_temp_views_are_shared_and_temp_views_are_not(spark_client, two_c
 def test_every_context_has_the_notebook_names(spark_client, two_contexts):
     first, _ = two_contexts
     out = _text(spark_client, first,
+                "spark.range(2).createOrReplaceTempView('two_rows')\n"
                 "print(sc.defaultParallelism > 0, sqlContext.sql('select 1 as x').first().x,\n"
-                "      sql('select 2 as y').first().y, table('shared_numbers').count(),\n"
+                "      sql('select 2 as y').first().y, table('two_rows').count(),\n"
                 "      callable(display), callable(displayHTML), dbutils is not None)\n"
                 "ip = get_ipython()\n"
                 "ip.system('echo from-system')\n"
