@@ -26,7 +26,7 @@ import sys
 import time
 
 RuntimeSpec = collections.namedtuple(
-    "RuntimeSpec", "version spark_version python notes_url pins")
+    "RuntimeSpec", "version spark_version python notes_url pins build_requires")
 RuntimeEnv = collections.namedtuple("RuntimeEnv", "python version spark_version site_packages")
 
 # Library versions from each LTS's release notes ("System environment" and "Installed Python
@@ -37,13 +37,17 @@ RUNTIMES = {
         notes_url="https://docs.databricks.com/aws/en/release-notes/runtime/15.4lts",
         pins=("pyspark==3.5.0", "pandas==1.5.3", "numpy==1.23.5", "pyarrow==14.0.1",
               "scipy==1.11.1", "scikit-learn==1.3.0", "matplotlib==3.7.2", "joblib==1.2.0",
-              "databricks-sdk==0.20.0")),
+              "databricks-sdk==0.20.0"),
+        build_requires=()),
     (3, 12): RuntimeSpec(
         version="16.4", spark_version="3.5.2", python="3.12",
         notes_url="https://docs.databricks.com/aws/en/release-notes/runtime/16.4lts",
         pins=("pyspark==3.5.2", "pandas==1.5.3", "numpy==1.26.4", "pyarrow==15.0.2",
               "scipy==1.13.1", "scikit-learn==1.4.2", "matplotlib==3.8.4", "joblib==1.4.2",
-              "databricks-sdk==0.30.0")),
+              "databricks-sdk==0.30.0"),
+        # pandas 1.5.3 has no wheel for 3.12 and its sdist only builds with these (then without
+        # pip's build isolation, whose newest setuptools lacks pkg_resources): ~10 min of C.
+        build_requires=("setuptools<70", "Cython<3", "wheel", "numpy==1.26.4")),
 }
 MARKER = "databricks-repl-runtime.json"
 
@@ -75,7 +79,7 @@ def runtime_dir(spec):
 
 def _marker(spec):
     return {"version": spec.version, "spark_version": spec.spark_version,
-            "pins": list(spec.pins)}
+            "pins": list(spec.pins), "build_requires": list(spec.build_requires)}
 
 
 def _is_current(path, spec):
@@ -131,11 +135,17 @@ def _build(spec, final, progress):
     try:
         _say(progress, "step 1/3: python -m venv")
         _run([sys.executable, "-m", "venv", building], log_path, tty=False, scratch=scratch)
-        _say(progress, "step 2/3: pip install %s" % " ".join(spec.pins))
         python = os.path.join(building, "bin", "python")
-        _run([python, "-m", "pip", "install", "--disable-pip-version-check", "--no-input"]
-             + ([] if tty else ["--progress-bar", "off"]) + list(spec.pins),
-             log_path, tty=tty, scratch=scratch)
+        pip = ([python, "-m", "pip", "install", "--disable-pip-version-check", "--no-input"]
+               + ([] if tty else ["--progress-bar", "off"]))
+        isolation = []
+        if spec.build_requires:
+            _say(progress, "step 2/3: pip install %s (to build what has no wheel)"
+                 % " ".join(spec.build_requires))
+            _run(pip + list(spec.build_requires), log_path, tty=tty, scratch=scratch)
+            isolation = ["--no-build-isolation"]
+        _say(progress, "step 2/3: pip install %s" % " ".join(spec.pins))
+        _run(pip + isolation + list(spec.pins), log_path, tty=tty, scratch=scratch)
         _say(progress, "step 3/3: checking the install")
         _run([python, "-c", "import pyspark, pandas, numpy, pyarrow, sklearn, scipy, "
                             "matplotlib, joblib; assert pyspark.__version__ == %r"
