@@ -93,7 +93,16 @@ def test_every_context_has_the_notebook_names(spark_client, two_contexts):
 def test_every_context_shares_one_spark_application(spark_client, two_contexts):
     first, second = two_contexts
     apps = {_text(spark_client, ctx, "print(sc.applicationId)") for ctx in (first, second)}
+    # notebook code that asks the builder first gets its context's session on the same Spark
+    builder_first = _context(spark_client)
+    apps.add(_text(spark_client, builder_first,
+                   "from pyspark.sql import SparkSession\n"
+                   "session = SparkSession.builder.appName('mine').getOrCreate()\n"
+                   "print(session.sparkContext.applicationId)"))
     assert len(apps) == 1
+    assert _text(spark_client, builder_first,  # one session: the builder's is `spark`
+                 "session.range(1).createOrReplaceTempView('via_builder')\n"
+                 "print(spark.table('via_builder').count())") == "1\n"
 
 
 # -- the Databricks Runtime's Python ---------------------------------------------------------------

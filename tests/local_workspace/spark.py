@@ -77,6 +77,20 @@ class _LazySpark:
     def _set_job_group(self):
         self._sc.setJobGroup(self._command, "command %s" % self._command, interruptOnCancel=True)
 
+    def patch_builder(self, session_module):
+        """Make ``SparkSession.builder.getOrCreate()`` attach to the cluster's Spark first (it
+        then returns this context's session), as a notebook's does."""
+        builder = session_module.SparkSession.Builder
+        original = builder.getOrCreate
+        lazy = self
+
+        def getOrCreate(self):
+            lazy._get_session()
+            return original(self)
+
+        getOrCreate.__doc__ = original.__doc__
+        builder.getOrCreate = getOrCreate
+
     def reset_gateway_connection(self):
         """Drop this thread's py4j connection after an interrupt cut a call short (its answer
         would otherwise be read by the next call)."""

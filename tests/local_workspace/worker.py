@@ -369,11 +369,15 @@ def _patch_pyplot(plt):
     plt._local_workspace_patched = True
 
 
-class _PyplotImportHook:
-    """Patch matplotlib.pyplot.show as soon as pyplot is imported."""
+class _PatchOnImport:
+    """Run ``patch(module)`` as soon as the module ``name`` is imported (a meta path finder)."""
+
+    def __init__(self, name, patch):
+        self._name = name
+        self._patch = patch
 
     def find_spec(self, name, path=None, target=None):
-        if name != "matplotlib.pyplot":
+        if name != self._name:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -387,6 +391,7 @@ class _PyplotImportHook:
         original = getattr(loader, "exec_module", None)
         if original is None:
             return spec
+        patch = self._patch
 
         class _Loader:
             def create_module(self, spec):
@@ -395,7 +400,7 @@ class _PyplotImportHook:
 
             def exec_module(self, module):
                 original(module)
-                _patch_pyplot(module)
+                patch(module)
 
         spec.loader = _Loader()
         return spec
@@ -696,7 +701,7 @@ def main(argv):
 
     init = json.loads(req.readline())
     STATE["init"] = init
-    sys.meta_path.insert(0, _PyplotImportHook())
+    sys.meta_path.insert(0, _PatchOnImport("matplotlib.pyplot", _patch_pyplot))
     _install_dbruntime(init)
     if init.get("context_env"):
         # The context's own venv: `%pip`, and `pip`/`python` in `%sh`, install into it, never
@@ -716,6 +721,9 @@ def main(argv):
     namespace.update(notebook_names(init))
     STATE["namespace"] = namespace
     spark = namespace["spark"]
+    # `SparkSession.builder.getOrCreate()` in user code gets this context's session on the
+    # cluster's Spark, never a JVM of its own.
+    sys.meta_path.insert(0, _PatchOnImport("pyspark.sql.session", spark.patch_builder))
     real_out, real_err = sys.stdout, sys.stderr
     _send(res, {"type": "ready", "pid": os.getpid()})
 
