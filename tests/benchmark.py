@@ -138,6 +138,12 @@ class Table:
         print("  " + " | ".join(row), flush=True)
         return med
 
+    def add_value(self, metric, value, note=""):
+        """A row with one measured value that is not a time (e.g. memory)."""
+        row = [metric, value, "-", "1", "-", "", "", note]
+        self.rows.append(row)
+        print("  " + " | ".join(row), flush=True)
+
     def render(self):
         head = ["metric", "median", "p95", "n", "floor (same run)", "target", "met", "notes"]
         widths = [max(len(r[i]) for r in self.rows + [head]) for i in range(len(head))]
@@ -203,6 +209,93 @@ class Raw:
             offset = header["next"]
             if offset >= header["size"] or not data:
                 return rounds
+
+
+# -- the local workspace itself: memory, context creation, first Spark use -------------------------
+
+def _rss_bytes(pid):
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _tree(pids):
+    """The pids and all their descendants (Linux /proc)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open("/proc/%s/stat" % entry) as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = set(pids), list(pids)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def cluster_rss(workspace):
+    """RSS of the cluster's whole process tree: drivers (with their JVMs) and context workers."""
+    with workspace._lock:
+        roots = [d.proc.pid for d in workspace._drivers.values()]
+    roots += list(workspace.context_pids().values())
+    return sum(_rss_bytes(pid) for pid in _tree(roots))
+
+
+def local_workspace_rows(table, repeat):
+    """Rows for the local workspace itself, on a fresh one (so the first Spark use is cold)."""
+    started = time.perf_counter()
+    workspace = LocalWorkspace().start()
+    start_wall = time.perf_counter() - started
+    try:
+        raw = Raw(workspace.host, workspace.token, RUNNING_CLUSTER_ID)
+        table.add("local workspace start (runtime env cached)", [start_wall])
+        started = time.perf_counter()
+        first = raw.create()
+        first_create = time.perf_counter() - started
+        creates = []
+        for _ in range(repeat):
+            started = time.perf_counter()
+            ctx = raw.create()
+            creates.append(time.perf_counter() - started)
+            raw.destroy(ctx)
+        table.add("create a context (first one: + driver process)", creates,
+                  floor="first %s" % fmt(first_create), note="to status Running, polled every 10 ms")
+        rss_no_spark = cluster_rss(workspace)
+        started = time.perf_counter()
+        status, _ = raw.run(first, "spark.range(1000).count()")
+        first_spark = time.perf_counter() - started
+        assert status["results"]["data"] == "Out[1]: 1000", status
+        table.add("first Spark use on the cluster (JVM + Hive metastore start)", [first_spark])
+        rss_one = cluster_rss(workspace)
+        attach = []
+        for _ in range(7):
+            ctx = raw.create()
+            started = time.perf_counter()
+            status, _ = raw.run(ctx, "spark.range(10).count()")
+            attach.append(time.perf_counter() - started)
+            assert status["results"]["data"] == "Out[1]: 10", status
+        table.add("first Spark use in a further context (attach to the JVM)", attach)
+        rss_eight = cluster_rss(workspace)
+        mb = lambda b: "%.0f MB" % (b / 1e6)
+        table.add_value("memory, 1 context, no Spark yet (cluster tree RSS)", mb(rss_no_spark),
+                        note="driver process + 1 context")
+        table.add_value("memory, 1 context using Spark (cluster tree RSS)", mb(rss_one),
+                        note="driver + JVM + 1 context")
+        table.add_value("memory, 8 contexts using Spark (cluster tree RSS)", mb(rss_eight),
+                        note="+%s per further context" % mb((rss_eight - rss_one) / 7))
+    finally:
+        workspace.stop()
 
 
 # -- the CLI ----------------------------------------------------------------------------------------
@@ -338,9 +431,17 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="fewer repetitions, skip the 20 s command")
     parser.add_argument("--repeat", type=int, default=None, help="samples for the short rows (default 15, quick 5)")
     parser.add_argument("--only", choices=("scale",), default=None, help="run one section only")
+    parser.add_argument("--local-workspace-only", action="store_true",
+                        help="only the rows of the local workspace itself (memory, context, Spark)")
     args = parser.parse_args(argv)
     n = args.repeat or (5 if args.quick else 15)
     heavy = max(2, n // 5) if args.quick else max(3, n // 5)
+    if args.local_workspace_only:
+        table = Table()
+        local_workspace_rows(table, n)
+        print()
+        print(table.render())
+        return 0
 
     scratch = tempfile.mkdtemp(prefix="dbx-repl-bench-")
     workspace = LocalWorkspace(output_limit=REAL_OUTPUT_LIMIT)
@@ -524,6 +625,8 @@ def main(argv=None):
         scale_rows(cli, table, max(3, n // 3))
 
         cli.run("destroy")
+        # 6. the local workspace itself (a fresh one: a cold JVM)
+        local_workspace_rows(table, n)
         print()
         print(table.render())
         print("\nTotal benchmark time: %.0f s; load average at the end %.1f (other processes on the machine "

@@ -35,14 +35,39 @@ def workspace():
         assert not leaked, "context processes still alive after stop(): %s" % leaked
 
 
-@pytest.fixture
-def sdk_client(workspace):
-    """A real databricks-sdk WorkspaceClient (PAT auth) pointed at the local workspace."""
+def _client_for(ws):
     from databricks.sdk import WorkspaceClient
     from databricks.sdk.core import Config
 
-    config = Config(host=workspace.host, token=workspace.token, retry_timeout_seconds=20)
+    config = Config(host=ws.host, token=ws.token, retry_timeout_seconds=20)
     return WorkspaceClient(config=config)
+
+
+@pytest.fixture
+def sdk_client(workspace):
+    """A real databricks-sdk WorkspaceClient (PAT auth) pointed at the local workspace."""
+    return _client_for(workspace)
+
+
+@pytest.fixture(scope="module")
+def spark_workspace():
+    """One local workspace for a whole test module: its cluster's Spark (a JVM) starts once.
+
+    Teardown checks that no process of it (driver, JVM, context) survives stop()."""
+    ws = LocalWorkspace()
+    ws.start()
+    try:
+        yield ws
+    finally:
+        ws.stop()
+        leaked = [pid for pid in ws.all_pids() if _pid_alive(pid)]
+        assert not leaked, "cluster processes still alive after stop(): %s" % leaked
+
+
+@pytest.fixture(scope="module")
+def spark_client(spark_workspace):
+    """A real databricks-sdk WorkspaceClient on the module's shared local workspace."""
+    return _client_for(spark_workspace)
 
 
 # -- the CLI, run as a subprocess against the local workspace ---------------------------------------

@@ -2,6 +2,9 @@
 
     python tests/demo.py [--keep]
 
+The first start builds the local workspace's Databricks Runtime environment (pyspark, pandas,
+scikit-learn...; progress on stderr) under ~/.cache/databricks-repl; later starts reuse it.
+
 Every step runs the CLI as a subprocess, exactly as an agent would, and prints the command and its
 JSON response. The session lives in a temporary project dir (kept with --keep so you can look at
 session.json and repl_outputs/).
@@ -26,6 +29,9 @@ STEPS = [
                      "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\nprint(fib(10))"]),
     ("dbx_repl.py", ["exec", "--tag", "table", "--command",
                      "display([{'n': n, 'square': n * n} for n in range(1000)])"]),
+    ("dbx_repl.py", ["exec", "--tag", "spark", "--command",
+                     "df = spark.range(1, 1001).selectExpr('id % 3 AS bucket', 'id')\n"
+                     "display(df.groupBy('bucket').count().orderBy('bucket'))"]),
     ("dbx_repl.py", ["exec", "--tag", "oops", "--command", "1 / 0"]),
     ("dbx_repl.py", ["exec", "--tag", "llm", "--command",
                      "print(sub_llm_batch(['upper: hello', 'sentiment: what a great day', 'sum: 1 2 3']))\n"

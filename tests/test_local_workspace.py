@@ -400,8 +400,8 @@ def test_the_context_limit_refuses_new_contexts(sdk_client, workspace):
     assert new_context(sdk_client, SHARED_CLUSTER_ID)  # the limit is per cluster
 
 
-def test_only_python_is_supported(sdk_client):
-    with pytest.raises(BadRequest, match="only python"):
+def test_only_python_and_sql_are_supported(sdk_client):
+    with pytest.raises(BadRequest, match="python and sql only"):
         sdk_client.command_execution.create(cluster_id=RUNNING_CLUSTER_ID,
                                             language=Language.SCALA)
 
@@ -580,25 +580,16 @@ def test_the_context_env_looks_like_a_cluster_without_databricks_credentials(
     assert answer == "Out[1]: ['DATABRICKS_RUNTIME_VERSION']"
 
 
-def test_spark_runs_a_monte_carlo_pi_or_says_how_to_install_pyspark(sdk_client):
+def test_spark_runs_a_monte_carlo_pi(sdk_client):
     ctx = new_context(sdk_client)
     code = ("import random\n"
             "n = 20000\n"
             "inside = spark.range(n).rdd.map(lambda _: random.random() ** 2 + random.random() ** 2"
             " <= 1).filter(bool).count()\n"
             "4.0 * inside / n")
-    try:
-        import pyspark  # noqa: F401
-    except ImportError:
-        results = run(sdk_client, ctx, code)
-        assert results.result_type == ResultType.ERROR
-        assert "pyspark is not installed" in results.summary
-        assert "pip install" in results.summary and "databricks-repl[spark]" in \
-            ANSI.sub("", results.cause)
-    else:
-        results = run(sdk_client, ctx, code, timeout=240)
-        assert results.result_type == ResultType.TEXT, results
-        assert 2.9 < float(results.data.split("Out[1]:")[1]) < 3.4
+    results = run(sdk_client, ctx, code, timeout=240)
+    assert results.result_type == ResultType.TEXT, results
+    assert 2.9 < float(results.data.split("Out[1]:")[1]) < 3.4
 
 
 # ------------------------------------------------------------------ magics

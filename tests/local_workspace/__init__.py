@@ -4,13 +4,16 @@ The parts, each readable on its own:
 
 * ``server``  - the HTTP server, its routes and the control API (``LocalWorkspace``);
 * ``cluster`` - execution contexts and commands: the worker processes behind the 1.2 API;
+* ``driver``  - a cluster's driver: the one JVM/SparkContext its contexts share;
+* ``runtime`` - the Databricks Runtime's Python environment every cluster process runs on;
 * ``worker``  - one execution context: a Python REPL process (with ``dbutils`` and ``spark``);
 * ``dbutils`` - dbutils, the notebook context and ``dbruntime`` inside a context;
-* ``spark``   - ``spark`` inside a context;
+* ``spark``   - ``spark``, ``sc``, ``sqlContext`` inside a context, on the cluster's Spark;
 * ``files``   - DBFS, Files and Workspace REST over the driver paths (``paths``);
 * ``serving`` - model serving with a deterministic chat model.
 
-    python tests/local_workspace serve [--port N] [--token T] [--latency-ms N]
+    python tests/local_workspace serve [--port N] [--token T] [--latency-ms N] [--secrets FILE]
+    python tests/local_workspace runtime      # build the runtime environment (once; cached)
 
 See ``references/local-workspace.md``.
 """

@@ -1,29 +1,46 @@
 """Execution contexts on a cluster: one Python process per context, commands in order.
 
-The part of the local workspace that the 1.2 API's contexts and commands live in: it spawns the
-context workers (``worker.py``), feeds each one its queue of commands, cancels, evicts and reaps.
-``server.LocalWorkspace`` mixes it in; ``_route`` maps the 1.2 endpoints onto its methods.
+The part of the local workspace that the 1.2 API's contexts and commands live in: it starts each
+running cluster's driver (``driver.py``: the one JVM its contexts share, started on the first
+context), spawns the context workers (``worker.py``), feeds each one its queue of commands,
+cancels (the command's Spark job group, then an interrupt), evicts and reaps. Every cluster
+process runs on the runtime's Python (``runtime.py``), with its temp dir under the cluster's state
+dir, started through ``sandbox.wrap_command``. ``server.LocalWorkspace`` mixes it in; ``_route``
+maps the 1.2 endpoints onto its methods.
 """
 
 import collections
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
 
+from . import driver as _driver
 from . import sandbox
 from .errors import ApiError, context_gone as _context_gone, param_error as _param_error
-from .paths import driver_dir
+from .paths import cluster_dir, driver_dir
+from .runtime import runtime_spec
 
 TESTS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The worker runs from this package without putting tests/ on the user's sys.path.
-WORKER_BOOT = ("import sys; sys.path.insert(0, %r); import local_workspace.worker as w; "
-               "sys.path.remove(%r); sys.exit(w.main(sys.argv))" % (TESTS_DIR, TESTS_DIR))
+
+
+def _boot(module):
+    """``python -c`` code that runs ``local_workspace.<module>.main(sys.argv)`` without leaving
+    tests/ on the process's sys.path (so nothing here shadows user imports)."""
+    return ("import sys; sys.path.insert(0, %r); import local_workspace.%s as m; "
+            "sys.path.remove(%r); sys.exit(m.main(sys.argv))" % (TESTS_DIR, module, TESTS_DIR))
+
+
+WORKER_BOOT = _boot("worker")
+DRIVER_BOOT = _boot("driver")
+DRIVER_START_TIMEOUT = 30.0  # the driver process only (its JVM starts later, on first use)
+DRIVER_CANCEL_TIMEOUT = 1.0
+LANGUAGES = ("python", "sql")
 
 RUNNABLE_STATES = ("RUNNING", "RESIZING")
 SHARED_MODES = ("USER_ISOLATION", "DATA_SECURITY_MODE_STANDARD")
@@ -31,7 +48,7 @@ MAX_NON_TABLE_BYTES = 20 * 1024 * 1024
 CANCEL_FIRST_SIGNAL_DELAY = 0.1
 CANCEL_RESEND_INTERVAL = 0.25
 CANCEL_KILL_AFTER = 10.0
-RUNTIME_VERSION = "15.4"
+RUNTIME_VERSION = runtime_spec().version
 CANCEL_MODES = ("cancelled", "finished_error")
 WORKSPACE_ID = "1234567890123456"
 OWNER = "analyst@example.com"
@@ -63,10 +80,11 @@ KERNEL_RESTARTING = (
 
 
 class _Command:
-    def __init__(self, command_id, context, code):
+    def __init__(self, command_id, context, code, language="python"):
         self.id = command_id
         self.context = context
         self.code = code
+        self.language = language
         self.status = "Queued"
         self.results = None
         self.cancel_requested = False
@@ -74,9 +92,10 @@ class _Command:
 
 
 class _Context:
-    def __init__(self, context_id, cluster_id, lock):
+    def __init__(self, context_id, cluster_id, lock, language="python"):
         self.id = context_id
         self.cluster_id = cluster_id
+        self.language = language
         self.status = "Pending"
         self.proc = None
         self.req = None
@@ -92,6 +111,21 @@ class _Context:
         self.thread = None
 
 
+class _Driver:
+    """A running cluster's driver process (``driver.py``) and the socket it serves."""
+
+    def __init__(self, cluster_id, proc, socket_path):
+        self.cluster_id = cluster_id
+        self.proc = proc
+        self.socket_path = socket_path
+
+
+def _unsupported_language(language):
+    # The real service's answer to a language a cluster cannot run is UNVERIFIED
+    # (references/local-workspace.md): a 400 with an "error" like its other 1.2 errors.
+    return ApiError(400, {"error": "java.lang.IllegalArgumentException: language %r is not "
+                                   "supported by the local workspace (python and sql only)"
+                                   % language})
 
 
 class ExecutionContexts:
@@ -115,10 +149,8 @@ class ExecutionContexts:
         cluster = self._cluster_for_1_2(cluster_id)
         self._evict_lru_idle_at_limit(cluster_id)
         language = body.get("language") or "python"
-        if language != "python":
-            raise ApiError(400, {"error": "java.lang.IllegalArgumentException: language %r is "
-                                          "not supported by the local workspace (only python)"
-                                          % language})
+        if language not in LANGUAGES:
+            raise _unsupported_language(language)
         with self._lock:
             state = cluster["state"]
             if state not in RUNNABLE_STATES:
@@ -138,7 +170,7 @@ class ExecutionContexts:
             context_id = str(random.randint(10 ** 18, 9 * 10 ** 18))
             while context_id in self._contexts:
                 context_id = str(random.randint(10 ** 18, 9 * 10 ** 18))
-            ctx = _Context(context_id, cluster_id, self._lock)
+            ctx = _Context(context_id, cluster_id, self._lock, language)
             self._contexts[context_id] = ctx
             if self._fails_at_creation(ctx):
                 return {"id": context_id}
@@ -155,8 +187,12 @@ class ExecutionContexts:
                 "user": cluster.get("single_user_name") or OWNER,
                 "state_dir": self._tmpdir,
                 "secrets": self._secrets,
+                "runtime_site": self._runtime.site_packages,
+                "context_env": os.path.join(cluster_dir(self._tmpdir, cluster_id), "contexts",
+                                            context_id),
             }
         try:
+            init["driver_socket"] = self._driver_for(cluster_id).socket_path
             self._spawn(ctx, init)
         except Exception:
             with self._lock:
@@ -164,18 +200,102 @@ class ExecutionContexts:
             raise
         return {"id": context_id}
 
+    # ----- the cluster's driver (one per running cluster)
+
+    def _cluster_env(self, cluster_id, extra_path=()):
+        """The environment of every process of a cluster: the runtime's Python, its version,
+        and the cluster's own temp dir (nothing lands in the host's /tmp)."""
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("DATABRICKS_")
+               and k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "VIRTUAL_ENV",
+                             "PYSPARK_GATEWAY_PORT", "PYSPARK_GATEWAY_SECRET")}
+        tmp = os.path.join(cluster_dir(self._tmpdir, cluster_id), "tmp")
+        os.makedirs(tmp, exist_ok=True)
+        runtime_bin = os.path.dirname(self._runtime.python)
+        env.update({"DATABRICKS_RUNTIME_VERSION": self._runtime.version, "MPLBACKEND": "Agg",
+                    "PYTHONIOENCODING": "utf-8", "TMPDIR": tmp,
+                    "PYSPARK_PYTHON": self._runtime.python,
+                    "PYSPARK_DRIVER_PYTHON": self._runtime.python,
+                    # Every JVM (spark-submit's launcher too): no /tmp/hsperfdata_<user>, and
+                    # its temp files in the cluster's tmp.
+                    "JAVA_TOOL_OPTIONS": "-XX:-UsePerfData -Djava.io.tmpdir=%s" % tmp,
+                    "PATH": os.pathsep.join(list(extra_path) + [runtime_bin,
+                                                                env.get("PATH", "")])})
+        return env
+
+    def _driver_for(self, cluster_id):
+        """The cluster's driver process, started on first need (its JVM starts later)."""
+        with self._driver_lock:
+            with self._lock:
+                existing = self._drivers.get(cluster_id)
+            if existing is not None and existing.proc.poll() is None:
+                return existing
+            home = cluster_dir(self._tmpdir, cluster_id)
+            os.makedirs(home, exist_ok=True)
+            socket_path = os.path.join(home, "driver.sock")
+            argv = sandbox.wrap_command([self._runtime.python, "-c", DRIVER_BOOT, self._tmpdir,
+                                         cluster_id, socket_path], self._tmpdir, cluster_id,
+                                        self._isolation)
+            with open(os.path.join(home, "driver.log"), "ab") as log:
+                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                        env=self._cluster_env(cluster_id), cwd=home,
+                                        start_new_session=True)
+            driver = _Driver(cluster_id, proc, socket_path)
+            with self._lock:
+                self._drivers[cluster_id] = driver
+                self._pids.append(proc.pid)
+            deadline = time.monotonic() + DRIVER_START_TIMEOUT
+            while True:
+                try:
+                    _driver.request(socket_path, {"op": "ping"}, 1.0)
+                    return driver
+                except (OSError, ValueError):
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        self._stop_driver(cluster_id)
+                        raise ApiError(500, {"error": "ClusterNotReadyException: the driver of "
+                                                      "cluster %s did not start (see %s)"
+                                                      % (cluster_id,
+                                                         os.path.join(home, "driver.log"))})
+                    time.sleep(0.05)
+
+    def _stop_driver(self, cluster_id):
+        """Kill the cluster's driver and its JVM (one process group)."""
+        with self._lock:
+            driver = self._drivers.pop(cluster_id, None)
+        if driver is not None:
+            self._reap(driver.proc)
+
+    def _stop_drivers(self):
+        with self._lock:
+            cluster_ids = list(self._drivers)
+        for cluster_id in cluster_ids:
+            self._stop_driver(cluster_id)
+
+    def _cancel_spark_jobs(self, cluster_id, command_id):
+        """Ask the cluster's driver to cancel the command's job group (if Spark runs)."""
+        with self._lock:
+            driver = self._drivers.get(cluster_id)
+        if driver is None:
+            return
+        try:
+            _driver.request(driver.socket_path, {"op": "cancel", "group": command_id},
+                            DRIVER_CANCEL_TIMEOUT)
+        except (OSError, ValueError):
+            pass  # the interrupt below still ends the command
+
+    # ----- context workers
+
     def _spawn(self, ctx, init):
         req_r, req_w = os.pipe()
         res_r, res_w = os.pipe()
         cancel_r, cancel_w = os.pipe()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DATABRICKS_")}
-        env.update({"DATABRICKS_RUNTIME_VERSION": RUNTIME_VERSION, "MPLBACKEND": "Agg",
-                    "PYTHONIOENCODING": "utf-8"})
-        env.setdefault("PYSPARK_PYTHON", sys.executable)
-        log_path = os.path.join(self._tmpdir, "context-%s.log" % ctx.id)
+        env = self._cluster_env(ctx.cluster_id,
+                                extra_path=[os.path.join(init["context_env"], "bin")])
+        log_path = os.path.join(cluster_dir(self._tmpdir, ctx.cluster_id),
+                                "context-%s.log" % ctx.id)
         try:
             argv = sandbox.wrap_command(
-                [sys.executable, "-c", WORKER_BOOT, str(req_r), str(res_w), str(cancel_r)],
+                [self._runtime.python, "-c", WORKER_BOOT, str(req_r), str(res_w), str(cancel_r)],
                 self._tmpdir, ctx.cluster_id, self._isolation)
             with open(log_path, "ab") as log:
                 proc = subprocess.Popen(
@@ -225,10 +345,8 @@ class ExecutionContexts:
         cluster_id = body.get("clusterId")
         self._cluster_for_1_2(cluster_id)
         language = body.get("language") or "python"
-        if language != "python":
-            raise ApiError(400, {"error": "java.lang.IllegalArgumentException: language %r is "
-                                          "not supported by the local workspace (only python)"
-                                          % language})
+        if language not in LANGUAGES:
+            raise _unsupported_language(language)
         ctx = self._live_context(cluster_id, body.get("contextId"))
         code = body.get("command")
         if not isinstance(code, str):
@@ -237,7 +355,7 @@ class ExecutionContexts:
         with self._lock:
             if ctx.dead or ctx.closed:
                 raise _context_gone(ctx.id)
-            cmd = _Command(uuid.uuid4().hex, ctx, code)
+            cmd = _Command(uuid.uuid4().hex, ctx, code, language)
             ctx.commands[cmd.id] = cmd
             ctx.queue.append(cmd)
             ctx.last_active = time.monotonic()
@@ -295,6 +413,11 @@ class ExecutionContexts:
             with self._lock:
                 if ctx.current is not cmd or ctx.dead or ctx.closed:
                     return
+            # Spark first: its cancelled jobs end a blocked Spark call with an error.
+            self._cancel_spark_jobs(ctx.cluster_id, cmd.id)
+            with self._lock:
+                if ctx.current is not cmd or ctx.dead or ctx.closed:
+                    return
                 try:
                     os.write(ctx.cancel_fd, (cmd.id + "\n").encode())
                 except OSError:
@@ -336,6 +459,7 @@ class ExecutionContexts:
                 if ctx.closed:
                     return
                 ctx.status = "Running"
+                ctx.last_active = time.monotonic()  # idle from when it is ready
             while True:
                 with ctx.cond:
                     while not ctx.queue and not ctx.closed:
@@ -346,6 +470,7 @@ class ExecutionContexts:
                     cmd.status = "Running"
                     ctx.current = cmd
                     message = {"type": "exec", "id": cmd.id, "code": cmd.code,
+                               "language": cmd.language,
                                "limits": {"image_inline_limit": self._config["image_inline_limit"],
                                           "plots_dir": self.plots_dir,
                                           "plots_mode": self._config["plots_mode"],
@@ -441,6 +566,9 @@ class ExecutionContexts:
         for ctx in closed:
             if ctx.thread is not None and ctx.thread is not threading.current_thread():
                 ctx.thread.join(5)
+            # Notebook-scoped libraries end with their REPL, as on a cluster.
+            shutil.rmtree(os.path.join(cluster_dir(self._tmpdir, ctx.cluster_id), "contexts",
+                                       ctx.id), ignore_errors=True)
 
     @staticmethod
     def _signal_group(proc, signum):
@@ -585,7 +713,8 @@ class ExecutionContexts:
                     continue
                 now = time.monotonic()
                 idle = [c.id for c in self._contexts.values()
-                        if c.current is None and not c.queue and now - c.last_active > ttl]
+                        if c.status == "Running" and c.current is None and not c.queue
+                        and now - c.last_active > ttl]
             if idle:
                 self._close_contexts(idle)
 

@@ -59,10 +59,12 @@ def wrap_command(argv, state_dir, cluster_id, isolation="auto"):
     pairs = []
     for target, source in mounts(state_dir, cluster_id):
         pairs += [target, source]
-    # The interpreter and this package stay visible where a driver path hides them (a venv or a
-    # checkout under the host's /tmp): bound at their own paths, after the driver paths.
+    # The interpreter, this package and the workspace's own state (the cluster's driver socket,
+    # each context's venv, Spark's dirs) stay visible where a driver path hides them (a venv, a
+    # checkout or the state dir under the host's /tmp): bound at their own paths, after the
+    # driver paths.
     hidden = {target.strip("/").split("/")[0] for target in pairs[0::2]}
-    needed = [sys.prefix, sys.base_prefix, os.path.dirname(os.path.dirname(_SCRIPT))]
+    needed = [sys.prefix, sys.base_prefix, os.path.dirname(os.path.dirname(_SCRIPT)), state_dir]
     if os.path.isabs(argv[0]):
         needed.append(os.path.dirname(argv[0]))
     for path in dict.fromkeys(os.path.realpath(p) for p in needed):

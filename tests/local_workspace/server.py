@@ -30,6 +30,7 @@ from .cluster import (CANCEL_MODES, OWNER, RUNNABLE_STATES, RUNTIME_VERSION,
                       ExecutionContexts)
 from .errors import ApiError, param_error as _param_error
 from .files import RawBody, WorkspaceFiles, parse_multipart
+from .runtime import ensure_runtime
 from .serving import ModelServing, chat_answer  # noqa: F401  (chat_answer is re-exported)
 
 RUNNING_CLUSTER_ID = "0101-000001-devrun01"
@@ -186,6 +187,9 @@ class LocalWorkspace(ExecutionContexts, ModelServing, WorkspaceFiles):
                        not_running_mode=not_running_mode, start_delay=start_delay,
                        llm_latency=llm_latency, image_inline_limit=image_inline_limit, **settings)
         self._contexts = {}
+        self._drivers = {}  # cluster id -> cluster._Driver (one Spark driver per running cluster)
+        self._driver_lock = threading.Lock()
+        self._runtime = None
         self._clusters = _default_clusters()
         self._injections = []
         self._requests = []
@@ -214,6 +218,8 @@ class LocalWorkspace(ExecutionContexts, ModelServing, WorkspaceFiles):
     # ----- lifecycle
 
     def start(self, port=0):
+        # Every cluster process runs on the Databricks Runtime's Python (built once, cached).
+        self._runtime = ensure_runtime()
         self._tmpdir = tempfile.mkdtemp(prefix="local-workspace-")
         # Plots live in the FileStore of the DBFS root, as on a workspace (S24).
         self.plots_dir = paths.host_path(self._tmpdir, None, "dbfs:/FileStore/plots")
@@ -244,6 +250,7 @@ class LocalWorkspace(ExecutionContexts, ModelServing, WorkspaceFiles):
         for timer in timers:
             timer.cancel()
         self._close_contexts(list(self._contexts), grace=0.5)
+        self._stop_drivers()
         if self._janitor is not None:
             self._janitor.join(5)
         if self._tmpdir:
@@ -319,6 +326,8 @@ class LocalWorkspace(ExecutionContexts, ModelServing, WorkspaceFiles):
             doomed = [] if state in RUNNABLE_STATES else [
                 c.id for c in self._contexts.values() if c.cluster_id == cluster_id]
         self._close_contexts(doomed)
+        if state not in RUNNABLE_STATES:  # the driver (and its JVM) goes with the cluster
+            self._stop_driver(cluster_id)
 
     def inject(self, path, method="POST", count=1, status=503, retry_after=1, body=None,
                mode="respond"):
@@ -838,5 +847,9 @@ def main(argv=None):
                        help='JSON {"scope": {"key": "value"}} for dbutils.secrets')
     serve.add_argument("--latency-ms", type=int, default=0, metavar="N",
                        help="delay every API answer by N ms, as a real round trip does")
+    sub.add_parser("runtime", help="build (or check) the Databricks Runtime Python environment")
     args = parser.parse_args(argv)
+    if args.command == "runtime":
+        from .runtime import main as runtime_main
+        return runtime_main()
     return _serve(args)

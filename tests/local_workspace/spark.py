@@ -1,10 +1,28 @@
-"""``spark`` in a context: a SparkSession started on first real use."""
+"""``spark``, ``sc``, ``sqlContext`` in a context: its own SparkSession on the cluster's shared Spark.
 
+As on a Databricks driver, every execution context of a cluster attaches to the cluster's one JVM
+(``driver.py``, started lazily on the first use of Spark by any context): it wraps the shared
+JavaSparkContext and gets its own ``newSession()`` of the cluster's root session, so temp views
+and SQL settings are per context while tables, the metastore and ``global_temp`` are shared.
+Nothing starts until the context first uses ``spark``/``sc``/``sqlContext``.
+
+Each command runs in its own Spark job group (the command id), so a cancel cancels its jobs.
+"""
+
+import os
+import signal
+
+from . import driver as _driver
 
 SPARK_MISSING = (
-    "pyspark is not installed in this local workspace, so `spark` cannot run anything here. "
-    "Install it with: pip install 'databricks-repl[spark]'  (or: pip install pyspark)"
+    "pyspark is not installed in this local workspace's runtime environment, so `spark` cannot run "
+    "anything here. Rebuild it with: python tests/local_workspace runtime"
 )
+GATEWAY_TIMEOUT = 180.0  # a cold JVM + Hive metastore start on a busy machine
+
+
+class SparkUnavailable(Exception):
+    """The cluster's Spark could not be started or reached; the message says why."""
 
 
 class _LazyConf:
@@ -36,30 +54,94 @@ class _LazyConf:
 
 
 class _LazySpark:
-    """`spark`: a local SparkSession created on first real use (if pyspark exists)."""
+    """`spark`: this context's SparkSession on the cluster's shared SparkContext, on first use."""
 
     def __init__(self, init):
         self._init = init
         self._session = None
+        self._sc = None
+        self._command = None
         self.conf = _LazyConf(self)
+
+    # ----- the worker's hooks
+
+    def started(self):
+        return self._session is not None
+
+    def begin_command(self, command_id):
+        """Run the command's Spark jobs in its own job group (before the user's code runs)."""
+        self._command = command_id
+        if self._sc is not None:
+            self._set_job_group()
+
+    def _set_job_group(self):
+        self._sc.setJobGroup(self._command, "command %s" % self._command, interruptOnCancel=True)
+
+    def patch_builder(self, session_module):
+        """Make ``SparkSession.builder.getOrCreate()`` attach to the cluster's Spark first (it
+        then returns this context's session), as a notebook's does."""
+        builder = session_module.SparkSession.Builder
+        original = builder.getOrCreate
+        lazy = self
+
+        def getOrCreate(self):
+            lazy._get_session()
+            return original(self)
+
+        getOrCreate.__doc__ = original.__doc__
+        builder.getOrCreate = getOrCreate
+
+    def reset_gateway_connection(self):
+        """Drop this thread's py4j connection after an interrupt cut a call short (its answer
+        would otherwise be read by the next call)."""
+        if self._sc is None:
+            return
+        client = self._sc._gateway._gateway_client
+        connection = client.get_thread_connection()
+        if connection is not None:
+            connection.close(reset=True)
+
+    # ----- attaching
 
     def _get_session(self):
         if self._session is None:
             try:
-                from pyspark.sql import SparkSession
+                import pyspark  # noqa: F401
             except ImportError:
                 raise ModuleNotFoundError(SPARK_MISSING, name="pyspark") from None
-            builder = (
-                SparkSession.builder.master("local[2]")
-                .appName("local-workspace-" + self._init["cluster_id"])
-                .config("spark.ui.enabled", "false")
-                .config("spark.driver.memory", "512m")
-                .config("spark.sql.shuffle.partitions", "2")
-                .config("spark.driver.bindAddress", "127.0.0.1")
-                .config("spark.driver.host", "127.0.0.1")
-            )
-            self._session = builder.getOrCreate()
+            self._attach()
         return self._session
+
+    def _attach(self):
+        try:
+            answer = _driver.request(self._init["driver_socket"], {"op": "gateway"},
+                                     GATEWAY_TIMEOUT)
+        except (OSError, ValueError) as e:
+            raise SparkUnavailable("the cluster's Spark driver is not reachable: %s" % e) from None
+        if "error" in answer:
+            raise SparkUnavailable("the cluster's Spark failed to start: %s" % answer["error"])
+        os.environ["PYSPARK_GATEWAY_PORT"] = str(answer["port"])
+        os.environ["PYSPARK_GATEWAY_SECRET"] = answer["secret"]
+        from pyspark import SparkConf, SparkContext
+        from pyspark.java_gateway import launch_gateway
+        from pyspark.sql import SparkSession
+
+        gateway = launch_gateway()  # with PYSPARK_GATEWAY_PORT set: connects, launches nothing
+        jvm = gateway.jvm
+        jsc = jvm.org.apache.spark.api.java.JavaSparkContext(
+            jvm.org.apache.spark.SparkContext.getOrCreate())
+        # SparkContext.__init__ installs its own SIGINT handler (cancel ALL jobs of the shared
+        # context, then KeyboardInterrupt): keep the worker's, which cancels only this command.
+        handler = signal.getsignal(signal.SIGINT)
+        try:
+            sc = SparkContext(conf=SparkConf(_jconf=jsc.getConf()), gateway=gateway, jsc=jsc)
+        finally:
+            signal.signal(signal.SIGINT, handler)
+        root = jvm.org.apache.spark.sql.SparkSession.getDefaultSession().get()
+        self._session = SparkSession(sc, jsparkSession=root.newSession())
+        self._sc = sc
+        if self._command is not None:
+            self._set_job_group()
 
     def __getattr__(self, name):
         if name.startswith("__"):
@@ -72,3 +154,55 @@ class _LazySpark:
         return repr(self._session)
 
 
+class _LazyProxy:
+    """`sc` / `sqlContext`: the real object, made on first attribute use."""
+
+    def __init__(self, make, label, spark):
+        self._make = make
+        self._label = label
+        self._spark = spark
+        self._obj = None
+
+    def _get(self):
+        if self._obj is None:
+            self._obj = self._make()
+        return self._obj
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self._get(), name)
+
+    def __repr__(self):
+        if self._obj is None and not self._spark.started():
+            return "<%s (not started yet)>" % self._label
+        return repr(self._get())
+
+
+def notebook_names(init):
+    """The Spark names a notebook has: ``spark``, ``sc``, ``sqlContext``, ``sql``, ``table``."""
+    spark = _LazySpark(init)
+
+    def make_sql_context():
+        import warnings
+
+        from pyspark.sql import SQLContext
+
+        session = spark._get_session()
+        with warnings.catch_warnings():  # "Deprecated in 3.0.0": a notebook shows no such warning
+            warnings.simplefilter("ignore", FutureWarning)
+            return SQLContext(session.sparkContext, sparkSession=session)
+
+    def sql(sqlQuery, *args, **kwargs):
+        return spark.sql(sqlQuery, *args, **kwargs)
+
+    def table(tableName):
+        return spark.table(tableName)
+
+    return {
+        "spark": spark,
+        "sc": _LazyProxy(lambda: spark._get_session().sparkContext, "SparkContext", spark),
+        "sqlContext": _LazyProxy(make_sql_context, "SQLContext", spark),
+        "sql": sql,
+        "table": table,
+    }

@@ -6,7 +6,9 @@ The protocol never touches fd 0/1/2 (user code may write to fd 1 through
 ``os.system`` or a subprocess); it runs on three inherited pipes:
 
 * REQ_FD (server -> worker): JSON lines. First ``{"type": "init", ...}`` with the
-  host, token and cluster facts, then ``{"type": "exec", "id", "code", ...}``.
+  host, token and cluster facts (and the cluster driver's socket, the runtime's site dir and
+  the context's own venv dir), then ``{"type": "exec", "id", "code", "language", ...}``
+  (``language``: "python" or "sql").
 * RES_FD (worker -> server): JSON lines. ``{"type": "ready", "pid"}`` after the
   init, then one ``{"type": "result", "id", "results", "cancelled"}`` per exec.
 * CANCEL_FD (server -> worker): command ids (one per line) whose cancellation
@@ -14,8 +16,8 @@ The protocol never touches fd 0/1/2 (user code may write to fd 1 through
   handler reads this pipe and interrupts the running command only if its id is
   there, so a late signal can never hit the next command.
 
-Only the standard library is needed. pandas, matplotlib and pyspark are used
-only when user code brings them in. User code runs in the main thread.
+It runs on the runtime environment's Python (``runtime.py``); pandas, matplotlib and
+pyspark are imported only when user code brings them in. User code runs in the main thread.
 """
 
 import ast
@@ -27,7 +29,7 @@ import sys
 from . import sandbox
 from .dbutils import RestartPython, _Dbutils, _install_dbruntime, _NotebookExit, redact
 from .paths import host_path
-from .spark import _LazySpark
+from .spark import notebook_names
 
 # The runtime's own frames (this package) are hidden from tracebacks, as a cluster hides its own.
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -50,7 +52,12 @@ STATE = {
     "counter": 0,
     "init": {},
     "limits": {},
+    "first_signal": None,  # monotonic time of the running command's first cancel signal
+    "py4j_cut": False,  # an interrupt cut a py4j call short: its connection is out of step
 }
+# While a py4j call (Spark) is in flight, a cancel first waits this long for the cancelled job
+# group to end the call; only then does it interrupt the call itself.
+PY4J_INTERRUPT_GRACE = 1.2
 
 
 
@@ -70,13 +77,35 @@ def _drain_cancel_pipe(fd):
             STATE["cancelled"].add(line)
 
 
+def _in_py4j_call(frame):
+    while frame is not None:
+        if os.sep + "py4j" + os.sep in frame.f_code.co_filename:
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _make_sigint_handler(cancel_fd):
+    """The worker's SIGINT handler: interrupt the running command only if its cancel was asked.
+
+    Spark's jobs are cancelled by the cluster (the command's job group), which ends a blocked
+    py4j call with an error; an interrupt inside that call would leave the py4j connection out of
+    step, so it comes only when the call has not ended within PY4J_INTERRUPT_GRACE."""
+    import time
+
     def handler(signum, frame):
         _drain_cancel_pipe(cancel_fd)
         current = STATE["current"]
-        if current is not None and current in STATE["cancelled"]:
-            raise KeyboardInterrupt
-        # A stray SIGINT (idle worker, or aimed at an earlier command): ignore.
+        if current is None or current not in STATE["cancelled"]:
+            return  # a stray SIGINT (idle worker, or aimed at an earlier command): ignore
+        now = time.monotonic()
+        if STATE["first_signal"] is None:
+            STATE["first_signal"] = now
+        if _in_py4j_call(frame):
+            if now - STATE["first_signal"] < PY4J_INTERRUPT_GRACE:
+                return
+            STATE["py4j_cut"] = True
+        raise KeyboardInterrupt
 
     return handler
 
@@ -347,11 +376,15 @@ def _patch_pyplot(plt):
     plt._local_workspace_patched = True
 
 
-class _PyplotImportHook:
-    """Patch matplotlib.pyplot.show as soon as pyplot is imported."""
+class _PatchOnImport:
+    """Run ``patch(module)`` as soon as the module ``name`` is imported (a meta path finder)."""
+
+    def __init__(self, name, patch):
+        self._name = name
+        self._patch = patch
 
     def find_spec(self, name, path=None, target=None):
-        if name != "matplotlib.pyplot":
+        if name != self._name:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -365,6 +398,7 @@ class _PyplotImportHook:
         original = getattr(loader, "exec_module", None)
         if original is None:
             return spec
+        patch = self._patch
 
         class _Loader:
             def create_module(self, spec):
@@ -373,7 +407,7 @@ class _PyplotImportHook:
 
             def exec_module(self, module):
                 original(module)
-                _patch_pyplot(module)
+                patch(module)
 
         spec.loader = _Loader()
         return spec
@@ -476,12 +510,74 @@ def _magic(kind, arg):
     import shlex
 
     if kind == "pip":
-        _run_process([sys.executable, "-m", "pip"] + shlex.split(arg))
+        _pip(shlex.split(arg))
         return None
     if kind == "sh":
         _run_process(arg, shell=True)
         return None
     raise _UsageError("Line magic function `%%%s` not found." % kind)
+
+
+def _pip(args):
+    """``%pip``: pip in the context's own environment (notebook-scoped libraries).
+
+    The context's venv sees the runtime's packages (a .pth file), so pip installs only what is
+    missing, into the context's site dir, which is first on this process's sys.path; pip never
+    uninstalls the runtime's copy of a package (it is outside the context's environment)."""
+    import importlib
+
+    python = _context_env()
+    code = _run_process([python, "-m", "pip", "--disable-pip-version-check"] + args)
+    importlib.invalidate_caches()
+    return code
+
+
+def _context_env():
+    """The context's own venv (made once, kept across a Python restart): its python."""
+    import venv
+
+    root = STATE["init"]["context_env"]
+    python = os.path.join(root, "bin", "python")
+    if not os.path.exists(python):
+        venv.EnvBuilder(with_pip=False, symlinks=True).create(root)
+        with open(os.path.join(_context_site(), "runtime.pth"), "w") as f:
+            f.write(STATE["init"]["runtime_site"] + "\n")
+        pip = os.path.join(root, "bin", "pip")
+        with open(pip, "w") as f:
+            f.write('#!/bin/sh\nexec "%s" -m pip "$@"\n' % python)
+        os.chmod(pip, 0o755)
+    return python
+
+
+def _context_site():
+    version = "python%d.%d" % sys.version_info[:2]
+    return os.path.join(STATE["init"]["context_env"], "lib", version, "site-packages")
+
+
+class _IPython:
+    """``get_ipython()``: the parts notebook code commonly calls."""
+
+    def run_line_magic(self, name, line):
+        return _magic(name, line)
+
+    def run_cell_magic(self, name, line, cell):
+        if name in ("sh", "bash"):
+            return _magic("sh", cell)
+        raise _UsageError("Cell magic `%%%%%s` not found." % name)
+
+    def system(self, cmd):
+        _run_process(cmd, shell=True)
+
+    def getoutput(self, cmd):
+        import subprocess
+
+        out = subprocess.run(cmd, shell=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT)
+        return out.stdout.decode("utf-8", "replace").splitlines()
+
+    @property
+    def user_ns(self):
+        return STATE["namespace"]
 
 
 class _UsageError(Exception):
@@ -664,6 +760,45 @@ def _install_runtime_auth(init, namespace):
     sys.modules["dbruntime"].UserNamespaceInitializer = UserNamespaceInitializer
 
 
+def _execute_sql(code, namespace):
+    """A ``language: sql`` command: the statement(s) on this context's SparkSession; the last
+    statement's result as a table (same caps as display())."""
+    spark = namespace["spark"]
+    statements = [s for s in _split_sql(code) if s.strip()]
+    try:
+        df = None
+        for statement in statements:
+            df = spark.sql(statement)
+        if df is None:
+            return {"resultType": "text", "data": ""}
+        return _spark_table(df)
+    except Exception as e:  # a cancel (KeyboardInterrupt) ends the command as cancelled
+        name = _exc_name(e)
+        message = str(e).strip().split("\n")[0]
+        return {"resultType": "error", "summary": _summary(name, message),
+                "cause": RED + name + RESET + ": " + str(e)}
+
+
+def _split_sql(code):
+    """Statements split on ';' outside quotes."""
+    parts, current, quote = [], [], None
+    for ch in code:
+        if quote:
+            current.append(ch)
+            if ch == quote:
+                quote = None
+        elif ch in ("'", '"', "`"):
+            quote = ch
+            current.append(ch)
+        elif ch == ";":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    parts.append("".join(current))
+    return parts
+
+
 def _send(res_file, message):
     res_file.write(json.dumps(message) + "\n")
     res_file.flush()
@@ -678,18 +813,30 @@ def main(argv):
 
     init = json.loads(req.readline())
     STATE["init"] = init
-    sys.meta_path.insert(0, _PyplotImportHook())
+    sys.meta_path.insert(0, _PatchOnImport("matplotlib.pyplot", _patch_pyplot))
     _install_dbruntime(init)
     dbutils = _Dbutils(init, _driver_paths(init))
+    if init.get("context_env"):
+        # The context's own venv: `%pip`, and `pip`/`python` in `%sh`, install into it, never
+        # into the runtime's environment; its packages come first on sys.path.
+        _context_env()
+        sys.path.insert(0, _context_site())
+    ipython = _IPython()
     namespace = {
         "__name__": "__main__",
         "__builtins__": __builtins__,
         "display": display,
         "displayHTML": displayHTML,
         "dbutils": dbutils,
-        "spark": _LazySpark(init),
+        "get_ipython": lambda: ipython,
         "__local_magic__": _magic,
     }
+    namespace.update(notebook_names(init))
+    STATE["namespace"] = namespace
+    spark = namespace["spark"]
+    # `SparkSession.builder.getOrCreate()` in user code gets this context's session on the
+    # cluster's Spark, never a JVM of its own.
+    sys.meta_path.insert(0, _PatchOnImport("pyspark.sql.session", spark.patch_builder))
     _install_runtime_auth(init, namespace)
     real_out, real_err = sys.stdout, sys.stderr
     _send(res, {"type": "ready", "pid": os.getpid()})
@@ -706,6 +853,9 @@ def main(argv):
             continue
         STATE["limits"] = message.get("limits", {})
         command_id = message["id"]
+        run = _execute_sql if message.get("language") == "sql" else _execute
+        STATE["first_signal"] = None
+        STATE["py4j_cut"] = False
         STATE["current"] = command_id
         outcome = None
         while outcome is None:
@@ -714,7 +864,12 @@ def main(argv):
                     _drain_cancel_pipe(cancel_fd)
                     if command_id in STATE["cancelled"]:
                         raise KeyboardInterrupt
-                    outcome = (_execute(message["code"], namespace), False)
+                    spark.begin_command(command_id)
+                    results = run(message["code"], namespace)
+                    # A cancelled Spark job ends the command with an error, not an interrupt:
+                    # it was still cancelled.
+                    _drain_cancel_pipe(cancel_fd)
+                    outcome = (results, command_id in STATE["cancelled"])
                 except KeyboardInterrupt:
                     outcome = (None, True)
             except KeyboardInterrupt:  # a repeated SIGINT landed inside the handler above
@@ -726,6 +881,8 @@ def main(argv):
             except KeyboardInterrupt:
                 continue
         sys.stdout, sys.stderr = real_out, real_err
+        if STATE["py4j_cut"]:
+            spark.reset_gateway_connection()
         results, cancelled = outcome
         results = redact(results, dbutils.secrets)
         STATE["cancelled"].discard(command_id)
