@@ -18,8 +18,7 @@ import pytest
 from databricks.sdk.errors import DatabricksError
 from databricks.sdk.service.compute import Language
 
-from conftest import _client_for
-from local_workspace import RUNNING_CLUSTER_ID, LocalWorkspace
+from local_workspace import RUNNING_CLUSTER_ID
 from local_workspace.paths import host_path
 from local_workspace.runtime import ensure_runtime, runtime_spec
 from repl_harness import Repl
@@ -62,7 +61,7 @@ def test_a_table_saved_in_one_context_is_read_in_another(spark_client, two_conte
           ".write.saveAsTable('shared_numbers')")
     assert _text(spark_client, second,
                  "print(sorted(r.s for r in spark.table('shared_numbers').collect()))") \
-        == "['a', 'b']\n"
+        == "['a', 'b']"
 
 
 def test_global_temp_views_are_shared_and_temp_views_are_not(spark_client, two_contexts):
@@ -70,11 +69,11 @@ def test_global_temp_views_are_shared_and_temp_views_are_not(spark_client, two_c
     _text(spark_client, first, "spark.range(3).createOrReplaceGlobalTempView('g_numbers')\n"
                                "spark.range(5).createOrReplaceTempView('my_numbers')")
     assert _text(spark_client, second,
-                 "print(spark.table('global_temp.g_numbers').count())") == "3\n"
+                 "print(spark.table('global_temp.g_numbers').count())") == "3"
     missing = _run(spark_client, second, "spark.table('my_numbers').count()")
     assert missing.result_type.value == "error"
     assert "my_numbers" in missing.summary and "AnalysisException" in missing.summary
-    assert _text(spark_client, first, "print(spark.table('my_numbers').count())") == "5\n"
+    assert _text(spark_client, first, "print(spark.table('my_numbers').count())") == "5"
 
 
 def test_every_context_has_the_notebook_names(spark_client, two_contexts):
@@ -87,7 +86,7 @@ def test_every_context_has_the_notebook_names(spark_client, two_contexts):
                 "ip = get_ipython()\n"
                 "ip.system('echo from-system')\n"
                 "print(sc.applicationId == spark.sparkContext.applicationId)")
-    assert out == "True 1 2 2 True True True\nfrom-system\nTrue\n"
+    assert out == "True 1 2 2 True True True\nfrom-system\nTrue"
 
 
 def test_every_context_shares_one_spark_application(spark_client, two_contexts):
@@ -102,7 +101,7 @@ def test_every_context_shares_one_spark_application(spark_client, two_contexts):
     assert len(apps) == 1
     assert _text(spark_client, builder_first,  # one session: the builder's is `spark`
                  "session.range(1).createOrReplaceTempView('via_builder')\n"
-                 "print(spark.table('via_builder').count())") == "1\n"
+                 "print(spark.table('via_builder').count())") == "1"
 
 
 # -- the Databricks Runtime's Python ---------------------------------------------------------------
@@ -131,7 +130,7 @@ def test_create_dataframe_from_pandas_with_string_columns(spark_client, two_cont
                 "print(df.dtypes)\n"
                 "print(df.toPandas().to_dict('list'))")
     assert out == ("[('name', 'string'), ('team', 'string'), ('n', 'bigint')]\n"
-                   "{'name': ['ada', 'bob'], 'team': ['x', 'y'], 'n': [1, 2]}\n")
+                   "{'name': ['ada', 'bob'], 'team': ['x', 'y'], 'n': [1, 2]}")
 
 
 def test_an_iris_workflow_runs_unchanged(spark_client, spark_workspace):
@@ -160,7 +159,7 @@ joblib.dump(model, model_path)
 reloaded = joblib.load(model_path)
 print(accuracy > 0.9, (reloaded.predict(X_test) == model.predict(X_test)).all())
 """)
-    assert out == "150 5\nTrue True\n"
+    assert out == "150 5\nTrue True"
     assert os.path.isfile(model_path) and model_path.startswith(spark_workspace._tmpdir)
 
 
@@ -188,9 +187,11 @@ def _tiny_wheel(directory, name):
     return wheel
 
 
-def test_pip_install_stays_in_its_own_context(spark_client, spark_workspace, tmp_path):
+def test_pip_install_stays_in_its_own_context(spark_client, spark_workspace):
     name = "lw_tiny_pkg_%d" % os.getpid()
-    wheel = _tiny_wheel(tmp_path, name)
+    # The wheel sits on the driver (its /tmp), where %pip can read it, as a file put there would.
+    built = _tiny_wheel(host_path(spark_workspace._tmpdir, RUNNING_CLUSTER_ID, "/tmp"), name)
+    wheel = "/tmp/" + os.path.basename(built)
     installer, other = _context(spark_client), _context(spark_client)
     out = _text(spark_client, installer,
                 "%%pip install --no-index %s\nimport %s\nprint(%s.WHERE)" % (wheel, name, name))
@@ -276,7 +277,7 @@ def test_cancel_with_spark_running_keeps_the_session(spark_client, spark_workspa
             assert ended.status.value == "Finished", ended
             assert "CommandCancelledException" in ended.results.summary
         assert _text(spark_client, context, "kept += 1\nprint(kept, spark.range(4).count())") \
-            == "42 4\n"
+            == "42 4"
     finally:
         spark_workspace.configure(cancel_mode="cancelled")
 
@@ -296,7 +297,7 @@ def test_cancel_of_a_blocking_spark_call_that_is_no_job_keeps_spark_usable(spark
     ended = _wait_terminal(spark_client, context, command_id, time.monotonic() + CANCEL_DEADLINE)
     assert ended.status.value == "Cancelled", ended
     assert _text(spark_client, context,
-                 "print(kept, spark.range(3).count(), spark.range(4).count())") == "7 3 4\n"
+                 "print(kept, spark.range(3).count(), spark.range(4).count())") == "7 3 4"
 
 
 def _wait_running(client, context, command_id, timeout=30):
@@ -420,7 +421,7 @@ def test_a_workspace_that_used_spark_leaves_no_process_and_nothing_in_tmp():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert report["out"] == "10\n" and report["java"]
+    assert report["out"] == "10" and report["java"]
     assert report["ended"], "a driver, JVM or context process outlived stop()"
     assert not report["state_dir_left"]
     assert sorted(set(report["tmp_after"]) - set(report["tmp_before"])) == []
