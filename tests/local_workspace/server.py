@@ -50,6 +50,7 @@ DEFAULTS = {
     "start_delay": 2.0,
     "llm_latency": 0.0,
     "image_inline_limit": 512 * 1024,
+    "latency_ms": 0,
 }
 NOT_RUNNING_MODES = ("error", "not_ready")
 
@@ -229,7 +230,7 @@ class LocalWorkspace(ExecutionContexts, ModelServing):
         if ("not_running_mode" in settings
                 and settings["not_running_mode"] not in NOT_RUNNING_MODES):
             raise ValueError("not_running_mode must be one of %s" % (NOT_RUNNING_MODES,))
-        for key in ("output_limit", "context_limit", "image_inline_limit"):
+        for key in ("output_limit", "context_limit", "image_inline_limit", "latency_ms"):
             if key in settings and (not isinstance(settings[key], int) or settings[key] < 0):
                 raise ValueError("%s must be a non-negative integer" % key)
         for key in ("idle_ttl", "start_delay", "llm_latency"):
@@ -329,6 +330,9 @@ class LocalWorkspace(ExecutionContexts, ModelServing):
             status, body = 500, {"error_code": "INTERNAL_ERROR",
                                  "message": "%s: %s" % (type(e).__name__, e)}
         if not path.startswith("/_local/"):
+            latency_ms = self.config["latency_ms"]
+            if latency_ms:
+                time.sleep(latency_ms / 1000.0)  # a real round trip (--latency-ms)
             entry = {"method": method, "path": path, "query": _loggable_query(query),
                      "status": None if drop else status, "dropped": drop, "ts": started}
             with self._lock:
