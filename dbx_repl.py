@@ -3796,7 +3796,7 @@ class WarmClient:
         mine = os.stat(path)
         stopped = []
         signal.signal(signal.SIGTERM, lambda signum, frame: stopped.append(signum))
-        children, last_call = set(), time.monotonic()
+        children, last_call, session_seen = set(), time.monotonic(), {}
         try:
             while not stopped:
                 children = {pid for pid in children if not _reaped(pid)}
@@ -3805,7 +3805,7 @@ class WarmClient:
                     ours = (current.st_ino, current.st_dev) == (mine.st_ino, mine.st_dev)
                 except OSError:
                     ours = False
-                if not ours or not os.path.isdir(root) or \
+                if not ours or not cls._session_still_active(root, session_seen) or \
                         (not children and time.monotonic() - last_call > idle):
                     break
                 if not select.select([listener], [], [], 1.0)[0]:
@@ -3843,6 +3843,19 @@ class WarmClient:
                 if (current.st_ino, current.st_dev) == (mine.st_ino, mine.st_dev):
                     os.unlink(path)
         return 0
+
+    @classmethod
+    def _session_still_active(cls, root, seen):
+        """Whether the project's session is still active (read again only when session.json changed):
+        a destroy by any route, or a removed project, ends the warm process."""
+        try:
+            stat = os.stat(os.path.join(root, SESSION_FILE))
+        except OSError:
+            return False
+        version = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        if seen.get("version") != version:
+            seen.update(version=version, active=cls._session_active(root))
+        return seen["active"]
 
     @staticmethod
     def _preload():

@@ -1,0 +1,219 @@
+"""The warm client: a per-project process that keeps the SDK imported, so that a call costs little
+more than starting Python. Through the CLI as an agent runs it, on the local workspace: a call
+answers the same warm or cold, Ctrl+C still cancels, a change of credentials counts at once, a
+killed warm process costs one cold call, and nothing is left running after destroy or when idle."""
+
+import json
+import os
+import signal
+import time
+
+from local_workspace import RUNNING_CLUSTER_ID
+from repl_harness import Repl, wait_for
+
+SOCKET = ".dbx_repl.sock"
+
+
+# -- seeing the warm process from outside (Linux /proc) ------------------------------------------------
+
+def _processes():
+    """{pid: (ppid, argv)} of every process we can read."""
+    found = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+        except (OSError, IndexError, ValueError):
+            continue
+        found[int(name)] = (ppid, argv)
+    return found
+
+
+def warm_pids(repl):
+    """The warm processes serving this project (normally at most one)."""
+    root = os.path.abspath(repl.project_dir)
+    return sorted(pid for pid, (_, argv) in _processes().items()
+                  if "__warm_serve__" in argv and argv[-1] == root)
+
+
+def children_of(pid):
+    return [child for child, (ppid, _) in _processes().items() if ppid == pid]
+
+
+def warm_process(repl):
+    """The one warm process of the project, once it has started (the first call starts it)."""
+    pids = wait_for(lambda: warm_pids(repl), 15)
+    assert len(pids) == 1, pids
+    assert wait_for(lambda: os.path.exists(os.path.join(repl.project_dir, SOCKET)), 15)
+    return pids[0]
+
+
+def gone(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    with open(f"/proc/{pid}/stat", "rb") as f:      # a zombie waiting for init counts as gone
+        return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+
+
+def comparable(call):
+    """A step's answer without what differs between any two runs: its timing, and its step key
+    (NNN_tag) wherever it appears."""
+    body = {k: v for k, v in call.body.items() if k != "elapsed_seconds"}
+    return json.loads(json.dumps(body).replace(call["cmd_id"], "NNN_tag"))
+
+
+# -- the stories ---------------------------------------------------------------------------------------
+
+def test_a_step_answers_the_same_warm_and_cold(session):
+    daemon = warm_process(session)
+    code = "import time\ntime.sleep(1)\nx = 21\nprint(x * 2)\nx"
+    proc = session.popen("exec", "--command", code, "--tag", "warm")
+    assert wait_for(lambda: children_of(daemon), 15), "the warm process runs the call in a child"
+    warm = session.finish(proc)
+    cold = session.exec(code, "cold", env={"DBX_REPL_WARM": "0"})
+    assert warm.status == cold.status == "Finished" and warm.code == cold.code == 0
+    assert warm["stdout_preview"] == "42\n21\n"
+    assert comparable(warm) == comparable(cold)
+
+    failed_warm = session.exec("1 / 0", "boom")
+    failed_cold = session.exec("1 / 0", "bust", env={"DBX_REPL_WARM": "0"})
+    assert failed_warm.status == "Error" and failed_warm.code == failed_cold.code == 1
+    assert comparable(failed_warm) == comparable(failed_cold)
+
+    from_stdin = session.run("exec", "--command", "-", "--tag", "stdin", stdin="print('from stdin')\n")
+    assert from_stdin["stdout_preview"] == "from stdin\n"
+    bad = session.run("exec", "--command", "print(1)", "--tag", "t", "--timeout", "-1")
+    assert bad.status == "InvalidTimeout" and bad.code == 2
+    assert warm_pids(session) == [daemon]
+    steps = session.session()["steps"]
+    assert [s["tag"] for s in steps] == ["warm", "cold", "boom", "bust", "stdin"]
+
+
+def test_ctrl_c_through_the_warm_client_cancels_the_step(session):
+    daemon = warm_process(session)
+    proc = session.popen("exec", "--command", "import time\ntime.sleep(120)", "--tag", "sleepy")
+    assert wait_for(lambda: (session.session().get("active_command") or {}).get("command_id"), 15)
+    assert children_of(daemon)
+    proc.send_signal(signal.SIGINT)
+    call = session.finish(proc, timeout=30)
+    assert call.status == "Cancelled" and call.code == 130, call
+    assert call["message"].startswith("Command interrupted by user.")
+    assert session.session()["steps"][-1]["status"] == "Cancelled"
+    assert session.exec("print('alive')", "after").status == "Finished"
+
+
+def test_sigterm_through_the_warm_client_leaves_the_command_running(session):
+    warm_process(session)
+    proc = session.popen("exec", "--command", "import time\ntime.sleep(2)\nprint('done')", "--tag", "long")
+    assert wait_for(lambda: (session.session().get("active_command") or {}).get("command_id"), 15)
+    proc.send_signal(signal.SIGTERM)
+    call = session.finish(proc)
+    assert call.status == "Running" and call.code == 3, call
+    done = session.run("await", "--timeout", "30")
+    assert done.status == "Finished" and done["stdout_preview"] == "done\n"
+
+
+def test_a_change_of_credentials_counts_on_the_next_call(workspace, session, tmp_path):
+    daemon = warm_process(session)
+    assert session.exec("print(1)", "env_token").status == "Finished"
+    wrong = session.exec("print(2)", "wrong_token", env={"DATABRICKS_TOKEN": "not-the-token"})
+    assert wrong.status == "AuthError" and wrong.code == 1, wrong
+
+    # Credentials from the config file instead of the environment; then the file changes.
+    config = tmp_path / "databrickscfg"
+    config.write_text(f"[DEFAULT]\nhost = {workspace.host}\ntoken = {workspace.token}\n\n"
+                      f"[other]\nhost = {workspace.host}\ntoken = {workspace.token}\n")
+    session.env = {k: v for k, v in session.env.items() if k not in ("DATABRICKS_HOST", "DATABRICKS_TOKEN")}
+    session.env["DATABRICKS_CONFIG_FILE"] = str(config)
+    assert session.exec("print(3)", "file_token").status == "Finished"
+    config.write_text(f"[DEFAULT]\nhost = {workspace.host}\ntoken = stale-token\n\n"
+                      f"[other]\nhost = {workspace.host}\ntoken = {workspace.token}\n")
+    assert session.exec("print(4)", "stale_file_token").status == "AuthError"
+    by_profile = session.exec("print(5)", "other_profile", "--profile", "other")
+    assert by_profile.status == "Finished" and by_profile["stdout_preview"] == "5\n"
+    assert warm_pids(session) == [daemon], "the same warm process served every call"
+
+
+def test_a_killed_warm_process_costs_one_cold_call_and_loses_nothing(session):
+    daemon = warm_process(session)
+    proc = session.popen("exec", "--command", "import time\ntime.sleep(1.5)\nprint('kept')", "--tag", "k")
+    assert wait_for(lambda: children_of(daemon), 15)
+    os.kill(daemon, signal.SIGKILL)                  # the call in flight runs on in its own process
+    call = session.finish(proc)
+    assert call.status == "Finished" and call["stdout_preview"] == "kept\n"
+    assert wait_for(lambda: gone(daemon), 10)
+    assert os.path.exists(os.path.join(session.project_dir, SOCKET))   # stale: nobody listens
+
+    cold = session.exec("print('after')", "after")
+    assert cold.status == "Finished" and cold["stdout_preview"] == "after\n"
+    replacement = warm_process(session)              # started by the cold call
+    assert replacement != daemon
+    again = session.exec("print('warm again')", "again")
+    assert again.status == "Finished"
+    log = session.session()
+    assert [(s["tag"], s["status"]) for s in log["steps"]] == [("k", "Finished"), ("after", "Finished"),
+                                                            ("again", "Finished")]
+    assert log["active_command"] is None
+
+
+def test_destroy_leaves_no_warm_process(session):
+    daemon = warm_process(session)
+    assert session.exec("print(1)", "one").status == "Finished"
+    assert session.run("destroy").status == "Destroyed"
+    assert wait_for(lambda: gone(daemon) and not warm_pids(session), 15)
+    assert not os.path.exists(os.path.join(session.project_dir, SOCKET))
+
+
+def test_destroy_with_the_warm_client_off_still_stops_it(session):
+    daemon = warm_process(session)
+    assert session.run("destroy", env={"DBX_REPL_WARM": "0"}).status == "Destroyed"
+    assert wait_for(lambda: gone(daemon) and not warm_pids(session), 15)
+
+
+def test_an_idle_warm_process_exits(repl):
+    repl.env["DBX_REPL_WARM_IDLE"] = "1"
+    assert repl.create().status == "Created"
+    daemon = warm_process(repl)
+    assert repl.exec("print(1)", "one").status == "Finished"
+    assert wait_for(lambda: gone(daemon), 15)
+    assert not warm_pids(repl)
+    assert not os.path.exists(os.path.join(repl.project_dir, SOCKET))
+    assert repl.exec("print(2)", "two").status == "Finished"   # cold, and starts a new one
+    repl.run("destroy")
+    assert wait_for(lambda: not warm_pids(repl), 15)
+
+
+def test_warm_off_runs_every_call_in_process(repl):
+    repl.env["DBX_REPL_WARM"] = "0"
+    assert repl.create().status == "Created"
+    assert repl.exec("print(1)", "one").status == "Finished"
+    time.sleep(1)                                    # a warm process would have started by now
+    assert not warm_pids(repl)
+    assert not os.path.exists(os.path.join(repl.project_dir, SOCKET))
+    assert repl.run("destroy").status == "Destroyed"
+
+
+def test_a_project_path_too_long_for_a_socket_uses_a_private_runtime_dir(workspace, tmp_path):
+    project = tmp_path / ("p" * 60) / ("q" * 60)
+    project.mkdir(parents=True)
+    home = tmp_path / "home"
+    home.mkdir()
+    repl = Repl(workspace, project, home)
+    assert repl.create().status == "Created"
+    daemon = wait_for(lambda: warm_pids(repl), 15)
+    assert daemon and not os.path.exists(project / SOCKET)
+    socket_path = next(a for a in _processes()[daemon[0]][1] if a.endswith(".sock"))
+    assert len(socket_path) < 100 and (os.stat(os.path.dirname(socket_path)).st_mode & 0o777) == 0o700
+    assert wait_for(lambda: os.path.exists(socket_path), 15)
+    assert (os.stat(socket_path).st_mode & 0o777) == 0o600
+    proc = repl.popen("exec", "--command", "import time\ntime.sleep(1)\nprint('long path')", "--tag", "t")
+    assert wait_for(lambda: children_of(daemon[0]), 15)
+    assert repl.finish(proc)["stdout_preview"] == "long path\n"
+    assert repl.run("destroy").status == "Destroyed"
+    assert wait_for(lambda: not warm_pids(repl) and not os.path.exists(socket_path), 15)
