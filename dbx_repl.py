@@ -3779,12 +3779,6 @@ class WarmClient:
         idle, stopped, replaced or stale."""
         import select
         import socket
-        _SDK.get()
-        cls._preload()
-        key = cls.key()
-        sdk_file = sys.modules["databricks.sdk.config"].__file__
-        sdk_mtime = os.stat(sdk_file).st_mtime_ns
-        idle = _env_number(ENV_WARM_IDLE, WARM_IDLE_SECONDS)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         staging = f"{path}.{os.getpid()}"
         with contextlib.suppress(FileNotFoundError):
@@ -3792,8 +3786,14 @@ class WarmClient:
         listener.bind(staging)            # bound aside, then renamed: a racing start replaces it whole
         os.chmod(staging, 0o600)
         listener.listen(16)
-        os.replace(staging, path)
-        mine = os.stat(path)
+        os.replace(staging, path)         # listening before the import: a call made meanwhile waits
+        mine = os.stat(path)              # for it (within WARM_START_SECONDS) instead of importing too
+        _SDK.get()
+        cls._preload()
+        key = cls.key()
+        sdk_file = sys.modules["databricks.sdk.config"].__file__
+        sdk_mtime = os.stat(sdk_file).st_mtime_ns
+        idle = _env_number(ENV_WARM_IDLE, WARM_IDLE_SECONDS)
         stopped = []
         signal.signal(signal.SIGTERM, lambda signum, frame: stopped.append(signum))
         children, last_call, session_seen = set(), time.monotonic(), {}
