@@ -3779,6 +3779,7 @@ class WarmClient:
         idle, stopped, replaced or stale."""
         import select
         import socket
+        key = cls.key()                   # of the code this process loaded, before anything else
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         staging = f"{path}.{os.getpid()}"
         with contextlib.suppress(FileNotFoundError):
@@ -3790,7 +3791,6 @@ class WarmClient:
         mine = os.stat(path)              # for it (within WARM_START_SECONDS) instead of importing too
         _SDK.get()
         cls._preload()
-        key = cls.key()
         sdk_file = sys.modules["databricks.sdk.config"].__file__
         sdk_mtime = os.stat(sdk_file).st_mtime_ns
         idle = _env_number(ENV_WARM_IDLE, WARM_IDLE_SECONDS)

@@ -217,3 +217,27 @@ def test_a_project_path_too_long_for_a_socket_uses_a_private_runtime_dir(workspa
     assert repl.finish(proc)["stdout_preview"] == "long path\n"
     assert repl.run("destroy").status == "Destroyed"
     assert wait_for(lambda: not warm_pids(repl) and not os.path.exists(socket_path), 15)
+
+
+def test_a_changed_cli_file_is_never_served_by_the_old_warm_process(workspace, tmp_path, monkeypatch):
+    import repl_harness
+    copy = tmp_path / "cli" / "dbx_repl.py"
+    copy.parent.mkdir()
+    with open(repl_harness.CLI, "rb") as f:
+        copy.write_bytes(f.read())
+    monkeypatch.setattr(repl_harness, "CLI", str(copy))
+    project, home = tmp_path / "project", tmp_path / "home"
+    project.mkdir()
+    home.mkdir()
+    repl = Repl(workspace, project, home)
+    assert repl.create().status == "Created"
+    old = warm_process(repl)
+    assert _processes()[old][1][1] == str(copy)
+    stamp = os.stat(copy).st_mtime_ns + 5_000_000_000
+    os.utime(copy, ns=(stamp, stamp))                # as an upgrade of the file would
+    call = repl.exec("print('new code')", "after_upgrade")
+    assert call.status == "Finished" and call["stdout_preview"] == "new code\n"
+    assert wait_for(lambda: gone(old), 15), "the old warm process refused the call and exited"
+    assert warm_process(repl) != old                 # the cold call started a current one
+    repl.run("destroy")
+    assert wait_for(lambda: not warm_pids(repl), 15)
