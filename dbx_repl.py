@@ -3642,7 +3642,11 @@ class WarmClient:
     def run(cls, argv):
         """Run one command-line call: through the warm process when it answers, else in this process
         (then start a warm process for the next call). Returns the exit code."""
-        plan = cls._plan(argv)
+        try:
+            plan = cls._plan(argv)
+        except KeyboardInterrupt:
+            return emit(response("Interrupted", "Interrupted before any command was submitted or cancelled.",
+                                 exit_code=EXIT_INTERRUPTED))
         if plan is None:
             return main(argv)
         root, path, stdin = plan
@@ -3664,7 +3668,7 @@ class WarmClient:
         """(project root, socket path, stdin bytes or None) for a call the warm process can run, or
         None: other subcommands, --help/--version, --debug (its log goes to this stderr), bad usage
         (answered in-process, without the SDK), no usable socket path."""
-        if not argv or argv[0] not in WARM_SUBCOMMANDS or "--debug" in argv or \
+        if not hasattr(os, "fork") or not argv or argv[0] not in WARM_SUBCOMMANDS or "--debug" in argv or \
                 any(a in ("-h", "--help", "--version") for a in argv):
             return None
         try:

@@ -17,19 +17,21 @@ SOCKET = ".dbx_repl.sock"
 # -- seeing the warm process from outside (Linux /proc) ------------------------------------------------
 
 def _processes():
-    """{pid: (ppid, argv)} of every process we can read."""
+    """{pid: (ppid, argv)} of every live process we can read (zombies left out)."""
     found = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
         try:
             with open(f"/proc/{name}/stat", "rb") as f:
-                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+                state, ppid = f.read().rsplit(b")", 1)[1].split()[:2]
+            if state == b"Z":
+                continue
             with open(f"/proc/{name}/cmdline", "rb") as f:
                 argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
         except (OSError, IndexError, ValueError):
             continue
-        found[int(name)] = (ppid, argv)
+        found[int(name)] = (int(ppid), argv)
     return found
 
 
@@ -241,3 +243,17 @@ def test_a_changed_cli_file_is_never_served_by_the_old_warm_process(workspace, t
     assert warm_process(repl) != old                 # the cold call started a current one
     repl.run("destroy")
     assert wait_for(lambda: not warm_pids(repl), 15)
+
+
+def test_a_call_whose_warm_child_dies_answers_warm_client_lost_and_await_collects_the_step(session):
+    daemon = warm_process(session)
+    proc = session.popen("exec", "--command", "import time\ntime.sleep(1.5)\nprint('still ran')", "--tag", "orphan")
+    assert wait_for(lambda: (session.session().get("active_command") or {}).get("command_id"), 15)
+    children = children_of(daemon)
+    assert len(children) == 1
+    os.kill(children[0], signal.SIGKILL)
+    call = session.finish(proc)
+    assert call.status == "WarmClientLost" and call.code == 1, call
+    assert "status" in call["hint"] and "DBX_REPL_WARM=0" in call["hint"]
+    done = session.run("await", "--timeout", "30")
+    assert done.status == "Finished" and done["stdout_preview"] == "still ran\n" and done["cmd_id"] == "001_orphan"
