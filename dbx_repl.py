@@ -3562,7 +3562,7 @@ def _console_main():
 # ---------------------------------------------------------------------------------------------------
 # A cold call spends most of its time importing the SDK (requests, the auth stack, ~600 modules).
 # The warm client is a background process per project that has done that import once. A call that
-# finds it connects to its Unix socket and sends argv, working directory, environment and umask;
+# finds it connects to its Unix socket (in a private runtime dir) and sends argv, working directory, environment and umask;
 # the warm process forks a child (the import is kept: fork copies it) that runs `main` exactly as
 # the call would have, with that environment, and sends back the one JSON line and the exit code.
 # Each call is still its own process: its own main thread, signal handlers, lock and session.json
@@ -3580,7 +3580,6 @@ def _console_main():
 ENV_WARM = "DBX_REPL_WARM"
 ENV_WARM_IDLE = "DBX_REPL_WARM_IDLE"
 WARM_IDLE_SECONDS = 600.0
-WARM_SOCKET_FILE = ".dbx_repl.sock"        # in the project dir, or a private runtime dir if too long
 WARM_SOCKET_MAX_BYTES = 100                # AF_UNIX paths: 104 bytes on macOS, 108 on Linux
 WARM_SERVE_ARG = "__warm_serve__"          # argv[1] of the warm process itself
 WARM_START_SECONDS = 3.0                   # the warm process must fork a child within this
@@ -3589,7 +3588,7 @@ WARM_SUBCOMMANDS = ("exec", "await", "cancel", "status", "replay", "export", "pu
 
 
 class WarmClient:
-    """Both ends of the warm client: `call` in the caller's process, `serve` in the warm process."""
+    """Both ends of the warm client: `run` in the caller's process, `serve` in the warm process."""
 
     @staticmethod
     def enabled():
@@ -3608,23 +3607,22 @@ class WarmClient:
 
     @staticmethod
     def socket_path(root):
-        """The project's socket: <project>/.dbx_repl.sock, or when that path is too long for AF_UNIX,
-        <runtime dir>/dbx_repl-<uid>/<hash of the project path>.sock in an owner-only directory."""
-        path = os.path.join(root, WARM_SOCKET_FILE)
-        if len(os.fsencode(path)) + 12 <= WARM_SOCKET_MAX_BYTES:   # room for the .<pid> rename
-            return path
+        """The project's socket: <runtime dir>/dbx_repl-<uid>/<hash of the project path>.sock, in an
+        owner-only directory ($XDG_RUNTIME_DIR, else the temp dir). Not in the project dir: a socket
+        there trips tools that read every file (grep -r, tar, a sync), and long paths do not fit
+        AF_UNIX. None when no such directory can be made."""
+        import stat as kinds
         name = hashlib.sha256(os.fsencode(root)).hexdigest()[:24] + ".sock"
         for base in (os.environ.get("XDG_RUNTIME_DIR"), tempfile.gettempdir(), "/tmp"):
             if not base:
                 continue
             directory = os.path.join(base, f"dbx_repl-{os.getuid()}")
             path = os.path.join(directory, name)
-            if len(os.fsencode(path)) + 12 > WARM_SOCKET_MAX_BYTES:
+            if len(os.fsencode(path)) + 12 > WARM_SOCKET_MAX_BYTES:   # room for the .<pid> rename
                 continue
             with contextlib.suppress(OSError):
                 os.makedirs(directory, mode=0o700, exist_ok=True)
                 stat = os.lstat(directory)
-                import stat as kinds
                 if kinds.S_ISDIR(stat.st_mode) and stat.st_uid == os.getuid() and not stat.st_mode & 0o077:
                     return path
         return None

@@ -292,10 +292,18 @@ def bare_request(workspace, n):
     return statistics.median(samples)
 
 
+def warm_socket(cli):
+    """The project's warm-client socket, as the CLI computes it (same environment)."""
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    import dbx_repl
+    return dbx_repl.WarmClient.socket_path(os.path.abspath(cli.project))
+
+
 def stop_warm_process(cli):
     """Ask the project's warm process to exit, and wait until its socket is gone."""
     import socket
-    path = os.path.join(cli.project, ".dbx_repl.sock")
+    path = warm_socket(cli)
     try:
         with socket.socket(socket.AF_UNIX) as client:
             client.connect(path)
@@ -309,7 +317,7 @@ def stop_warm_process(cli):
 
 
 def wait_warm_process(cli):
-    path = os.path.join(cli.project, ".dbx_repl.sock")
+    path = warm_socket(cli)
     deadline = time.monotonic() + 10
     while not os.path.exists(path) and time.monotonic() < deadline:
         time.sleep(0.02)

@@ -11,7 +11,6 @@ import time
 from local_workspace import RUNNING_CLUSTER_ID
 from repl_harness import Repl, wait_for
 
-SOCKET = ".dbx_repl.sock"
 
 
 # -- seeing the warm process from outside (Linux /proc) ------------------------------------------------
@@ -46,11 +45,16 @@ def children_of(pid):
     return [child for child, (ppid, _) in _processes().items() if ppid == pid]
 
 
+def socket_of(pid):
+    """The Unix socket a warm process listens on (its argv: __warm_serve__ SOCKET PROJECT)."""
+    return _processes()[pid][1][-2]
+
+
 def warm_process(repl):
-    """The one warm process of the project, once it has started (the first call starts it)."""
+    """The one warm process of the project, once it listens (the first call starts it)."""
     pids = wait_for(lambda: warm_pids(repl), 15)
     assert len(pids) == 1, pids
-    assert wait_for(lambda: os.path.exists(os.path.join(repl.project_dir, SOCKET)), 15)
+    assert wait_for(lambda: os.path.exists(socket_of(pids[0])), 15)
     return pids[0]
 
 
@@ -144,13 +148,14 @@ def test_a_change_of_credentials_counts_on_the_next_call(workspace, session, tmp
 
 def test_a_killed_warm_process_costs_one_cold_call_and_loses_nothing(session):
     daemon = warm_process(session)
+    socket_path = socket_of(daemon)
     proc = session.popen("exec", "--command", "import time\ntime.sleep(1.5)\nprint('kept')", "--tag", "k")
     assert wait_for(lambda: children_of(daemon), 15)
     os.kill(daemon, signal.SIGKILL)                  # the call in flight runs on in its own process
     call = session.finish(proc)
     assert call.status == "Finished" and call["stdout_preview"] == "kept\n"
     assert wait_for(lambda: gone(daemon), 10)
-    assert os.path.exists(os.path.join(session.project_dir, SOCKET))   # stale: nobody listens
+    assert os.path.exists(socket_path)               # stale: nobody listens on it
 
     cold = session.exec("print('after')", "after")
     assert cold.status == "Finished" and cold["stdout_preview"] == "after\n"
@@ -166,10 +171,11 @@ def test_a_killed_warm_process_costs_one_cold_call_and_loses_nothing(session):
 
 def test_destroy_leaves_no_warm_process(session):
     daemon = warm_process(session)
+    socket_path = socket_of(daemon)
     assert session.exec("print(1)", "one").status == "Finished"
     assert session.run("destroy").status == "Destroyed"
     assert wait_for(lambda: gone(daemon) and not warm_pids(session), 15)
-    assert not os.path.exists(os.path.join(session.project_dir, SOCKET))
+    assert not os.path.exists(socket_path)
 
 
 def test_destroy_with_the_warm_client_off_still_stops_it(session):
@@ -182,10 +188,11 @@ def test_an_idle_warm_process_exits(repl):
     repl.env["DBX_REPL_WARM_IDLE"] = "1"
     assert repl.create().status == "Created"
     daemon = warm_process(repl)
+    socket_path = socket_of(daemon)
     assert repl.exec("print(1)", "one").status == "Finished"
     assert wait_for(lambda: gone(daemon), 15)
     assert not warm_pids(repl)
-    assert not os.path.exists(os.path.join(repl.project_dir, SOCKET))
+    assert not os.path.exists(socket_path)
     assert repl.exec("print(2)", "two").status == "Finished"   # cold, and starts a new one
     repl.run("destroy")
     assert wait_for(lambda: not warm_pids(repl), 15)
@@ -197,25 +204,24 @@ def test_warm_off_runs_every_call_in_process(repl):
     assert repl.exec("print(1)", "one").status == "Finished"
     time.sleep(1)                                    # a warm process would have started by now
     assert not warm_pids(repl)
-    assert not os.path.exists(os.path.join(repl.project_dir, SOCKET))
     assert repl.run("destroy").status == "Destroyed"
 
 
-def test_a_project_path_too_long_for_a_socket_uses_a_private_runtime_dir(workspace, tmp_path):
+def test_the_socket_is_private_and_outside_the_project_dir_whatever_its_path_length(workspace, tmp_path):
     project = tmp_path / ("p" * 60) / ("q" * 60)
     project.mkdir(parents=True)
     home = tmp_path / "home"
     home.mkdir()
     repl = Repl(workspace, project, home)
     assert repl.create().status == "Created"
-    daemon = wait_for(lambda: warm_pids(repl), 15)
-    assert daemon and not os.path.exists(project / SOCKET)
-    socket_path = next(a for a in _processes()[daemon[0]][1] if a.endswith(".sock"))
-    assert len(socket_path) < 100 and (os.stat(os.path.dirname(socket_path)).st_mode & 0o777) == 0o700
-    assert wait_for(lambda: os.path.exists(socket_path), 15)
+    daemon = warm_process(repl)
+    socket_path = socket_of(daemon)
+    assert len(socket_path) < 100 and not socket_path.startswith(str(tmp_path))
+    assert (os.stat(os.path.dirname(socket_path)).st_mode & 0o777) == 0o700
     assert (os.stat(socket_path).st_mode & 0o777) == 0o600
+    assert sorted(os.listdir(project)) == [".dbx_repl.lock", "repl_outputs", "session.json"]
     proc = repl.popen("exec", "--command", "import time\ntime.sleep(1)\nprint('long path')", "--tag", "t")
-    assert wait_for(lambda: children_of(daemon[0]), 15)
+    assert wait_for(lambda: children_of(daemon), 15)
     assert repl.finish(proc)["stdout_preview"] == "long path\n"
     assert repl.run("destroy").status == "Destroyed"
     assert wait_for(lambda: not warm_pids(repl) and not os.path.exists(socket_path), 15)
