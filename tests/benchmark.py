@@ -314,6 +314,7 @@ def stop_warm_process(cli):
     deadline = time.monotonic() + 10
     while os.path.exists(path) and time.monotonic() < deadline:
         time.sleep(0.02)
+    time.sleep(0.3)                       # and its exit is not on the next call's CPU
 
 
 def wait_warm_process(cli):
@@ -321,7 +322,7 @@ def wait_warm_process(cli):
     deadline = time.monotonic() + 10
     while not os.path.exists(path) and time.monotonic() < deadline:
         time.sleep(0.02)
-    time.sleep(0.1)
+    time.sleep(0.5)                       # it listens first, then imports the SDK: let it finish
 
 
 def warm_client_rows(cli, workspace, table, n, py):
