@@ -3562,9 +3562,10 @@ def _console_main():
 # ---------------------------------------------------------------------------------------------------
 # A cold call spends most of its time importing the SDK (requests, the auth stack, ~600 modules).
 # The warm client is a background process per project that has done that import once. A call that
-# finds it connects to its Unix socket (in a private runtime dir) and sends argv, working directory, environment and umask;
-# the warm process forks a child (the import is kept: fork copies it) that runs `main` exactly as
-# the call would have, with that environment, and sends back the one JSON line and the exit code.
+# finds it connects to its Unix socket (in a private runtime dir) and sends argv, working directory,
+# environment and umask; the warm process forks a child (the import is kept: fork copies it) that
+# runs `main` exactly as the call would have, with that environment, and sends back the one JSON
+# line and the exit code.
 # Each call is still its own process: its own main thread, signal handlers, lock and session.json
 # reads, and a workspace client built from the call's own environment and config file, so a change
 # of credentials or profile takes effect on the next call. Ctrl+C and SIGTERM on the calling process
@@ -3945,16 +3946,19 @@ class _LineReader:
     """JSON messages, one per line, from a socket."""
 
     def __init__(self, connection):
-        self.connection, self.buffer = connection, b""
+        self.connection, self.buffer = connection, bytearray()
 
     def message(self):
         """The next message, or None at end of stream. Raises OSError (e.g. a timeout) or ValueError."""
-        while b"\n" not in self.buffer:
+        searched = 0                      # a large message (stdin) arrives in many pieces
+        while (end := self.buffer.find(b"\n", searched)) < 0:
+            searched = len(self.buffer)
             data = self.connection.recv(65536)
             if not data:
                 return None
             self.buffer += data
-        line, _, self.buffer = self.buffer.partition(b"\n")
+        line = bytes(self.buffer[:end])
+        del self.buffer[:end + 1]
         return json.loads(line.decode("utf-8"))
 
 

@@ -6,10 +6,11 @@ killed warm process costs one cold call, and nothing is left running after destr
 import json
 import os
 import signal
+import subprocess
 import time
 
 from local_workspace import RUNNING_CLUSTER_ID
-from repl_harness import Repl, wait_for
+from repl_harness import Call, Repl, wait_for
 
 
 
@@ -263,3 +264,17 @@ def test_a_call_whose_warm_child_dies_answers_warm_client_lost_and_await_collect
     assert "status" in call["hint"] and "DBX_REPL_WARM=0" in call["hint"]
     done = session.run("await", "--timeout", "30")
     assert done.status == "Finished" and done["stdout_preview"] == "still ran\n" and done["cmd_id"] == "001_orphan"
+
+
+def test_a_large_command_on_stdin_reaches_the_warm_child_whole(session):
+    daemon = warm_process(session)
+    code = "data = %r\nimport time\ntime.sleep(1)\nprint(len(data), data[-3:])" % ("x" * 3_000_000 + "end")
+    proc = subprocess.Popen(session.argv("exec", "--command", "-", "--tag", "big_stdin"), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=session.cwd,
+                            env=session.env)
+    proc.stdin.write(code)
+    proc.stdin.close()
+    assert wait_for(lambda: children_of(daemon), 15), "served by the warm process"
+    stdout, stderr = proc.stdout.read(), proc.stderr.read()
+    call = Call(proc.args, proc.wait(timeout=60), stdout, stderr)
+    assert call.status == "Finished" and call["stdout_preview"] == "3000003 end\n", call
