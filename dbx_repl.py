@@ -8,7 +8,7 @@ The REPL talks to the Command Execution API 1.2 through the official ``databrick
 This one file is the whole CLI, including the helpers injected into the REPL (the bootstrap), so
 copying it is enough to run the skill. Reading order: the JSON/file contract, responses, the session
 store, the workspace client, the bootstrap, result rendering, command execution, the subcommands,
-and the argument parser.
+the argument parser, and the warm client (a per-project process that keeps the SDK imported).
 """
 from __future__ import annotations
 
@@ -4703,6 +4703,8 @@ def build_parser():
 
 
 def main(argv=None):
+    if argv is None:  # the command line: through the warm client when it can (section 10)
+        return WarmClient.main(sys.argv[1:])
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     os.umask(os.umask(0o077) | 0o077)  # session and output files: owner only, or stricter
     signal.signal(signal.SIGTERM, _raise_terminated)
@@ -4739,6 +4741,424 @@ def main(argv=None):
 
 def _console_main():
     sys.exit(main())
+
+
+# ---------------------------------------------------------------------------------------------------
+# 10. Warm client: a per-project process that keeps the SDK imported between calls
+# ---------------------------------------------------------------------------------------------------
+# A cold call spends most of its time importing the SDK (requests, the auth stack, ~600 modules).
+# The warm client is a background process per project that has done that import once. A call that
+# finds it connects to its Unix socket (in a private runtime dir) and sends argv, working directory,
+# environment and umask; the warm process forks a child (the import is kept: fork copies it) that
+# runs `main` exactly as the call would have, with that environment, and sends back the one JSON
+# line and the exit code.
+# Each call is still its own process: its own main thread, signal handlers, lock and session.json
+# reads, and a workspace client built from the call's own environment and config file, so a change
+# of credentials or profile takes effect on the next call. Ctrl+C and SIGTERM on the calling process
+# are forwarded to the child's main thread; if the caller dies, the child exits at once, as the
+# caller's own process would have.
+#
+# The warm process starts in the background after a cold call that used the SDK in a project with an
+# active session, exits after WARM_IDLE_SECONDS without calls, on `destroy`, when its socket is
+# removed or taken over, and when this file or the SDK changes on disk. Anything wrong with it (no
+# answer, refused, a stale socket) makes the call run in-process as before, so it never costs more
+# than one cold call. DBX_REPL_WARM=0 turns it off.
+
+ENV_WARM = "DBX_REPL_WARM"
+ENV_WARM_IDLE = "DBX_REPL_WARM_IDLE"
+WARM_IDLE_SECONDS = 600.0
+WARM_SOCKET_MAX_BYTES = 100                # AF_UNIX paths: 104 bytes on macOS, 108 on Linux
+WARM_SERVE_ARG = "__warm_serve__"          # argv[1] of the warm process itself
+WARM_START_SECONDS = 3.0                   # the warm process must fork a child within this
+WARM_SUBCOMMANDS = ("exec", "await", "cancel", "status", "replay", "export", "put", "get", "create",
+                    "destroy")
+
+
+class WarmClient:
+    """Both ends of the warm client: `run` in the caller's process, `serve` in the warm process."""
+
+    @staticmethod
+    def enabled():
+        return (os.environ.get(ENV_WARM, "1").strip() not in ("0", "false", "no", "off")
+                and hasattr(os, "fork") and hasattr(signal, "pthread_kill"))
+
+    @staticmethod
+    def key():
+        """What the warm process must share with the caller to run its call: this file, the
+        interpreter and what decides which SDK is imported. Credentials are not in it: each call
+        builds its client from its own environment."""
+        path = os.path.realpath(__file__)
+        stat = os.stat(path)
+        return [VERSION, path, stat.st_mtime_ns, stat.st_size, sys.executable, sys.prefix,
+                os.environ.get("PYTHONPATH"), os.environ.get("DBX_REPL_SDK_IMPORT")]
+
+    @staticmethod
+    def socket_path(root):
+        """The project's socket: <runtime dir>/dbx_repl-<uid>/<hash of the project path>.sock, in an
+        owner-only directory ($XDG_RUNTIME_DIR, else the temp dir). Not in the project dir: a socket
+        there trips tools that read every file (grep -r, tar, a sync), and long paths do not fit
+        AF_UNIX. None when no such directory can be made."""
+        import stat as kinds
+        name = hashlib.sha256(os.fsencode(root)).hexdigest()[:24] + ".sock"
+        for base in (os.environ.get("XDG_RUNTIME_DIR"), tempfile.gettempdir(), "/tmp"):
+            if not base:
+                continue
+            directory = os.path.join(base, f"dbx_repl-{os.getuid()}")
+            path = os.path.join(directory, name)
+            if len(os.fsencode(path)) + 12 > WARM_SOCKET_MAX_BYTES:   # room for the .<pid> rename
+                continue
+            with contextlib.suppress(OSError):
+                os.makedirs(directory, mode=0o700, exist_ok=True)
+                stat = os.lstat(directory)
+                if kinds.S_ISDIR(stat.st_mode) and stat.st_uid == os.getuid() and not stat.st_mode & 0o077:
+                    return path
+        return None
+
+    # -- the caller's side --------------------------------------------------------------------------
+
+    @classmethod
+    def main(cls, argv):
+        """The command line's entry: the warm process itself, or one call."""
+        if argv[:1] == [WARM_SERVE_ARG] and len(argv) == 3:
+            return cls.serve(argv[1], argv[2])
+        return cls.run(argv)
+
+    @classmethod
+    def run(cls, argv):
+        """Run one command-line call: through the warm process when it answers, else in this process
+        (then start a warm process for the next call). Returns the exit code."""
+        try:
+            plan = cls._plan(argv)
+        except KeyboardInterrupt:
+            return emit(response("Interrupted", "Interrupted before any command was submitted or cancelled.",
+                                 exit_code=EXIT_INTERRUPTED))
+        if plan is None:
+            return main(argv)
+        root, path, stdin = plan
+        if argv[0] == "destroy" and not cls.enabled():
+            cls._send_stop(path)          # a destroyed session keeps no warm process, even unused
+        elif cls.enabled():
+            code = cls._call(path, argv, stdin)
+            if code is not None:
+                return code
+        if stdin is not None:
+            sys.stdin = io.TextIOWrapper(io.BytesIO(stdin), encoding=sys.stdin.encoding or "utf-8")
+        code = main(argv)
+        if cls.enabled() and argv[0] != "destroy" and _SDK.loaded and cls._session_active(root):
+            cls._start(path, root)
+        return code
+
+    @staticmethod
+    def _plan(argv):
+        """(project root, socket path, stdin bytes or None) for a call the warm process can run, or
+        None: other subcommands, --help/--version, --debug (its log goes to this stderr), bad usage
+        (answered in-process, without the SDK), no usable socket path."""
+        if not hasattr(os, "fork") or not argv or argv[0] not in WARM_SUBCOMMANDS or "--debug" in argv or \
+                any(a in ("-h", "--help", "--version") for a in argv):
+            return None
+        try:
+            args = build_parser().parse_args(argv)
+        except (ReplError, SystemExit):
+            return None
+        root = os.path.abspath(args.project_dir or ".")
+        if not os.path.isdir(root):
+            return None
+        path = WarmClient.socket_path(root)
+        if path is None:
+            return None
+        stdin = sys.stdin.buffer.read() if getattr(args, "command", None) == "-" else None
+        return root, path, stdin
+
+    @staticmethod
+    def _session_active(root):
+        try:
+            with open(os.path.join(root, SESSION_FILE), "rb") as f:
+                return json.loads(f.read().decode("utf-8")).get("status") == "active"
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    @staticmethod
+    def _connect(path):
+        import socket
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            client.connect(path)
+        except OSError:                   # no warm process (refused, no file): run in-process
+            client.close()
+            return None
+        return client
+
+    @classmethod
+    def _send_stop(cls, path):
+        client = cls._connect(path)
+        if client is not None:
+            with contextlib.closing(client):
+                with contextlib.suppress(OSError):
+                    client.sendall(json.dumps({"stop": True}).encode() + b"\n")
+                    client.recv(1)
+
+    @classmethod
+    def _call(cls, path, argv, stdin):
+        """The call through the warm process: its exit code, or None when it must run in-process
+        (no warm process, a refusal, no child within WARM_START_SECONDS: nothing ran)."""
+        client = cls._connect(path)
+        if client is None:
+            return None
+        pending, child = [], {}
+
+        def forward(signum, frame):        # Ctrl+C / SIGTERM: to the child's main thread
+            if child:
+                with contextlib.suppress(OSError):
+                    client.sendall(json.dumps({"signal": signum}).encode() + b"\n")
+            else:
+                pending.append(signum)
+
+        previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+        reader = _LineReader(client)
+        try:
+            request = {"key": cls.key(), "argv": argv, "argv0": sys.argv[0], "cwd": os.getcwd(),
+                       "env": dict(os.environ), "umask": _current_umask(),
+                       "stdin": base64.b64encode(stdin).decode("ascii") if stdin is not None else None}
+            try:
+                client.settimeout(WARM_START_SECONDS)
+                client.sendall(json.dumps(request).encode("utf-8") + b"\n")
+                hello = reader.message()
+                if not hello or "pid" not in hello:
+                    return None           # refused (stale) or gone: nothing ran
+                client.sendall(b'{"go": true}\n')
+            except (OSError, ValueError):
+                return None               # no child in time: closing the socket stops it unstarted
+            client.settimeout(None)
+            child["pid"] = hello["pid"]
+            for signum in pending:
+                forward(signum, None)
+            try:
+                answer = reader.message()
+            except (OSError, ValueError):
+                answer = None
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            client.close()
+        if not answer or "exit" not in answer:
+            return emit(response(
+                "WarmClientLost", "The warm client process running this call stopped before answering.",
+                hint="Run status: session.json is the record (await collects a submitted command). "
+                     f"Set {ENV_WARM}=0 to run every call in-process.", exit_code=EXIT_FAILED))
+        sys.stderr.write(answer.get("stderr") or "")
+        sys.stderr.flush()
+        sys.stdout.write(answer.get("stdout") or "")
+        sys.stdout.flush()
+        return answer["exit"]
+
+    @staticmethod
+    def _start(path, root):
+        """Start the project's warm process, detached: its own session, no inherited descriptors."""
+        import subprocess
+        with contextlib.suppress(OSError):
+            subprocess.Popen([sys.executable, os.path.realpath(__file__), WARM_SERVE_ARG, path, root],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             cwd="/", start_new_session=True, close_fds=True)
+
+    # -- the warm process ---------------------------------------------------------------------------
+
+    @classmethod
+    def serve(cls, path, root):
+        """The warm process: import the SDK, listen on `path`, fork a child per call. Returns when
+        idle, stopped, replaced or stale."""
+        import select
+        import socket
+        key = cls.key()                   # of the code this process loaded, before anything else
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        staging = f"{path}.{os.getpid()}"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staging)
+        listener.bind(staging)            # bound aside, then renamed: a racing start replaces it whole
+        os.chmod(staging, 0o600)
+        listener.listen(16)
+        os.replace(staging, path)         # listening before the import: a call made meanwhile waits
+        mine = os.stat(path)              # for it (within WARM_START_SECONDS) instead of importing too
+        _SDK.get()
+        cls._preload()
+        sdk_file = sys.modules["databricks.sdk.config"].__file__
+        sdk_mtime = os.stat(sdk_file).st_mtime_ns
+        idle = _env_number(ENV_WARM_IDLE, WARM_IDLE_SECONDS)
+        stopped = []
+        signal.signal(signal.SIGTERM, lambda signum, frame: stopped.append(signum))
+        children, last_call, session_seen = set(), time.monotonic(), {}
+        try:
+            while not stopped:
+                children = {pid for pid in children if not _reaped(pid)}
+                try:
+                    current = os.stat(path)
+                    ours = (current.st_ino, current.st_dev) == (mine.st_ino, mine.st_dev)
+                except OSError:
+                    ours = False
+                if not ours or not cls._session_still_active(root, session_seen) or \
+                        (not children and time.monotonic() - last_call > idle):
+                    break
+                if not select.select([listener], [], [], 1.0)[0]:
+                    continue
+                connection, _ = listener.accept()
+                last_call = time.monotonic()
+                with contextlib.closing(connection):
+                    request = cls._request(connection)
+                    if request is None:
+                        continue
+                    if request.get("stop"):
+                        stopped.append("stop")
+                        with contextlib.suppress(OSError):
+                            connection.sendall(b'{"stopped": true}\n')
+                        continue
+                    stale = request.get("key") != key or os.stat(sdk_file).st_mtime_ns != sdk_mtime
+                    if stale:
+                        with contextlib.suppress(OSError):
+                            connection.sendall(b'{"refused": "stale"}\n')
+                        break
+                    pid = os.fork()
+                    if pid == 0:
+                        try:
+                            listener.close()
+                            cls._child(connection, request)
+                        finally:
+                            os._exit(0)   # never back into the accept loop
+                    children.add(pid)
+                    if request["argv"][:1] == ["destroy"]:
+                        break             # the session ends with this call: so does the warm process
+        finally:
+            listener.close()
+            with contextlib.suppress(OSError):
+                current = os.stat(path)
+                if (current.st_ino, current.st_dev) == (mine.st_ino, mine.st_dev):
+                    os.unlink(path)
+        return 0
+
+    @classmethod
+    def _session_still_active(cls, root, seen):
+        """Whether the project's session is still active (read again only when session.json changed):
+        a destroy by any route, or a removed project, ends the warm process."""
+        try:
+            stat = os.stat(os.path.join(root, SESSION_FILE))
+        except OSError:
+            return False
+        version = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        if seen.get("version") != version:
+            seen.update(version=version, active=cls._session_active(root))
+        return seen["active"]
+
+    @staticmethod
+    def _preload():
+        """Modules a call imports after the SDK: imported once here instead of in every child."""
+        import importlib
+        for name in ("requests", "urllib3", "shlex", "shutil", "subprocess", "socket", "select",
+                     "threading", "fcntl", "logging", "traceback", "stat"):
+            with contextlib.suppress(ImportError):
+                importlib.import_module(name)
+
+    @staticmethod
+    def _request(connection):
+        """The caller's request (a dict), read within WARM_START_SECONDS from a same-user peer."""
+        import socket
+        if hasattr(socket, "SO_PEERCRED"):
+            import struct
+            credentials = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            if struct.unpack("3i", credentials)[1] != os.getuid():
+                return None
+        connection.settimeout(WARM_START_SECONDS)
+        try:
+            request = _LineReader(connection).message()
+        except (OSError, ValueError):
+            return None
+        if not isinstance(request, dict) or request.get("stop"):
+            return request if isinstance(request, dict) else None
+        shapes = {"argv": list, "argv0": str, "cwd": str, "env": dict, "umask": int}
+        return request if all(isinstance(request.get(k), kind) for k, kind in shapes.items()) else None
+
+    @staticmethod
+    def _child(connection, request):
+        """One call in a forked child: the caller's state, then `main`, then the answer."""
+        import threading
+        connection.settimeout(None)
+        reader = _LineReader(connection)
+        try:
+            connection.sendall(json.dumps({"pid": os.getpid()}).encode() + b"\n")
+            if not (reader.message() or {}).get("go"):
+                return 0                  # the caller gave up: run nothing
+        except (OSError, ValueError):
+            return 0
+        os.environ.clear()
+        os.environ.update(request["env"])
+        tempfile.tempdir = None           # recomputed from this call's TMPDIR
+        os.umask(request["umask"])
+        os.chdir(request["cwd"])
+        sys.argv = [request["argv0"], *request["argv"]]
+        stdin = base64.b64decode(request["stdin"]) if request.get("stdin") is not None else b""
+        sys.stdin = io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8")
+        sys.stdout, sys.stderr = io.StringIO(), io.StringIO()
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
+            signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        main_thread = threading.get_ident()
+
+        def relay():
+            # Signals are aimed at the main thread, which may hold them (signals_deferred); this
+            # thread blocks them so that none is ever handled here.
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+            try:
+                while True:
+                    message = reader.message()
+                    if message is None:
+                        break
+                    if message.get("signal") in (signal.SIGINT, signal.SIGTERM):
+                        signal.pthread_kill(main_thread, message["signal"])
+            except (OSError, ValueError):
+                pass
+            os._exit(EXIT_INTERRUPTED)    # the caller is gone: stop here, as its process would
+
+        threading.Thread(target=relay, daemon=True).start()
+        try:
+            code = main(request["argv"])
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else EXIT_FAILED
+        answer = {"exit": code, "stdout": sys.stdout.getvalue(), "stderr": sys.stderr.getvalue()}
+        try:
+            connection.sendall(json.dumps(answer).encode("utf-8") + b"\n")
+        except OSError:
+            pass
+        return 0
+
+
+class _LineReader:
+    """JSON messages, one per line, from a socket."""
+
+    def __init__(self, connection):
+        self.connection, self.buffer = connection, bytearray()
+
+    def message(self):
+        """The next message, or None at end of stream. Raises OSError (e.g. a timeout) or ValueError."""
+        searched = 0                      # a large message (stdin) arrives in many pieces
+        while (end := self.buffer.find(b"\n", searched)) < 0:
+            searched = len(self.buffer)
+            data = self.connection.recv(65536)
+            if not data:
+                return None
+            self.buffer += data
+        line = bytes(self.buffer[:end])
+        del self.buffer[:end + 1]
+        return json.loads(line.decode("utf-8"))
+
+
+def _current_umask():
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def _reaped(pid):
+    try:
+        return os.waitpid(pid, os.WNOHANG)[0] == pid
+    except ChildProcessError:
+        return True
 
 
 if __name__ == "__main__":

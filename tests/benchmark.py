@@ -304,19 +304,19 @@ class Cli:
     def __init__(self, workspace, project, env):
         self.workspace, self.project, self.env = workspace, project, env
 
-    def run(self, *args):
+    def run(self, *args, env=None):
         """(wall seconds from process start to exit, time.time() at exit, parsed JSON)."""
         started = time.perf_counter()
         proc = subprocess.run([sys.executable, CLI, args[0], "--project-dir", self.project, *args[1:]],
-                              capture_output=True, text=True, env=self.env)
+                              capture_output=True, text=True, env={**self.env, **(env or {})})
         wall, ended = time.perf_counter() - started, time.time()
         lines = [l for l in proc.stdout.splitlines() if l.strip()]
         if len(lines) != 1:
             raise RuntimeError("CLI %s printed %r (stderr %r)" % (args[0], proc.stdout, proc.stderr[-2000:]))
         return wall, ended, json.loads(lines[0])
 
-    def exec(self, code, tag, timeout=600):
-        wall, ended, body = self.run("exec", "--command", code, "--tag", tag, "--timeout", str(timeout))
+    def exec(self, code, tag, timeout=600, env=None):
+        wall, ended, body = self.run("exec", "--command", code, "--tag", tag, "--timeout", str(timeout), env=env)
         if body.get("status") != "Finished":
             raise RuntimeError("exec %s: %s" % (tag, json.dumps(body)[:2000]))
         return wall, ended, body
@@ -424,7 +424,110 @@ print(json.dumps(status["results"]))
 '''
 
 
+# -- the warm client ---------------------------------------------------------------------------------
+
+def bare_request(workspace, n):
+    """One authenticated GET from this process, connection included: the round trip's own cost."""
+    samples = []
+    for _ in range(n):
+        request = urllib.request.Request(workspace.host + "/api/2.1/clusters/get?cluster_id=" + RUNNING_CLUSTER_ID,
+                                         headers={"Authorization": "Bearer " + workspace.token})
+        started = time.perf_counter()
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            answer.read()
+        samples.append(time.perf_counter() - started)
+    return statistics.median(samples)
+
+
+def warm_socket(cli):
+    """The project's warm-client socket, as the CLI computes it (same environment)."""
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    import dbx_repl
+    return dbx_repl.WarmClient.socket_path(os.path.abspath(cli.project))
+
+
+def stop_warm_process(cli):
+    """Ask the project's warm process to exit, and wait until its socket is gone."""
+    import socket
+    path = warm_socket(cli)
+    try:
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(path)
+            client.sendall(b'{"stop": true}\n')
+            client.recv(64)
+    except OSError:
+        pass
+    deadline = time.monotonic() + 10
+    while os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)                       # and its exit is not on the next call's CPU
+
+
+def wait_warm_process(cli):
+    path = warm_socket(cli)
+    deadline = time.monotonic() + 10
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.5)                       # it listens first, then imports the SDK: let it finish
+
+
+def warm_client_rows(cli, workspace, table, n, py):
+    """exec print(1) warm, cold (DBX_REPL_WARM=0) and first-after-no-warm-process, at 0 and 50 ms
+    latency, with the requests each trivial exec makes."""
+    cold_env = {"DBX_REPL_WARM": "0"}
+    for latency in (0, 50):
+        workspace.configure(latency_ms=latency)
+        try:
+            floor = py + bare_request(workspace, n)
+            floor_text = "%s (python + 1 bare request)" % fmt(floor)
+            wait_warm_process(cli)
+            warm, cold, counts, seen = [], [], [], []
+            for _ in range(n):                       # interleaved: the machine's load hits both alike
+                before = len(workspace.requests())
+                wall, _, body = cli.exec("print(1)", "p")
+                made = workspace.requests()[before:]
+                counts.append(len(made))
+                seen.append(len([r for r in made if r["path"] != "/.well-known/databricks-config"]))
+                warm.append(wall)
+                cold.append(cli.exec("print(1)", "p", env=cold_env)[0])
+            first, paired = [], []
+            for _ in range(n):
+                stop_warm_process(cli)
+                first.append(cli.exec("print(1)", "p")[0])
+                wait_warm_process(cli)
+                paired.append(cli.exec("print(1)", "p", env=cold_env)[0])
+            target = 0.15 if latency == 0 else 0.30
+            label = "%d ms latency" % latency
+            table.add("exec print(1) warm, %s" % label, warm, floor=floor_text, target="<= %s" % fmt(target),
+                      met=statistics.median(warm) <= target)
+            table.add("exec print(1) cold (DBX_REPL_WARM=0), %s" % label, cold, floor=floor_text,
+                      note="every call in-process, as before the warm client")
+            table.add("exec print(1), first call, no warm process, %s" % label, first, floor=floor_text,
+                      target="<= cold + 10%", met=statistics.median(first) <= statistics.median(paired) * 1.1,
+                      note="in-process, then starts the warm process; cold beside it: %s"
+                           % fmt(statistics.median(paired)))
+            without_probe = statistics.median(seen)
+            print("  requests per trivial exec, %s: median %d (%d without the host-metadata probe)"
+                  % (label, statistics.median(counts), without_probe), flush=True)
+            table.rows.append(["requests per exec print(1), %s" % label, "%d" % statistics.median(counts), "-",
+                               str(len(counts)), "-", "<= 2", "yes" if without_probe <= 2 else "NO",
+                               "%d without the SDK's /.well-known/databricks-config probe" % without_probe])
+        finally:
+            workspace.configure(latency_ms=0)
+
+
 # -- the benchmark ----------------------------------------------------------------------------------
+
+def finish(cli, table, began):
+    """Destroy the session (which also stops its warm process) and print the table."""
+    cli.run("destroy")
+    print()
+    print(table.render())
+    print("\nTotal benchmark time: %.0f s; load average at the end %.1f (other processes on the machine "
+          "inflate every row, floors included)" % (time.monotonic() - began, os.getloadavg()[0]))
+    return 0
+
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -433,6 +536,8 @@ def main(argv=None):
     parser.add_argument("--only", choices=("scale",), default=None, help="run one section only")
     parser.add_argument("--local-workspace-only", action="store_true",
                         help="only the rows of the local workspace itself (memory, context, Spark)")
+    parser.add_argument("--warm-only", action="store_true", help="only the per-call rows (warm client, cold, "
+                                                                  "latency, requests per exec)")
     args = parser.parse_args(argv)
     n = args.repeat or (5 if args.quick else 15)
     heavy = max(2, n // 5) if args.quick else max(3, n // 5)
@@ -507,9 +612,12 @@ def main(argv=None):
                             RUNNING_CLUSTER_ID, context_id], check=True, capture_output=True)
             floor_exec.append(time.perf_counter() - started)
         med = statistics.median(exec_samples)
-        table.add("exec print(1), process start to JSON", exec_samples,
+        table.add("exec print(1), process start to JSON (warm client)", exec_samples,
                   floor="%s (stdlib process)" % fmt(statistics.median(floor_exec)),
-                  target="<= 600 ms", met=med <= 0.6)
+                  target="<= 150 ms", met=med <= 0.15)
+        warm_client_rows(cli, workspace, table, n, py)
+        if args.warm_only:
+            return finish(cli, table, began)
 
         # 2. completion lag
         durations = [(0.1, n), (2.0, max(3, n // 3))]
@@ -552,15 +660,15 @@ def main(argv=None):
             landed = len(data)
             if ratio is None:
                 ratio = len(data) / len(zlib.compress(data, 6))
-        driver_file = os.path.join(scratch, "driver-text.txt")
+        driver_file = "/tmp/dbx-repl-bench-text.txt"          # a driver path: the cluster's own view
         raw.run(context_id, text_code.replace("__TARGET__", TEXT_TO_FILE.replace("__PATH__", repr(driver_file))))
         floor_rates, rounds = [], 0
         for _ in range(heavy):
             started = time.perf_counter()
             with open(os.path.join(scratch, "floor-copy.txt"), "wb") as sink:
                 rounds = raw.fetch_file(context_id, driver_file, sink)
-            floor_rates.append(os.path.getsize(driver_file) / 1e6 / (time.perf_counter() - started))
-        os.unlink(driver_file)
+            floor_rates.append(os.path.getsize(sink.name) / 1e6 / (time.perf_counter() - started))
+        raw.run(context_id, "import os\nos.unlink(%r)" % driver_file)
         med_rate = statistics.median(rates)
         note = "%.1f MB landed, zlib ratio %.1fx, %d fetch round trips" % (landed / 1e6, ratio, rounds)
         table.add("20 MB text: command end -> file on disk", transfers,
@@ -623,15 +731,9 @@ def main(argv=None):
 
         # 6. scale: a long session.json
         scale_rows(cli, table, max(3, n // 3))
-
-        cli.run("destroy")
-        # 6. the local workspace itself (a fresh one: a cold JVM)
+        # 7. the local workspace itself (a fresh one: a cold JVM)
         local_workspace_rows(table, n)
-        print()
-        print(table.render())
-        print("\nTotal benchmark time: %.0f s; load average at the end %.1f (other processes on the machine "
-              "inflate every row, floors included)" % (time.monotonic() - began, os.getloadavg()[0]))
-        return 0
+        return finish(cli, table, began)
     finally:
         workspace.stop()
         shutil.rmtree(scratch, ignore_errors=True)
