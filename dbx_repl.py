@@ -145,15 +145,22 @@ def emit(body):
     line is escaped to ASCII, so it is valid JSON whatever the encoding."""
     body = dict(body)
     exit_code = body.pop("_exit", EXIT_OK)
-    fitted = fit_response(body)
-    text = _one_line(fitted)
-    try:
-        text.encode(getattr(sys.stdout, "encoding", None) or "utf-8")
-    except (UnicodeEncodeError, LookupError):
-        text = scrub(json.dumps(fitted, ensure_ascii=True))
-    sys.stdout.write(text + "\n")
+    sys.stdout.write(for_console(_one_line(fit_response(body))) + "\n")
     sys.stdout.flush()
     return exit_code
+
+
+def for_console(line):
+    """A JSON line as this process's stdout can print it: unchanged when its encoding can carry
+    the text, else with every non-ASCII character escaped (the same JSON value)."""
+    try:
+        line.encode(getattr(sys.stdout, "encoding", None) or "utf-8")
+        return line
+    except (UnicodeEncodeError, LookupError):
+        try:
+            return json.dumps(json.loads(line), ensure_ascii=True)
+        except ValueError:   # not JSON (never an answer): keep it printable
+            return line.encode("ascii", "backslashreplace").decode("ascii")
 
 
 def _one_line(body):
@@ -4947,7 +4954,9 @@ class WarmClient:
                      f"Set {ENV_WARM}=0 to run every call in-process.", exit_code=EXIT_FAILED))
         sys.stderr.write(answer.get("stderr") or "")
         sys.stderr.flush()
-        sys.stdout.write(answer.get("stdout") or "")
+        # The warm child printed for its own stdout: re-fit each JSON line to this console.
+        sys.stdout.write("".join(for_console(line.rstrip("\n")) + "\n" if line.strip() else line
+                                 for line in (answer.get("stdout") or "").splitlines(True)))
         sys.stdout.flush()
         return answer["exit"]
 
