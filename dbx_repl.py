@@ -2142,7 +2142,8 @@ def poll_command(ws, cluster_id, context_id, command_id, timeout):
                 if isinstance(err, ws.errors.DatabricksError) and not (
                         _looks_transient(err, ws.errors) or ws.transient(err)):
                     raise
-                if failing_since is None and time.monotonic() >= deadline and began > deadline - 1.0:
+                cut = isinstance(err, (CallTimedOut, TimeoutError))   # our deadline, not the service's answer
+                if cut and failing_since is None and time.monotonic() >= deadline and began > deadline - 1.0:
                     return None   # only a poll begun just before the deadline was cut: no news, no failure
                 failing_since, last_error = failing_since or began, err
             now = time.monotonic()
@@ -2839,6 +2840,7 @@ def interrupt_active(ws, project, session, active, max_bytes):
     A SIGTERM during the cancel (an agent's tool timeout after its Ctrl+C) cuts the confirmation short:
     one last status read decides between Cancelled and Cancelling (await settles that)."""
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous_term = signal.getsignal(signal.SIGTERM)
     try:
         try:
             status = cancel_and_confirm(ws, session, active["command_id"], context_id=active.get("context_id"))
@@ -2850,6 +2852,8 @@ def interrupt_active(ws, project, session, active, max_bytes):
             return recover_from_eviction(ws, project, failed=active)
         except Exception:
             status = None
+        # The outcome is known: a SIGTERM now would only lose the answer, so finish first.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if status is not None:
             body = finish_command(ws, project, session, active, status, max_bytes)
             if body["status"] == "Cancelled":
@@ -2867,6 +2871,7 @@ def interrupt_active(ws, project, session, active, max_bytes):
         return body
     finally:
         signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, previous_term)
 
 
 def last_status(ws, session, active, budget=2.0):
@@ -4924,6 +4929,7 @@ class WarmClient:
         reader = _LineReader(client)
         try:
             request = {"key": cls.key(), "argv": argv, "argv0": sys.argv[0], "cwd": os.getcwd(),
+                       "started": PROCESS_STARTED,   # CLOCK_MONOTONIC is one clock for every process
                        "env": dict(os.environ), "umask": _current_umask(),
                        "stdin": base64.b64encode(stdin).decode("ascii") if stdin is not None else None}
             try:
@@ -5097,6 +5103,8 @@ class WarmClient:
             return 0
         os.environ.clear()
         os.environ.update(request["env"])
+        global PROCESS_STARTED            # await's --timeout counts from the caller's start, not the fork's
+        PROCESS_STARTED = float(request.get("started") or time.monotonic())
         tempfile.tempdir = None           # recomputed from this call's TMPDIR
         os.umask(request["umask"])
         os.chdir(request["cwd"])

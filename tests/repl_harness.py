@@ -47,6 +47,7 @@ def cli_env(workspace, home, extra=None):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABRICKS_", "DBX_REPL_"))}
     env.update(HOME=str(home), DATABRICKS_HOST=workspace.host, DATABRICKS_TOKEN=workspace.token,
                DBX_REPL_RETRY_TIMEOUT="10", PYTHONDONTWRITEBYTECODE="1",
+               DBX_REPL_WARM=os.environ.get("DBX_REPL_WARM", "1"),
                DBX_REPL_WARM_IDLE="20")  # a test that ends with a live session leaves no warm process for long
     env.update(extra or {})
     return env

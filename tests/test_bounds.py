@@ -190,7 +190,7 @@ def test_failing_status_calls_are_reported_and_cancel_frees_the_session(workspac
     first = session.exec("import time\ntime.sleep(60)", "stuck", "--timeout", "1")
     assert first.status == "StatusUnknown" and "status store unavailable" in first["message"], first
     waited = session.run("await", "--timeout", "1")
-    assert waited.status == "StatusUnknown" and "status store unavailable" in waited["status_error"]
+    assert waited.status == "StatusUnknown" and "status store unavailable" in waited["status_error"], waited.body
     probe = session.run("status")
     assert probe.status == "Busy" and "status store unavailable" in probe["active_command"]["remote_error"], probe
     call, seconds = timed(session, "cancel")
