@@ -74,6 +74,9 @@ CANCEL_WAIT_SECONDS = 10.0
 CONTEXT_START_TIMEOUT = 300.0
 
 RUNNABLE_CLUSTER_STATES = ("RUNNING", "RESIZING")
+STARTABLE_CLUSTER_STATES = ("TERMINATED",)          # clusters/start accepts only this state
+STARTING_CLUSTER_STATES = ("PENDING", "RESTARTING")  # on their way to RUNNING
+CLUSTER_POLL_SECONDS = 5.0                         # create --start-cluster: clusters/get every 1-5 s
 NOT_ALL_PURPOSE_SOURCES = ("JOB", "PIPELINE", "PIPELINE_MAINTENANCE", "SQL", "MODELS")  # no contexts
 DONE_COMMAND_STATES = ("Finished", "Error", "Cancelled")
 
@@ -736,6 +739,11 @@ class Workspace:
     # -- clusters -----------------------------------------------------------------------------------
     def cluster(self, cluster_id):
         return self._do("GET", "/api/2.1/clusters/get", query={"cluster_id": cluster_id})
+
+    def start_cluster(self, cluster_id):
+        """Start a TERMINATED cluster (POST /api/2.1/clusters/start). Any other state answers 400
+        INVALID_STATE; the cluster goes PENDING, then RUNNING after minutes."""
+        self._do("POST", "/api/2.1/clusters/start", body={"cluster_id": cluster_id})
 
     def clusters(self):
         """Every cluster, following next_page_token."""
@@ -3152,12 +3160,101 @@ def settled_elsewhere(project, session, failed):
                     hint="Continue with exec.")
 
 
-def cluster_not_running(cluster_id, cluster):
+def cluster_not_running(cluster_id, cluster, startable=False):
+    """ClusterNotRunning. With `startable` (create), a TERMINATED cluster's hint names --start-cluster."""
     state = cluster.get("state", "UNKNOWN")
     detail = f" ({cluster['state_message']})" if cluster.get("state_message") else ""
+    hint = ("Start the cluster (Databricks UI, or `databricks clusters start ID`), wait for RUNNING "
+            "(3-8 minutes), then retry.")
+    if startable and state in STARTABLE_CLUSTER_STATES:
+        hint = ("Ask the user whether to start it (it costs money, 3-8 minutes); with their consent run create "
+                "again with --start-cluster.")
     return ReplError("ClusterNotRunning", f"Cluster {cluster_id} is {state}{detail}, not RUNNING.",
-                     hint="Start the cluster (Databricks UI, or `databricks clusters start ID`), wait for "
-                          "RUNNING (3-8 minutes), then retry.", cluster_id=cluster_id, cluster_state=state)
+                     hint=hint, cluster_id=cluster_id, cluster_state=state)
+
+
+def create_again_hint(args):
+    """The create command line of this call, flags included, to run again after ClusterStarting."""
+    import shlex
+    parts = [cli_hint("create", Project.current), "--cluster-id", shlex.quote(args.cluster_id.strip()),
+             "--session-name", shlex.quote(args.session_name.strip())]
+    for flag, value in (("--llm-endpoint", args.llm_endpoint), ("--llm-max-calls", args.llm_max_calls),
+                        ("--llm-max-tokens", args.llm_max_tokens)):
+        if value is not None:
+            parts += [flag, shlex.quote(str(value))]
+    return " ".join(parts + ["--start-cluster", "--timeout", f"{args.timeout:g}"])
+
+
+def start_and_wait(ws, cluster_id, cluster, timeout, again):
+    """Start a TERMINATED cluster (only `create --start-cluster` calls this: the user consented) and
+    wait until it is RUNNING, at most until `timeout` seconds after the process started. A cluster
+    already starting (PENDING, RESTARTING) is only waited for. Returns the cluster's details.
+
+    Raises ClusterNotRunning for a state that cannot become RUNNING by starting (TERMINATING, ERROR,
+    ...), and ClusterStarting (exit 3) when the deadline passes first: `again` is the command to run.
+    A one-line progress shows on stderr when stderr is a terminal."""
+    state = cluster.get("state")
+    if state not in STARTABLE_CLUSTER_STATES + STARTING_CLUSTER_STATES:
+        raise cluster_not_running(cluster_id, cluster)
+    if state in STARTABLE_CLUSTER_STATES:
+        try:
+            ws.start_cluster(cluster_id)
+        except Exception as err:
+            if "INVALID_STATE" not in str(getattr(err, "error_code", "")) + str(err):
+                raise map_sdk_error(err, action="start the cluster") from None
+            # started by someone else meanwhile: wait for it like any starting cluster
+    deadline = PROCESS_STARTED + timeout
+    progress = LiveLine()
+    try:
+        while True:
+            waited = time.monotonic() - PROCESS_STARTED
+            progress.show(f"cluster {cluster_id}: {cluster.get('state')} "
+                          f"{(cluster.get('state_message') or '')[:60]} ({waited:.0f}s)")
+            if time.monotonic() >= deadline:
+                raise ReplError("ClusterStarting",
+                                f"Cluster {cluster_id} is still starting ({cluster.get('state')}) after {timeout:g}s.",
+                                exit_code=EXIT_RUNNING, cluster_id=cluster_id, cluster_state=cluster.get("state"),
+                                hint="Starting takes 3-8 minutes; run tip.create to keep waiting (it does not "
+                                     "start the cluster twice).", tip={"create": again})
+            pause = max(1.0, min(CLUSTER_POLL_SECONDS, 0.1 * waited))
+            time.sleep(max(0.0, min(pause, deadline - time.monotonic())))
+            try:
+                cluster = ws.cluster(cluster_id)
+            except Exception as err:
+                raise map_sdk_error(err, action="check the starting cluster") from None
+            if cluster.get("state") in RUNNABLE_CLUSTER_STATES:
+                return cluster
+            if cluster.get("state") not in STARTING_CLUSTER_STATES:
+                raise cluster_not_running(cluster_id, cluster)
+    finally:
+        progress.close()
+
+
+class LiveLine:
+    """A one-line status on stderr, rewritten in place, only when stderr is a terminal (never in a
+    pipe or a file, where an agent reads it)."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self.enabled = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.shown = False
+
+    def show(self, text):
+        if self.enabled:
+            width = shutil_columns() - 1
+            self.stream.write("\r\x1b[K" + printable(text)[:width])
+            self.stream.flush()
+            self.shown = True
+
+    def close(self):
+        if self.enabled and self.shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+
+
+def shutil_columns():
+    import shutil
+    return shutil.get_terminal_size((100, 20)).columns
 
 
 def submit_step(ws, project, session, code, tag, timeout, max_bytes, replay_of=None):
@@ -3378,7 +3475,9 @@ def cmd_create(args):
                         hint="Pick an all-purpose cluster (find_cluster.py shows all_purpose: true).",
                         cluster_id=cluster_id)
     if cluster.get("state") not in RUNNABLE_CLUSTER_STATES:
-        raise cluster_not_running(cluster_id, cluster)
+        if not args.start_cluster:
+            raise cluster_not_running(cluster_id, cluster, startable=True)
+        cluster = start_and_wait(ws, cluster_id, cluster, positive_timeout(args.timeout), create_again_hint(args))
     session = {
         "format": SESSION_FORMAT, "status": "active", "session_name": name,
         "session_id": hashlib.sha256(os.urandom(16)).hexdigest()[:16],
@@ -4504,6 +4603,8 @@ def cluster_summary(cluster):
         "cluster_id": cluster.get("cluster_id"),
         "cluster_name": cluster.get("cluster_name"),
         "state": cluster.get("state"),
+        "state_message": cluster.get("state_message") or None,
+        "startable": cluster.get("state") in STARTABLE_CLUSTER_STATES and is_all_purpose(cluster),
         "all_purpose": is_all_purpose(cluster),
         "cluster_source": source,
         "access_mode": cluster.get("data_security_mode"),
@@ -4563,6 +4664,10 @@ def find_cluster_by_id(args, cluster_id):
 def _cluster_hint(cluster):
     if not cluster["all_purpose"]:
         return "This is not an all-purpose cluster; execution contexts need one."
+    if cluster["startable"]:
+        return ("The cluster is not running. Ask the user whether to start it (3-8 minutes); with their "
+                f"consent: {cli_hint('create')} --cluster-id {cluster['cluster_id']} --session-name NAME "
+                "--start-cluster")
     if cluster["state"] not in RUNNABLE_CLUSTER_STATES:
         return "The cluster is not running: ask the user to start it, then create the session."
     return f"Create a session: {cli_hint('create')} --cluster-id {cluster['cluster_id']} --session-name NAME"
@@ -4625,6 +4730,10 @@ def build_parser():
     p.add_argument("--llm-endpoint", default=None, help=f"Default sub_llm endpoint (env {ENV_LLM_ENDPOINT})")
     p.add_argument("--llm-max-calls", type=int, default=None, help="Budget: sub_llm calls in this session")
     p.add_argument("--llm-max-tokens", type=int, default=None, help="Budget: sub_llm tokens in this session")
+    p.add_argument("--start-cluster", action="store_true",
+                   help="Start the cluster if it is TERMINATED (only with the user's consent) and wait for it")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                   help="With --start-cluster: seconds to wait for RUNNING before answering ClusterStarting")
     p.set_defaults(handler=cmd_create)
 
     p = sub.add_parser("exec", help="Run code as the next step and wait for it")
@@ -5086,6 +5195,8 @@ class WarmClient:
                 return 0                  # the caller gave up: run nothing
         except (OSError, ValueError):
             return 0
+        global PROCESS_STARTED
+        PROCESS_STARTED = time.monotonic()  # --timeout counts from this call, not the warm process's start
         os.environ.clear()
         os.environ.update(request["env"])
         tempfile.tempdir = None           # recomputed from this call's TMPDIR
