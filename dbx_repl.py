@@ -47,6 +47,7 @@ DEFAULT_TIMEOUT = 600.0
 DEFAULT_MAX_OUTPUT_BYTES = 64 * 1024 * 1024
 PREVIEW_CHARS = 1000                       # head + tail of a preview, marker included
 TABLE_PREVIEW_ROWS = 20
+SQL_MAX_ROWS = 100_000                     # exec --sql: rows written to the table file (total_rows counts all)
 MAX_TAG_CHARS = 48
 DEFAULT_LLM_ENDPOINT = "default-llm-endpoint"
 ENV_LLM_ENDPOINT = "DBX_REPL_LLM_ENDPOINT"
@@ -1260,6 +1261,37 @@ def _dbx_repl_install(config, namespace):
             except OSError:
                 pass
 
+        # -- SQL steps: the whole result to a table file ---------------------------------------------
+        def sql(self, text, max_rows=100000):
+            """A SQL step (exec --sql): spark.sql(text) on this context's session, so temp views and
+            settings are shared with Python steps. A result with columns goes to <key>.sql.csv (a
+            header row, then up to max_rows rows) and <key>.sql.json (columns with their Spark types,
+            rows written, total_rows, truncated); the CLI fetches both. Spark's errors propagate."""
+            import csv
+            spark = namespace.get("spark")
+            if spark is None:
+                raise NameError("name 'spark' is not defined")
+            frame = spark.sql(text)
+            columns = [{"name": f.name, "type": f.dataType.simpleString(), "nullable": f.nullable}
+                       for f in frame.schema.fields]
+            if not columns:  # a statement (CREATE VIEW, SET, INSERT ...): nothing to show
+                print("OK")
+                return None
+            rows = frame.limit(max_rows + 1).collect()
+            total = len(rows) if len(rows) <= max_rows else frame.count()  # a capped result runs again
+            rows = rows[:max_rows]
+            with open_private(self.out_path(self.key, ".sql.csv")) as f:
+                writer = csv.writer(f, lineterminator="\n")
+                writer.writerow([c["name"] for c in columns])
+                for row in rows:
+                    writer.writerow(["" if v is None else v for v in row])
+            schema = {"columns": columns, "rows": len(rows), "total_rows": total,
+                      "truncated": total > len(rows), "max_rows": max_rows}
+            with open_private(self.out_path(self.key, ".sql.json")) as f:  # last: it says the csv is whole
+                f.write(json.dumps(schema))
+            print("%d row(s)%s" % (total, " (%d written)" % len(rows) if total > len(rows) else ""))
+            return None
+
         # -- plots: saved here, never left to the service's image results -----------------------------
         def show_value(self, value):
             """The trailing expression's value: its repr, and its image when it has one."""
@@ -1449,9 +1481,9 @@ def _dbx_repl_install(config, namespace):
             self.fetch(self.out_path(key), offset, mode, extra=extra)
 
         def fetch_image(self, key, name, offset, mode):
-            """Send one of a step's saved plots (a file name from its ending record)."""
+            """Send one of a step's saved files (a plot or a SQL table: a name from its ending record)."""
             if os.path.basename(name) != name or not name.startswith(key + "."):
-                raise ValueError("not a plot of step %s: %r" % (key, name))
+                raise ValueError("not a file of step %s: %r" % (key, name))
             self.fetch(os.path.join(self.out_dir, name), offset, mode)
 
         def stat(self, path):
@@ -1890,6 +1922,27 @@ def wrap_command(source, key):
     if source.lstrip().startswith("%%"):
         return source, False
     return f"_dbx_repl.begin_magic({key!r})\n{source}", "magic"
+
+
+def sql_step_code(text):
+    """The Python a SQL step runs (and its command file holds): spark.sql in the session's context,
+    the whole result to a table file on the driver (see `_Repl.sql` in the bootstrap)."""
+    return f"_dbx_repl.sql({text!r}, max_rows={SQL_MAX_ROWS})\n"
+
+
+def sql_of(code):
+    """The SQL text of a SQL step's code (what `sql_step_code` wrote), or None for a Python step."""
+    if not code or not code.startswith("_dbx_repl.sql("):
+        return None
+    try:
+        tree = ast.parse(code)
+    except (SyntaxError, ValueError):
+        return None
+    call = tree.body[0].value if len(tree.body) == 1 and isinstance(tree.body[0], ast.Expr) else None
+    if isinstance(call, ast.Call) and call.args and isinstance(call.args[0], ast.Constant) \
+            and isinstance(call.args[0].value, str):
+        return call.args[0].value
+    return None
 
 
 def _is_python(source):
@@ -2423,27 +2476,73 @@ def lost_reason(status):
             "out of memory).")
 
 
+def step_file_from_driver(ws, target, files, name, path):
+    """Copy one file the bootstrap saved for the step (a plot, a SQL table) to `path`: True when
+    it arrived whole, None when the driver has no such file, else False; nothing is left at `path`
+    unless True."""
+    size = -1
+    try:
+        with open(path, "wb") as sink:
+            written, size, _ = fetch_driver_file(
+                ws, target, lambda off, mode: f"_dbx_repl.fetch_image({files.key!r}, {name!r}, {off}, {mode!r})",
+                sink, DEFAULT_TRANSFER_CAP)
+        if size < 0 or written != size:
+            raise ReplError("TransferFailed", "incomplete")
+    except Exception:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        return None if size < 0 else False
+    return True
+
+
 def images_from_driver(ws, target, files, names):
     """Fetch the plots the bootstrap saved for the step; returns (saved paths, names not fetched)."""
     saved, missing = [], []
     for index, name in enumerate(names, start=1):
         extension = name.rsplit(".", 1)[-1] if "." in name else "png"
         path = files.path(f".{index}.{extension}")
-        try:
-            with open(path, "wb") as sink:
-                written, size, _ = fetch_driver_file(
-                    ws, target, lambda off, mode, n=name: f"_dbx_repl.fetch_image({files.key!r}, {n!r}, {off}, {mode!r})",
-                    sink, DEFAULT_TRANSFER_CAP)
-            if size < 0 or written != size:
-                raise ReplError("TransferFailed", "incomplete")
-        except Exception:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+        if not step_file_from_driver(ws, target, files, name, path):
             missing.append(name)
             continue
         files.add("image", path)
         saved.append(files.project.show(path))
     return saved, missing
+
+
+def _read_text(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def sql_table_from_driver(ws, target, files):
+    """Fetch a SQL step's table (NNN_tag.sql.csv, every row up to the cap) and its schema
+    (NNN_tag.sql.json); returns (the `table` field, a preview rendering), or (None, None) when the
+    files could not be fetched, or (None, "") for a statement without a result (CREATE VIEW, SET)."""
+    csv_path, schema_path = files.path(".sql.csv"), files.path(".sql.json")
+    schema_fetched = step_file_from_driver(ws, target, files, files.key + ".sql.json", schema_path)
+    if schema_fetched is None:
+        return None, ""
+    if not (schema_fetched and step_file_from_driver(ws, target, files, files.key + ".sql.csv", csv_path)):
+        return None, None
+    with open(schema_path, encoding="utf-8") as f:
+        schema = json.load(f)
+    with open(csv_path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f)
+        next(reader, None)
+        head = [row for _, row in zip(range(TABLE_PREVIEW_ROWS), reader)]
+    files.add("table", csv_path, rows=schema["rows"])
+    files.add("table_schema", schema_path)
+    columns = [(c["name"], c["type"]) for c in schema["columns"]]
+    rendering = render_table(columns, head)
+    if schema["total_rows"] > len(head):
+        rendering += f"... {schema['total_rows'] - len(head)} more rows in {files.project.show(csv_path)}\n"
+    shown = [f"{printable(n)[:60]} {printable(t)[:30]}" for n, t in columns[:20]]
+    return {"rows": schema["rows"], "total_rows": schema["total_rows"], "columns": len(columns),
+            "truncated": schema["truncated"], "file": files.project.show(csv_path),
+            "schema_file": files.project.show(schema_path), "column_names": shown}, rendering
 
 
 def render_results(ws, session, files, status, active, max_bytes):
@@ -2480,6 +2579,12 @@ def render_results(ws, session, files, status, active, max_bytes):
     if kind == "table":
         rendering, fields["table"] = save_table(files, results)
         _append(files.stdout, ("\n" if os.path.getsize(files.stdout) else "") + rendering)
+    if wrapped is True and not failed and sql_of(_read_text(files.command)) is not None:
+        fields["table"], rendering = sql_table_from_driver(ws, target, files)
+        if rendering is None:
+            notes.append("The SQL result table could not be fetched from the driver; exec the step again.")
+        elif rendering:
+            _append(files.stdout, ("\n" if os.path.getsize(files.stdout) else "") + rendering)
     image_names = record.get("images") or [f"{files.key}.{i}.png" for i in range(1, image_count + 1)]
     if wrapped and image_names:
         fields["images"], unfetched = images_from_driver(ws, target, files, image_names)
@@ -3399,7 +3504,7 @@ def interrupted_submit(ws, project, session, files, active, interruption, timeou
 # 8. Subcommands
 # ---------------------------------------------------------------------------------------------------
 
-def read_command(spec):
+def read_command(spec, option="--command"):
     """The code to run, from inline text, @file, or - (stdin)."""
     if spec == "-":
         data = sys.stdin.buffer.read()
@@ -3417,7 +3522,7 @@ def read_command(spec):
             raise ReplError("InvalidCommand", f"Cannot read {path}: {err.strerror}.", exit_code=EXIT_USAGE,
                             hint="Check the path after @ (relative to the current directory).") from None
     else:
-        return _require_code(spec, "--command")
+        return _require_code(spec, option)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
@@ -3530,7 +3635,7 @@ def cmd_create(args):
 def cmd_exec(args):
     tag = sanitize_tag(args.tag)
     timeout = positive_timeout(args.timeout)
-    code = read_command(args.command)
+    code = read_command(args.command) if args.sql is None else sql_step_code(read_command(args.sql, "--sql"))
     project = Project(args.project_dir).check()
     session = require_active(project, project.load())
     ws = Workspace(args.profile or session.get("profile"), args.debug)
@@ -3895,13 +4000,62 @@ def _call_flags(call):
     return flags
 
 
+SQL_CREATES = re.compile(r"\bCREATE\s+(?:OR\s+REPLACE\s+)?(?:GLOBAL\s+)?(?:TEMP(?:ORARY)?\s+)?"
+                         r"(?:VIEW|TABLE)\s+(?:IF\s+NOT\s+EXISTS\s+)?([\w.`]+)", re.IGNORECASE)
+SQL_READS = re.compile(r"\b(?:FROM|JOIN|TABLE)\s+([\w.`]+)", re.IGNORECASE)
+SQL_WRITES = re.compile(r"^\s*(?:INSERT|MERGE|UPDATE|DELETE|DROP|ALTER|TRUNCATE|CREATE\s+(?:OR\s+REPLACE\s+)?TABLE)\b",
+                        re.IGNORECASE | re.MULTILINE)
+TEMP_VIEW_CALLS = frozenset({"createOrReplaceTempView", "createTempView", "createOrReplaceGlobalTempView",
+                             "createGlobalTempView", "saveAsTable"})
+
+
+def sql_name(name):
+    """The planner's name for a table or view: `sql:` and the lower-cased name without backquotes
+    (SQL names and Python names never collide)."""
+    return "sql:" + name.replace("`", "").lower()
+
+
+def analyse_sql(text):
+    """What a SQL statement does, for the planner (the shape of `analyse_code`): CREATE VIEW/TABLE x
+    defines sql:x; FROM/JOIN x uses sql:x; DML and DDL on tables are flagged `writes`. Regular
+    expressions, not a parser: names in string literals or comments may count too (a needed step
+    is never left out for it; an extra one may be replayed)."""
+    defines = {sql_name(n) for n in SQL_CREATES.findall(text)}
+    uses = {sql_name(n) for n in SQL_READS.findall(text)} - defines
+    flags = {"writes"} if SQL_WRITES.search(text) else set()
+    return {"parsed": True, "defines": defines, "uses": uses, "flags": flags,
+            "statements": [(1, max(len(text.splitlines()), 1), defines)]}
+
+
+def _sql_names_of_call(call):
+    """(defines, uses) of SQL names in one Python call: df.createOrReplaceTempView("v") defines
+    sql:v, spark.table("v") uses it, and spark.sql("...") with a literal is read as SQL."""
+    name = _call_name(call).rsplit(".", 1)[-1]
+    literal = call.args[0].value if call.args and isinstance(call.args[0], ast.Constant) \
+        and isinstance(call.args[0].value, str) else None
+    if literal is None:
+        return set(), set()
+    if name in TEMP_VIEW_CALLS:
+        return {sql_name(literal)}, set()
+    if name == "table":
+        return set(), {sql_name(literal)}
+    if name == "sql":
+        found = analyse_sql(literal)
+        return found["defines"], found["uses"]
+    return set(), set()
+
+
 def analyse_code(code):
-    """What one step's code does, from its syntax tree (magic lines are set aside first).
+    """What one step's code does, from its syntax tree (magic lines are set aside first). A SQL step
+    (exec --sql) is read as SQL (`analyse_sql`).
 
     Returns {"parsed": bool, "defines": set, "uses": set, "flags": set, "statements":
     [(first_line, last_line, defined_names)]} for the top-level statements. `uses` holds the names
     read before the step binds them, builtins and runtime names excluded. Unparsable code has
     parsed False and no names."""
+    sql = sql_of(code)
+    if sql is not None:
+        return analyse_sql(sql)
     flags = set()
     lines = code.splitlines()
     for index, line in enumerate(lines):
@@ -3921,6 +4075,10 @@ def analyse_code(code):
         found["defines"] |= names.stored
         for call in names.calls:
             flags |= _call_flags(call)
+            sql_defines, sql_uses = _sql_names_of_call(call)
+            found["uses"] |= sql_uses - found["defines"]
+            found["defines"] |= sql_defines
+            names.stored |= sql_defines
         if any(isinstance(n, ast.Attribute) and n.attr == "write" for n in ast.walk(node)):
             flags.add("writes")
         found["statements"].append((node.lineno, node.end_lineno, names.stored))
@@ -4237,7 +4395,9 @@ def export_script(session, chosen):
     requires, imports, bodies = [], [], []
     for entry in chosen:
         kept = []
-        for line in replay_code(entry).splitlines():
+        sql = sql_of(entry["code"] or "")
+        code = replay_code(entry) if sql is None else f"display(spark.sql({sql!r}))\n"
+        for line in code.splitlines():
             pip = re.match(r"\s*[%!]\s*pip\s+install\s+(.*)$", line)
             if pip:
                 requires += [p for p in pip.group(1).split() if not p.startswith("-") and p not in requires]
@@ -4738,7 +4898,10 @@ def build_parser():
 
     p = sub.add_parser("exec", help="Run code as the next step and wait for it")
     add_common(p)
-    p.add_argument("--command", required=True, help="Python code, @file.py, or - for stdin")
+    code = p.add_mutually_exclusive_group(required=True)
+    code.add_argument("--command", default=None, help="Python code, @file.py, or - for stdin")
+    code.add_argument("--sql", default=None, help="Instead of --command: SQL, @file.sql, or - for stdin; runs as "
+                                               "spark.sql in the same context, the result goes to a table file")
     p.add_argument("--tag", required=True, help="Label of the step (used in file names)")
     add_wait_options(p)
     p.set_defaults(handler=cmd_exec)

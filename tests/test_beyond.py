@@ -2,6 +2,8 @@
 the driver, and watching a running step. Every test drives the CLI as a subprocess on the local
 workspace."""
 
+import csv
+import json
 import os
 
 from local_workspace import TERMINATED_CLUSTER_ID
@@ -54,3 +56,51 @@ def test_find_cluster_says_which_clusters_can_be_started_and_why_they_are_off(re
     assert "--start-cluster" in found["hint"]
     running = repl.run("find-cluster", "--name", "analytics-dev", project=False)
     assert running["startable"] is False
+
+
+# -- SQL steps ---------------------------------------------------------------------------------------
+
+def test_a_sql_step_writes_every_row_of_its_result_with_the_schema(session):
+    made = session.exec("df = spark.range(5000).selectExpr('id', 'id * 2 AS twice', "
+                        "'concat(\"n\", id) AS label')\ndf.createOrReplaceTempView('numbers')", "view")
+    assert made.status == "Finished", made
+    queried = session.run("exec", "--sql", "SELECT id, twice, label FROM numbers ORDER BY id", "--tag", "all_rows")
+    assert queried.status == "Finished", queried
+    table = queried["table"]
+    assert table["rows"] == 5000 and table["total_rows"] == 5000 and table["truncated"] is False
+    with open(session.path(table["file"]), newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["id", "twice", "label"]
+    assert len(rows) == 5001 and rows[-1] == ["4999", "9998", "n4999"]
+    schema = json.loads(session.read(table["schema_file"]))
+    assert [(c["name"], c["type"]) for c in schema["columns"]] == [("id", "bigint"), ("twice", "bigint"),
+                                                                   ("label", "string")]
+    assert "id" in queried["stdout_preview"] and "| twice" in queried["stdout_preview"]
+
+
+def test_a_failing_sql_step_names_the_spark_exception(session):
+    missing = session.run("exec", "--sql", "SELECT * FROM no_such_view", "--tag", "missing")
+    assert missing.status == "Error", missing
+    assert missing["error"]["type"].endswith("AnalysisException"), missing["error"]
+    assert "no_such_view" in missing["error"]["message"]
+    garbled = session.run("exec", "--sql", "SELEKT 1", "--tag", "garbled")
+    assert garbled["error"]["type"].endswith("ParseException"), garbled["error"]
+
+
+def test_sql_steps_export_as_spark_sql_and_replay_their_views(session, workspace):
+    assert session.run("exec", "--sql", "CREATE OR REPLACE TEMP VIEW small AS SELECT id FROM range(10)",
+                       "--tag", "make_view").status == "Finished"
+    assert session.exec("print('unrelated')", "noise").status == "Finished"
+    counted = session.exec("print(spark.table('small').count())", "count")
+    assert counted["stdout_preview"].strip() == "10"
+    exported = session.run("export", "--output", "script.py")
+    assert exported.status == "Exported", exported
+    script = session.read(exported["output_file"])
+    assert "display(spark.sql('CREATE OR REPLACE TEMP VIEW small AS SELECT id FROM range(10)'))" in script
+    assert "_dbx_repl" not in script
+    workspace.evict()
+    evicted = session.exec("print(spark.table('small').count())", "count_again")
+    assert evicted.status == "ContextEvicted", evicted
+    assert evicted["replay_plan"]["steps"] == "1"
+    assert session.run("replay").status == "Replayed"
+    assert session.exec("print(spark.table('small').count())", "count_after")["stdout_preview"].strip() == "10"
