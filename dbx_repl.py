@@ -21,6 +21,7 @@ import datetime
 import hashlib
 import html
 import io
+import itertools
 import json
 import os
 import re
@@ -1506,6 +1507,61 @@ def _dbx_repl_install(config, namespace):
                 f.seek(offset)
                 f.write(data)
             print(json.dumps({"written": len(data), "end": offset + len(data)}))
+
+        # -- sync: a local folder mirrored under the session's driver dir -----------------------------
+        def sync_apply(self, root, archive, manifest, changed, path_entry):
+            """Bring the mirror at `root` to `manifest` ({relative path: sha256}): unpack `archive`
+            (a tar.gz of the changed files, or None), remove files the manifest no longer lists, put
+            `path_entry` first on sys.path, and reload the imported modules whose files changed
+            (dropping those whose reload fails, so the next import loads them afresh). Prints JSON
+            {"missing": files whose content does not match, "reloaded", "dropped", "removed"}."""
+            import importlib
+            import tarfile
+            root = os.path.realpath(root)
+            os.makedirs(root, mode=0o700, exist_ok=True)
+            if archive:
+                with tarfile.open(archive, "r:gz") as tar:
+                    for member in tar.getmembers():
+                        target = os.path.realpath(os.path.join(root, member.name))
+                        if not member.isfile() or not target.startswith(root + os.sep):
+                            raise ValueError("unsafe entry in the sync archive: %r" % member.name)
+                        os.makedirs(os.path.dirname(target), exist_ok=True)
+                        with tar.extractfile(member) as source, open(target, "wb") as sink:
+                            sink.write(source.read())
+                os.unlink(archive)
+            removed, missing = [], []
+            for folder, _, names in os.walk(root):
+                for name in names:
+                    full = os.path.join(folder, name)
+                    relative = os.path.relpath(full, root).replace(os.sep, "/")
+                    if relative not in manifest:
+                        os.unlink(full)
+                        removed.append(relative)
+            for relative, digest in manifest.items():
+                try:
+                    with open(os.path.join(root, relative), "rb") as f:
+                        ok = hashlib.sha256(f.read()).hexdigest() == digest
+                except OSError:
+                    ok = False
+                if not ok:
+                    missing.append(relative)
+            if path_entry in sys.path:
+                sys.path.remove(path_entry)
+            sys.path.insert(0, path_entry)
+            importlib.invalidate_caches()
+            changed_files = set(os.path.join(root, c.replace("/", os.sep)) for c in changed)
+            stale = [name for name, module in list(sys.modules.items())
+                     if os.path.realpath(getattr(module, "__file__", None) or "/nonexistent") in changed_files]
+            reloaded, dropped = [], []
+            for name in sorted(stale, key=lambda n: -n.count(".")):  # submodules before their packages
+                try:
+                    importlib.reload(sys.modules[name])
+                    reloaded.append(name)
+                except Exception:
+                    sys.modules.pop(name, None)
+                    dropped.append(name)
+            print(json.dumps({"missing": missing, "reloaded": reloaded, "dropped": dropped,
+                              "removed": len(removed)}))
 
     _repl = _Repl()
     # Lives as long as this Python process: a reinstall tells a restarted interpreter (variables
@@ -4278,7 +4334,7 @@ def cmd_replay(args):
                         tip={"replay": cli_hint("replay", project)},
                         hint="Run the tip to replay this plan, or choose steps with --steps. Flagged steps "
                              "are costly or have side effects (see references/eviction-replay.md).")
-    if not plan:
+    if not plan and not session.get("syncs"):
         return response("NothingToReplay", "No recorded step matches.",
                         hint="Nothing defines what the next step needs; exec it again, or pick steps with --steps.")
     ws = Workspace(args.profile or session.get("profile"), args.debug)
@@ -4286,27 +4342,30 @@ def cmd_replay(args):
         evicted = recover_from_eviction(ws, project)
         if evicted["status"] != "ContextEvicted":
             return evicted
+    synced, sync_failed = restore_syncs(ws, project, project.load())
+    syncs = {"synced": synced or None, "sync_failed": sync_failed or None}
     restored = []
     for index, entry in enumerate(plan):
         if entry["code"] is None:
             failure = {"step": entry["origin"], "status": "MissingCommandFile",
                        "message": f"{entry.get('command_file')} is unreadable."}
-            return _replay_report(project, restored, failure, plan[index + 1:])
+            return _replay_report(project, restored, failure, plan[index + 1:], syncs)
         body = submit_step(ws, project, project.load(), replay_code(entry), sanitize_tag(entry["tag"]), timeout,
                            args.max_output_bytes, replay_of=entry["origin"])
         if body["status"] != "Finished":
             failure = {"step": entry["origin"], "cmd_id": body.get("cmd_id"), "status": body["status"],
                        "message": body.get("message"), "error": body.get("error")}
-            return _replay_report(project, restored, failure, plan[index + 1:])
+            return _replay_report(project, restored, failure, plan[index + 1:], syncs)
         done = {"step": entry["origin"], "tag": entry["tag"], "cmd_id": body["cmd_id"]}
         if "partial_lines" in entry:
             done["lines"] = f"1-{entry['partial_lines']}"
         restored.append(done)
-    return _replay_report(project, restored, None, [])
+    return _replay_report(project, restored, None, [], syncs)
 
 
-def _replay_report(project, restored, failure, not_run):
-    fields = {"restored": restored, "failed": failure, "not_run": [e["origin"] for e in not_run]}
+def _replay_report(project, restored, failure, not_run, syncs):
+    """Replayed / ReplayFailed; `syncs` = {"synced": names, "sync_failed": [{name, error}]} (or Nones)."""
+    fields = {"restored": restored, "failed": failure, "not_run": [e["origin"] for e in not_run], **syncs}
     if failure is None:
         return response("Replayed", f"Re-ran {len(restored)} step(s) in the current context.",
                         hint="State is restored; continue with exec.", **fields)
@@ -4564,6 +4623,27 @@ def record_transfer(project, entry):
         project.save(session)
 
 
+def put_blocks(ws, session, remote, blocks):
+    """Write `blocks` (an iterable of bytes) to the driver file `remote`, one zlib-compressed chunk
+    per command; an empty iterable still creates the file. Returns (sha256 object, chunks sent)."""
+    digest, offset, chunks = hashlib.sha256(), 0, 0
+    for block in itertools.chain(blocks, [b""]):
+        if not block and offset:
+            break
+        digest.update(block)
+        packed = base64.b64encode(zlib.compress(block, 6)).decode("ascii")
+        results = run_internal(ws, session, f"_dbx_repl.put({remote!r}, {offset}, {packed!r})")
+        if results.get("resultType") == "error":
+            error_type, message = parse_error(results.get("summary"), results.get("cause"))
+            raise ReplError("RemoteFileError", f"Writing {remote}: {error_type}: {message}",
+                            hint="Check that the driver can write that path.")
+        offset += len(block)
+        chunks += 1
+        if not block:
+            break
+    return digest, chunks
+
+
 def cmd_put(args):
     project = Project(args.project_dir).check()
     try:
@@ -4577,24 +4657,10 @@ def cmd_put(args):
         raise ReplError("TooLarge", f"{args.local} is {size} bytes, over the {args.max_bytes}-byte cap.",
                         hint="Raise --max-bytes, or move large data through a Volume.")
     session, ws = idle_session(project, args)
-    started, digest, offset, chunks = time.monotonic(), hashlib.sha256(), 0, 0
+    started = time.monotonic()
     try:
         with open(args.local, "rb") as f:
-            while True:
-                block = f.read(PUT_CHUNK_BYTES)
-                if not block and offset:
-                    break
-                digest.update(block)
-                packed = base64.b64encode(zlib.compress(block, 6)).decode("ascii")
-                results = run_internal(ws, session, f"_dbx_repl.put({args.remote!r}, {offset}, {packed!r})")
-                if results.get("resultType") == "error":
-                    error_type, message = parse_error(results.get("summary"), results.get("cause"))
-                    raise ReplError("RemoteFileError", f"Writing {args.remote}: {error_type}: {message}",
-                                    hint="Check that the driver can write that path.")
-                offset += len(block)
-                chunks += 1
-                if not block:
-                    break
+            digest, chunks = put_blocks(ws, session, args.remote, iter(lambda: f.read(PUT_CHUNK_BYTES), b""))
         remote = remote_stat(ws, session, args.remote)
     except ReplError:
         raise
@@ -4648,6 +4714,186 @@ def cmd_get(args):
                     local=project.show(target), remote=args.remote, bytes=remote["size"],
                     sha256=remote["sha256"], elapsed_seconds=round(time.monotonic() - started, 3),
                     hint="Read the local file selectively.")
+
+
+# -- sync: a local folder mirrored on the driver and importable in the context ----------------------
+# `sync DIR` mirrors a local package (or a folder of modules) to <driver dir>/sync/<name>, sending only
+# files whose sha256 differs from the manifest of the last sync (kept in session.json under "syncs"),
+# as one tar.gz; the driver removes files no longer present, checks every file's hash, puts the
+# package's parent (a folder's own path) first on sys.path, and reloads the changed modules. `replay`
+# syncs every recorded folder again before it re-runs steps, so a new context can import them.
+
+DEFAULT_SYNC_CAP = 50 * 1024 * 1024
+SYNC_ALWAYS_SKIPPED = (".git/", "__pycache__/", "*.pyc", ".DS_Store")
+
+
+def gitignore_rules(root):
+    """The rules of ROOT/.gitignore as (negated, directory_only, anchored, pattern), in order, after
+    the rules every sync applies (SYNC_ALWAYS_SKIPPED). A documented subset of git's syntax: blank
+    lines and # comments are skipped; `!` re-includes; a trailing `/` matches directories only; a
+    pattern with another `/` is matched (fnmatch) against the path from ROOT, any other against each
+    name at any depth. Nested .gitignore files are not read."""
+    lines = list(SYNC_ALWAYS_SKIPPED)
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        with open(os.path.join(root, ".gitignore"), encoding="utf-8") as f:
+            lines += f.read().splitlines()
+    rules = []
+    for line in lines:
+        line = line.rstrip()
+        if not line or line.startswith("#"):
+            continue
+        negated = line.startswith("!")
+        line = line[1:] if negated else line
+        directory_only = line.endswith("/")
+        line = line.rstrip("/")
+        anchored = "/" in line
+        if line:
+            rules.append((negated, directory_only, anchored, line.lstrip("/")))
+    return rules
+
+
+def ignored(rules, relative, is_dir):
+    """Whether the path (from the synced folder, with `/`) is ignored: the last matching rule decides."""
+    import fnmatch
+    verdict = False
+    for negated, directory_only, anchored, pattern in rules:
+        if directory_only and not is_dir:
+            continue
+        subject = relative if anchored else relative.rsplit("/", 1)[-1]
+        if fnmatch.fnmatchcase(subject, pattern):
+            verdict = not negated
+    return verdict
+
+
+def local_tree(root, max_bytes):
+    """{relative path: (sha256, size)} of the files to sync under ROOT (an ignored directory hides
+    everything in it). Raises TooLarge past max_bytes in total, before anything is sent."""
+    rules, found, total = gitignore_rules(root), {}, 0
+    for folder, dirs, names in os.walk(root):
+        base = os.path.relpath(folder, root).replace(os.sep, "/")
+        base = "" if base == "." else base + "/"
+        dirs[:] = sorted(d for d in dirs if not ignored(rules, base + d, True)
+                         and not os.path.islink(os.path.join(folder, d)))
+        for name in sorted(names):
+            relative = base + name
+            path = os.path.join(folder, name)
+            if ignored(rules, relative, False) or not os.path.isfile(path):
+                continue
+            with open(path, "rb") as f:
+                data = f.read()
+            total += len(data)
+            if total > max_bytes:
+                raise ReplError("TooLarge", f"{root} holds more than {max_bytes} bytes to sync.",
+                                hint="Ignore data and build folders in its .gitignore, or raise --max-bytes.")
+            found[relative] = (hashlib.sha256(data).hexdigest(), len(data))
+    return found
+
+
+def sync_folder(ws, session, local, name, previous, max_bytes):
+    """Mirror LOCAL to the driver as NAME; `previous` is the record of its last sync (or None).
+    Returns the new record for session.json and what changed: (record, sent, reloaded, removed).
+    Raises ReplError (InvalidPath, TooLarge, RemoteFileError, TransferFailed)."""
+    import tarfile
+    if not os.path.isdir(local):
+        raise ReplError("InvalidPath", f"{local} is not a folder.", exit_code=EXIT_USAGE,
+                        hint="Name a local package or folder of modules.")
+    tree = local_tree(local, max_bytes)
+    remote = f"{DRIVER_OUTPUT_DIR}/dbx_repl_{session['session_id']}/sync/{name}"
+    path_entry = remote.rsplit("/", 1)[0] if "__init__.py" in tree else remote
+    manifest = {relative: digest for relative, (digest, _) in tree.items()}
+    known = (previous or {}).get("files") or {}
+    changed = sorted(r for r in manifest if known.get(r) != manifest[r])
+    sent = []
+    for attempt in range(2):    # the second pass resends what the driver lost (a restarted cluster)
+        archive = None
+        if changed:
+            packed = io.BytesIO()
+            with tarfile.open(fileobj=packed, mode="w:gz", compresslevel=6) as tar:
+                for relative in changed:
+                    tar.add(os.path.join(local, relative), arcname=relative, recursive=False)
+            archive = f"{remote}.upload.tar.gz"
+            data = packed.getvalue()
+            put_blocks(ws, session, archive, (data[i:i + PUT_CHUNK_BYTES] for i in range(0, len(data), PUT_CHUNK_BYTES)))
+            sent += [c for c in changed if c not in sent]
+        results = run_internal(ws, session, f"_dbx_repl.sync_apply({remote!r}, {archive!r}, "
+                                            f"__import__('json').loads({json.dumps(manifest)!r}), "
+                                            f"{changed!r}, {path_entry!r})")
+        if results.get("resultType") == "error":
+            error_type, message = parse_error(results.get("summary"), results.get("cause"))
+            raise ReplError("RemoteFileError", f"Applying the sync on the driver: {error_type}: {message}",
+                            hint="Retry the sync; if it repeats, check the driver's disk.")
+        applied = json.loads((results.get("data") or "").strip().splitlines()[-1])
+        if not applied["missing"]:
+            break
+        changed = sorted(applied["missing"])
+    else:
+        raise ReplError("TransferFailed", f"{len(applied['missing'])} file(s) did not arrive whole on the driver.",
+                        hint="Retry the sync.", missing=applied["missing"][:10])
+    record = {"local": local, "remote": remote, "path": path_entry, "files": manifest, "max_bytes": max_bytes,
+              "bytes": sum(size for _, size in tree.values()), "synced_at": now_iso()}
+    return record, sent, applied["reloaded"] + applied["dropped"], applied["removed"]
+
+
+def sync_name(local):
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.basename(os.path.normpath(local)))
+    if not name.strip("._"):
+        raise ReplError("InvalidPath", f"{local} has no usable folder name.", exit_code=EXIT_USAGE,
+                        hint="Name the package's folder, e.g. sync src/mypkg.")
+    return name
+
+
+def record_sync(project, name, record):
+    with signals_deferred(), project.lock():
+        session = project.load()
+        session.setdefault("syncs", {})[name] = record
+        project.save(session)
+
+
+def cmd_sync(args):
+    project = Project(args.project_dir).check()
+    local = os.path.abspath(args.dir)
+    name = sync_name(local)
+    if args.max_bytes <= 0:
+        raise ReplError("UsageError", "--max-bytes must be positive.", exit_code=EXIT_USAGE,
+                        hint=f"Leave it out for the default ({DEFAULT_SYNC_CAP} bytes).")
+    if not os.path.isdir(local):
+        raise ReplError("InvalidPath", f"{args.dir} is not a folder.", exit_code=EXIT_USAGE,
+                        hint="Name a local package or folder of modules.")
+    local_tree(local, args.max_bytes)       # too large: refused before the session is touched
+    session, ws = idle_session(project, args)
+    started = time.monotonic()
+    try:
+        record, sent, reloaded, removed = sync_folder(ws, session, local, name,
+                                                      (session.get("syncs") or {}).get(name), args.max_bytes)
+    except ReplError:
+        raise
+    except Exception as err:
+        raise map_sdk_error(err, action="sync the folder") from None
+    record_sync(project, name, record)
+    importable = name if record["path"] != record["remote"] else "its modules"
+    return response("Synced", f"{local} is on the driver at {record['remote']}: {len(sent)} of "
+                    f"{len(record['files'])} file(s) sent, {removed} removed.",
+                    name=name, remote=record["remote"], sys_path=record["path"], files=len(record["files"]),
+                    bytes=record["bytes"], sent=sent[:20], sent_count=len(sent), removed=removed,
+                    reloaded=reloaded[:20], elapsed_seconds=round(time.monotonic() - started, 3),
+                    hint=f"Import {importable} in your steps; sync again after editing (only changes are sent, "
+                         "changed modules are reloaded).")
+
+
+def restore_syncs(ws, project, session):
+    """After a new context: sync every recorded folder again (changed files are sent, the path is
+    set). Returns ([names restored], [{name, error}] for those that could not be)."""
+    restored, failed = [], []
+    for name, previous in sorted((session.get("syncs") or {}).items()):
+        try:
+            record, _, _, _ = sync_folder(ws, session, previous["local"], name, previous,
+                                          previous.get("max_bytes") or DEFAULT_SYNC_CAP)
+        except ReplError as err:
+            failed.append({"name": name, "error": f"{err.status}: {err.message}"[:200]})
+            continue
+        record_sync(project, name, record)
+        restored.append(name)
+    return restored, failed
 
 
 # -- smoke -------------------------------------------------------------------------------------------
@@ -4713,13 +4959,14 @@ def cmd_smoke(args):
 
     def create():
         body = run_subcommand(cmd_create, cluster_id=state["cluster_id"], session_name="dbx-repl-smoke",
-                              llm_endpoint=args.llm_endpoint, llm_max_calls=5, llm_max_tokens=None)
+                              llm_endpoint=args.llm_endpoint, llm_max_calls=5, llm_max_tokens=None,
+                              start_cluster=False)
         state["created"] = True
         return body["context_id"]
 
     def run_check(command, tag, check):
         def action():
-            body = run_subcommand(cmd_exec, command=command, tag=tag)
+            body = run_subcommand(cmd_exec, command=command, tag=tag, sql=None)
             if body["status"] != "Finished":
                 raise ReplError(body["status"], body.get("message", ""))
             text = body.get("stdout_preview", "").strip()
@@ -4957,6 +5204,12 @@ def build_parser():
             p.add_argument(positional)
         p.add_argument("--max-bytes", type=int, default=DEFAULT_TRANSFER_CAP, help="Size cap of the file")
         p.set_defaults(handler=handler)
+
+    p = sub.add_parser("sync", help="Mirror a local package or folder to the driver and make it importable")
+    add_common(p)
+    p.add_argument("dir", help="The local folder (a package with __init__.py, or a folder of modules)")
+    p.add_argument("--max-bytes", type=int, default=DEFAULT_SYNC_CAP, help="Size cap of the folder's files")
+    p.set_defaults(handler=cmd_sync)
 
     p = sub.add_parser("smoke", help="End-to-end check: create, exec, (sub_llm), destroy in a temp dir")
     add_profile(p)

@@ -104,3 +104,49 @@ def test_sql_steps_export_as_spark_sql_and_replay_their_views(session, workspace
     assert evicted["replay_plan"]["steps"] == "1"
     assert session.run("replay").status == "Replayed"
     assert session.exec("print(spark.table('small').count())", "count_after")["stdout_preview"].strip() == "10"
+
+
+# -- local modules on the cluster ---------------------------------------------------------------------
+
+def _write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_a_synced_package_imports_picks_up_changes_and_comes_back_after_an_eviction(session, workspace, tmp_path):
+    package = tmp_path / "src" / "shapes"
+    _write(package / "__init__.py", "from .area import square\n")
+    _write(package / "area.py", "def square(x):\n    return x * x\n")
+    _write(package / "notes" / "big.csv", "x\n" * 10)
+    _write(package / "scratch.log", "noise\n")
+    _write(package / ".gitignore", "*.log\nnotes/\n")
+    synced = session.run("sync", str(package))
+    assert synced.status == "Synced", synced
+    assert synced["files"] == 3 and synced["sent_count"] == 3      # __init__, area, .gitignore
+    used = session.exec("import shapes\nprint(shapes.square(7))", "use")
+    assert used["stdout_preview"].strip() == "49", used
+
+    _write(package / "area.py", "def square(x):\n    return x * x + 1\n")
+    again = session.run("sync", str(package))
+    assert again.status == "Synced" and again["sent"] == ["area.py"], again
+    assert "shapes.area" in again["reloaded"]
+    assert session.exec("print(shapes.area.square(7))", "changed")["stdout_preview"].strip() == "50"
+
+    unchanged = session.run("sync", str(package))
+    assert unchanged["sent_count"] == 0
+
+    workspace.evict()
+    evicted = session.exec("print(shapes.square(3))", "after_eviction")
+    assert evicted.status == "ContextEvicted", evicted
+    replayed = session.run("replay")
+    assert replayed.status == "Replayed", replayed
+    assert replayed["synced"] == ["shapes"]
+    assert session.exec("print(shapes.square(3))", "restored")["stdout_preview"].strip() == "10"
+
+
+def test_sync_refuses_a_folder_over_the_cap_and_sends_nothing(session, tmp_path):
+    folder = tmp_path / "heavy"
+    _write(folder / "data.bin", "x" * 5000)
+    refused = session.run("sync", str(folder), "--max-bytes", "1000")
+    assert refused.status == "TooLarge" and refused.code == 1, refused
+    assert "syncs" not in session.session()
