@@ -2218,8 +2218,9 @@ class StatusUnavailable(Exception):
         self.error, self.failing_for = error, failing_for
 
 
-def poll_command(ws, cluster_id, context_id, command_id, timeout):
+def poll_command(ws, cluster_id, context_id, command_id, timeout, watch=None):
     """Poll until the command is done (its status dict) or `timeout` seconds pass (None).
+    `watch(waited)`, when given, is called between polls (it limits its own rate; see StepWatch).
 
     Polls fast at first (see POLL_*). A failed poll is retried, not reported as a failed command,
     unless a contexts/status probe shows the context is gone (ContextGone). Every request ends by the
@@ -2260,9 +2261,206 @@ def poll_command(ws, cluster_id, context_id, command_id, timeout):
                 if last_error is not None:
                     raise StatusUnavailable(last_error, now - failing_since)
                 return None
-            time.sleep(min(poll_delay(now - started), deadline - now))
+            if watch is not None:
+                watch(now - started)
+                now = time.monotonic()
+                if now >= deadline:
+                    continue
+            time.sleep(max(min(poll_delay(now - started), deadline - now), 0.0))
     finally:
         ws.deadline = outer
+
+
+# -- watching a running step: the sidecar context ---------------------------------------------------
+# The step's own context runs one command at a time, so its progress is read from a second context
+# of the same cluster, the sidecar: created on the first read, recorded in session.json
+# ("sidecar_context_id"), at most one per session, destroyed with it. It reads the tail of the
+# step's driver copy (the bootstrap tees the output there as it is printed) and, through the
+# cluster's one SparkContext, the status tracker: the jobs of the step's job group (its command id,
+# where the runtime sets it), else every active job.
+
+PROGRESS_TAIL_LINES = 10
+PROGRESS_TAIL_BYTES = 1024
+PROGRESS_READ_SECONDS = 10.0               # one progress read (status); past it the answer says why it has none
+RUNNING_PROGRESS_SECONDS = 5.0             # the read a Running answer adds after --timeout
+WATCH_INTERVAL_SECONDS = 2.0               # await --follow and the terminal line: a read at most this often
+SPARK_NAMES = re.compile(r"\b(spark|sc|sqlContext|sql|table)\b|^\s*%sql|_dbx_repl\.sql\(", re.MULTILINE)
+
+
+def _dbx_repl_progress(path, group, tail_lines, tail_bytes, with_spark):
+    """Runs in the sidecar context: prints one JSON line {"output_bytes", "output_tail",
+    "spark_jobs": [{"job", "status", "description", "stages", "tasks", "active_tasks"}]}."""
+    import json
+    import os
+    found = {"output_bytes": None, "output_tail": None}
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - tail_bytes))
+            lines = f.read().decode("utf-8", "replace").splitlines()
+        found.update(output_bytes=size, output_tail="\n".join(lines[-tail_lines:]))
+    except OSError:
+        pass
+    context = globals().get("sc") if with_spark else None
+    if context is not None:
+        try:
+            tracker = context.statusTracker()
+            active = set(tracker.getActiveJobsIds())
+            grouped = set(tracker.getJobIdsForGroup(group)) if group else set()
+            jobs = []
+            for job_id in sorted((grouped & active) if grouped else active)[-5:]:
+                info = tracker.getJobInfo(job_id)
+                if info is None:
+                    continue
+                stages = [tracker.getStageInfo(i) for i in info.stageIds]
+                stages = [st for st in stages if st is not None]
+                last = max(stages, key=lambda st: st.stageId) if stages else None
+                jobs.append({"job": job_id, "status": str(info.status),
+                             "description": last.name[:120] if last is not None else None,
+                             "stages": sorted(int(i) for i in info.stageIds),
+                             "tasks": "%d/%d" % (sum(st.numCompletedTasks for st in stages),
+                                                 sum(st.numTasks for st in stages)),
+                             "active_tasks": sum(st.numActiveTasks for st in stages)})
+            found["spark_jobs"] = jobs
+        except Exception as error:
+            found["spark_error"] = ("%s: %s" % (type(error).__name__, error))[:200]
+    print(json.dumps(found))
+
+
+def sidecar_context(ws, project, session):
+    """The session's sidecar context id, created (and recorded at once, so that a read cut short
+    never leaves it untracked) on first use. Two calls racing may both create one: the later to
+    record it destroys its own, so the session keeps one."""
+    known = session.get("sidecar_context_id")
+    if known:
+        return known
+    context_id = ws.create_context(session["cluster_id"])
+    with signals_deferred(), project.lock():
+        current = project.load()
+        kept = current.get("sidecar_context_id") if current.get("status") == "active" else None
+        if kept is None and current.get("status") == "active":
+            current["sidecar_context_id"] = context_id
+            project.save(current)
+    if kept is not None or current.get("status") != "active":
+        with contextlib.suppress(Exception):
+            ws.destroy_context(session["cluster_id"], context_id)
+        if kept is None:
+            raise ReplError("SessionDestroyed", "The session ended while its progress was read.")
+        context_id = kept
+    session["sidecar_context_id"] = context_id
+    state = wait_for_context(ws, session["cluster_id"], context_id)   # within the caller's deadline
+    if state not in ("Running", "Pending"):
+        raise ContextGone(f"the sidecar context did not start ({state})")
+    return context_id
+
+
+def forget_sidecar(project, context_id):
+    with signals_deferred(), project.lock():
+        current = project.load()
+        if current.get("sidecar_context_id") == context_id:
+            current.pop("sidecar_context_id")
+            project.save(current)
+
+
+def read_progress(ws, project, session, active, budget=PROGRESS_READ_SECONDS):
+    """What the running step has done so far, for `progress`: {"output_bytes", "output_tail",
+    "spark_jobs", "read_seconds"}, or {"error": why} when it could not be read. Never raises an
+    ordinary exception: a watch must not end the wait it watches."""
+    import inspect
+    started = time.monotonic()
+    key = step_key(active["step"], active["tag"])
+    code = _read_text(StepFiles(project, active["step"], active["tag"]).command) or ""
+    command = (inspect.getsource(_dbx_repl_progress)
+               + f"\n_dbx_repl_progress({driver_copy_path(session, key)!r}, {active.get('command_id')!r}, "
+                 f"{PROGRESS_TAIL_LINES}, {PROGRESS_TAIL_BYTES}, {bool(SPARK_NAMES.search(code))})\n")
+    outer = ws.deadline
+    for attempt in range(2):       # a sidecar evicted since its last use is replaced once
+        context_id = None
+        try:
+            ws.deadline = min(started + budget + WAIT_GRACE_SECONDS, outer or float("inf"))
+            context_id = sidecar_context(ws, project, session)
+            left = started + budget - time.monotonic()
+            if left <= 0:
+                raise ReplError("ProgressTimeout", f"the sidecar context was not ready within {budget:g}s")
+            results = run_internal(ws, dict(session, context_id=context_id), command, timeout=left)
+            if results.get("resultType") == "error":
+                raise ReplError("ProgressFailed", printable(html_to_text(results.get("summary") or ""))[:200])
+            found = json.loads((results.get("data") or "").strip().splitlines()[-1])
+            if found.get("output_tail") is not None:
+                found["output_tail"] = preview(found["output_tail"], PROGRESS_TAIL_BYTES)
+            found["read_seconds"] = round(time.monotonic() - started, 3)
+            return {k: v for k, v in found.items() if v is not None}
+        except ContextGone as err:
+            if context_id:
+                forget_sidecar(project, context_id)
+                session.pop("sidecar_context_id", None)
+            error = f"the sidecar context is gone ({err})"
+        except ReplError as err:
+            return {"error": f"{err.status}: {err.message}"[:300]}
+        except (KeyboardInterrupt, Terminated):
+            raise
+        except Exception as err:
+            error = map_sdk_error(err, action="read the step's progress").message
+            with contextlib.suppress(Exception):
+                if context_id and isinstance(err, ws.errors.DatabricksError) and \
+                        not ws.context_alive(session["cluster_id"], context_id):
+                    forget_sidecar(project, context_id)     # evicted since its last read: replace it
+                    session.pop("sidecar_context_id", None)
+                    continue
+            return {"error": error[:300]}
+        finally:
+            ws.deadline = outer
+    return {"error": error[:300]}
+
+
+def progress_line(key, waited, progress):
+    """One line for a terminal or `await --follow`: elapsed, Spark tasks, the last output line."""
+    parts = [f"{key} {waited:.0f}s"]
+    for job in (progress.get("spark_jobs") or [])[-2:]:
+        parts.append(f"job {job['job']} tasks {job['tasks']}")
+    tail = (progress.get("output_tail") or "").strip().splitlines()
+    if tail:
+        parts.append(tail[-1][:80])
+    if progress.get("error"):
+        parts.append(f"(no progress: {progress['error'][:60]})")
+    return " | ".join(parts)
+
+
+class StepWatch:
+    """The `watch` of a wait: every WATCH_INTERVAL_SECONDS, the step's progress as a line on stderr
+    (`follow`: one line per change, for await --follow) or as the live line of a terminal. None
+    (see `for_wait`) when neither applies, so a pipe never sees progress."""
+
+    def __init__(self, ws, project, session, active, follow):
+        self.ws, self.project, self.session, self.active, self.follow = ws, project, session, active, follow
+        self.live = None if follow else LiveLine()
+        self.key = step_key(active["step"], active["tag"])
+        self.next_read, self.last_line = 0.0, None
+
+    @classmethod
+    def for_wait(cls, ws, project, session, active, follow=False):
+        if not follow and not sys.stderr.isatty():
+            return None
+        return cls(ws, project, session, active, follow)
+
+    def __call__(self, waited):
+        if time.monotonic() < self.next_read or not self.active.get("command_id"):
+            return
+        progress = read_progress(self.ws, self.project, self.session, self.active)
+        self.next_read = time.monotonic() + WATCH_INTERVAL_SECONDS
+        line = progress_line(self.key, elapsed_since(self.active), progress)
+        if self.follow:
+            body = line.split(" | ", 1)[1] if " | " in line else ""
+            if body != self.last_line:
+                sys.stderr.write(printable(line) + "\n")
+                sys.stderr.flush()
+                self.last_line = body
+        else:
+            self.live.show(line)
+
+    def close(self):
+        if self.live is not None:
+            self.live.close()
 
 
 def run_internal(ws, session, command, timeout=120.0):
@@ -2888,13 +3086,20 @@ def cancel_and_confirm(ws, session, command_id, wait=CANCEL_WAIT_SECONDS, contex
     return poll_command(ws, session["cluster_id"], context_id, command_id, wait)
 
 
-def await_active(ws, project, session, active, timeout, max_bytes, wait=None):
-    """Wait for the active command and answer for it: the step, Running, StatusUnknown, Cancelled,
-    Destroyed or ContextEvicted. `wait`: the seconds left of the caller's --timeout (default all)."""
+def await_active(ws, project, session, active, timeout, max_bytes, wait=None, follow=False):
+    """Wait for the active command and answer for it: the step, Running (with `progress`),
+    StatusUnknown, Cancelled, Destroyed or ContextEvicted. `wait`: the seconds left of the caller's
+    --timeout (default all). `follow`: progress lines on stderr meanwhile (else a live line on a
+    terminal only)."""
     cluster_id, context_id = session["cluster_id"], active.get("context_id") or session["context_id"]
     wait = timeout if wait is None else wait
+    watch = StepWatch.for_wait(ws, project, session, active, follow)
     try:
-        status = poll_command(ws, cluster_id, context_id, active["command_id"], wait)
+        try:
+            status = poll_command(ws, cluster_id, context_id, active["command_id"], wait, watch=watch)
+        finally:
+            if watch is not None:
+                watch.close()
         if status is not None and helpers_missing(active, status):
             rerun_with_helpers(ws, project, session, active)
             status = poll_command(ws, cluster_id, context_id, active["command_id"], wait)
@@ -2914,7 +3119,9 @@ def await_active(ws, project, session, active, timeout, max_bytes, wait=None):
     except ContextGone:
         return recover_from_eviction(ws, project, failed=active)
     if status is None:
-        return running_response(project, active, timeout)
+        body = running_response(project, active, timeout)
+        body["progress"] = read_progress(ws, project, session, active, RUNNING_PROGRESS_SECONDS)
+        return body
     return finish_command(ws, project, session, active, status, max_bytes)
 
 
@@ -3715,7 +3922,8 @@ def cmd_await(args):
         settle_unsubmitted(project, active)
     ws = Workspace(args.profile or session.get("profile"), args.debug)
     try:
-        return await_active(ws, project, session, active, timeout, args.max_output_bytes, wait=time_left(timeout))
+        return await_active(ws, project, session, active, timeout, args.max_output_bytes, wait=time_left(timeout),
+                            follow=args.follow)
     except StatusUnavailable as unavailable:   # the helpers' re-install could not be confirmed
         return status_unknown_response(project, active, unavailable)
 
@@ -3818,6 +4026,14 @@ def cmd_destroy(args):
         session["destroyed_at"] = now_iso()
         project.save(session)
     context_destroyed = True
+    if session.get("sidecar_context_id"):   # best effort: it holds no state, the cluster reclaims it
+        ws.deadline = time.monotonic() + 3.0
+        try:
+            ws.destroy_context(session["cluster_id"], session["sidecar_context_id"])
+        except Exception:
+            pass
+        finally:
+            ws.deadline = None
     try:
         ws.destroy_context(session["cluster_id"], session["context_id"])
         note = "The execution context was destroyed."
@@ -3902,9 +4118,11 @@ def cmd_status(args):
             return response("Busy", f"Step {summary['active_command']['cmd_id']} has ended ({remote}) but its "
                             "output is not collected yet.", hint=f"Run {cli_hint('await', project)} to collect it.",
                             **summary)
+        progress = read_progress(ws, project, session, active) if active.get("command_id") else None
         return response("Busy", f"Step {summary['active_command']['cmd_id']} is running.",
                         tip={"await": cli_hint("await", project), "cancel": cli_hint("cancel", project)},
-                        hint="Use await to wait for it or cancel to stop it.", **summary)
+                        hint="Use await to wait for it (--follow streams its progress) or cancel to stop it.",
+                        progress=progress, **summary)
     return response("Active", f"Session {session.get('session_name')!r} is alive with {len(steps)} step(s).",
                     hint="Run exec for the next step.", **summary)
 
@@ -5156,6 +5374,8 @@ def build_parser():
     p = sub.add_parser("await", help="Keep waiting for the running command")
     add_common(p)
     add_wait_options(p)
+    p.add_argument("--follow", action="store_true", help="Stream the step's progress (output tail, Spark tasks) "
+                                                         "to stderr while waiting")
     p.set_defaults(handler=cmd_await)
 
     p = sub.add_parser("cancel", help="Cancel the running command")

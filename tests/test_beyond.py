@@ -7,6 +7,7 @@ import json
 import os
 
 from local_workspace import TERMINATED_CLUSTER_ID
+from repl_harness import wait_for
 
 
 def _starts(workspace):
@@ -150,3 +151,58 @@ def test_sync_refuses_a_folder_over_the_cap_and_sends_nothing(session, tmp_path)
     refused = session.run("sync", str(folder), "--max-bytes", "1000")
     assert refused.status == "TooLarge" and refused.code == 1, refused
     assert "syncs" not in session.session()
+
+
+# -- watching a running step ---------------------------------------------------------------------------
+
+SLOW_SPARK_STEP = """
+print('warming up the shuffle', flush=True)
+def slowly(rows):
+    import time
+    for row in rows:
+        time.sleep(0.04)
+        yield row
+pairs = sc.parallelize(range(400), 8).mapPartitions(slowly).map(lambda x: (x % 4, x))
+print('summing by key', flush=True)
+print(sorted(pairs.reduceByKey(lambda a, b: a + b).collect()))
+"""
+
+
+def test_status_shows_the_spark_tasks_and_latest_output_of_a_running_step(session, workspace):
+    assert session.exec("print(spark.range(3).count())", "warm")["stdout_preview"].strip() == "3"
+    running = session.exec(SLOW_SPARK_STEP, "shuffle", "--timeout", "1")
+    assert running.status == "Running", running
+    assert "progress" in running.body
+    assert "tasks" not in running.stderr               # no live line when stderr is not a terminal
+
+    def spark_progress():
+        status = session.run("status")
+        if status.status != "Busy":
+            return None
+        jobs = status["progress"].get("spark_jobs") or []
+        return status if jobs and "summing by key" in status["progress"].get("output_tail", "") else None
+
+    seen = wait_for(spark_progress, timeout=60, interval=0.5)
+    assert seen, session.run("status").body
+    job = seen["progress"]["spark_jobs"][0]
+    done, total = (int(n) for n in job["tasks"].split("/"))
+    assert total >= 8 and 0 <= done <= total and len(job["stages"]) == 2, job
+    assert job["description"]
+    sidecar = session.session()["sidecar_context_id"]
+    assert sidecar and sidecar != session.session()["context_id"]
+
+    finished = session.run("await", "--timeout", "90")
+    assert finished.status == "Finished", finished
+    assert "(0, 19800)" in session.read(finished["stdout_file"])
+    assert session.session()["sidecar_context_id"] == sidecar          # one sidecar per session
+    session.run("destroy")
+    assert sidecar not in workspace.context_pids()
+
+
+def test_await_follow_streams_progress_lines_then_answers_as_usual(session):
+    step = "import time\nfor i in range(8):\n    print('tick', i, flush=True)\n    time.sleep(0.5)\n"
+    assert session.exec(step, "ticks", "--timeout", "1").status == "Running"
+    followed = session.run("await", "--follow", "--timeout", "60")
+    assert followed.status == "Finished", followed
+    lines = [line for line in followed.stderr.splitlines() if line.startswith("001_ticks")]
+    assert lines and any("tick" in line for line in lines), followed.stderr
