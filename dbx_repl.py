@@ -5597,9 +5597,13 @@ class WarmClient:
     def _plan(argv):
         """(project root, socket path, stdin bytes or None) for a call the warm process can run, or
         None: other subcommands, --help/--version, --debug (its log goes to this stderr), bad usage
-        (answered in-process, without the SDK), no usable socket path."""
+        (answered in-process, without the SDK), no usable socket path, and a wait that shows progress
+        on this stderr as it goes (await --follow; exec/await/create on a terminal), which the warm
+        child could only hand back at the end."""
         if not hasattr(os, "fork") or not argv or argv[0] not in WARM_SUBCOMMANDS or "--debug" in argv or \
                 any(a in ("-h", "--help", "--version") for a in argv):
+            return None
+        if "--follow" in argv or (argv[0] in ("exec", "await", "replay", "create") and sys.stderr.isatty()):
             return None
         try:
             args = build_parser().parse_args(argv)

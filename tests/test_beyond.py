@@ -206,3 +206,36 @@ def test_await_follow_streams_progress_lines_then_answers_as_usual(session):
     assert followed.status == "Finished", followed
     lines = [line for line in followed.stderr.splitlines() if line.startswith("001_ticks")]
     assert lines and any("tick" in line for line in lines), followed.stderr
+
+
+def test_exec_on_a_terminal_shows_a_live_status_line_on_stderr(session):
+    import pty
+    import subprocess
+    import threading
+    master, slave = pty.openpty()
+    step = "import time\nfor i in range(10):\n    print('tick', i, flush=True)\n    time.sleep(0.5)\n"
+    proc = subprocess.Popen(session.argv("exec", "--command", step, "--tag", "live", "--timeout", "60"),
+                            stdout=subprocess.PIPE, stderr=slave, text=True, cwd=session.cwd, env=session.env)
+    os.close(slave)
+    seen = []
+
+    def drain():
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                return
+            if not chunk:
+                return
+            seen.append(chunk.decode("utf-8", "replace"))
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    stdout, _ = proc.communicate(timeout=90)
+    reader.join(5)
+    os.close(master)
+    body = json.loads(stdout)
+    assert body["status"] == "Finished", body
+    terminal = "".join(seen)
+    assert "001_live" in terminal and "tick" in terminal, terminal
+    assert terminal.endswith("\r\x1b[K"), repr(terminal[-40:])       # the line is cleared before the answer
