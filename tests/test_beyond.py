@@ -239,3 +239,17 @@ def test_exec_on_a_terminal_shows_a_live_status_line_on_stderr(session):
     terminal = "".join(seen)
     assert "001_live" in terminal and "tick" in terminal, terminal
     assert terminal.endswith("\r\x1b[K"), repr(terminal[-40:])       # the line is cleared before the answer
+
+
+def test_a_sidecar_lost_to_an_eviction_is_replaced_on_the_next_read(session, workspace):
+    step = "import time\nprint('first', flush=True)\ntime.sleep(1.5)\nprint('second', flush=True)\ntime.sleep(30)\n"
+    running = session.exec(step, "long", "--timeout", "1")
+    assert running.status == "Running" and "output_tail" in running["progress"], running
+    old = session.session()["sidecar_context_id"]
+    workspace.evict(old)
+    seen = wait_for(lambda: "second" in (session.run("status").get("progress") or {}).get("output_tail", ""),
+                    timeout=30, interval=0.5)
+    assert seen
+    new = session.session()["sidecar_context_id"]
+    assert new != old and new in workspace.context_pids()
+    assert session.run("cancel").status == "Cancelled"
