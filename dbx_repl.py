@@ -3438,9 +3438,11 @@ def recover_from_eviction(ws, project, failed=None, lost=None):
         failed_step=step_key(failed["step"], failed["tag"]) if failed else None,
         replay_plan=summary,
         tip={"replay": cli_hint("replay", project), "plan": f"{cli_hint('replay', project)} --plan"}
-        if plan else None,
+        if plan or session.get("syncs") else None,
+        synced_folders=sorted(session.get("syncs") or {}) or None,
         hint="replay runs the plan (the steps whose definitions the failed step needs; see "
-             "references/eviction-replay.md), then "
+             "references/eviction-replay.md"
+             + ("; it first syncs the synced_folders again" if session.get("syncs") else "") + "), then "
              + ("change the failed step before running it again: it took its context down." if lost
                 else "exec the failed step again."),
         exit_code=EXIT_FAILED)

@@ -139,6 +139,7 @@ def test_a_synced_package_imports_picks_up_changes_and_comes_back_after_an_evict
     workspace.evict()
     evicted = session.exec("print(shapes.square(3))", "after_eviction")
     assert evicted.status == "ContextEvicted", evicted
+    assert evicted["synced_folders"] == ["shapes"] and "syncs" in evicted["hint"]
     replayed = session.run("replay")
     assert replayed.status == "Replayed", replayed
     assert replayed["synced"] == ["shapes"]
