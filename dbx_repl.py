@@ -21,6 +21,7 @@ import datetime
 import hashlib
 import html
 import io
+import itertools
 import json
 import os
 import re
@@ -47,6 +48,7 @@ DEFAULT_TIMEOUT = 600.0
 DEFAULT_MAX_OUTPUT_BYTES = 64 * 1024 * 1024
 PREVIEW_CHARS = 1000                       # head + tail of a preview, marker included
 TABLE_PREVIEW_ROWS = 20
+SQL_MAX_ROWS = 100_000                     # exec --sql: rows written to the table file (total_rows counts all)
 MAX_TAG_CHARS = 48
 DEFAULT_LLM_ENDPOINT = "default-llm-endpoint"
 ENV_LLM_ENDPOINT = "DBX_REPL_LLM_ENDPOINT"
@@ -74,6 +76,9 @@ CANCEL_WAIT_SECONDS = 10.0
 CONTEXT_START_TIMEOUT = 300.0
 
 RUNNABLE_CLUSTER_STATES = ("RUNNING", "RESIZING")
+STARTABLE_CLUSTER_STATES = ("TERMINATED",)          # clusters/start accepts only this state
+STARTING_CLUSTER_STATES = ("PENDING", "RESTARTING")  # on their way to RUNNING
+CLUSTER_POLL_SECONDS = 5.0                         # create --start-cluster: clusters/get every 1-5 s
 NOT_ALL_PURPOSE_SOURCES = ("JOB", "PIPELINE", "PIPELINE_MAINTENANCE", "SQL", "MODELS")  # no contexts
 DONE_COMMAND_STATES = ("Finished", "Error", "Cancelled")
 
@@ -744,6 +749,11 @@ class Workspace:
     def cluster(self, cluster_id):
         return self._do("GET", "/api/2.1/clusters/get", query={"cluster_id": cluster_id})
 
+    def start_cluster(self, cluster_id):
+        """Start a TERMINATED cluster (POST /api/2.1/clusters/start). Any other state answers 400
+        INVALID_STATE; the cluster goes PENDING, then RUNNING after minutes."""
+        self._do("POST", "/api/2.1/clusters/start", body={"cluster_id": cluster_id})
+
     def clusters(self):
         """Every cluster, following next_page_token."""
         query, found = {"page_size": 100}, []
@@ -1259,6 +1269,37 @@ def _dbx_repl_install(config, namespace):
             except OSError:
                 pass
 
+        # -- SQL steps: the whole result to a table file ---------------------------------------------
+        def sql(self, text, max_rows=100000):
+            """A SQL step (exec --sql): spark.sql(text) on this context's session, so temp views and
+            settings are shared with Python steps. A result with columns goes to <key>.sql.csv (a
+            header row, then up to max_rows rows) and <key>.sql.json (columns with their Spark types,
+            rows written, total_rows, truncated); the CLI fetches both. Spark's errors propagate."""
+            import csv
+            spark = namespace.get("spark")
+            if spark is None:
+                raise NameError("name 'spark' is not defined")
+            frame = spark.sql(text)
+            columns = [{"name": f.name, "type": f.dataType.simpleString(), "nullable": f.nullable}
+                       for f in frame.schema.fields]
+            if not columns:  # a statement (CREATE VIEW, SET, INSERT ...): nothing to show
+                print("OK")
+                return None
+            rows = frame.limit(max_rows + 1).collect()
+            total = len(rows) if len(rows) <= max_rows else frame.count()  # a capped result runs again
+            rows = rows[:max_rows]
+            with open_private(self.out_path(self.key, ".sql.csv")) as f:
+                writer = csv.writer(f, lineterminator="\n")
+                writer.writerow([c["name"] for c in columns])
+                for row in rows:
+                    writer.writerow(["" if v is None else v for v in row])
+            schema = {"columns": columns, "rows": len(rows), "total_rows": total,
+                      "truncated": total > len(rows), "max_rows": max_rows}
+            with open_private(self.out_path(self.key, ".sql.json")) as f:  # last: it says the csv is whole
+                f.write(json.dumps(schema))
+            print("%d row(s)%s" % (total, " (%d written)" % len(rows) if total > len(rows) else ""))
+            return None
+
         # -- plots: saved here, never left to the service's image results -----------------------------
         def show_value(self, value):
             """The trailing expression's value: its repr, and its image when it has one."""
@@ -1448,9 +1489,9 @@ def _dbx_repl_install(config, namespace):
             self.fetch(self.out_path(key), offset, mode, extra=extra)
 
         def fetch_image(self, key, name, offset, mode):
-            """Send one of a step's saved plots (a file name from its ending record)."""
+            """Send one of a step's saved files (a plot or a SQL table: a name from its ending record)."""
             if os.path.basename(name) != name or not name.startswith(key + "."):
-                raise ValueError("not a plot of step %s: %r" % (key, name))
+                raise ValueError("not a file of step %s: %r" % (key, name))
             self.fetch(os.path.join(self.out_dir, name), offset, mode)
 
         def stat(self, path):
@@ -1473,6 +1514,61 @@ def _dbx_repl_install(config, namespace):
                 f.seek(offset)
                 f.write(data)
             print(json.dumps({"written": len(data), "end": offset + len(data)}))
+
+        # -- sync: a local folder mirrored under the session's driver dir -----------------------------
+        def sync_apply(self, root, archive, manifest, changed, path_entry):
+            """Bring the mirror at `root` to `manifest` ({relative path: sha256}): unpack `archive`
+            (a tar.gz of the changed files, or None), remove files the manifest no longer lists, put
+            `path_entry` first on sys.path, and reload the imported modules whose files changed
+            (dropping those whose reload fails, so the next import loads them afresh). Prints JSON
+            {"missing": files whose content does not match, "reloaded", "dropped", "removed"}."""
+            import importlib
+            import tarfile
+            root = os.path.realpath(root)
+            os.makedirs(root, mode=0o700, exist_ok=True)
+            if archive:
+                with tarfile.open(archive, "r:gz") as tar:
+                    for member in tar.getmembers():
+                        target = os.path.realpath(os.path.join(root, member.name))
+                        if not member.isfile() or not target.startswith(root + os.sep):
+                            raise ValueError("unsafe entry in the sync archive: %r" % member.name)
+                        os.makedirs(os.path.dirname(target), exist_ok=True)
+                        with tar.extractfile(member) as source, open(target, "wb") as sink:
+                            sink.write(source.read())
+                os.unlink(archive)
+            removed, missing = [], []
+            for folder, _, names in os.walk(root):
+                for name in names:
+                    full = os.path.join(folder, name)
+                    relative = os.path.relpath(full, root).replace(os.sep, "/")
+                    if relative not in manifest:
+                        os.unlink(full)
+                        removed.append(relative)
+            for relative, digest in manifest.items():
+                try:
+                    with open(os.path.join(root, relative), "rb") as f:
+                        ok = hashlib.sha256(f.read()).hexdigest() == digest
+                except OSError:
+                    ok = False
+                if not ok:
+                    missing.append(relative)
+            if path_entry in sys.path:
+                sys.path.remove(path_entry)
+            sys.path.insert(0, path_entry)
+            importlib.invalidate_caches()
+            changed_files = set(os.path.join(root, c.replace("/", os.sep)) for c in changed)
+            stale = [name for name, module in list(sys.modules.items())
+                     if os.path.realpath(getattr(module, "__file__", None) or "/nonexistent") in changed_files]
+            reloaded, dropped = [], []
+            for name in sorted(stale, key=lambda n: -n.count(".")):  # submodules before their packages
+                try:
+                    importlib.reload(sys.modules[name])
+                    reloaded.append(name)
+                except Exception:
+                    sys.modules.pop(name, None)
+                    dropped.append(name)
+            print(json.dumps({"missing": missing, "reloaded": reloaded, "dropped": dropped,
+                              "removed": len(removed)}))
 
     _repl = _Repl()
     # Lives as long as this Python process: a reinstall tells a restarted interpreter (variables
@@ -1891,6 +1987,27 @@ def wrap_command(source, key):
     return f"_dbx_repl.begin_magic({key!r})\n{source}", "magic"
 
 
+def sql_step_code(text):
+    """The Python a SQL step runs (and its command file holds): spark.sql in the session's context,
+    the whole result to a table file on the driver (see `_Repl.sql` in the bootstrap)."""
+    return f"_dbx_repl.sql({text!r}, max_rows={SQL_MAX_ROWS})\n"
+
+
+def sql_of(code):
+    """The SQL text of a SQL step's code (what `sql_step_code` wrote), or None for a Python step."""
+    if not code or not code.startswith("_dbx_repl.sql("):
+        return None
+    try:
+        tree = ast.parse(code)
+    except (SyntaxError, ValueError):
+        return None
+    call = tree.body[0].value if len(tree.body) == 1 and isinstance(tree.body[0], ast.Expr) else None
+    if isinstance(call, ast.Call) and call.args and isinstance(call.args[0], ast.Constant) \
+            and isinstance(call.args[0].value, str):
+        return call.args[0].value
+    return None
+
+
 def _is_python(source):
     """True when the source parses as Python, as it is or uniformly dedented (as the REPL runs it)."""
     import ast
@@ -2108,8 +2225,9 @@ class StatusUnavailable(Exception):
         self.error, self.failing_for = error, failing_for
 
 
-def poll_command(ws, cluster_id, context_id, command_id, timeout):
+def poll_command(ws, cluster_id, context_id, command_id, timeout, watch=None):
     """Poll until the command is done (its status dict) or `timeout` seconds pass (None).
+    `watch(waited)`, when given, is called between polls (it limits its own rate; see StepWatch).
 
     Polls fast at first (see POLL_*). A failed poll is retried, not reported as a failed command,
     unless a contexts/status probe shows the context is gone (ContextGone). Every request ends by the
@@ -2151,9 +2269,206 @@ def poll_command(ws, cluster_id, context_id, command_id, timeout):
                 if last_error is not None:
                     raise StatusUnavailable(last_error, now - failing_since)
                 return None
-            time.sleep(min(poll_delay(now - started), deadline - now))
+            if watch is not None:
+                watch(now - started)
+                now = time.monotonic()
+                if now >= deadline:
+                    continue
+            time.sleep(max(min(poll_delay(now - started), deadline - now), 0.0))
     finally:
         ws.deadline = outer
+
+
+# -- watching a running step: the sidecar context ---------------------------------------------------
+# The step's own context runs one command at a time, so its progress is read from a second context
+# of the same cluster, the sidecar: created on the first read, recorded in session.json
+# ("sidecar_context_id"), at most one per session, destroyed with it. It reads the tail of the
+# step's driver copy (the bootstrap tees the output there as it is printed) and, through the
+# cluster's one SparkContext, the status tracker: the jobs of the step's job group (its command id,
+# where the runtime sets it), else every active job.
+
+PROGRESS_TAIL_LINES = 10
+PROGRESS_TAIL_BYTES = 1024
+PROGRESS_READ_SECONDS = 10.0               # one progress read (status); past it the answer says why it has none
+RUNNING_PROGRESS_SECONDS = 5.0             # the read a Running answer adds after --timeout
+WATCH_INTERVAL_SECONDS = 2.0               # await --follow and the terminal line: a read at most this often
+SPARK_NAMES = re.compile(r"\b(spark|sc|sqlContext|sql|table)\b|^\s*%sql|_dbx_repl\.sql\(", re.MULTILINE)
+
+
+def _dbx_repl_progress(path, group, tail_lines, tail_bytes, with_spark):
+    """Runs in the sidecar context: prints one JSON line {"output_bytes", "output_tail",
+    "spark_jobs": [{"job", "status", "description", "stages", "tasks", "active_tasks"}]}."""
+    import json
+    import os
+    found = {"output_bytes": None, "output_tail": None}
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - tail_bytes))
+            lines = f.read().decode("utf-8", "replace").splitlines()
+        found.update(output_bytes=size, output_tail="\n".join(lines[-tail_lines:]))
+    except OSError:
+        pass
+    context = globals().get("sc") if with_spark else None
+    if context is not None:
+        try:
+            tracker = context.statusTracker()
+            active = set(tracker.getActiveJobsIds())
+            grouped = set(tracker.getJobIdsForGroup(group)) if group else set()
+            jobs = []
+            for job_id in sorted((grouped & active) if grouped else active)[-5:]:
+                info = tracker.getJobInfo(job_id)
+                if info is None:
+                    continue
+                stages = [tracker.getStageInfo(i) for i in info.stageIds]
+                stages = [st for st in stages if st is not None]
+                last = max(stages, key=lambda st: st.stageId) if stages else None
+                jobs.append({"job": job_id, "status": str(info.status),
+                             "description": last.name[:120] if last is not None else None,
+                             "stages": sorted(int(i) for i in info.stageIds),
+                             "tasks": "%d/%d" % (sum(st.numCompletedTasks for st in stages),
+                                                 sum(st.numTasks for st in stages)),
+                             "active_tasks": sum(st.numActiveTasks for st in stages)})
+            found["spark_jobs"] = jobs
+        except Exception as error:
+            found["spark_error"] = ("%s: %s" % (type(error).__name__, error))[:200]
+    print(json.dumps(found))
+
+
+def sidecar_context(ws, project, session):
+    """The session's sidecar context id, created (and recorded at once, so that a read cut short
+    never leaves it untracked) on first use. Two calls racing may both create one: the later to
+    record it destroys its own, so the session keeps one."""
+    known = session.get("sidecar_context_id")
+    if known:
+        return known
+    context_id = ws.create_context(session["cluster_id"])
+    with signals_deferred(), project.lock():
+        current = project.load()
+        kept = current.get("sidecar_context_id") if current.get("status") == "active" else None
+        if kept is None and current.get("status") == "active":
+            current["sidecar_context_id"] = context_id
+            project.save(current)
+    if kept is not None or current.get("status") != "active":
+        with contextlib.suppress(Exception):
+            ws.destroy_context(session["cluster_id"], context_id)
+        if kept is None:
+            raise ReplError("SessionDestroyed", "The session ended while its progress was read.")
+        context_id = kept
+    session["sidecar_context_id"] = context_id
+    state = wait_for_context(ws, session["cluster_id"], context_id)   # within the caller's deadline
+    if state not in ("Running", "Pending"):
+        raise ContextGone(f"the sidecar context did not start ({state})")
+    return context_id
+
+
+def forget_sidecar(project, context_id):
+    with signals_deferred(), project.lock():
+        current = project.load()
+        if current.get("sidecar_context_id") == context_id:
+            current.pop("sidecar_context_id")
+            project.save(current)
+
+
+def read_progress(ws, project, session, active, budget=PROGRESS_READ_SECONDS):
+    """What the running step has done so far, for `progress`: {"output_bytes", "output_tail",
+    "spark_jobs", "read_seconds"}, or {"error": why} when it could not be read. Never raises an
+    ordinary exception: a watch must not end the wait it watches."""
+    import inspect
+    started = time.monotonic()
+    key = step_key(active["step"], active["tag"])
+    code = _read_text(StepFiles(project, active["step"], active["tag"]).command) or ""
+    command = (inspect.getsource(_dbx_repl_progress)
+               + f"\n_dbx_repl_progress({driver_copy_path(session, key)!r}, {active.get('command_id')!r}, "
+                 f"{PROGRESS_TAIL_LINES}, {PROGRESS_TAIL_BYTES}, {bool(SPARK_NAMES.search(code))})\n")
+    outer = ws.deadline
+    for attempt in range(2):       # a sidecar evicted since its last use is replaced once
+        context_id = None
+        try:
+            ws.deadline = min(started + budget + WAIT_GRACE_SECONDS, outer or float("inf"))
+            context_id = sidecar_context(ws, project, session)
+            left = started + budget - time.monotonic()
+            if left <= 0:
+                raise ReplError("ProgressTimeout", f"the sidecar context was not ready within {budget:g}s")
+            results = run_internal(ws, dict(session, context_id=context_id), command, timeout=left)
+            if results.get("resultType") == "error":
+                raise ReplError("ProgressFailed", printable(html_to_text(results.get("summary") or ""))[:200])
+            found = json.loads((results.get("data") or "").strip().splitlines()[-1])
+            if found.get("output_tail") is not None:
+                found["output_tail"] = preview(found["output_tail"], PROGRESS_TAIL_BYTES)
+            found["read_seconds"] = round(time.monotonic() - started, 3)
+            return {k: v for k, v in found.items() if v is not None}
+        except ContextGone as err:
+            if context_id:
+                forget_sidecar(project, context_id)
+                session.pop("sidecar_context_id", None)
+            error = f"the sidecar context is gone ({err})"
+        except ReplError as err:
+            return {"error": f"{err.status}: {err.message}"[:300]}
+        except (KeyboardInterrupt, Terminated):
+            raise
+        except Exception as err:
+            error = map_sdk_error(err, action="read the step's progress").message
+            with contextlib.suppress(Exception):
+                if context_id and isinstance(err, ws.errors.DatabricksError) and \
+                        not ws.context_alive(session["cluster_id"], context_id):
+                    forget_sidecar(project, context_id)     # evicted since its last read: replace it
+                    session.pop("sidecar_context_id", None)
+                    continue
+            return {"error": error[:300]}
+        finally:
+            ws.deadline = outer
+    return {"error": error[:300]}
+
+
+def progress_line(key, waited, progress):
+    """One line for a terminal or `await --follow`: elapsed, Spark tasks, the last output line."""
+    parts = [f"{key} {waited:.0f}s"]
+    for job in (progress.get("spark_jobs") or [])[-2:]:
+        parts.append(f"job {job['job']} tasks {job['tasks']}")
+    tail = (progress.get("output_tail") or "").strip().splitlines()
+    if tail:
+        parts.append(tail[-1][:80])
+    if progress.get("error"):
+        parts.append(f"(no progress: {progress['error'][:60]})")
+    return " | ".join(parts)
+
+
+class StepWatch:
+    """The `watch` of a wait: every WATCH_INTERVAL_SECONDS, the step's progress as a line on stderr
+    (`follow`: one line per change, for await --follow) or as the live line of a terminal. None
+    (see `for_wait`) when neither applies, so a pipe never sees progress."""
+
+    def __init__(self, ws, project, session, active, follow):
+        self.ws, self.project, self.session, self.active, self.follow = ws, project, session, active, follow
+        self.live = None if follow else LiveLine()
+        self.key = step_key(active["step"], active["tag"])
+        self.next_read, self.last_line = 0.0, None
+
+    @classmethod
+    def for_wait(cls, ws, project, session, active, follow=False):
+        if not follow and not sys.stderr.isatty():
+            return None
+        return cls(ws, project, session, active, follow)
+
+    def __call__(self, waited):
+        if time.monotonic() < self.next_read or not self.active.get("command_id"):
+            return
+        progress = read_progress(self.ws, self.project, self.session, self.active)
+        self.next_read = time.monotonic() + WATCH_INTERVAL_SECONDS
+        line = progress_line(self.key, elapsed_since(self.active), progress)
+        if self.follow:
+            body = line.split(" | ", 1)[1] if " | " in line else ""
+            if body != self.last_line:
+                sys.stderr.write(printable(line) + "\n")
+                sys.stderr.flush()
+                self.last_line = body
+        else:
+            self.live.show(line)
+
+    def close(self):
+        if self.live is not None:
+            self.live.close()
 
 
 def run_internal(ws, session, command, timeout=120.0):
@@ -2423,27 +2738,73 @@ def lost_reason(status):
             "out of memory).")
 
 
+def step_file_from_driver(ws, target, files, name, path):
+    """Copy one file the bootstrap saved for the step (a plot, a SQL table) to `path`: True when
+    it arrived whole, None when the driver has no such file, else False; nothing is left at `path`
+    unless True."""
+    size = -1
+    try:
+        with open(path, "wb") as sink:
+            written, size, _ = fetch_driver_file(
+                ws, target, lambda off, mode: f"_dbx_repl.fetch_image({files.key!r}, {name!r}, {off}, {mode!r})",
+                sink, DEFAULT_TRANSFER_CAP)
+        if size < 0 or written != size:
+            raise ReplError("TransferFailed", "incomplete")
+    except Exception:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        return None if size < 0 else False
+    return True
+
+
 def images_from_driver(ws, target, files, names):
     """Fetch the plots the bootstrap saved for the step; returns (saved paths, names not fetched)."""
     saved, missing = [], []
     for index, name in enumerate(names, start=1):
         extension = name.rsplit(".", 1)[-1] if "." in name else "png"
         path = files.path(f".{index}.{extension}")
-        try:
-            with open(path, "wb") as sink:
-                written, size, _ = fetch_driver_file(
-                    ws, target, lambda off, mode, n=name: f"_dbx_repl.fetch_image({files.key!r}, {n!r}, {off}, {mode!r})",
-                    sink, DEFAULT_TRANSFER_CAP)
-            if size < 0 or written != size:
-                raise ReplError("TransferFailed", "incomplete")
-        except Exception:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+        if not step_file_from_driver(ws, target, files, name, path):
             missing.append(name)
             continue
         files.add("image", path)
         saved.append(files.project.show(path))
     return saved, missing
+
+
+def _read_text(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def sql_table_from_driver(ws, target, files):
+    """Fetch a SQL step's table (NNN_tag.sql.csv, every row up to the cap) and its schema
+    (NNN_tag.sql.json); returns (the `table` field, a preview rendering), or (None, None) when the
+    files could not be fetched, or (None, "") for a statement without a result (CREATE VIEW, SET)."""
+    csv_path, schema_path = files.path(".sql.csv"), files.path(".sql.json")
+    schema_fetched = step_file_from_driver(ws, target, files, files.key + ".sql.json", schema_path)
+    if schema_fetched is None:
+        return None, ""
+    if not (schema_fetched and step_file_from_driver(ws, target, files, files.key + ".sql.csv", csv_path)):
+        return None, None
+    with open(schema_path, encoding="utf-8") as f:
+        schema = json.load(f)
+    with open(csv_path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f)
+        next(reader, None)
+        head = [row for _, row in zip(range(TABLE_PREVIEW_ROWS), reader)]
+    files.add("table", csv_path, rows=schema["rows"])
+    files.add("table_schema", schema_path)
+    columns = [(c["name"], c["type"]) for c in schema["columns"]]
+    rendering = render_table(columns, head)
+    if schema["total_rows"] > len(head):
+        rendering += f"... {schema['total_rows'] - len(head)} more rows in {files.project.show(csv_path)}\n"
+    shown = [f"{printable(n)[:60]} {printable(t)[:30]}" for n, t in columns[:20]]
+    return {"rows": schema["rows"], "total_rows": schema["total_rows"], "columns": len(columns),
+            "truncated": schema["truncated"], "file": files.project.show(csv_path),
+            "schema_file": files.project.show(schema_path), "column_names": shown}, rendering
 
 
 def render_results(ws, session, files, status, active, max_bytes):
@@ -2480,6 +2841,12 @@ def render_results(ws, session, files, status, active, max_bytes):
     if kind == "table":
         rendering, fields["table"] = save_table(files, results)
         _append(files.stdout, ("\n" if os.path.getsize(files.stdout) else "") + rendering)
+    if wrapped is True and not failed and sql_of(_read_text(files.command)) is not None:
+        fields["table"], rendering = sql_table_from_driver(ws, target, files)
+        if rendering is None:
+            notes.append("The SQL result table could not be fetched from the driver; exec the step again.")
+        elif rendering:
+            _append(files.stdout, ("\n" if os.path.getsize(files.stdout) else "") + rendering)
     image_names = record.get("images") or [f"{files.key}.{i}.png" for i in range(1, image_count + 1)]
     if wrapped and image_names:
         fields["images"], unfetched = images_from_driver(ws, target, files, image_names)
@@ -2727,13 +3094,20 @@ def cancel_and_confirm(ws, session, command_id, wait=CANCEL_WAIT_SECONDS, contex
     return poll_command(ws, session["cluster_id"], context_id, command_id, wait)
 
 
-def await_active(ws, project, session, active, timeout, max_bytes, wait=None):
-    """Wait for the active command and answer for it: the step, Running, StatusUnknown, Cancelled,
-    Destroyed or ContextEvicted. `wait`: the seconds left of the caller's --timeout (default all)."""
+def await_active(ws, project, session, active, timeout, max_bytes, wait=None, follow=False):
+    """Wait for the active command and answer for it: the step, Running (with `progress`),
+    StatusUnknown, Cancelled, Destroyed or ContextEvicted. `wait`: the seconds left of the caller's
+    --timeout (default all). `follow`: progress lines on stderr meanwhile (else a live line on a
+    terminal only)."""
     cluster_id, context_id = session["cluster_id"], active.get("context_id") or session["context_id"]
     wait = timeout if wait is None else wait
+    watch = StepWatch.for_wait(ws, project, session, active, follow)
     try:
-        status = poll_command(ws, cluster_id, context_id, active["command_id"], wait)
+        try:
+            status = poll_command(ws, cluster_id, context_id, active["command_id"], wait, watch=watch)
+        finally:
+            if watch is not None:
+                watch.close()
         if status is not None and helpers_missing(active, status):
             rerun_with_helpers(ws, project, session, active)
             status = poll_command(ws, cluster_id, context_id, active["command_id"], wait)
@@ -2753,7 +3127,9 @@ def await_active(ws, project, session, active, timeout, max_bytes, wait=None):
     except ContextGone:
         return recover_from_eviction(ws, project, failed=active)
     if status is None:
-        return running_response(project, active, timeout)
+        body = running_response(project, active, timeout)
+        body["progress"] = read_progress(ws, project, session, active, RUNNING_PROGRESS_SECONDS)
+        return body
     return finish_command(ws, project, session, active, status, max_bytes)
 
 
@@ -3074,9 +3450,11 @@ def recover_from_eviction(ws, project, failed=None, lost=None):
         failed_step=step_key(failed["step"], failed["tag"]) if failed else None,
         replay_plan=summary,
         tip={"replay": cli_hint("replay", project), "plan": f"{cli_hint('replay', project)} --plan"}
-        if plan else None,
+        if plan or session.get("syncs") else None,
+        synced_folders=sorted(session.get("syncs") or {}) or None,
         hint="replay runs the plan (the steps whose definitions the failed step needs; see "
-             "references/eviction-replay.md), then "
+             "references/eviction-replay.md"
+             + ("; it first syncs the synced_folders again" if session.get("syncs") else "") + "), then "
              + ("change the failed step before running it again: it took its context down." if lost
                 else "exec the failed step again."),
         exit_code=EXIT_FAILED)
@@ -3164,12 +3542,101 @@ def settled_elsewhere(project, session, failed):
                     hint="Continue with exec.")
 
 
-def cluster_not_running(cluster_id, cluster):
+def cluster_not_running(cluster_id, cluster, startable=False):
+    """ClusterNotRunning. With `startable` (create), a TERMINATED cluster's hint names --start-cluster."""
     state = cluster.get("state", "UNKNOWN")
     detail = f" ({cluster['state_message']})" if cluster.get("state_message") else ""
+    hint = ("Start the cluster (Databricks UI, or `databricks clusters start ID`), wait for RUNNING "
+            "(3-8 minutes), then retry.")
+    if startable and state in STARTABLE_CLUSTER_STATES:
+        hint = ("Ask the user whether to start it (it costs money, 3-8 minutes); with their consent run create "
+                "again with --start-cluster.")
     return ReplError("ClusterNotRunning", f"Cluster {cluster_id} is {state}{detail}, not RUNNING.",
-                     hint="Start the cluster (Databricks UI, or `databricks clusters start ID`), wait for "
-                          "RUNNING (3-8 minutes), then retry.", cluster_id=cluster_id, cluster_state=state)
+                     hint=hint, cluster_id=cluster_id, cluster_state=state)
+
+
+def create_again_hint(args):
+    """The create command line of this call, flags included, to run again after ClusterStarting."""
+    import shlex
+    parts = [cli_hint("create", Project.current), "--cluster-id", shlex.quote(args.cluster_id.strip()),
+             "--session-name", shlex.quote(args.session_name.strip())]
+    for flag, value in (("--llm-endpoint", args.llm_endpoint), ("--llm-max-calls", args.llm_max_calls),
+                        ("--llm-max-tokens", args.llm_max_tokens)):
+        if value is not None:
+            parts += [flag, shlex.quote(str(value))]
+    return " ".join(parts + ["--start-cluster", "--timeout", f"{args.timeout:g}"])
+
+
+def start_and_wait(ws, cluster_id, cluster, timeout, again):
+    """Start a TERMINATED cluster (only `create --start-cluster` calls this: the user consented) and
+    wait until it is RUNNING, at most until `timeout` seconds after the process started. A cluster
+    already starting (PENDING, RESTARTING) is only waited for. Returns the cluster's details.
+
+    Raises ClusterNotRunning for a state that cannot become RUNNING by starting (TERMINATING, ERROR,
+    ...), and ClusterStarting (exit 3) when the deadline passes first: `again` is the command to run.
+    A one-line progress shows on stderr when stderr is a terminal."""
+    state = cluster.get("state")
+    if state not in STARTABLE_CLUSTER_STATES + STARTING_CLUSTER_STATES:
+        raise cluster_not_running(cluster_id, cluster)
+    if state in STARTABLE_CLUSTER_STATES:
+        try:
+            ws.start_cluster(cluster_id)
+        except Exception as err:
+            if "INVALID_STATE" not in str(getattr(err, "error_code", "")) + str(err):
+                raise map_sdk_error(err, action="start the cluster") from None
+            # started by someone else meanwhile: wait for it like any starting cluster
+    deadline = PROCESS_STARTED + timeout
+    progress = LiveLine()
+    try:
+        while True:
+            waited = time.monotonic() - PROCESS_STARTED
+            progress.show(f"cluster {cluster_id}: {cluster.get('state')} "
+                          f"{(cluster.get('state_message') or '')[:60]} ({waited:.0f}s)")
+            if time.monotonic() >= deadline:
+                raise ReplError("ClusterStarting",
+                                f"Cluster {cluster_id} is still starting ({cluster.get('state')}) after {timeout:g}s.",
+                                exit_code=EXIT_RUNNING, cluster_id=cluster_id, cluster_state=cluster.get("state"),
+                                hint="Starting takes 3-8 minutes; run tip.create to keep waiting (it does not "
+                                     "start the cluster twice).", tip={"create": again})
+            pause = max(1.0, min(CLUSTER_POLL_SECONDS, 0.1 * waited))
+            time.sleep(max(0.0, min(pause, deadline - time.monotonic())))
+            try:
+                cluster = ws.cluster(cluster_id)
+            except Exception as err:
+                raise map_sdk_error(err, action="check the starting cluster") from None
+            if cluster.get("state") in RUNNABLE_CLUSTER_STATES:
+                return cluster
+            if cluster.get("state") not in STARTING_CLUSTER_STATES:
+                raise cluster_not_running(cluster_id, cluster)
+    finally:
+        progress.close()
+
+
+class LiveLine:
+    """A one-line status on stderr, rewritten in place, only when stderr is a terminal (never in a
+    pipe or a file, where an agent reads it)."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self.enabled = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.shown = False
+
+    def show(self, text):
+        if self.enabled:
+            width = shutil_columns() - 1
+            self.stream.write("\r\x1b[K" + printable(text)[:width])
+            self.stream.flush()
+            self.shown = True
+
+    def close(self):
+        if self.enabled and self.shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+
+
+def shutil_columns():
+    import shutil
+    return shutil.get_terminal_size((100, 20)).columns
 
 
 def submit_step(ws, project, session, code, tag, timeout, max_bytes, replay_of=None):
@@ -3314,7 +3781,7 @@ def interrupted_submit(ws, project, session, files, active, interruption, timeou
 # 8. Subcommands
 # ---------------------------------------------------------------------------------------------------
 
-def read_command(spec):
+def read_command(spec, option="--command"):
     """The code to run, from inline text, @file, or - (stdin)."""
     if spec == "-":
         data = sys.stdin.buffer.read()
@@ -3332,7 +3799,7 @@ def read_command(spec):
             raise ReplError("InvalidCommand", f"Cannot read {path}: {err.strerror}.", exit_code=EXIT_USAGE,
                             hint="Check the path after @ (relative to the current directory).") from None
     else:
-        return _require_code(spec, "--command")
+        return _require_code(spec, option)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
@@ -3390,7 +3857,9 @@ def cmd_create(args):
                         hint="Pick an all-purpose cluster (find_cluster.py shows all_purpose: true).",
                         cluster_id=cluster_id)
     if cluster.get("state") not in RUNNABLE_CLUSTER_STATES:
-        raise cluster_not_running(cluster_id, cluster)
+        if not args.start_cluster:
+            raise cluster_not_running(cluster_id, cluster, startable=True)
+        cluster = start_and_wait(ws, cluster_id, cluster, positive_timeout(args.timeout), create_again_hint(args))
     session = {
         "format": SESSION_FORMAT, "status": "active", "session_name": name,
         "session_id": hashlib.sha256(os.urandom(16)).hexdigest()[:16],
@@ -3443,7 +3912,7 @@ def cmd_create(args):
 def cmd_exec(args):
     tag = sanitize_tag(args.tag)
     timeout = positive_timeout(args.timeout)
-    code = read_command(args.command)
+    code = read_command(args.command) if args.sql is None else sql_step_code(read_command(args.sql, "--sql"))
     project = Project(args.project_dir).check()
     session = require_active(project, project.load())
     ws = Workspace(args.profile or session.get("profile"), args.debug)
@@ -3467,7 +3936,8 @@ def cmd_await(args):
         settle_unsubmitted(project, active)
     ws = Workspace(args.profile or session.get("profile"), args.debug)
     try:
-        return await_active(ws, project, session, active, timeout, args.max_output_bytes, wait=time_left(timeout))
+        return await_active(ws, project, session, active, timeout, args.max_output_bytes, wait=time_left(timeout),
+                            follow=args.follow)
     except StatusUnavailable as unavailable:   # the helpers' re-install could not be confirmed
         return status_unknown_response(project, active, unavailable)
 
@@ -3570,6 +4040,14 @@ def cmd_destroy(args):
         session["destroyed_at"] = now_iso()
         project.save(session)
     context_destroyed = True
+    if session.get("sidecar_context_id"):   # best effort: it holds no state, the cluster reclaims it
+        ws.deadline = time.monotonic() + 3.0
+        try:
+            ws.destroy_context(session["cluster_id"], session["sidecar_context_id"])
+        except Exception:
+            pass
+        finally:
+            ws.deadline = None
     try:
         ws.destroy_context(session["cluster_id"], session["context_id"])
         note = "The execution context was destroyed."
@@ -3654,9 +4132,11 @@ def cmd_status(args):
             return response("Busy", f"Step {summary['active_command']['cmd_id']} has ended ({remote}) but its "
                             "output is not collected yet.", hint=f"Run {cli_hint('await', project)} to collect it.",
                             **summary)
+        progress = read_progress(ws, project, session, active) if active.get("command_id") else None
         return response("Busy", f"Step {summary['active_command']['cmd_id']} is running.",
                         tip={"await": cli_hint("await", project), "cancel": cli_hint("cancel", project)},
-                        hint="Use await to wait for it or cancel to stop it.", **summary)
+                        hint="Use await to wait for it (--follow streams its progress) or cancel to stop it.",
+                        progress=progress, **summary)
     return response("Active", f"Session {session.get('session_name')!r} is alive with {len(steps)} step(s).",
                     hint="Run exec for the next step.", **summary)
 
@@ -3808,13 +4288,62 @@ def _call_flags(call):
     return flags
 
 
+SQL_CREATES = re.compile(r"\bCREATE\s+(?:OR\s+REPLACE\s+)?(?:GLOBAL\s+)?(?:TEMP(?:ORARY)?\s+)?"
+                         r"(?:VIEW|TABLE)\s+(?:IF\s+NOT\s+EXISTS\s+)?([\w.`]+)", re.IGNORECASE)
+SQL_READS = re.compile(r"\b(?:FROM|JOIN|TABLE)\s+([\w.`]+)", re.IGNORECASE)
+SQL_WRITES = re.compile(r"^\s*(?:INSERT|MERGE|UPDATE|DELETE|DROP|ALTER|TRUNCATE|CREATE\s+(?:OR\s+REPLACE\s+)?TABLE)\b",
+                        re.IGNORECASE | re.MULTILINE)
+TEMP_VIEW_CALLS = frozenset({"createOrReplaceTempView", "createTempView", "createOrReplaceGlobalTempView",
+                             "createGlobalTempView", "saveAsTable"})
+
+
+def sql_name(name):
+    """The planner's name for a table or view: `sql:` and the lower-cased name without backquotes
+    (SQL names and Python names never collide)."""
+    return "sql:" + name.replace("`", "").lower()
+
+
+def analyse_sql(text):
+    """What a SQL statement does, for the planner (the shape of `analyse_code`): CREATE VIEW/TABLE x
+    defines sql:x; FROM/JOIN x uses sql:x; DML and DDL on tables are flagged `writes`. Regular
+    expressions, not a parser: names in string literals or comments may count too (a needed step
+    is never left out for it; an extra one may be replayed)."""
+    defines = {sql_name(n) for n in SQL_CREATES.findall(text)}
+    uses = {sql_name(n) for n in SQL_READS.findall(text)} - defines
+    flags = {"writes"} if SQL_WRITES.search(text) else set()
+    return {"parsed": True, "defines": defines, "uses": uses, "flags": flags,
+            "statements": [(1, max(len(text.splitlines()), 1), defines)]}
+
+
+def _sql_names_of_call(call):
+    """(defines, uses) of SQL names in one Python call: df.createOrReplaceTempView("v") defines
+    sql:v, spark.table("v") uses it, and spark.sql("...") with a literal is read as SQL."""
+    name = _call_name(call).rsplit(".", 1)[-1]
+    literal = call.args[0].value if call.args and isinstance(call.args[0], ast.Constant) \
+        and isinstance(call.args[0].value, str) else None
+    if literal is None:
+        return set(), set()
+    if name in TEMP_VIEW_CALLS:
+        return {sql_name(literal)}, set()
+    if name == "table":
+        return set(), {sql_name(literal)}
+    if name == "sql":
+        found = analyse_sql(literal)
+        return found["defines"], found["uses"]
+    return set(), set()
+
+
 def analyse_code(code):
-    """What one step's code does, from its syntax tree (magic lines are set aside first).
+    """What one step's code does, from its syntax tree (magic lines are set aside first). A SQL step
+    (exec --sql) is read as SQL (`analyse_sql`).
 
     Returns {"parsed": bool, "defines": set, "uses": set, "flags": set, "statements":
     [(first_line, last_line, defined_names)]} for the top-level statements. `uses` holds the names
     read before the step binds them, builtins and runtime names excluded. Unparsable code has
     parsed False and no names."""
+    sql = sql_of(code)
+    if sql is not None:
+        return analyse_sql(sql)
     flags = set()
     lines = code.splitlines()
     for index, line in enumerate(lines):
@@ -3834,6 +4363,10 @@ def analyse_code(code):
         found["defines"] |= names.stored
         for call in names.calls:
             flags |= _call_flags(call)
+            sql_defines, sql_uses = _sql_names_of_call(call)
+            found["uses"] |= sql_uses - found["defines"]
+            found["defines"] |= sql_defines
+            names.stored |= sql_defines
         if any(isinstance(n, ast.Attribute) and n.attr == "write" for n in ast.walk(node)):
             flags.add("writes")
         found["statements"].append((node.lineno, node.end_lineno, names.stored))
@@ -4033,7 +4566,7 @@ def cmd_replay(args):
                         tip={"replay": cli_hint("replay", project)},
                         hint="Run the tip to replay this plan, or choose steps with --steps. Flagged steps "
                              "are costly or have side effects (see references/eviction-replay.md).")
-    if not plan:
+    if not plan and not session.get("syncs"):
         return response("NothingToReplay", "No recorded step matches.",
                         hint="Nothing defines what the next step needs; exec it again, or pick steps with --steps.")
     ws = Workspace(args.profile or session.get("profile"), args.debug)
@@ -4041,27 +4574,30 @@ def cmd_replay(args):
         evicted = recover_from_eviction(ws, project)
         if evicted["status"] != "ContextEvicted":
             return evicted
+    synced, sync_failed = restore_syncs(ws, project, project.load())
+    syncs = {"synced": synced or None, "sync_failed": sync_failed or None}
     restored = []
     for index, entry in enumerate(plan):
         if entry["code"] is None:
             failure = {"step": entry["origin"], "status": "MissingCommandFile",
                        "message": f"{entry.get('command_file')} is unreadable."}
-            return _replay_report(project, restored, failure, plan[index + 1:])
+            return _replay_report(project, restored, failure, plan[index + 1:], syncs)
         body = submit_step(ws, project, project.load(), replay_code(entry), sanitize_tag(entry["tag"]), timeout,
                            args.max_output_bytes, replay_of=entry["origin"])
         if body["status"] != "Finished":
             failure = {"step": entry["origin"], "cmd_id": body.get("cmd_id"), "status": body["status"],
                        "message": body.get("message"), "error": body.get("error")}
-            return _replay_report(project, restored, failure, plan[index + 1:])
+            return _replay_report(project, restored, failure, plan[index + 1:], syncs)
         done = {"step": entry["origin"], "tag": entry["tag"], "cmd_id": body["cmd_id"]}
         if "partial_lines" in entry:
             done["lines"] = f"1-{entry['partial_lines']}"
         restored.append(done)
-    return _replay_report(project, restored, None, [])
+    return _replay_report(project, restored, None, [], syncs)
 
 
-def _replay_report(project, restored, failure, not_run):
-    fields = {"restored": restored, "failed": failure, "not_run": [e["origin"] for e in not_run]}
+def _replay_report(project, restored, failure, not_run, syncs):
+    """Replayed / ReplayFailed; `syncs` = {"synced": names, "sync_failed": [{name, error}]} (or Nones)."""
+    fields = {"restored": restored, "failed": failure, "not_run": [e["origin"] for e in not_run], **syncs}
     if failure is None:
         return response("Replayed", f"Re-ran {len(restored)} step(s) in the current context.",
                         hint="State is restored; continue with exec.", **fields)
@@ -4150,7 +4686,9 @@ def export_script(session, chosen):
     requires, imports, bodies = [], [], []
     for entry in chosen:
         kept = []
-        for line in replay_code(entry).splitlines():
+        sql = sql_of(entry["code"] or "")
+        code = replay_code(entry) if sql is None else f"display(spark.sql({sql!r}))\n"
+        for line in code.splitlines():
             pip = re.match(r"\s*[%!]\s*pip\s+install\s+(.*)$", line)
             if pip:
                 requires += [p for p in pip.group(1).split() if not p.startswith("-") and p not in requires]
@@ -4317,6 +4855,27 @@ def record_transfer(project, entry):
         project.save(session)
 
 
+def put_blocks(ws, session, remote, blocks):
+    """Write `blocks` (an iterable of bytes) to the driver file `remote`, one zlib-compressed chunk
+    per command; an empty iterable still creates the file. Returns (sha256 object, chunks sent)."""
+    digest, offset, chunks = hashlib.sha256(), 0, 0
+    for block in itertools.chain(blocks, [b""]):
+        if not block and offset:
+            break
+        digest.update(block)
+        packed = base64.b64encode(zlib.compress(block, 6)).decode("ascii")
+        results = run_internal(ws, session, f"_dbx_repl.put({remote!r}, {offset}, {packed!r})")
+        if results.get("resultType") == "error":
+            error_type, message = parse_error(results.get("summary"), results.get("cause"))
+            raise ReplError("RemoteFileError", f"Writing {remote}: {error_type}: {message}",
+                            hint="Check that the driver can write that path.")
+        offset += len(block)
+        chunks += 1
+        if not block:
+            break
+    return digest, chunks
+
+
 def cmd_put(args):
     project = Project(args.project_dir).check()
     try:
@@ -4330,24 +4889,10 @@ def cmd_put(args):
         raise ReplError("TooLarge", f"{args.local} is {size} bytes, over the {args.max_bytes}-byte cap.",
                         hint="Raise --max-bytes, or move large data through a Volume.")
     session, ws = idle_session(project, args)
-    started, digest, offset, chunks = time.monotonic(), hashlib.sha256(), 0, 0
+    started = time.monotonic()
     try:
         with open(args.local, "rb") as f:
-            while True:
-                block = f.read(PUT_CHUNK_BYTES)
-                if not block and offset:
-                    break
-                digest.update(block)
-                packed = base64.b64encode(zlib.compress(block, 6)).decode("ascii")
-                results = run_internal(ws, session, f"_dbx_repl.put({args.remote!r}, {offset}, {packed!r})")
-                if results.get("resultType") == "error":
-                    error_type, message = parse_error(results.get("summary"), results.get("cause"))
-                    raise ReplError("RemoteFileError", f"Writing {args.remote}: {error_type}: {message}",
-                                    hint="Check that the driver can write that path.")
-                offset += len(block)
-                chunks += 1
-                if not block:
-                    break
+            digest, chunks = put_blocks(ws, session, args.remote, iter(lambda: f.read(PUT_CHUNK_BYTES), b""))
         remote = remote_stat(ws, session, args.remote)
     except ReplError:
         raise
@@ -4401,6 +4946,186 @@ def cmd_get(args):
                     local=project.show(target), remote=args.remote, bytes=remote["size"],
                     sha256=remote["sha256"], elapsed_seconds=round(time.monotonic() - started, 3),
                     hint="Read the local file selectively.")
+
+
+# -- sync: a local folder mirrored on the driver and importable in the context ----------------------
+# `sync DIR` mirrors a local package (or a folder of modules) to <driver dir>/sync/<name>, sending only
+# files whose sha256 differs from the manifest of the last sync (kept in session.json under "syncs"),
+# as one tar.gz; the driver removes files no longer present, checks every file's hash, puts the
+# package's parent (a folder's own path) first on sys.path, and reloads the changed modules. `replay`
+# syncs every recorded folder again before it re-runs steps, so a new context can import them.
+
+DEFAULT_SYNC_CAP = 50 * 1024 * 1024
+SYNC_ALWAYS_SKIPPED = (".git/", "__pycache__/", "*.pyc", ".DS_Store")
+
+
+def gitignore_rules(root):
+    """The rules of ROOT/.gitignore as (negated, directory_only, anchored, pattern), in order, after
+    the rules every sync applies (SYNC_ALWAYS_SKIPPED). A documented subset of git's syntax: blank
+    lines and # comments are skipped; `!` re-includes; a trailing `/` matches directories only; a
+    pattern with another `/` is matched (fnmatch) against the path from ROOT, any other against each
+    name at any depth. Nested .gitignore files are not read."""
+    lines = list(SYNC_ALWAYS_SKIPPED)
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        with open(os.path.join(root, ".gitignore"), encoding="utf-8") as f:
+            lines += f.read().splitlines()
+    rules = []
+    for line in lines:
+        line = line.rstrip()
+        if not line or line.startswith("#"):
+            continue
+        negated = line.startswith("!")
+        line = line[1:] if negated else line
+        directory_only = line.endswith("/")
+        line = line.rstrip("/")
+        anchored = "/" in line
+        if line:
+            rules.append((negated, directory_only, anchored, line.lstrip("/")))
+    return rules
+
+
+def ignored(rules, relative, is_dir):
+    """Whether the path (from the synced folder, with `/`) is ignored: the last matching rule decides."""
+    import fnmatch
+    verdict = False
+    for negated, directory_only, anchored, pattern in rules:
+        if directory_only and not is_dir:
+            continue
+        subject = relative if anchored else relative.rsplit("/", 1)[-1]
+        if fnmatch.fnmatchcase(subject, pattern):
+            verdict = not negated
+    return verdict
+
+
+def local_tree(root, max_bytes):
+    """{relative path: (sha256, size)} of the files to sync under ROOT (an ignored directory hides
+    everything in it). Raises TooLarge past max_bytes in total, before anything is sent."""
+    rules, found, total = gitignore_rules(root), {}, 0
+    for folder, dirs, names in os.walk(root):
+        base = os.path.relpath(folder, root).replace(os.sep, "/")
+        base = "" if base == "." else base + "/"
+        dirs[:] = sorted(d for d in dirs if not ignored(rules, base + d, True)
+                         and not os.path.islink(os.path.join(folder, d)))
+        for name in sorted(names):
+            relative = base + name
+            path = os.path.join(folder, name)
+            if ignored(rules, relative, False) or not os.path.isfile(path):
+                continue
+            with open(path, "rb") as f:
+                data = f.read()
+            total += len(data)
+            if total > max_bytes:
+                raise ReplError("TooLarge", f"{root} holds more than {max_bytes} bytes to sync.",
+                                hint="Ignore data and build folders in its .gitignore, or raise --max-bytes.")
+            found[relative] = (hashlib.sha256(data).hexdigest(), len(data))
+    return found
+
+
+def sync_folder(ws, session, local, name, previous, max_bytes):
+    """Mirror LOCAL to the driver as NAME; `previous` is the record of its last sync (or None).
+    Returns the new record for session.json and what changed: (record, sent, reloaded, removed).
+    Raises ReplError (InvalidPath, TooLarge, RemoteFileError, TransferFailed)."""
+    import tarfile
+    if not os.path.isdir(local):
+        raise ReplError("InvalidPath", f"{local} is not a folder.", exit_code=EXIT_USAGE,
+                        hint="Name a local package or folder of modules.")
+    tree = local_tree(local, max_bytes)
+    remote = f"{DRIVER_OUTPUT_DIR}/dbx_repl_{session['session_id']}/sync/{name}"
+    path_entry = remote.rsplit("/", 1)[0] if "__init__.py" in tree else remote
+    manifest = {relative: digest for relative, (digest, _) in tree.items()}
+    known = (previous or {}).get("files") or {}
+    changed = sorted(r for r in manifest if known.get(r) != manifest[r])
+    sent = []
+    for attempt in range(2):    # the second pass resends what the driver lost (a restarted cluster)
+        archive = None
+        if changed:
+            packed = io.BytesIO()
+            with tarfile.open(fileobj=packed, mode="w:gz", compresslevel=6) as tar:
+                for relative in changed:
+                    tar.add(os.path.join(local, relative), arcname=relative, recursive=False)
+            archive = f"{remote}.upload.tar.gz"
+            data = packed.getvalue()
+            put_blocks(ws, session, archive, (data[i:i + PUT_CHUNK_BYTES] for i in range(0, len(data), PUT_CHUNK_BYTES)))
+            sent += [c for c in changed if c not in sent]
+        results = run_internal(ws, session, f"_dbx_repl.sync_apply({remote!r}, {archive!r}, "
+                                            f"__import__('json').loads({json.dumps(manifest)!r}), "
+                                            f"{changed!r}, {path_entry!r})")
+        if results.get("resultType") == "error":
+            error_type, message = parse_error(results.get("summary"), results.get("cause"))
+            raise ReplError("RemoteFileError", f"Applying the sync on the driver: {error_type}: {message}",
+                            hint="Retry the sync; if it repeats, check the driver's disk.")
+        applied = json.loads((results.get("data") or "").strip().splitlines()[-1])
+        if not applied["missing"]:
+            break
+        changed = sorted(applied["missing"])
+    else:
+        raise ReplError("TransferFailed", f"{len(applied['missing'])} file(s) did not arrive whole on the driver.",
+                        hint="Retry the sync.", missing=applied["missing"][:10])
+    record = {"local": local, "remote": remote, "path": path_entry, "files": manifest, "max_bytes": max_bytes,
+              "bytes": sum(size for _, size in tree.values()), "synced_at": now_iso()}
+    return record, sent, applied["reloaded"] + applied["dropped"], applied["removed"]
+
+
+def sync_name(local):
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.basename(os.path.normpath(local)))
+    if not name.strip("._"):
+        raise ReplError("InvalidPath", f"{local} has no usable folder name.", exit_code=EXIT_USAGE,
+                        hint="Name the package's folder, e.g. sync src/mypkg.")
+    return name
+
+
+def record_sync(project, name, record):
+    with signals_deferred(), project.lock():
+        session = project.load()
+        session.setdefault("syncs", {})[name] = record
+        project.save(session)
+
+
+def cmd_sync(args):
+    project = Project(args.project_dir).check()
+    local = os.path.abspath(args.dir)
+    name = sync_name(local)
+    if args.max_bytes <= 0:
+        raise ReplError("UsageError", "--max-bytes must be positive.", exit_code=EXIT_USAGE,
+                        hint=f"Leave it out for the default ({DEFAULT_SYNC_CAP} bytes).")
+    if not os.path.isdir(local):
+        raise ReplError("InvalidPath", f"{args.dir} is not a folder.", exit_code=EXIT_USAGE,
+                        hint="Name a local package or folder of modules.")
+    local_tree(local, args.max_bytes)       # too large: refused before the session is touched
+    session, ws = idle_session(project, args)
+    started = time.monotonic()
+    try:
+        record, sent, reloaded, removed = sync_folder(ws, session, local, name,
+                                                      (session.get("syncs") or {}).get(name), args.max_bytes)
+    except ReplError:
+        raise
+    except Exception as err:
+        raise map_sdk_error(err, action="sync the folder") from None
+    record_sync(project, name, record)
+    importable = name if record["path"] != record["remote"] else "its modules"
+    return response("Synced", f"{local} is on the driver at {record['remote']}: {len(sent)} of "
+                    f"{len(record['files'])} file(s) sent, {removed} removed.",
+                    name=name, remote=record["remote"], sys_path=record["path"], files=len(record["files"]),
+                    bytes=record["bytes"], sent=sent[:20], sent_count=len(sent), removed=removed,
+                    reloaded=reloaded[:20], elapsed_seconds=round(time.monotonic() - started, 3),
+                    hint=f"Import {importable} in your steps; sync again after editing (only changes are sent, "
+                         "changed modules are reloaded).")
+
+
+def restore_syncs(ws, project, session):
+    """After a new context: sync every recorded folder again (changed files are sent, the path is
+    set). Returns ([names restored], [{name, error}] for those that could not be)."""
+    restored, failed = [], []
+    for name, previous in sorted((session.get("syncs") or {}).items()):
+        try:
+            record, _, _, _ = sync_folder(ws, session, previous["local"], name, previous,
+                                          previous.get("max_bytes") or DEFAULT_SYNC_CAP)
+        except ReplError as err:
+            failed.append({"name": name, "error": f"{err.status}: {err.message}"[:200]})
+            continue
+        record_sync(project, name, record)
+        restored.append(name)
+    return restored, failed
 
 
 # -- smoke -------------------------------------------------------------------------------------------
@@ -4466,13 +5191,14 @@ def cmd_smoke(args):
 
     def create():
         body = run_subcommand(cmd_create, cluster_id=state["cluster_id"], session_name="dbx-repl-smoke",
-                              llm_endpoint=args.llm_endpoint, llm_max_calls=5, llm_max_tokens=None)
+                              llm_endpoint=args.llm_endpoint, llm_max_calls=5, llm_max_tokens=None,
+                              start_cluster=False)
         state["created"] = True
         return body["context_id"]
 
     def run_check(command, tag, check):
         def action():
-            body = run_subcommand(cmd_exec, command=command, tag=tag)
+            body = run_subcommand(cmd_exec, command=command, tag=tag, sql=None)
             if body["status"] != "Finished":
                 raise ReplError(body["status"], body.get("message", ""))
             text = body.get("stdout_preview", "").strip()
@@ -4516,6 +5242,8 @@ def cluster_summary(cluster):
         "cluster_id": cluster.get("cluster_id"),
         "cluster_name": cluster.get("cluster_name"),
         "state": cluster.get("state"),
+        "state_message": cluster.get("state_message") or None,
+        "startable": cluster.get("state") in STARTABLE_CLUSTER_STATES and is_all_purpose(cluster),
         "all_purpose": is_all_purpose(cluster),
         "cluster_source": source,
         "access_mode": cluster.get("data_security_mode"),
@@ -4575,6 +5303,10 @@ def find_cluster_by_id(args, cluster_id):
 def _cluster_hint(cluster):
     if not cluster["all_purpose"]:
         return "This is not an all-purpose cluster; execution contexts need one."
+    if cluster["startable"]:
+        return ("The cluster is not running. Ask the user whether to start it (3-8 minutes); with their "
+                f"consent: {cli_hint('create')} --cluster-id {cluster['cluster_id']} --session-name NAME "
+                "--start-cluster")
     if cluster["state"] not in RUNNABLE_CLUSTER_STATES:
         return "The cluster is not running: ask the user to start it, then create the session."
     return f"Create a session: {cli_hint('create')} --cluster-id {cluster['cluster_id']} --session-name NAME"
@@ -4637,11 +5369,18 @@ def build_parser():
     p.add_argument("--llm-endpoint", default=None, help=f"Default sub_llm endpoint (env {ENV_LLM_ENDPOINT})")
     p.add_argument("--llm-max-calls", type=int, default=None, help="Budget: sub_llm calls in this session")
     p.add_argument("--llm-max-tokens", type=int, default=None, help="Budget: sub_llm tokens in this session")
+    p.add_argument("--start-cluster", action="store_true",
+                   help="Start the cluster if it is TERMINATED (only with the user's consent) and wait for it")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                   help="With --start-cluster: seconds to wait for RUNNING before answering ClusterStarting")
     p.set_defaults(handler=cmd_create)
 
     p = sub.add_parser("exec", help="Run code as the next step and wait for it")
     add_common(p)
-    p.add_argument("--command", required=True, help="Python code, @file.py, or - for stdin")
+    code = p.add_mutually_exclusive_group(required=True)
+    code.add_argument("--command", default=None, help="Python code, @file.py, or - for stdin")
+    code.add_argument("--sql", default=None, help="Instead of --command: SQL, @file.sql, or - for stdin; runs as "
+                                               "spark.sql in the same context, the result goes to a table file")
     p.add_argument("--tag", required=True, help="Label of the step (used in file names)")
     add_wait_options(p)
     p.set_defaults(handler=cmd_exec)
@@ -4649,6 +5388,8 @@ def build_parser():
     p = sub.add_parser("await", help="Keep waiting for the running command")
     add_common(p)
     add_wait_options(p)
+    p.add_argument("--follow", action="store_true", help="Stream the step's progress (output tail, Spark tasks) "
+                                                         "to stderr while waiting")
     p.set_defaults(handler=cmd_await)
 
     p = sub.add_parser("cancel", help="Cancel the running command")
@@ -4697,6 +5438,12 @@ def build_parser():
             p.add_argument(positional)
         p.add_argument("--max-bytes", type=int, default=DEFAULT_TRANSFER_CAP, help="Size cap of the file")
         p.set_defaults(handler=handler)
+
+    p = sub.add_parser("sync", help="Mirror a local package or folder to the driver and make it importable")
+    add_common(p)
+    p.add_argument("dir", help="The local folder (a package with __init__.py, or a folder of modules)")
+    p.add_argument("--max-bytes", type=int, default=DEFAULT_SYNC_CAP, help="Size cap of the folder's files")
+    p.set_defaults(handler=cmd_sync)
 
     p = sub.add_parser("smoke", help="End-to-end check: create, exec, (sub_llm), destroy in a temp dir")
     add_profile(p)
@@ -4864,9 +5611,13 @@ class WarmClient:
     def _plan(argv):
         """(project root, socket path, stdin bytes or None) for a call the warm process can run, or
         None: other subcommands, --help/--version, --debug (its log goes to this stderr), bad usage
-        (answered in-process, without the SDK), no usable socket path."""
+        (answered in-process, without the SDK), no usable socket path, and a wait that shows progress
+        on this stderr as it goes (await --follow; exec/await/create on a terminal), which the warm
+        child could only hand back at the end."""
         if not hasattr(os, "fork") or not argv or argv[0] not in WARM_SUBCOMMANDS or "--debug" in argv or \
                 any(a in ("-h", "--help", "--version") for a in argv):
+            return None
+        if "--follow" in argv or (argv[0] in ("exec", "await", "replay", "create") and sys.stderr.isatty()):
             return None
         try:
             args = build_parser().parse_args(argv)
@@ -5101,6 +5852,8 @@ class WarmClient:
                 return 0                  # the caller gave up: run nothing
         except (OSError, ValueError):
             return 0
+        global PROCESS_STARTED
+        PROCESS_STARTED = time.monotonic()  # --timeout counts from this call, not the warm process's start
         os.environ.clear()
         os.environ.update(request["env"])
         global PROCESS_STARTED            # await's --timeout counts from the caller's start, not the fork's

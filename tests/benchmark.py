@@ -5,6 +5,7 @@
     python tests/benchmark.py --quick      # fewer repetitions, no 20 s command
     python tests/benchmark.py --repeat 30  # more samples for the short rows
     python tests/benchmark.py --only scale # exec in a new session and in one of 10,000 steps (time, RSS)
+    python tests/benchmark.py --only status # status of a running step, read through the sidecar context
 
 It starts a LocalWorkspace itself (the real service's 50,000-character output limit), runs the CLI
 as an agent does (one process per call, `sys.executable dbx_repl.py ...`) and prints a Markdown
@@ -517,6 +518,27 @@ def warm_client_rows(cli, workspace, table, n, py):
             workspace.configure(latency_ms=0)
 
 
+def status_rows(cli, table, n):
+    """`status` while a step runs: its progress is read through the sidecar context (the first call
+    creates it). The floor is `status` of the same session when idle (no progress read)."""
+    idle = [cli.run("status")[0] for _ in range(n)]
+    wall, _, body = cli.run("exec", "--command", "import time\nprint('waiting', flush=True)\ntime.sleep(600)",
+                            "--tag", "sleeper", "--timeout", "1")
+    assert body["status"] == "Running", body
+    first = body["progress"].get("read_seconds")
+    samples, reads = [], []
+    for _ in range(n):
+        wall, _, body = cli.run("status")
+        assert body["status"] == "Busy" and "output_tail" in body["progress"], body
+        samples.append(wall)
+        reads.append(body["progress"]["read_seconds"])
+    cli.run("cancel")
+    table.add("status of a running step (progress via the sidecar)", samples,
+              floor="%s (status, idle session)" % fmt(statistics.median(idle)),
+              note="progress read %s of it; the first read (sidecar created, in the Running answer) %s"
+                   % (fmt(statistics.median(reads)), fmt(first)))
+
+
 # -- the benchmark ----------------------------------------------------------------------------------
 
 def finish(cli, table, began):
@@ -533,7 +555,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions, skip the 20 s command")
     parser.add_argument("--repeat", type=int, default=None, help="samples for the short rows (default 15, quick 5)")
-    parser.add_argument("--only", choices=("scale",), default=None, help="run one section only")
+    parser.add_argument("--only", choices=("scale", "status"), default=None, help="run one section only")
     parser.add_argument("--local-workspace-only", action="store_true",
                         help="only the rows of the local workspace itself (memory, context, Spark)")
     parser.add_argument("--warm-only", action="store_true", help="only the per-call rows (warm client, cold, "
@@ -566,10 +588,10 @@ def main(argv=None):
               "limit %d chars, n=%d" % (time.strftime("%Y-%m-%d %H:%M"), sys.version.split()[0], os.cpu_count(),
                                         os.getloadavg()[0], workspace.host, REAL_OUTPUT_LIMIT, n), flush=True)
 
-        if args.only == "scale":
+        if args.only in ("scale", "status"):
             assert cli.run("create", "--cluster-id", RUNNING_CLUSTER_ID, "--session-name", "bench")[2]["status"] \
                 == "Created"
-            scale_rows(cli, table, n)
+            (scale_rows if args.only == "scale" else status_rows)(cli, table, n)
             cli.run("destroy")
             print()
             print(table.render())
@@ -728,6 +750,9 @@ def main(argv=None):
                           met=med <= ideal * 1.2, note="%.0f%% of ideal throughput" % (100 * ideal / med))
         finally:
             workspace.configure(llm_latency=0.0)
+
+        # 5b. status of a running step, with its progress
+        status_rows(cli, table, n)
 
         # 6. scale: a long session.json
         scale_rows(cli, table, max(3, n // 3))
