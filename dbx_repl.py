@@ -5852,8 +5852,6 @@ class WarmClient:
                 return 0                  # the caller gave up: run nothing
         except (OSError, ValueError):
             return 0
-        global PROCESS_STARTED
-        PROCESS_STARTED = time.monotonic()  # --timeout counts from this call, not the warm process's start
         os.environ.clear()
         os.environ.update(request["env"])
         global PROCESS_STARTED            # await's --timeout counts from the caller's start, not the fork's
