@@ -50,8 +50,9 @@ def ending(helpers, key):
         return json.load(f)
 
 
-def test_the_bootstrap_travels_as_source_with_its_config_as_a_json_literal():
-    command = dbx_repl.bootstrap_command({"session_id": "ab12", "host": "https://x\"y'z"})
+def test_the_bootstrap_travels_as_source_with_its_config_as_a_json_literal(tmp_path):
+    command = dbx_repl.bootstrap_command({"session_id": "ab12", "host": "https://x\"y'z",
+                                          "out_dir": str(tmp_path)})  # not the host's /tmp
     assert command.startswith("def _dbx_repl_install(config, namespace):")
     namespace = {"__name__": "__main__"}
     hooks_before = list(sys.meta_path)
