@@ -46,8 +46,9 @@ def test_both_paths_map_the_same_errors(repl):
 # picks it (it has sdk/config.py) and fails; the normal import still finds the real package (a
 # regular package with __init__.py wins over a bare directory).
 LAYOUT_CHANGE = textwrap.dedent(r'''
-    import json, os, sys, tempfile
+    import atexit, json, os, shutil, sys, tempfile
     fake = tempfile.mkdtemp()
+    atexit.register(shutil.rmtree, fake, True)   # nothing left in the host's /tmp
     os.makedirs(os.path.join(fake, "sdk"))
     with open(os.path.join(fake, "sdk", "config.py"), "w") as f:
         f.write("raise ImportError('simulated layout change: Config moved')\n")
