@@ -2260,7 +2260,7 @@ def poll_command(ws, cluster_id, context_id, command_id, timeout, watch=None):
                 if isinstance(err, ws.errors.DatabricksError) and not (
                         _looks_transient(err, ws.errors) or ws.transient(err)):
                     raise
-                cut = isinstance(err, (CallTimedOut, TimeoutError))   # our deadline, not the service's answer
+                cut = isinstance(err, TimeoutError)   # our deadline ran out, not the service's answer
                 if cut and failing_since is None and time.monotonic() >= deadline and began > deadline - 1.0:
                     return None   # only a poll begun just before the deadline was cut: no news, no failure
                 failing_since, last_error = failing_since or began, err

@@ -41,6 +41,7 @@ if TESTS_DIR not in sys.path:
     sys.path.insert(0, TESTS_DIR)
 
 from local_workspace import RUNNING_CLUSTER_ID, LocalWorkspace  # noqa: E402
+from repl_harness import process_tree  # noqa: E402
 
 REAL_OUTPUT_LIMIT = 50_000                 # characters, the service's default text result cap
 TEXT_MB = 20
@@ -225,32 +226,12 @@ def _rss_bytes(pid):
     return 0
 
 
-def _tree(pids):
-    """The pids and all their descendants (Linux /proc)."""
-    children = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open("/proc/%s/stat" % entry) as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = set(pids), list(pids)
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
 def cluster_rss(workspace):
     """RSS of the cluster's whole process tree: drivers (with their JVMs) and context workers."""
     with workspace._lock:
         roots = [d.proc.pid for d in workspace._drivers.values()]
     roots += list(workspace.context_pids().values())
-    return sum(_rss_bytes(pid) for pid in _tree(roots))
+    return sum(_rss_bytes(pid) for pid in process_tree(roots))
 
 
 def local_workspace_rows(table, repeat):

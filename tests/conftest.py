@@ -22,9 +22,8 @@ def _pid_alive(pid):
     return True
 
 
-@pytest.fixture
-def workspace():
-    """A started LocalWorkspace on a free port; teardown checks no context process survives."""
+def _running_workspace():
+    """Start a LocalWorkspace, yield it, stop it, and check that none of its processes survive."""
     ws = LocalWorkspace()
     ws.start()
     try:
@@ -32,7 +31,13 @@ def workspace():
     finally:
         ws.stop()
         leaked = [pid for pid in ws.all_pids() if _pid_alive(pid)]
-        assert not leaked, "context processes still alive after stop(): %s" % leaked
+        assert not leaked, "cluster processes still alive after stop(): %s" % leaked
+
+
+@pytest.fixture
+def workspace():
+    """A started LocalWorkspace on a free port; teardown checks no context process survives."""
+    yield from _running_workspace()
 
 
 def _client_for(ws):
@@ -54,14 +59,7 @@ def spark_workspace():
     """One local workspace for a whole test module: its cluster's Spark (a JVM) starts once.
 
     Teardown checks that no process of it (driver, JVM, context) survives stop()."""
-    ws = LocalWorkspace()
-    ws.start()
-    try:
-        yield ws
-    finally:
-        ws.stop()
-        leaked = [pid for pid in ws.all_pids() if _pid_alive(pid)]
-        assert not leaked, "cluster processes still alive after stop(): %s" % leaked
+    yield from _running_workspace()
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ if TESTS_DIR not in sys.path:
     sys.path.insert(0, TESTS_DIR)
 
 from local_workspace import LocalWorkspace, RUNNING_CLUSTER_ID  # noqa: E402
-from repl_harness import Repl, wait_for  # noqa: E402
+from repl_harness import Repl, files_under, wait_for  # noqa: E402
 from test_bounds import StallingProxy  # noqa: E402
 
 EXECUTE, STATUS, CREATE = "/api/1.2/commands/execute", "/api/1.2/commands/status", "/api/1.2/contexts/create"
@@ -246,7 +246,7 @@ def bad_inputs(workspace, root):
     repl = fresh(workspace, root, "bad")
     repl.create()
     for args in BAD_INPUTS:
-        before = snapshot(repl.project_dir)
+        before = files_under(repl.project_dir)
         try:
             call, seconds = timed(repl, *args)
         except AssertionError as err:   # not one JSON object, or a traceback
@@ -256,25 +256,17 @@ def bad_inputs(workspace, root):
         row.trial(seconds, "any")
         if call.code == 0:
             row.fail("%s succeeded" % (args,))
-        if snapshot(repl.project_dir) != before:
+        if files_under(repl.project_dir) != before:
             row.fail("%s wrote files" % (args,))
     for token_args in (("exec", "--command", "1", "--tag", "t"), ("status",)):
-        before = snapshot(repl.project_dir)
+        before = files_under(repl.project_dir)
         call, seconds = timed(repl, *token_args, env={"DATABRICKS_TOKEN": "dapi-wrong"})
         row.trial(seconds, "any")
-        if call.status != "AuthError" or snapshot(repl.project_dir) != before:
+        if call.status != "AuthError" or files_under(repl.project_dir) != before:
             row.fail("wrong token on %s: %s or files written" % (token_args[0], call.status))
     repl.run("destroy")
     return row
 
-
-def snapshot(directory):
-    found = {}
-    for base, _, names in os.walk(directory):
-        for name in names:
-            with open(os.path.join(base, name), "rb") as f:
-                found[os.path.join(base, name)] = f.read()
-    return found
 
 
 def main(argv=None):

@@ -113,3 +113,35 @@ def wait_for(predicate, timeout=10.0, interval=0.05):
 
 def interrupt(proc, sig=signal.SIGINT):
     proc.send_signal(sig)
+
+
+def files_under(*directories):
+    """Every file under the directories, with its content: {path: bytes}."""
+    found = {}
+    for top in directories:
+        for base, _, names in os.walk(top):
+            for name in names:
+                path = os.path.join(base, name)
+                with open(path, "rb") as f:
+                    found[path] = f.read()
+    return found
+
+
+def process_tree(pids):
+    """The pids and all their descendants, as a set (Linux /proc)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open("/proc/%s/stat" % entry) as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = set(pids), list(pids)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found

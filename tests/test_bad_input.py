@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import dbx_repl
 from local_workspace import LocalWorkspace, RUNNING_CLUSTER_ID
-from repl_harness import CLI, Repl
+from repl_harness import CLI, Repl, files_under
 
 TOKEN = "dapi-bad-input-" + secrets.token_hex(12)
 
@@ -49,14 +49,7 @@ def live(tmp_path_factory):
 
 def snapshot(repl):
     """Every file under the project dir and the caller's directory, with its content."""
-    found = {}
-    for top in (repl.project_dir, repl.cwd):
-        for base, _, names in os.walk(top):
-            for name in names:
-                path = os.path.join(base, name)
-                with open(path, "rb") as f:
-                    found[path] = f.read()
-    return found
+    return files_under(repl.project_dir, repl.cwd)
 
 
 EXEC = ("exec", "--tag", "t", "--command")

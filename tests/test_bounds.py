@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from local_workspace import RUNNING_CLUSTER_ID
-from repl_harness import wait_for
+from repl_harness import files_under, wait_for
 
 EXECUTE = "/api/1.2/commands/execute"
 STATUS = "/api/1.2/commands/status"
@@ -360,21 +360,13 @@ def test_a_session_with_10000_steps_keeps_working_and_stays_readable(session):
 
 # -- 8. no writes on refusal ---------------------------------------------------------------------------------
 
-def snapshot(directory):
-    found = {}
-    for base, _, names in os.walk(directory):
-        for name in names:
-            with open(os.path.join(base, name), "rb") as f:
-                found[os.path.join(base, name)] = f.read()
-    return found
-
 
 def test_a_wrong_token_writes_nothing(workspace, session):
-    before = snapshot(session.project_dir)
+    before = files_under(session.project_dir)
     for args in (("exec", "--command", "print(1)", "--tag", "t"), ("status",)):
         call = session.run(*args, env={"DATABRICKS_TOKEN": "dapi-wrong"})
         assert call.status == "AuthError" and call.code != 0, call
-    assert snapshot(session.project_dir) == before
+    assert files_under(session.project_dir) == before
 
 
 def test_create_with_a_bad_cluster_id_writes_nothing(repl):

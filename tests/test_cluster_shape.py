@@ -21,7 +21,7 @@ from databricks.sdk.service.compute import Language
 from local_workspace import RUNNING_CLUSTER_ID
 from local_workspace.paths import host_path
 from local_workspace.runtime import ensure_runtime, runtime_spec
-from repl_harness import Repl
+from repl_harness import Repl, process_tree
 
 CANCEL_DEADLINE = 2.0  # a cancelled command must end within this (the behaviour under test)
 SPARK_SLEEPING_JOB = ("import time\n"
@@ -338,24 +338,6 @@ def test_cancel_from_the_cli_with_spark_running_keeps_the_session(spark_workspac
 
 # -- clean: nothing left behind --------------------------------------------------------------------
 
-def _descendants(pid):
-    children = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open("/proc/%s/stat" % entry) as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def _all_end(pids, timeout=5.0):
     """Do all these processes end within ``timeout`` s (a SIGKILL takes effect asynchronously)?"""
     deadline = time.monotonic() + timeout
@@ -390,7 +372,7 @@ try:
                                    "import tempfile; tempfile.mkstemp()\\n"
                                    "print(spark.table('t').count())")
     driver = ws._drivers[RUNNING_CLUSTER_ID].proc.pid
-    tree = [driver] + t._descendants(driver) + list(ws.context_pids().values())
+    tree = sorted(t.process_tree([driver]) | set(ws.context_pids().values()))
     java = any("java" in open("/proc/%%d/cmdline" %% p).read() for p in tree if t._alive(p))
     state_dir = ws._tmpdir
 finally:
@@ -432,7 +414,7 @@ def test_terminating_a_cluster_ends_its_driver_and_jvm(spark_client, spark_works
     context = _context(spark_client)
     _text(spark_client, context, "print(spark.range(1).count())")
     driver_pid = spark_workspace._drivers[RUNNING_CLUSTER_ID].proc.pid
-    tree = [driver_pid] + _descendants(driver_pid)
+    tree = sorted(process_tree([driver_pid]))
     assert len(tree) >= 2  # the driver and its JVM
     spark_workspace.set_cluster_state(RUNNING_CLUSTER_ID, "TERMINATED")
     assert _all_end(tree)
