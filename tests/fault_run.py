@@ -142,8 +142,7 @@ def failing_polls(workspace, root, trials, proxy):
             row.trial(seconds, "cancel")
             if call.status != "Cancelled":
                 row.fail("cancel answered %s" % call.status)
-            with workspace._lock:
-                workspace._injections.clear()
+            workspace.clear_injections()
             for rule in proxy.rules:
                 rule["count"] = 0
             repl.env["DATABRICKS_HOST"] = workspace.host
@@ -178,8 +177,7 @@ def unreachable(workspace, root, trials):
                     row.trial(seconds, args[0])
                     if seconds > 15:
                         row.fail("%s answered after %.1fs" % (args[0], seconds))
-    with workspace._lock:
-        workspace._injections.clear()
+    workspace.clear_injections()
     repl.run("destroy")
     return row
 

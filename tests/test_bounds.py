@@ -199,8 +199,7 @@ def test_failing_status_calls_are_reported_and_cancel_frees_the_session(workspac
     log = assert_log_consistent(session)
     assert log["active_command"] is None and log["steps"][-1]["status"] == "Cancelled"
     assert log["steps"][-1]["cancel_confirmed"] is False
-    with workspace._lock:                                 # the status store recovers
-        workspace._injections.clear()
+    workspace.clear_injections()                          # the status store recovers
     assert session.exec("print('free again')", "next").status == "Finished"
 
 

@@ -371,7 +371,7 @@ try:
     out = t._text(client, context, "spark.range(10).write.saveAsTable('t')\\n"
                                    "import tempfile; tempfile.mkstemp()\\n"
                                    "print(spark.table('t').count())")
-    driver = ws._drivers[RUNNING_CLUSTER_ID].proc.pid
+    driver = ws.driver_pids()[RUNNING_CLUSTER_ID]
     tree = sorted(t.process_tree([driver]) | set(ws.context_pids().values()))
     java = any("java" in open("/proc/%%d/cmdline" %% p).read() for p in tree if t._alive(p))
     state_dir = ws._tmpdir
@@ -413,9 +413,9 @@ def test_terminating_a_cluster_ends_its_driver_and_jvm(spark_client, spark_works
     # Last in this module: it terminates the shared workspace's cluster.
     context = _context(spark_client)
     _text(spark_client, context, "print(spark.range(1).count())")
-    driver_pid = spark_workspace._drivers[RUNNING_CLUSTER_ID].proc.pid
+    driver_pid = spark_workspace.driver_pids()[RUNNING_CLUSTER_ID]
     tree = sorted(process_tree([driver_pid]))
     assert len(tree) >= 2  # the driver and its JVM
     spark_workspace.set_cluster_state(RUNNING_CLUSTER_ID, "TERMINATED")
     assert _all_end(tree)
-    assert RUNNING_CLUSTER_ID not in spark_workspace._drivers
+    assert RUNNING_CLUSTER_ID not in spark_workspace.driver_pids()

@@ -24,7 +24,7 @@ from databricks.sdk.service.compute import (CommandStatus, ContextStatus, EventT
 from databricks.sdk.service.workspace import ImportFormat, ObjectType
 
 from local_workspace import RUNNING_CLUSTER_ID, TERMINATED_CLUSTER_ID, paths
-from local_workspace.cluster import OWNER
+from local_workspace.config import OWNER
 from test_local_workspace import (new_context, run, status, submit, text, wait_done, wait_for)
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))

@@ -1,16 +1,27 @@
 """A local stand-in for a Databricks workspace, for tests and offline use.
 
-The parts, each readable on its own:
+The wire layer (HTTP in and out):
 
-* ``server``  - the HTTP server, its routes and the control API (``LocalWorkspace``);
-* ``cluster`` - execution contexts and commands: the worker processes behind the 1.2 API;
-* ``driver``  - a cluster's driver: the one JVM/SparkContext its contexts share;
-* ``runtime`` - the Databricks Runtime's Python environment every cluster process runs on;
-* ``worker``  - one execution context: a Python REPL process (with ``dbutils`` and ``spark``);
-* ``dbutils`` - dbutils, the notebook context and ``dbruntime`` inside a context;
-* ``spark``   - ``spark``, ``sc``, ``sqlContext`` inside a context, on the cluster's Spark;
-* ``files``   - DBFS, Files and Workspace REST over the driver paths (``paths``);
-* ``serving`` - model serving with a deterministic chat model.
+* ``wire``     - the HTTP/1.1 server, auth, injected faults, the request log, errors -> answers;
+* ``routes``   - the route table: every endpoint and its handler (the control API too);
+
+the backends (each with its own state and lock, all reading one ``config.Config``):
+
+* ``clusters`` - cluster records, lifecycle, events and readiness;
+* ``contexts`` - execution contexts and commands: the worker processes behind the 1.2 API;
+* ``files``    - DBFS, Files and Workspace REST over the driver paths (``paths``), libraries, SCIM;
+* ``serving``  - model serving with a deterministic chat model;
+* ``errors``   - the domain errors they raise;
+
+the processes of a cluster:
+
+* ``driver``   - a cluster's driver: the one JVM/SparkContext its contexts share;
+* ``runtime``  - the Databricks Runtime's Python environment every cluster process runs on;
+* ``worker``   - one execution context: the pipe protocol and main loop of a Python REPL process,
+  with ``cell`` (running a Python command), ``capture`` (stdout/stderr), ``display`` (tables,
+  images), ``magics`` (%pip, %sh, !), ``sql`` (SQL commands), ``dbutils`` (dbutils, the notebook
+  context, ``dbruntime`` and runtime auth) and ``spark`` (``spark``, ``sc``, ``sqlContext``);
+* ``server``   - ``LocalWorkspace``, which puts it all together, and the ``serve`` command.
 
     python tests/local_workspace serve [--port N] [--token T] [--latency-ms N] [--secrets FILE]
     python tests/local_workspace runtime      # build the runtime environment (once; cached)
@@ -18,9 +29,8 @@ The parts, each readable on its own:
 See ``references/local-workspace.md``.
 """
 
-from .errors import ApiError
 from .server import (JOB_CLUSTER_ID, RUNNING_CLUSTER_ID, SHARED_CLUSTER_ID, SPARK_VERSION,
                      TERMINATED_CLUSTER_ID, LocalWorkspace, chat_answer, main)
 
-__all__ = ["ApiError", "JOB_CLUSTER_ID", "RUNNING_CLUSTER_ID", "SHARED_CLUSTER_ID", "SPARK_VERSION",
+__all__ = ["JOB_CLUSTER_ID", "RUNNING_CLUSTER_ID", "SHARED_CLUSTER_ID", "SPARK_VERSION",
            "TERMINATED_CLUSTER_ID", "LocalWorkspace", "chat_answer", "main"]

@@ -621,3 +621,44 @@ def _install_dbruntime(init):
     sys.modules["dbruntime.databricks_repl_context"] = module
 
 
+def install_runtime_auth(init, namespace):
+    """What databricks-sdk's runtime auth (``runtime_native_auth``, used when
+    ``DATABRICKS_RUNTIME_VERSION`` is set) imports on a cluster:
+
+    * ``dbruntime.sdk_credential_provider``: ``init_runtime_native_unified()`` gives the host,
+      account id, workspace id and a header factory; ``init_runtime_native_auth()`` the older
+      (host, header factory) pair;
+    * ``dbruntime.UserNamespaceInitializer``: the notebook's namespace, through which
+      ``databricks.sdk.runtime`` takes ``dbutils``, ``spark``, ``display``... and, on SDKs
+      without the unified provider, ``init_runtime_native_auth``.
+
+    The host is the local workspace's own ``http://`` URL, so ``WorkspaceClient()`` with no
+    arguments works in a context, with old and new SDKs alike (the REPL-context fallback builds
+    ``https://`` and would retry a TLS handshake for the SDK's whole 300 s budget)."""
+    import types
+
+    module = types.ModuleType("dbruntime.sdk_credential_provider")
+
+    def inner():
+        return {"Authorization": "Bearer %s" % init["token"]}
+
+    def init_runtime_native_unified():
+        return init["host"], None, init["workspace_id"], inner
+
+    def init_runtime_native_auth():
+        return init["host"], inner
+
+    module.init_runtime_native_unified = init_runtime_native_unified
+    module.init_runtime_native_auth = init_runtime_native_auth
+    sys.modules["dbruntime.sdk_credential_provider"] = module
+    sys.modules["dbruntime"].sdk_credential_provider = module
+
+    class UserNamespaceInitializer:
+        @classmethod
+        def getOrCreate(cls):
+            return cls()
+
+        def get_namespace_globals(self):
+            return dict(namespace, init_runtime_native_auth=init_runtime_native_auth)
+
+    sys.modules["dbruntime"].UserNamespaceInitializer = UserNamespaceInitializer

@@ -1,7 +1,7 @@
 """A cluster's driver: the one JVM (one SparkContext) that every execution context of the cluster shares.
 
 On a Databricks cluster the driver runs one Spark application; each notebook's Python REPL attaches
-to it and gets its own SparkSession. Here, ``cluster.py`` starts this process (on the runtime's
+to it and gets its own SparkSession. Here, ``contexts.py`` starts this process (on the runtime's
 Python, ``runtime.py``) once per running cluster. It starts pyspark's JVM gateway and the
 SparkContext lazily, on the first ``gateway`` request (a context's first use of ``spark``), and
 serves, on a Unix socket in the cluster's state dir, JSON-line requests, one per connection:

@@ -1,13 +1,14 @@
 """Model serving: a deterministic chat model behind /serving-endpoints (see references)."""
 
+import collections
 import json
 import re
+import threading
 import time
 import uuid
 
-from .errors import ApiError
-
-from .cluster import OWNER
+from .config import OWNER
+from .errors import BadRequest, EndpointNotFound, InternalError, Throttled
 
 SERVING_ENDPOINTS = {
     "default-llm-endpoint": "local-deterministic-chat-v1",
@@ -20,12 +21,17 @@ NEGATIVE_WORDS = {"bad", "terrible", "awful", "hate", "sad", "worst", "horrible"
 MARKER_RE = re.compile(r"\[(fail|list-content|rate-limit:\d+|slow:\d+(?:\.\d+)?)\]")
 
 
-class ModelServing:
-    """serving-endpoints list/get and invocations (a mixin of LocalWorkspace)."""
+class Serving:
+    """serving-endpoints list/get and invocations. ``config``: the workspace's ``Config``
+    (``llm_latency``)."""
 
-    # ----- model serving
+    def __init__(self, config):
+        self._config = config
+        self._lock = threading.Lock()
+        self._rate_limit_seen = collections.Counter()
 
-    def _endpoint_info(self, name):
+    @staticmethod
+    def _endpoint_info(name):
         return {"name": name, "id": uuid.uuid5(uuid.NAMESPACE_URL, name).hex,
                 "creator": OWNER, "creation_timestamp": 1735689600000,
                 "state": {"ready": "READY", "config_update": "NOT_UPDATING"},
@@ -33,41 +39,36 @@ class ModelServing:
                 "config": {"served_entities": [{"name": SERVING_ENDPOINTS[name],
                                                 "entity_name": SERVING_ENDPOINTS[name]}]}}
 
-    def _serving_list(self, query):
-        return {"endpoints": [self._endpoint_info(n) for n in SERVING_ENDPOINTS]}
+    def endpoints(self):
+        return [self._endpoint_info(n) for n in SERVING_ENDPOINTS]
 
-    def _serving_get(self, name):
+    def endpoint(self, name):
         if name not in SERVING_ENDPOINTS:
             raise _endpoint_missing(name)
         return self._endpoint_info(name)
 
-    def _serving_invoke(self, name, body):
+    def invoke(self, name, messages):
+        """A chat completion for ``messages`` (OpenAI-style), answered by ``chat_answer``."""
         if name not in SERVING_ENDPOINTS:
             raise _endpoint_missing(name)
         latency = self._config["llm_latency"]
         if latency:
             time.sleep(latency)
-        messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
-            raise ApiError(400, {"error_code": "BAD_REQUEST",
-                                 "message": "Chat requests need a non-empty 'messages' list."})
+            raise BadRequest("Chat requests need a non-empty 'messages' list.")
         texts = [(m.get("role"), _content_text(m.get("content"))) for m in messages
                  if isinstance(m, dict)]
         prompt = next((t for r, t in reversed(texts) if r == "user"), "")
         system = " ".join(t for r, t in texts if r == "system")
         if "[fail]" in prompt:
-            raise ApiError(500, {"error_code": "INTERNAL_ERROR",
-                                 "message": "The model failed to answer (the prompt asked for "
-                                            "[fail])."})
+            raise InternalError("The model failed to answer (the prompt asked for [fail]).")
         limit = re.search(r"\[rate-limit:(\d+)\]", prompt)
         if limit:
             with self._lock:
                 seen = self._rate_limit_seen[prompt]
                 self._rate_limit_seen[prompt] += 1
             if seen < int(limit.group(1)):
-                raise ApiError(429, {"error_code": "REQUEST_LIMIT_EXCEEDED",
-                                     "message": "Exceeded rate limit for endpoint %s." % name},
-                               {"Retry-After": "1"})
+                raise Throttled("Exceeded rate limit for endpoint %s." % name, retry_after="1")
         slow = re.search(r"\[slow:(\d+(?:\.\d+)?)\]", prompt)
         if slow:
             time.sleep(float(slow.group(1)))
@@ -82,18 +83,16 @@ class ModelServing:
                        {"type": "text", "text": answer}]
         prompt_tokens = sum(len(t.split()) for _, t in texts)
         completion_tokens = len(answer.split())
-        model = SERVING_ENDPOINTS[name]
-        return 200, {
+        return {
             "id": "chatcmpl-" + uuid.uuid4().hex,
             "object": "chat.completion",
             "created": int(time.time()),
-            "model": model,
+            "model": SERVING_ENDPOINTS[name],
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
                          "finish_reason": "stop"}],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens},
-        }, {"served-model-name": model}
-
+        }
 
 
 def chat_answer(prompt):
@@ -133,6 +132,5 @@ def _content_text(content):
 
 
 def _endpoint_missing(name):
-    return ApiError(404, {"error_code": "ENDPOINT_NOT_FOUND",
-                          "message": "Endpoint with name '%s' does not exist." % name})
+    return EndpointNotFound("Endpoint with name '%s' does not exist." % name)
 

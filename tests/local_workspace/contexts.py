@@ -1,12 +1,13 @@
-"""Execution contexts on a cluster: one Python process per context, commands in order.
+"""Execution contexts and commands: the backend behind the Command Execution API 1.2.
 
-The part of the local workspace that the 1.2 API's contexts and commands live in: it starts each
-running cluster's driver (``driver.py``: the one JVM its contexts share, started on the first
-context), spawns the context workers (``worker.py``), feeds each one its queue of commands,
-cancels (the command's Spark job group, then an interrupt), evicts and reaps. Every cluster
-process runs on the runtime's Python (``runtime.py``), with its temp dir under the cluster's state
-dir, started through ``sandbox.wrap_command``. ``server.LocalWorkspace`` mixes it in; ``_route``
-maps the 1.2 endpoints onto its methods.
+Every execution context is a real Python process (``worker.py``) on its cluster's runtime
+(``runtime.py``), fed its queue of commands one at a time over pipes. Each running cluster has one
+driver (``driver.py``: the JVM its contexts share, started with the cluster's first context).
+Cancel asks the driver to cancel the command's Spark job group, then interrupts the context.
+Contexts are evicted (least recently used idle first at the limit, or after ``idle_ttl``),
+destroyed, and shut down with their cluster (``Clusters.on_state_change``). Every cluster process
+runs on the runtime's Python, with its temp dir under the cluster's state dir, started through
+``sandbox.wrap_command``. Refusals are domain errors (``errors.py``); the wire layer answers them.
 """
 
 import collections
@@ -21,10 +22,13 @@ import time
 import uuid
 
 from . import driver as _driver
-from . import sandbox
-from .errors import ApiError, context_gone as _context_gone, param_error as _param_error
+from . import paths, sandbox
+from .clusters import RUNNABLE_STATES, SHARED_MODES
+from .config import OWNER, WORKSPACE_ID
+from .errors import (ClusterNotReady, CommandNotFound, ContextDisconnected, InvalidParameter,
+                     InvalidState, TooManyContexts, UnsupportedLanguage)
 from .paths import cluster_dir, driver_dir
-from .runtime import runtime_spec
+from .runtime import ensure_runtime
 
 TESTS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,16 +46,11 @@ DRIVER_START_TIMEOUT = 30.0  # the driver process only (its JVM starts later, on
 DRIVER_CANCEL_TIMEOUT = 1.0
 LANGUAGES = ("python", "sql")
 
-RUNNABLE_STATES = ("RUNNING", "RESIZING")
-SHARED_MODES = ("USER_ISOLATION", "DATA_SECURITY_MODE_STANDARD")
 MAX_NON_TABLE_BYTES = 20 * 1024 * 1024
 CANCEL_FIRST_SIGNAL_DELAY = 0.1
 CANCEL_RESEND_INTERVAL = 0.25
 CANCEL_KILL_AFTER = 10.0
-RUNTIME_VERSION = runtime_spec().version
-CANCEL_MODES = ("cancelled", "finished_error")
-WORKSPACE_ID = "1234567890123456"
-OWNER = "analyst@example.com"
+PLOTS_PATH = "dbfs:/FileStore/plots"
 
 CANCELLED_CAUSE = (
     "com.databricks.backend.common.rpc.CommandCancelledException\n"
@@ -120,77 +119,148 @@ class _Driver:
         self.socket_path = socket_path
 
 
-def _unsupported_language(language):
-    # The real service's answer to a language a cluster cannot run is UNVERIFIED
-    # (references/local-workspace.md): a 400 with an "error" like its other 1.2 errors.
-    return ApiError(400, {"error": "java.lang.IllegalArgumentException: language %r is not "
-                                   "supported by the local workspace (python and sql only)"
-                                   % language})
+class Contexts:
+    """The execution contexts of every cluster, their commands, processes and drivers.
 
+    ``config``: the workspace's ``Config``; ``clusters``: its ``Clusters`` (records and state
+    changes); ``secrets``: ``{"scope": {"key": "value"}}`` for dbutils.secrets; ``isolation``:
+    see ``sandbox.py``. ``start`` gives the state dir and the address contexts call back on."""
 
-class ExecutionContexts:
-    """The 1.2 contexts/commands endpoints and the worker processes behind them (a mixin)."""
+    def __init__(self, config, clusters, secrets, isolation):
+        self._config = config
+        self._clusters = clusters
+        self._secrets = secrets
+        self._isolation = isolation
+        self._lock = threading.RLock()
+        self._contexts = {}
+        self._drivers = {}  # cluster id -> _Driver (one Spark driver per running cluster)
+        self._driver_lock = threading.Lock()
+        self._pids = []
+        self._shutdown_commands = {}  # command id -> command aborted by its context's shutdown
+        self._runtime = None
+        self._tmpdir = None
+        self.plots_dir = None
+        self._host = None
+        self._token = None
+        self._stopping = threading.Event()
+        self._janitor = None
+        clusters.on_state_change(self._cluster_changed)
 
-    # ----- execution contexts
+    # ----- lifecycle
 
-    def _cluster_for_1_2(self, cluster_id):
-        if not cluster_id:
-            raise ApiError(400, {"error": "java.lang.IllegalArgumentException: clusterId is "
-                                          "required"})
+    def start(self, state_dir, host, token):
+        """Serve contexts whose state lives under ``state_dir`` and whose runtime auth calls
+        ``host`` with ``token``."""
+        self._tmpdir, self._host, self._token = state_dir, host, token
+        # Plots live in the FileStore of the DBFS root, as on a workspace (S24).
+        self.plots_dir = paths.host_path(state_dir, None, PLOTS_PATH)
+        os.makedirs(self.plots_dir, exist_ok=True)
+        self._runtime = ensure_runtime()  # built once, cached; see runtime_for
+        self._janitor = threading.Thread(target=self._janitor_loop, name="local-workspace-janitor",
+                                         daemon=True)
+        self._janitor.start()
+
+    def stop(self):
+        self._stopping.set()
+        self._close_contexts(self.ids(), grace=0.5)
+        self._stop_drivers()
+        if self._janitor is not None:
+            self._janitor.join(5)
+
+    def runtime_for(self, cluster_id):
+        """The runtime environment every process of the cluster runs on (its driver and its
+        contexts): the one place a cluster gets its runtime."""
+        return self._runtime
+
+    def _cluster_changed(self, cluster_id, state):
+        """A cluster that stops running loses its contexts, and its driver (with its JVM)."""
+        if state in RUNNABLE_STATES:
+            return
         with self._lock:
-            cluster = self._clusters.get(cluster_id)
-        if cluster is None:
-            raise ApiError(400, {"error": "java.lang.IllegalArgumentException: Cluster %s does "
-                                          "not exist" % cluster_id})
-        return cluster
+            doomed = [c.id for c in self._contexts.values() if c.cluster_id == cluster_id]
+        self._close_contexts(doomed)
+        self._stop_driver(cluster_id)
 
-    def _contexts_create(self, body):
-        cluster_id = body.get("clusterId")
-        cluster = self._cluster_for_1_2(cluster_id)
+    # ----- what the control API and the tests read
+
+    def ids(self):
+        with self._lock:
+            return list(self._contexts)
+
+    def evict(self, context_id=None):
+        """Close one context or all; the ids closed."""
+        with self._lock:
+            ids = list(self._contexts) if context_id is None else [context_id]
+            ids = [i for i in ids if i in self._contexts]
+        self._close_contexts(ids)
+        return ids
+
+    def listing(self):
+        with self._lock:
+            return [{"id": c.id, "cluster_id": c.cluster_id, "status": c.status,
+                     "pid": c.proc.pid if c.proc else None} for c in self._contexts.values()]
+
+    def pids(self):
+        """{context id: pid} of the live contexts."""
+        with self._lock:
+            return {c.id: c.proc.pid for c in self._contexts.values()
+                    if c.proc is not None and not c.dead}
+
+    def all_pids(self):
+        """Every process this backend ever started (drivers and contexts)."""
+        with self._lock:
+            return list(self._pids)
+
+    def driver_pids(self):
+        """{cluster id: pid} of the running drivers."""
+        with self._lock:
+            return {cluster_id: d.proc.pid for cluster_id, d in self._drivers.items()}
+
+    # ----- the 1.2 calls
+
+    def create(self, cluster_id, language="python"):
+        """contexts/create: the new context's id; its process starts in the background."""
+        cluster = self._clusters.get(cluster_id)
         self._evict_lru_idle_at_limit(cluster_id)
-        language = body.get("language") or "python"
         if language not in LANGUAGES:
-            raise _unsupported_language(language)
+            raise UnsupportedLanguage(language)
         with self._lock:
             state = cluster["state"]
             if state not in RUNNABLE_STATES:
                 if self._config["not_running_mode"] == "not_ready":
-                    raise ApiError(500, {"error": "ClusterNotReadyException: Cluster %s is not "
-                                                  "currently ready for driver client (state %s)"
-                                                  % (cluster_id, state)})
-                raise ApiError(400, {"error": "java.lang.IllegalStateException: Cluster %s is in "
-                                              "state %s and cannot run commands"
-                                              % (cluster_id, state)})
+                    raise ClusterNotReady(cluster_id, state)
+                raise InvalidState("Cluster %s is in state %s and cannot run commands"
+                                   % (cluster_id, state))
             live = sum(1 for c in self._contexts.values()
                        if c.cluster_id == cluster_id and not c.dead)
             limit = self._config["context_limit"]
             if live >= limit:
-                raise _param_error("Too many execution contexts are open right now.(Limit set "
-                                   "currently to %d)" % limit)
+                raise TooManyContexts(limit)
             context_id = str(random.randint(10 ** 18, 9 * 10 ** 18))
             while context_id in self._contexts:
                 context_id = str(random.randint(10 ** 18, 9 * 10 ** 18))
             ctx = _Context(context_id, cluster_id, self._lock, language)
             self._contexts[context_id] = ctx
             if self._fails_at_creation(ctx):
-                return {"id": context_id}
-            init = {
-                "type": "init",
-                "host": self.host,
-                "token": self.token,
-                "workspace_url": "127.0.0.1:%d" % self.port,
-                "workspace_id": WORKSPACE_ID,
-                "cluster_id": cluster_id,
-                "cluster_name": cluster["cluster_name"],
-                "spark_version": cluster["spark_version"],
-                "shared": cluster["data_security_mode"] in SHARED_MODES,
-                "user": cluster.get("single_user_name") or OWNER,
-                "state_dir": self._tmpdir,
-                "secrets": self._secrets,
-                "runtime_site": self._runtime.site_packages,
-                "context_env": os.path.join(cluster_dir(self._tmpdir, cluster_id), "contexts",
-                                            context_id),
-            }
+                return context_id
+        runtime = self.runtime_for(cluster_id)
+        init = {
+            "type": "init",
+            "host": self._host,
+            "token": self._token,
+            "workspace_url": self._host.split("://", 1)[-1],
+            "workspace_id": WORKSPACE_ID,
+            "cluster_id": cluster_id,
+            "cluster_name": cluster["cluster_name"],
+            "spark_version": cluster["spark_version"],
+            "shared": cluster["data_security_mode"] in SHARED_MODES,
+            "user": cluster.get("single_user_name") or OWNER,
+            "state_dir": self._tmpdir,
+            "secrets": self._secrets,
+            "runtime_site": runtime.site_packages,
+            "context_env": os.path.join(cluster_dir(self._tmpdir, cluster_id), "contexts",
+                                        context_id),
+        }
         try:
             init["driver_socket"] = self._driver_for(cluster_id).socket_path
             self._spawn(ctx, init)
@@ -198,7 +268,89 @@ class ExecutionContexts:
             with self._lock:
                 self._contexts.pop(context_id, None)
             raise
-        return {"id": context_id}
+        return context_id
+
+    def status(self, cluster_id, context_id):
+        """contexts/status: {id, status}."""
+        self._clusters.get(cluster_id)
+        ctx = self._live_context(cluster_id, context_id)
+        with self._lock:
+            return {"id": ctx.id, "status": ctx.status}
+
+    def destroy(self, cluster_id, context_id):
+        self._clusters.get(cluster_id)
+        ctx = self._live_context(cluster_id, context_id)
+        self._close_contexts([ctx.id])
+        return ctx.id
+
+    def execute(self, cluster_id, context_id, code, language="python"):
+        """commands/execute: the new command's id; it runs after the context's earlier ones."""
+        self._clusters.get(cluster_id)
+        if language not in LANGUAGES:
+            raise UnsupportedLanguage(language)
+        ctx = self._live_context(cluster_id, context_id)
+        if not isinstance(code, str):
+            raise InvalidParameter("command is required")
+        with self._lock:
+            if ctx.dead or ctx.closed:
+                raise ContextDisconnected(ctx.id)
+            cmd = _Command(uuid.uuid4().hex, ctx, code, language)
+            ctx.commands[cmd.id] = cmd
+            ctx.queue.append(cmd)
+            ctx.last_active = time.monotonic()
+            ctx.cond.notify_all()
+        return cmd.id
+
+    def command_status(self, cluster_id, context_id, command_id):
+        """commands/status: {id, status, results once it ended}."""
+        _, cmd = self._command(cluster_id, context_id, command_id)
+        with self._lock:
+            answer = {"id": cmd.id, "status": cmd.status}
+            if cmd.status in ("Finished", "Cancelled", "Error"):
+                answer["results"] = cmd.results
+            return answer
+
+    def cancel(self, cluster_id, context_id, command_id):
+        """commands/cancel: a queued command ends at once; a running one is interrupted."""
+        ctx, cmd = self._command(cluster_id, context_id, command_id)
+        with self._lock:
+            if cmd.status in ("Finished", "Cancelled", "Error"):
+                return
+            if cmd.status == "Queued":
+                try:
+                    ctx.queue.remove(cmd)
+                except ValueError:
+                    pass
+                else:
+                    self._apply_cancel(cmd)
+                    return
+            cmd.cancel_requested = True
+            cmd.status = "Cancelling"
+            if cmd.canceller is None:
+                cmd.canceller = threading.Thread(target=self._cancel_loop, args=(ctx, cmd),
+                                                 name="cancel-%s" % cmd.id, daemon=True)
+                cmd.canceller.start()
+
+    def _live_context(self, cluster_id, context_id):
+        """The context, or the 'disconnected' error every unknown/closed context gets."""
+        with self._lock:
+            ctx = self._contexts.get(context_id or "")
+        if ctx is None or ctx.cluster_id != cluster_id:
+            raise ContextDisconnected(context_id)
+        return ctx
+
+    def _command(self, cluster_id, context_id, command_id):
+        self._clusters.get(cluster_id)
+        with self._lock:
+            aborted = self._shutdown_commands.get(command_id or "")
+        if aborted is not None and aborted.context.id == context_id:
+            return aborted.context, aborted
+        ctx = self._live_context(cluster_id, context_id)
+        with self._lock:
+            cmd = ctx.commands.get(command_id or "")
+        if cmd is None:
+            raise CommandNotFound(command_id, ctx.id)
+        return ctx, cmd
 
     # ----- the cluster's driver (one per running cluster)
 
@@ -211,11 +363,12 @@ class ExecutionContexts:
                              "PYSPARK_GATEWAY_PORT", "PYSPARK_GATEWAY_SECRET")}
         tmp = os.path.join(cluster_dir(self._tmpdir, cluster_id), "tmp")
         os.makedirs(tmp, exist_ok=True)
-        runtime_bin = os.path.dirname(self._runtime.python)
-        env.update({"DATABRICKS_RUNTIME_VERSION": self._runtime.version, "MPLBACKEND": "Agg",
+        runtime = self.runtime_for(cluster_id)
+        runtime_bin = os.path.dirname(runtime.python)
+        env.update({"DATABRICKS_RUNTIME_VERSION": runtime.version, "MPLBACKEND": "Agg",
                     "PYTHONIOENCODING": "utf-8", "TMPDIR": tmp,
-                    "PYSPARK_PYTHON": self._runtime.python,
-                    "PYSPARK_DRIVER_PYTHON": self._runtime.python,
+                    "PYSPARK_PYTHON": runtime.python,
+                    "PYSPARK_DRIVER_PYTHON": runtime.python,
                     # Every JVM (spark-submit's launcher too): no /tmp/hsperfdata_<user>, and
                     # its temp files in the cluster's tmp.
                     "JAVA_TOOL_OPTIONS": "-XX:-UsePerfData -Djava.io.tmpdir=%s" % tmp,
@@ -233,7 +386,7 @@ class ExecutionContexts:
             home = cluster_dir(self._tmpdir, cluster_id)
             os.makedirs(home, exist_ok=True)
             socket_path = os.path.join(home, "driver.sock")
-            argv = sandbox.wrap_command([self._runtime.python, "-c", DRIVER_BOOT, self._tmpdir,
+            argv = sandbox.wrap_command([self.runtime_for(cluster_id).python, "-c", DRIVER_BOOT, self._tmpdir,
                                          cluster_id, socket_path], self._tmpdir, cluster_id,
                                         self._isolation)
             with open(os.path.join(home, "driver.log"), "ab") as log:
@@ -252,10 +405,9 @@ class ExecutionContexts:
                 except (OSError, ValueError):
                     if proc.poll() is not None or time.monotonic() > deadline:
                         self._stop_driver(cluster_id)
-                        raise ApiError(500, {"error": "ClusterNotReadyException: the driver of "
-                                                      "cluster %s did not start (see %s)"
-                                                      % (cluster_id,
-                                                         os.path.join(home, "driver.log"))})
+                        raise ClusterNotReady(cluster_id, message="the driver of cluster %s "
+                                              "did not start (see %s)"
+                                              % (cluster_id, os.path.join(home, "driver.log")))
                     time.sleep(0.05)
 
     def _stop_driver(self, cluster_id):
@@ -295,7 +447,7 @@ class ExecutionContexts:
                                 "context-%s.log" % ctx.id)
         try:
             argv = sandbox.wrap_command(
-                [self._runtime.python, "-c", WORKER_BOOT, str(req_r), str(res_w), str(cancel_r)],
+                [self.runtime_for(ctx.cluster_id).python, "-c", WORKER_BOOT, str(req_r), str(res_w), str(cancel_r)],
                 self._tmpdir, ctx.cluster_id, self._isolation)
             with open(log_path, "ab") as log:
                 proc = subprocess.Popen(
@@ -318,93 +470,6 @@ class ExecutionContexts:
         ctx.thread = threading.Thread(target=self._run_context, args=(ctx, init),
                                       name="context-%s" % ctx.id, daemon=True)
         ctx.thread.start()
-
-    def _live_context(self, cluster_id, context_id):
-        """The context, or the 'disconnected' error every unknown/closed context gets."""
-        with self._lock:
-            ctx = self._contexts.get(context_id or "")
-        if ctx is None or ctx.cluster_id != cluster_id:
-            raise _context_gone(context_id)
-        return ctx
-
-    def _contexts_status(self, query):
-        cluster_id = query.get("clusterId")
-        self._cluster_for_1_2(cluster_id)
-        ctx = self._live_context(cluster_id, query.get("contextId"))
-        with self._lock:
-            return {"id": ctx.id, "status": ctx.status}
-
-    def _contexts_destroy(self, body):
-        cluster_id = body.get("clusterId")
-        self._cluster_for_1_2(cluster_id)
-        ctx = self._live_context(cluster_id, body.get("contextId"))
-        self._close_contexts([ctx.id])
-        return {"id": ctx.id}
-
-    def _commands_execute(self, body):
-        cluster_id = body.get("clusterId")
-        self._cluster_for_1_2(cluster_id)
-        language = body.get("language") or "python"
-        if language not in LANGUAGES:
-            raise _unsupported_language(language)
-        ctx = self._live_context(cluster_id, body.get("contextId"))
-        code = body.get("command")
-        if not isinstance(code, str):
-            raise ApiError(400, {"error": "java.lang.IllegalArgumentException: command is "
-                                          "required"})
-        with self._lock:
-            if ctx.dead or ctx.closed:
-                raise _context_gone(ctx.id)
-            cmd = _Command(uuid.uuid4().hex, ctx, code, language)
-            ctx.commands[cmd.id] = cmd
-            ctx.queue.append(cmd)
-            ctx.last_active = time.monotonic()
-            ctx.cond.notify_all()
-        return {"id": cmd.id}
-
-    def _command(self, args):
-        cluster_id = args.get("clusterId")
-        self._cluster_for_1_2(cluster_id)
-        aborted = self._aborted_command(args)
-        if aborted is not None:
-            return aborted.context, aborted
-        ctx = self._live_context(cluster_id, args.get("contextId"))
-        command_id = args.get("commandId")
-        with self._lock:
-            cmd = ctx.commands.get(command_id or "")
-        if cmd is None:
-            raise ApiError(400, {"error": "Command %s not found in context %s"
-                                          % (command_id, ctx.id)})
-        return ctx, cmd
-
-    def _commands_status(self, query):
-        _, cmd = self._command(query)
-        with self._lock:
-            answer = {"id": cmd.id, "status": cmd.status}
-            if cmd.status in ("Finished", "Cancelled", "Error"):
-                answer["results"] = cmd.results
-            return answer
-
-    def _commands_cancel(self, body):
-        ctx, cmd = self._command(body)
-        with self._lock:
-            if cmd.status in ("Finished", "Cancelled", "Error"):
-                return {}
-            if cmd.status == "Queued":
-                try:
-                    ctx.queue.remove(cmd)
-                except ValueError:
-                    pass
-                else:
-                    self._apply_cancel(cmd)
-                    return {}
-            cmd.cancel_requested = True
-            cmd.status = "Cancelling"
-            if cmd.canceller is None:
-                cmd.canceller = threading.Thread(target=self._cancel_loop, args=(ctx, cmd),
-                                                 name="cancel-%s" % cmd.id, daemon=True)
-                cmd.canceller.start()
-        return {}
 
     def _cancel_loop(self, ctx, cmd):
         time.sleep(CANCEL_FIRST_SIGNAL_DELAY)
@@ -636,9 +701,8 @@ class ExecutionContexts:
     def _fails_at_creation(self, ctx):
         """``context_error_next=N``: the next N new contexts end in status ``Error`` with no
         process, as contexts do under heavy cluster load (dbt-databricks PR #1243: S11)."""
-        if self._config["context_error_next"] <= 0:
+        if not self._config.take("context_error_next"):
             return False
-        self._config["context_error_next"] -= 1
         ctx.status = "Error"
         ctx.dead = True
         return True
@@ -660,13 +724,6 @@ class ExecutionContexts:
                            "summary": "<span class='ansi-red-fg'>CommandCancelledException</span>",
                            "cause": SHUTDOWN_CAUSE}
             self._shutdown_commands[cmd.id] = cmd
-
-    def _aborted_command(self, args):
-        with self._lock:
-            cmd = self._shutdown_commands.get(args.get("commandId") or "")
-        if cmd is None or cmd.context.id != args.get("contextId"):
-            return None
-        return cmd
 
     def _restart_python(self, ctx, init):
         """The worker answered a command that restarts Python, and exits. For ``restart_window``
