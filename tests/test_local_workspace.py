@@ -111,6 +111,32 @@ def test_state_persists_across_commands_and_is_isolated_between_contexts(sdk_cli
     assert "NameError" in isolated.summary and "counter" in isolated.summary
 
 
+def test_what_a_command_defines_pickles_and_maps_over_a_fork_pool_in_a_later_command(sdk_client):
+    ctx = new_context(sdk_client)
+    run(sdk_client, ctx, "def square(x):\n    return x * x\n\nclass Point:\n    pass")
+    assert text(sdk_client, ctx, "import pickle\n"
+                                 "print(pickle.loads(pickle.dumps(square))(7), "
+                                 "type(pickle.loads(pickle.dumps(Point()))).__name__)") == "49 Point"
+    assert text(sdk_client, ctx, "import multiprocessing\n"
+                                 "with multiprocessing.get_context('fork').Pool(2) as pool:\n"
+                                 "    print(pool.map(square, range(6)))") == "[0, 1, 4, 9, 16, 25]"
+    # The namespace is __main__'s own, and holds nothing of the worker (a magic ran first).
+    assert text(sdk_client, ctx, "%sh true\nimport sys\n"
+                                 "print(sys.modules['__main__'].__dict__ is globals(), __name__, "
+                                 "sorted(n for n in globals() if 'local' in n.lower()))") == (
+        "True __main__ []")
+
+
+def test_a_client_makes_all_its_calls_over_one_kept_alive_connection(workspace):
+    w = WorkspaceClient(host=workspace.host, token=workspace.token, auth_type="pat")
+    before = workspace.connections()
+    for _ in range(5):
+        assert w.clusters.get(RUNNING_CLUSTER_ID).cluster_id == RUNNING_CLUSTER_ID
+    assert workspace.connections() - before == 1
+    assert api(workspace, "GET", "/_local/connections").json()["connections"] == (
+        workspace.connections())
+
+
 def test_the_sdk_waiters_work_end_to_end(sdk_client):
     ctx = sdk_client.command_execution.create(cluster_id=RUNNING_CLUSTER_ID,
                                               language=Language.PYTHON).result()
