@@ -84,7 +84,7 @@ def test_the_workspace_routes_reach_their_handlers(method, path, handler, params
 
 def test_only_put_on_files_takes_a_raw_body_and_only_the_config_probe_is_public():
     raw = {(r.method, r.pattern) for r in routes.ROUTES.routes if r.raw_body}
-    public = {(r.method, r.pattern) for r in routes.ROUTES.routes if r.public}
+    public = {(r.method, r.pattern) for r in routes.ROUTES.routes if r.family == "public"}
     assert raw == {("PUT", "/api/2.0/fs/files/{path:path}"),
                    ("GET", "/.well-known/databricks-config")}
     assert public == {("GET", "/.well-known/databricks-config")}
@@ -200,7 +200,7 @@ def _wire(latency_ms=0):
     table.add("GET", "/api/2.0/ok/{name}", ok)
     table.add("POST", "/api/1.2/refuse", refuse, family="1.2")
     table.add("GET", "/api/2.0/broken", broken)
-    table.add("GET", "/public", lambda ws, req: Reply(204), public=True)
+    table.add("GET", "/public", lambda ws, req: Reply(204), family="public")
     ws = _Workspace()
     return Wire(table, ws, "t", Config(latency_ms=latency_ms)), ws
 

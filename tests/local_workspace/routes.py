@@ -354,7 +354,8 @@ def control_unknown(ws, req):
 def build_routes():
     table = RouteTable()
     add = table.add
-    add("GET", "/.well-known/databricks-config", well_known_config, raw_body=True, public=True)
+    add("GET", "/.well-known/databricks-config", well_known_config, family="public",
+        raw_body=True)
 
     for version in ("2.0", "2.1"):
         prefix = "/api/%s/clusters/" % version

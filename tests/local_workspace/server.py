@@ -128,13 +128,15 @@ class LocalWorkspace:
         """Any cluster state; leaving RUNNING/RESIZING ends its contexts and its driver."""
         self.clusters.set_state(cluster_id, state, message)
 
-    def inject(self, path, method="POST", count=1, status=503, retry_after=1, body=None,
-               mode="respond"):
-        return self._wire.inject(path, method=method, count=count, status=status,
-                                 retry_after=retry_after, body=body, mode=mode)
+    def inject(self, path, **rule):
+        """An injected fault: see ``wire.Wire.inject`` (method, count, status, retry_after,
+        body, mode)."""
+        return self._wire.inject(path, **rule)
 
-    def throttle(self, path, method="POST", count=1, http_429=True):
-        return self._wire.throttle(path, method=method, count=count, http_429=http_429)
+    def throttle(self, path, **rule):
+        """REQUEST_LIMIT_EXCEEDED, unprocessed: see ``wire.Wire.throttle`` (method, count,
+        http_429)."""
+        return self._wire.throttle(path, **rule)
 
     def clear_injections(self):
         """Forget every injected fault not yet used."""

@@ -57,20 +57,20 @@ class Reply:
 
 Raw = collections.namedtuple("Raw", "data content_type")
 
-Route = collections.namedtuple("Route", "method pattern handler family raw_body public regex")
+Route = collections.namedtuple("Route", "method pattern handler family raw_body regex")
 
 
 class RouteTable:
     """(method, path pattern) -> handler, first match wins. ``method`` ``"*"`` matches any.
-    ``family`` names the API whose error answers the route gives (see ``error_answer``);
-    ``raw_body``: the handler gets the body's bytes; ``public``: no token needed, no faults."""
+    ``family`` names the API the route belongs to: "1.2", "dbfs", "files", "2.x" (the shape of
+    its error answers, see ``error_answer``) or "public" (no token needed, no injected faults);
+    ``raw_body``: the handler gets the body's bytes, unparsed."""
 
     def __init__(self):
         self.routes = []
 
-    def add(self, method, pattern, handler, family="2.x", raw_body=False, public=False):
-        self.routes.append(Route(method, pattern, handler, family, raw_body, public,
-                                 _compile(pattern)))
+    def add(self, method, pattern, handler, family="2.x", raw_body=False):
+        self.routes.append(Route(method, pattern, handler, family, raw_body, _compile(pattern)))
 
     def match(self, method, path):
         """(route, params) of the first route for ``method`` and ``path``, or (None, {})."""
@@ -263,7 +263,7 @@ class Wire:
         family = route.family if route is not None else "2.x"
         try:
             rule = None
-            if route is None or not route.public:
+            if route is None or route.family != "public":
                 self._check_auth(headers)
                 rule = None if path.startswith("/_local/") else self._take_injection(method, path)
             if rule is not None and rule["mode"] == "drop_before":
