@@ -14,8 +14,9 @@ the other way round.
   ``mkdirs``, ``delete``;
 * ``GET /api/2.0/libraries/cluster-status`` and ``GET /api/2.0/preview/scim/v2/Me``.
 
-Error answers follow the documented error codes (RESOURCE_DOES_NOT_EXIST, RESOURCE_ALREADY_EXISTS,
-MAX_READ_SIZE_EXCEEDED, ...); the exact message texts are plausible, not verified.
+Refusals are domain errors (``errors.py``); the wire layer answers them with the documented error
+codes of each API (RESOURCE_DOES_NOT_EXIST, RESOURCE_ALREADY_EXISTS, MAX_READ_SIZE_EXCEEDED, ...);
+the exact message texts are plausible, not verified.
 """
 
 import base64
