@@ -76,6 +76,7 @@ class _Server(ThreadingHTTPServer):
     # socketserver's default listen backlog is 5: a burst of parallel sub_llm calls overflowed it
     # (connection resets, 1 s SYN retries). The real service accepts many concurrent connections.
     request_queue_size = 128
+    accepted = 0  # connections accepted so far (LocalWorkspace.connections)
 
     def __init__(self, address, workspace):
         self.workspace = workspace
@@ -86,6 +87,7 @@ class _Server(ThreadingHTTPServer):
     def process_request(self, request, client_address):
         with self._conns_lock:
             self._conns.add(request)
+            self.accepted += 1
         super().process_request(request, client_address)
 
     def shutdown_request(self, request):
@@ -365,6 +367,10 @@ class LocalWorkspace(ExecutionContexts, ModelServing, WorkspaceFiles):
     def requests(self):
         with self._lock:
             return [dict(r) for r in self._requests]
+
+    def connections(self):
+        """How many connections the server has accepted (a keep-alive client reuses one)."""
+        return self._server.accepted if self._server is not None else 0
 
     def context_pids(self):
         with self._lock:
