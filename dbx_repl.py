@@ -804,6 +804,18 @@ class Workspace:
     def dbfs_read(self, path, offset, length):
         return self._do("GET", "/api/2.0/dbfs/read", query={"path": path, "offset": offset, "length": length})
 
+    # -- the deadline --------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def deadline_within(self, seconds):
+        """Every call in the block ends within `seconds` from now, or by the deadline already set if
+        that one is nearer; on exit the outer deadline is back. Yields the deadline in force."""
+        outer = self.deadline
+        self.deadline = time.monotonic() + seconds if outer is None else min(outer, time.monotonic() + seconds)
+        try:
+            yield self.deadline
+        finally:
+            self.deadline = outer
+
     # -- the two ways to call ---------------------------------------------------------------------------
     def transient(self, err):
         """True for an answer that says the service did not act and asks to come back later."""
@@ -2232,13 +2244,12 @@ def poll_command(ws, cluster_id, context_id, command_id, timeout, watch=None):
     Polls fast at first (see POLL_*). A failed poll is retried, not reported as a failed command,
     unless a contexts/status probe shows the context is gone (ContextGone). Every request ends by the
     timeout plus WAIT_GRACE_SECONDS, whatever the network does; if the last poll failed, the wait
-    raises StatusUnavailable instead of returning None.
+    raises StatusUnavailable instead of returning None. A deadline set by the caller ends the wait too.
     """
     started = time.monotonic()
-    deadline = started + timeout
-    outer, failing_since, last_error = ws.deadline, None, None
-    ws.deadline = min(deadline + WAIT_GRACE_SECONDS, outer or float("inf"))
-    try:
+    failing_since, last_error = None, None
+    with ws.deadline_within(timeout + WAIT_GRACE_SECONDS) as limit:
+        deadline = min(started + timeout, limit)
         while True:
             began = time.monotonic()
             try:
@@ -2275,8 +2286,6 @@ def poll_command(ws, cluster_id, context_id, command_id, timeout, watch=None):
                 if now >= deadline:
                     continue
             time.sleep(max(min(poll_delay(now - started), deadline - now), 0.0))
-    finally:
-        ws.deadline = outer
 
 
 # -- watching a running step: the sidecar context ---------------------------------------------------
@@ -2381,43 +2390,40 @@ def read_progress(ws, project, session, active, budget=PROGRESS_READ_SECONDS):
     command = (inspect.getsource(_dbx_repl_progress)
                + f"\n_dbx_repl_progress({driver_copy_path(session, key)!r}, {active.get('command_id')!r}, "
                  f"{PROGRESS_TAIL_LINES}, {PROGRESS_TAIL_BYTES}, {bool(SPARK_NAMES.search(code))})\n")
-    outer = ws.deadline
-    for attempt in range(2):       # a sidecar evicted since its last use is replaced once
-        context_id = None
-        try:
-            ws.deadline = min(started + budget + WAIT_GRACE_SECONDS, outer or float("inf"))
-            context_id = sidecar_context(ws, project, session)
-            left = started + budget - time.monotonic()
-            if left <= 0:
-                raise ReplError("ProgressTimeout", f"the sidecar context was not ready within {budget:g}s")
-            results = run_internal(ws, dict(session, context_id=context_id), command, timeout=left)
-            if results.get("resultType") == "error":
-                raise ReplError("ProgressFailed", printable(html_to_text(results.get("summary") or ""))[:200])
-            found = json.loads((results.get("data") or "").strip().splitlines()[-1])
-            if found.get("output_tail") is not None:
-                found["output_tail"] = preview(found["output_tail"], PROGRESS_TAIL_BYTES)
-            found["read_seconds"] = round(time.monotonic() - started, 3)
-            return {k: v for k, v in found.items() if v is not None}
-        except ContextGone as err:
-            if context_id:
-                forget_sidecar(project, context_id)
-                session.pop("sidecar_context_id", None)
-            error = f"the sidecar context is gone ({err})"
-        except ReplError as err:
-            return {"error": f"{err.status}: {err.message}"[:300]}
-        except (KeyboardInterrupt, Terminated):
-            raise
-        except Exception as err:
-            error = map_sdk_error(err, action="read the step's progress").message
-            with contextlib.suppress(Exception):
-                if context_id and isinstance(err, ws.errors.DatabricksError) and \
-                        not ws.context_alive(session["cluster_id"], context_id):
-                    forget_sidecar(project, context_id)     # evicted since its last read: replace it
+    with ws.deadline_within(budget + WAIT_GRACE_SECONDS):
+        for attempt in range(2):       # a sidecar evicted since its last use is replaced once
+            context_id = None
+            try:
+                context_id = sidecar_context(ws, project, session)
+                left = started + budget - time.monotonic()
+                if left <= 0:
+                    raise ReplError("ProgressTimeout", f"the sidecar context was not ready within {budget:g}s")
+                results = run_internal(ws, dict(session, context_id=context_id), command, timeout=left)
+                if results.get("resultType") == "error":
+                    raise ReplError("ProgressFailed", printable(html_to_text(results.get("summary") or ""))[:200])
+                found = json.loads((results.get("data") or "").strip().splitlines()[-1])
+                if found.get("output_tail") is not None:
+                    found["output_tail"] = preview(found["output_tail"], PROGRESS_TAIL_BYTES)
+                found["read_seconds"] = round(time.monotonic() - started, 3)
+                return {k: v for k, v in found.items() if v is not None}
+            except ContextGone as err:
+                if context_id:
+                    forget_sidecar(project, context_id)
                     session.pop("sidecar_context_id", None)
-                    continue
-            return {"error": error[:300]}
-        finally:
-            ws.deadline = outer
+                error = f"the sidecar context is gone ({err})"
+            except ReplError as err:
+                return {"error": f"{err.status}: {err.message}"[:300]}
+            except (KeyboardInterrupt, Terminated):
+                raise
+            except Exception as err:
+                error = map_sdk_error(err, action="read the step's progress").message
+                with contextlib.suppress(Exception):
+                    if context_id and isinstance(err, ws.errors.DatabricksError) and \
+                            not ws.context_alive(session["cluster_id"], context_id):
+                        forget_sidecar(project, context_id)     # evicted since its last read: replace it
+                        session.pop("sidecar_context_id", None)
+                        continue
+                return {"error": error[:300]}
     return {"error": error[:300]}
 
 
@@ -3252,15 +3258,13 @@ def interrupt_active(ws, project, session, active, max_bytes):
 
 def last_status(ws, session, active, budget=2.0):
     """One quick status read of the active command (its status dict if it has ended, else None)."""
-    ws.deadline = time.monotonic() + budget
-    try:
-        status = ws.command_status(session["cluster_id"], active.get("context_id") or session["context_id"],
-                                   active["command_id"])
-        return status if status.get("status") in DONE_COMMAND_STATES else None
-    except Exception:
-        return None
-    finally:
-        ws.deadline = None
+    with ws.deadline_within(budget):
+        try:
+            status = ws.command_status(session["cluster_id"], active.get("context_id") or session["context_id"],
+                                       active["command_id"])
+            return status if status.get("status") in DONE_COMMAND_STATES else None
+        except Exception:
+            return None
 
 
 def cancelling_response(project, active, message):
@@ -3348,13 +3352,11 @@ def wait_for_context(ws, cluster_id, context_id):
 
 def abandon_context(ws, project, cluster_id, context_id):
     """Destroy a new context this call will not use (quickly: the call may be stopping), and forget it."""
-    ws.deadline = time.monotonic() + 3.0
-    try:
-        ws.destroy_context(cluster_id, context_id)
-    except Exception:
-        return   # not confirmed: the pending record with its id stays, so the next create destroys it
-    finally:
-        ws.deadline = None
+    with ws.deadline_within(3.0):
+        try:
+            ws.destroy_context(cluster_id, context_id)
+        except Exception:
+            return   # not confirmed: the pending record with its id stays, so the next create destroys it
     drop_pending_create(project)
 
 
@@ -3649,12 +3651,9 @@ def submit_step(ws, project, session, code, tag, timeout, max_bytes, replay_of=N
         session, files, active, command = reserve_step(project, code, tag, replay_of)
     deadline = time.monotonic() + timeout
     try:
-        ws.deadline = deadline + SUBMIT_GRACE_SECONDS
-        ws.submit_state = ws.submitted = None
-        try:
+        with ws.deadline_within(timeout + SUBMIT_GRACE_SECONDS):
+            ws.submit_state = ws.submitted = None
             early = submit_reserved(ws, project, session, files, active, command)
-        finally:
-            ws.deadline = None
     except (KeyboardInterrupt, Terminated) as interruption:
         return interrupted_submit(ws, project, session, files, active, interruption, timeout, max_bytes)
     if early is not None:
@@ -4022,11 +4021,8 @@ def cmd_destroy(args):
     require_active(project, session)
     ws = Workspace(args.profile or session.get("profile"), args.debug)
     if not session.get("active_command"):  # a busy context would queue the removal behind the step
-        ws.deadline = time.monotonic() + 3.0   # best effort: an unreachable host must not eat destroy's budget
-        try:
+        with ws.deadline_within(3.0):   # best effort: an unreachable host must not eat destroy's budget
             remove_driver_copies(ws, session)
-        finally:
-            ws.deadline = None
     with signals_deferred(), project.lock():
         session = project.load()
         active = session.get("active_command")
@@ -4041,13 +4037,8 @@ def cmd_destroy(args):
         project.save(session)
     context_destroyed = True
     if session.get("sidecar_context_id"):   # best effort: it holds no state, the cluster reclaims it
-        ws.deadline = time.monotonic() + 3.0
-        try:
+        with ws.deadline_within(3.0), contextlib.suppress(Exception):
             ws.destroy_context(session["cluster_id"], session["sidecar_context_id"])
-        except Exception:
-            pass
-        finally:
-            ws.deadline = None
     try:
         ws.destroy_context(session["cluster_id"], session["context_id"])
         note = "The execution context was destroyed."
