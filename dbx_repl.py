@@ -706,6 +706,51 @@ TRANSIENT_MESSAGES = ("ClusterNotReadyException", "RPC token bucket limit has be
                       "Please try again later", "does not have any associated worker environments",
                       "Unknown worker environment")
 
+# What went wrong, as `error_kind` tells it. The service answered:
+AUTH = "auth"                  # the credentials are missing, wrong or not allowed (401, 403)
+THROTTLED = "throttled"        # a rate limit (429, REQUEST_LIMIT_EXCEEDED): the service did not act
+RETRY_LATER = "retry_later"    # another answer that asks to come back (Retry-After, TRANSIENT_MESSAGES)
+SERVER = "server"              # the service failed (500, 503, a deadline exceeded on its side)
+NOT_FOUND = "not_found"        # 404: no such cluster, context, path
+REJECTED = "rejected"          # any other answer: the request was refused as it is
+# No answer:
+TIMEOUT = "timeout"            # the call's deadline or its retry budget ran out
+UNREACHABLE = "unreachable"    # no connection was made: nothing reached the service
+DROPPED = "dropped"            # the connection broke or fell silent: the request may have arrived
+# Neither:
+CONFIG = "config"              # the client is not configured (no host, an unknown profile)
+OTHER = "other"                # anything else (a bug)
+
+DECLINED = (THROTTLED, RETRY_LATER)                      # the service did not act: sending again is safe
+ANSWERED = (AUTH, THROTTLED, RETRY_LATER, SERVER, NOT_FOUND, REJECTED)
+PASSING = (THROTTLED, RETRY_LATER, SERVER, TIMEOUT, UNREACHABLE, DROPPED)   # worth waiting through
+
+
+def error_kind(err):
+    """The one classifier: what kind of failure an exception of a workspace call is (see AUTH...)."""
+    errors = _SDK.get().errors
+    if isinstance(err, errors.DatabricksError):
+        if isinstance(err, (errors.Unauthenticated, errors.PermissionDenied)):
+            return AUTH
+        if isinstance(err, errors.TooManyRequests):
+            return THROTTLED
+        if getattr(err, "retry_after_secs", None) is not None or any(m in str(err) for m in TRANSIENT_MESSAGES):
+            return RETRY_LATER
+        if isinstance(err, (errors.InternalError, errors.TemporarilyUnavailable, errors.DeadlineExceeded)):
+            return SERVER
+        return NOT_FOUND if isinstance(err, errors.NotFound) else REJECTED
+    if isinstance(err, TimeoutError):
+        return TIMEOUT
+    try:
+        import requests
+    except ImportError:
+        requests = None
+    if requests is not None and isinstance(err, (requests.ConnectionError, requests.Timeout)):
+        return UNREACHABLE if _never_connected(err) else DROPPED
+    if isinstance(err, ValueError) and re.search(r"auth|profile|config", str(err), re.IGNORECASE):
+        return CONFIG
+    return OTHER
+
 
 class Workspace:
     """The workspace calls the CLI makes, through the SDK's authenticated API client.
@@ -716,7 +761,6 @@ class Workspace:
 
     def __init__(self, profile=None, debug=False):
         sdk = _SDK.get()
-        self.sdk, self.errors = sdk, sdk.errors
         if debug:
             _enable_debug_logging()
             sys.stderr.write(f"[dbx_repl debug] databricks-sdk import path: {sdk.import_path}\n")
@@ -782,9 +826,19 @@ class Workspace:
         """Probe the context: True if it answers Running (or Pending)."""
         try:
             return self.context_status(cluster_id, context_id) in ("Running", "Pending")
-        except self.errors.DatabricksError as err:
-            if _is_auth_error(err, self.errors) or self.transient(err) or _looks_transient(err, self.errors):
-                raise   # no answer about the context (a 5xx, throttling): unknown, not gone
+        except Exception as err:
+            if error_kind(err) in (NOT_FOUND, REJECTED):
+                return False
+            raise   # no answer about the context (a 5xx, throttling, no connection): unknown, not gone
+
+    def gone_after(self, err, cluster_id, context_id):
+        """After a call about a context failed with `err`: True when the service answered (not an
+        authentication failure) and a probe shows the context is gone. A failed probe says False."""
+        if error_kind(err) not in ANSWERED or error_kind(err) == AUTH:
+            return False
+        try:
+            return not self.context_alive(cluster_id, context_id)
+        except Exception:
             return False
 
     # -- commands -------------------------------------------------------------------------------------
@@ -817,12 +871,6 @@ class Workspace:
             self.deadline = outer
 
     # -- the two ways to call ---------------------------------------------------------------------------
-    def transient(self, err):
-        """True for an answer that says the service did not act and asks to come back later."""
-        return isinstance(err, self.errors.DatabricksError) and (
-            getattr(err, "retry_after_secs", None) is not None or isinstance(err, self.errors.TooManyRequests)
-            or any(m in str(err) for m in TRANSIENT_MESSAGES))
-
     def budget(self):
         """Seconds the next call may take: the retry budget, or less if the deadline is nearer."""
         left = self.retry_timeout
@@ -838,10 +886,9 @@ class Workspace:
         The SDK retries every request, POSTs included, after a dropped connection. This sends a body
         the SDK treats as non-replayable, so it makes one attempt; it is sent again only when the
         service answered that it did not act (429/503, REQUEST_LIMIT_EXCEEDED, a cluster not ready:
-        see `transient`) or no connection was made. Raises SubmitUncertain when the request may have
+        DECLINED) or no connection was made (UNREACHABLE). Raises SubmitUncertain when the request may have
         reached the service but the answer was lost.
         """
-        import requests
         body = json.dumps(payload).encode("utf-8")
         started = time.monotonic()
         deadline = started + self.budget()
@@ -857,15 +904,15 @@ class Workspace:
                 return answer
             except CallTimedOut:
                 raise SubmitUncertain(f"no answer within {time.monotonic() - started:.0f}s") from None
-            except self.errors.DatabricksError as err:
-                if not self.transient(err):
-                    raise
-                wait = getattr(err, "retry_after_secs", None) or min(2 ** (attempt - 1), 5)
-                self.submit_state, declined = "waiting", err
-            except (requests.ConnectionError, requests.Timeout) as err:
-                if not _never_connected(err):
+            except Exception as err:
+                kind = error_kind(err)
+                if kind == DROPPED:
                     raise SubmitUncertain(str(err)) from None
-                wait = min(attempt, 5)  # refused or no connection: nothing was sent, safe to retry
+                if kind not in DECLINED + (UNREACHABLE,):
+                    raise
+                # refused or no connection: nothing was sent; else the service's own wait, if it gave one
+                wait = min(attempt, 5) if kind == UNREACHABLE else \
+                    getattr(err, "retry_after_secs", None) or min(2 ** (attempt - 1), 5)
                 self.submit_state, declined = "waiting", err
             if time.monotonic() + wait >= deadline:
                 raise declined   # the service's own answer (or the connection error) says why
@@ -884,11 +931,11 @@ class Workspace:
                     # connection ends in the SDK's own TimeoutError with its cause.
                     with _call_alarm(self.clock.deadline - time.monotonic() + 0.25):
                         return self.api.do(method, path, query=query, body=body)
-                except self.errors.DatabricksError as err:
+                except Exception as err:
                     # The SDK retries Retry-After and its transient messages itself; a rate limit sent
                     # without Retry-After (REQUEST_LIMIT_EXCEEDED as 400/500) is retried here.
                     wait = min(2 ** (attempt - 1), 5)
-                    if not self.transient(err) or time.monotonic() + wait >= self.clock.deadline:
+                    if error_kind(err) not in DECLINED or time.monotonic() + wait >= self.clock.deadline:
                         raise
                     time.sleep(wait)
         except CallTimedOut:
@@ -951,56 +998,34 @@ def _enable_debug_logging():
     logger.setLevel(logging.DEBUG)
 
 
-def _is_auth_error(err, errors):
-    return isinstance(err, (errors.Unauthenticated, errors.PermissionDenied))
-
-
-def _looks_transient(err, errors):
-    """Errors worth polling through: throttling, server trouble, dropped connections."""
-    import requests
-    if isinstance(err, (TimeoutError, requests.ConnectionError, requests.Timeout)):
-        return True
-    return isinstance(err, (errors.TooManyRequests, errors.InternalError, errors.TemporarilyUnavailable,
-                            errors.DeadlineExceeded))
-
-
 def map_sdk_error(err, action="call the workspace"):
     """The one place that turns an SDK or network exception into an agent-facing ReplError."""
     if isinstance(err, ReplError):
         return err
-    sdk = _SDK.get()
-    errors = sdk.errors
+    kind = error_kind(err)
     text = scrub(str(err)).strip() or type(err).__name__
-    if isinstance(err, ValueError) and ("auth" in text or "profile" in text or "config" in text.lower()):
+    if kind == CONFIG:
         return ReplError("AuthError", f"Databricks authentication is not configured: {text}",
                          hint="Check the --profile name in ~/.databrickscfg (or DATABRICKS_CONFIG_FILE), "
                               "or set DATABRICKS_HOST and DATABRICKS_TOKEN.")
-    if isinstance(err, errors.DatabricksError) and _is_auth_error(err, errors):
+    if kind == AUTH:
         return ReplError("AuthError", f"The workspace rejected the credentials: {text}",
                          hint="Refresh the token or fix the profile (databricks auth login), then retry.")
-    if isinstance(err, TimeoutError) or _is_connection_error(err):
+    if kind in (TIMEOUT, UNREACHABLE, DROPPED):
         cause = scrub(str(err.__cause__ or err))
         return ReplError("WorkspaceUnreachable", f"Could not {action}: {cause}",
                          hint="Check the host and the network; the call gave up after "
                               f"{_env_number(ENV_RETRY_TIMEOUT, DEFAULT_RETRY_TIMEOUT):g}s "
                               f"(set {ENV_RETRY_TIMEOUT} to wait longer).")
-    if isinstance(err, errors.TooManyRequests):
+    if kind == THROTTLED:
         return ReplError("RateLimited", f"The workspace is throttling requests: {text}",
                          hint="Wait a minute and retry.")
-    if isinstance(err, errors.DatabricksError):
+    if kind in ANSWERED:
         return ReplError("ApiError", f"Could not {action}: {text}",
                          hint="Read the message; retry if it looks transient.",
                          error_code=getattr(err, "error_code", None))
     return ReplError("UnexpectedError", f"Could not {action}: {type(err).__name__}: {text}",
                      hint="Rerun with --debug for details.")
-
-
-def _is_connection_error(err):
-    try:
-        import requests
-    except ImportError:
-        return False
-    return isinstance(err, (requests.ConnectionError, requests.Timeout))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -2258,18 +2283,18 @@ def poll_command(ws, cluster_id, context_id, command_id, timeout, watch=None):
                 if status.get("status") in DONE_COMMAND_STATES:
                     return status
             except Exception as err:
-                if isinstance(err, ws.errors.DatabricksError) and _is_auth_error(err, ws.errors):
+                kind = error_kind(err)
+                if kind == AUTH:
                     raise
                 try:
                     alive = ws.context_alive(cluster_id, context_id)
                 except Exception as probe_err:  # the network is down too: keep polling until the timeout
-                    if not _looks_transient(probe_err, ws.errors) and not ws.transient(probe_err):
+                    if error_kind(probe_err) not in PASSING:
                         raise
                     alive = True
                 if not alive:
                     raise ContextGone(str(err)) from None
-                if isinstance(err, ws.errors.DatabricksError) and not (
-                        _looks_transient(err, ws.errors) or ws.transient(err)):
+                if kind in (NOT_FOUND, REJECTED):
                     raise
                 cut = isinstance(err, TimeoutError)   # our deadline ran out, not the service's answer
                 if cut and failing_since is None and time.monotonic() >= deadline and began > deadline - 1.0:
@@ -2417,12 +2442,10 @@ def read_progress(ws, project, session, active, budget=PROGRESS_READ_SECONDS):
                 raise
             except Exception as err:
                 error = map_sdk_error(err, action="read the step's progress").message
-                with contextlib.suppress(Exception):
-                    if context_id and isinstance(err, ws.errors.DatabricksError) and \
-                            not ws.context_alive(session["cluster_id"], context_id):
-                        forget_sidecar(project, context_id)     # evicted since its last read: replace it
-                        session.pop("sidecar_context_id", None)
-                        continue
+                if context_id and ws.gone_after(err, session["cluster_id"], context_id):
+                    forget_sidecar(project, context_id)     # evicted since its last read: replace it
+                    session.pop("sidecar_context_id", None)
+                    continue
                 return {"error": error[:300]}
     return {"error": error[:300]}
 
@@ -3304,17 +3327,16 @@ def start_context(ws, project, cluster_id, config):
                             hint="Run create again; it notes this under possible_orphans in session.json. The API "
                                  "cannot list contexts, so such a context is freed only when the cluster "
                                  "restarts.") from None
-        except ws.errors.DatabricksError as err:
-            drop_pending_create(project)
+        except Exception as err:
+            drop_pending_create(project)   # the service said no, or no connection was made: nothing was made
+            if error_kind(err) not in ANSWERED:
+                raise
             text = str(err)
             if re.search(r"\b145\b|too many|limit", text, re.I) and "context" in text.lower():
                 raise ReplError("ContextLimitReached", f"The cluster has no free execution context: {scrub(text)}",
                                 hint="Destroy unused sessions (dbx_repl.py destroy in their project dirs), "
                                      "or use another cluster.") from None
             raise map_sdk_error(err, action="create an execution context") from None
-        except Exception:
-            drop_pending_create(project)   # e.g. no connection could be made: nothing was sent
-            raise
         try:
             mark_pending_create(project, cluster_id, context_id=context_id)
             state = wait_for_context(ws, cluster_id, context_id)
@@ -3742,13 +3764,8 @@ def submit_reserved(ws, project, session, files, active, command):
         raise uncertain_submit_error(project, files, active,
                                      f"The connection dropped ({scrub(str(err))})") from None
     except Exception as err:
-        if isinstance(err, ws.errors.DatabricksError) and not _is_auth_error(err, ws.errors):
-            try:
-                gone = not ws.context_alive(session["cluster_id"], session["context_id"])
-            except Exception:
-                gone = False
-            if gone:
-                return recover_from_eviction(ws, project, failed=active)
+        if ws.gone_after(err, session["cluster_id"], session["context_id"]):
+            return recover_from_eviction(ws, project, failed=active)
         release_step(project, active)   # the service answered no, or no connection was made: nothing ran
         raise map_sdk_error(err, action="submit the command") from None
     save_command_id(project, active, command_id)
@@ -3844,10 +3861,10 @@ def cmd_create(args):
     ws = Workspace(args.profile, args.debug)
     try:
         cluster = ws.cluster(cluster_id)
-    except ws.errors.NotFound:
-        raise ReplError("ClusterNotFound", f"No cluster with id {cluster_id}.",
-                        hint="Resolve the id with find_cluster.py --name NAME.", cluster_id=cluster_id) from None
     except Exception as err:
+        if error_kind(err) == NOT_FOUND:
+            raise ReplError("ClusterNotFound", f"No cluster with id {cluster_id}.",
+                            hint="Resolve the id with find_cluster.py --name NAME.", cluster_id=cluster_id) from None
         raise map_sdk_error(err, action="look up the cluster") from None
     if not is_all_purpose(cluster):
         raise ReplError("ClusterNotSupported",
@@ -4043,12 +4060,7 @@ def cmd_destroy(args):
         ws.destroy_context(session["cluster_id"], session["context_id"])
         note = "The execution context was destroyed."
     except Exception as err:
-        try:
-            gone = isinstance(err, ws.errors.DatabricksError) and not _is_auth_error(err, ws.errors) and \
-                not ws.context_alive(session["cluster_id"], session["context_id"])
-        except Exception:
-            gone = False
-        if gone:
+        if ws.gone_after(err, session["cluster_id"], session["context_id"]):
             note = "The execution context was already gone."
         else:
             context_destroyed = False
@@ -5158,8 +5170,10 @@ def cmd_smoke(args):
         if cluster_id:
             try:
                 cluster = ws.cluster(cluster_id)
-            except ws.errors.NotFound:
-                raise ReplError("ClusterNotFound", f"No cluster with id {cluster_id}.") from None
+            except Exception as err:
+                if error_kind(err) == NOT_FOUND:
+                    raise ReplError("ClusterNotFound", f"No cluster with id {cluster_id}.") from None
+                raise
         else:
             name = args.cluster_name
             if not name:
@@ -5281,11 +5295,11 @@ def find_cluster_by_id(args, cluster_id):
     ws = Workspace(args.profile, args.debug)
     try:
         found = cluster_summary(ws.cluster(cluster_id))
-    except ws.errors.NotFound:
-        raise ReplError("ClusterNotFound", f"No cluster with id {cluster_id} (from DATABRICKS_CLUSTER_ID).",
-                        hint="Fix DATABRICKS_CLUSTER_ID, or search by name with --name.",
-                        cluster_id=cluster_id) from None
     except Exception as err:
+        if error_kind(err) == NOT_FOUND:
+            raise ReplError("ClusterNotFound", f"No cluster with id {cluster_id} (from DATABRICKS_CLUSTER_ID).",
+                            hint="Fix DATABRICKS_CLUSTER_ID, or search by name with --name.",
+                            cluster_id=cluster_id) from None
         raise map_sdk_error(err, action="look up the cluster") from None
     return response("Found", f"Cluster {found['cluster_name']!r} (DATABRICKS_CLUSTER_ID) is {found['state']}.",
                     **found, hint=_cluster_hint(found))
