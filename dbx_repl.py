@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import ast
 import base64
+import collections
 import contextlib
 import csv
 import datetime
@@ -73,6 +74,7 @@ POLL_MIN_SECONDS = 0.03
 POLL_FRACTION = 0.025
 POLL_MAX_SECONDS = 5.0
 CANCEL_WAIT_SECONDS = 10.0
+HELPER_SECONDS = 120.0                     # a helper command of the CLI (a fetch, a stat) may take this
 CONTEXT_START_TIMEOUT = 300.0
 
 RUNNABLE_CLUSTER_STATES = ("RUNNING", "RESIZING")
@@ -752,12 +754,37 @@ def error_kind(err):
     return OTHER
 
 
+class Target(collections.namedtuple("Target", "cluster_id context_id session_id")):
+    """Where a command runs: the cluster, the execution context, and the session whose files on the
+    driver (output copies, plots, synced folders) it reads."""
+    __slots__ = ()
+
+    @classmethod
+    def of(cls, session, context_id=None):
+        """The session's context, or `context_id` of the same cluster (a step's, a sidecar's)."""
+        return cls(session["cluster_id"], context_id or session["context_id"], session.get("session_id"))
+
+
+class StatusUnavailable(Exception):
+    """A wait ended while the command's status could not be read: its last polls failed, so whether
+    it runs, ended or was cancelled is unknown. `error` is the last failure, `failing_for` seconds."""
+
+    def __init__(self, error, failing_for):
+        super().__init__(str(error))
+        self.error, self.failing_for = error, failing_for
+
+
+def poll_delay(waited):
+    return min(POLL_MAX_SECONDS, max(POLL_MIN_SECONDS, waited * POLL_FRACTION))
+
+
 class Workspace:
     """The workspace calls the CLI makes, through the SDK's authenticated API client.
 
     Every call has a budget (`retry_timeout`, DBX_REPL_RETRY_TIMEOUT, default 10 s), cut shorter by
-    `deadline` (a time.monotonic() value) when the subcommand has one: retries, their sleeps and a
-    request in flight all end by then, and the call raises TimeoutError."""
+    `deadline` (a time.monotonic() value, set through `deadline_within`): retries, their sleeps and a
+    request in flight all end by then, and the call raises TimeoutError. Every call of one process
+    goes through one HTTP connection (the SDK's requests.Session keeps it alive)."""
 
     def __init__(self, profile=None, debug=False):
         sdk = _SDK.get()
@@ -815,48 +842,213 @@ class Workspace:
         nothing tracks; the API cannot list contexts), never a second create."""
         return self.submit("/api/1.2/contexts/create", {"clusterId": cluster_id, "language": "python"})["id"]
 
-    def context_status(self, cluster_id, context_id):
+    def context_status(self, target):
         return self._do("GET", "/api/1.2/contexts/status",
-                        query={"clusterId": cluster_id, "contextId": context_id}).get("status")
+                        query={"clusterId": target.cluster_id, "contextId": target.context_id}).get("status")
 
-    def destroy_context(self, cluster_id, context_id):
-        self._do("POST", "/api/1.2/contexts/destroy", body={"clusterId": cluster_id, "contextId": context_id})
+    def destroy_context(self, target):
+        self._do("POST", "/api/1.2/contexts/destroy",
+                 body={"clusterId": target.cluster_id, "contextId": target.context_id})
 
-    def context_alive(self, cluster_id, context_id):
+    def context_alive(self, target):
         """Probe the context: True if it answers Running (or Pending)."""
         try:
-            return self.context_status(cluster_id, context_id) in ("Running", "Pending")
+            return self.context_status(target) in ("Running", "Pending")
         except Exception as err:
             if error_kind(err) in (NOT_FOUND, REJECTED):
                 return False
             raise   # no answer about the context (a 5xx, throttling, no connection): unknown, not gone
 
-    def gone_after(self, err, cluster_id, context_id):
+    def gone_after(self, err, target):
         """After a call about a context failed with `err`: True when the service answered (not an
         authentication failure) and a probe shows the context is gone. A failed probe says False."""
         if error_kind(err) not in ANSWERED or error_kind(err) == AUTH:
             return False
         try:
-            return not self.context_alive(cluster_id, context_id)
+            return not self.context_alive(target)
         except Exception:
             return False
 
+    def wait_for_context(self, target):
+        """Poll a new context until it leaves Pending: its status (Running, Error, or Pending on timeout)."""
+        started = time.monotonic()
+        while True:
+            state = self.context_status(target)
+            if state != "Pending" or time.monotonic() - started > CONTEXT_START_TIMEOUT:
+                return state
+            time.sleep(poll_delay(time.monotonic() - started))
+
     # -- commands -------------------------------------------------------------------------------------
-    def execute(self, cluster_id, context_id, command):
+    def execute(self, target, command):
         """Submit a command; its id. Sent once (see `submit`): a command never runs twice."""
-        return self.submit("/api/1.2/commands/execute", {"clusterId": cluster_id, "command": command,
-                                                         "contextId": context_id, "language": "python"})["id"]
+        return self.submit("/api/1.2/commands/execute", {"clusterId": target.cluster_id, "command": command,
+                                                         "contextId": target.context_id, "language": "python"})["id"]
 
-    def command_status(self, cluster_id, context_id, command_id):
-        return self._do("GET", "/api/1.2/commands/status",
-                        query={"clusterId": cluster_id, "contextId": context_id, "commandId": command_id})
+    def command_status(self, target, command_id):
+        return self._do("GET", "/api/1.2/commands/status", query={
+            "clusterId": target.cluster_id, "contextId": target.context_id, "commandId": command_id})
 
-    def cancel(self, cluster_id, context_id, command_id):
-        self._do("POST", "/api/1.2/commands/cancel",
-                 body={"clusterId": cluster_id, "contextId": context_id, "commandId": command_id})
+    def cancel(self, target, command_id):
+        self._do("POST", "/api/1.2/commands/cancel", body={
+            "clusterId": target.cluster_id, "contextId": target.context_id, "commandId": command_id})
 
-    def dbfs_read(self, path, offset, length):
-        return self._do("GET", "/api/2.0/dbfs/read", query={"path": path, "offset": offset, "length": length})
+    def wait_command(self, target, command_id, timeout, watch=None):
+        """Poll until the command is done (its status dict) or `timeout` seconds pass (None).
+        `watch(waited)`, when given, is called between polls (it limits its own rate; see StepWatch).
+
+        Polls fast at first (see POLL_*). A failed poll is retried, not reported as a failed command,
+        unless a contexts/status probe shows the context is gone (ContextGone). Every request ends by the
+        timeout plus WAIT_GRACE_SECONDS, whatever the network does; if the last poll failed, the wait
+        raises StatusUnavailable instead of returning None. A deadline set by the caller ends the wait too.
+        """
+        started = time.monotonic()
+        failing_since, last_error = None, None
+        with self.deadline_within(timeout + WAIT_GRACE_SECONDS) as limit:
+            deadline = min(started + timeout, limit)
+            while True:
+                began = time.monotonic()
+                try:
+                    status = self.command_status(target, command_id)
+                    failing_since = last_error = None
+                    if status.get("status") in DONE_COMMAND_STATES:
+                        return status
+                except Exception as err:
+                    kind = error_kind(err)
+                    if kind == AUTH:
+                        raise
+                    try:
+                        alive = self.context_alive(target)
+                    except Exception as probe_err:  # the network is down too: keep polling until the timeout
+                        if error_kind(probe_err) not in PASSING:
+                            raise
+                        alive = True
+                    if not alive:
+                        raise ContextGone(str(err)) from None
+                    if kind in (NOT_FOUND, REJECTED):
+                        raise
+                    cut = kind == TIMEOUT   # our deadline ran out, not the service's answer
+                    if cut and failing_since is None and time.monotonic() >= deadline and began > deadline - 1.0:
+                        return None   # only a poll begun just before the deadline was cut: no news, no failure
+                    failing_since, last_error = failing_since or began, err
+                now = time.monotonic()
+                if now >= deadline:
+                    if last_error is not None:
+                        raise StatusUnavailable(last_error, now - failing_since)
+                    return None
+                if watch is not None:
+                    watch(now - started)
+                    now = time.monotonic()
+                    if now >= deadline:
+                        continue
+                time.sleep(max(min(poll_delay(now - started), deadline - now), 0.0))
+
+    def cancel_and_wait(self, target, command_id, wait=CANCEL_WAIT_SECONDS):
+        """Ask the service to cancel, then poll until the command settles. Returns its last status, or
+        None if it is still stopping; StatusUnavailable if no status could be read."""
+        self.cancel(target, command_id)
+        return self.wait_command(target, command_id, wait)
+
+    # -- the CLI's own commands on the driver -----------------------------------------------------------
+    def run_command(self, target, command, timeout=HELPER_SECONDS):
+        """Run a command of the CLI (the bootstrap, a helper) and return its results dict."""
+        started = time.monotonic()
+        command_id = self.execute(target, command)
+        try:
+            status = self.wait_command(target, command_id, timeout)
+        except StatusUnavailable as err:
+            raise map_sdk_error(err.error, action="read a helper command's status") from None
+        if status is None:
+            raise ReplError("InternalTimeout", f"A helper command did not finish within "
+                            f"{time.monotonic() - started:.0f}s.", hint="The context may be busy; retry, or run status.")
+        return status.get("results") or {}
+
+    def driver_call(self, target, helper, *args, about=None, failed="RemoteFileError"):
+        """Run a helper on the driver and return the JSON of the last line it printed.
+
+        `helper` is the name of a method of the bootstrap's `_dbx_repl` (the command is
+        `_dbx_repl.helper(args)`), or one of the functions of section 9, sent with its source. The
+        arguments travel as Python literals (data, never code). An error result raises
+        ReplError(`failed`), its message led by `about` (default: the helper's name)."""
+        call = "(%s)" % ", ".join(repr(a) for a in args)
+        if callable(helper):
+            import inspect
+            command = f"{inspect.getsource(helper)}\n{helper.__name__}{call}\n"
+        else:
+            command = f"_dbx_repl.{helper}{call}"
+        results = self.run_command(target, command)
+        if results.get("resultType") == "error":
+            error_type, message = parse_error(results.get("summary"), results.get("cause"))
+            raise ReplError(failed, f"{about or getattr(helper, '__name__', helper)}: {error_type}: {message}",
+                            hint="Check the path on the driver (a file it can read, a folder it can write); retry "
+                                 "if it repeats.")
+        return json.loads((results.get("data") or "").strip().splitlines()[-1])
+
+    # -- driver files, chunked: full output, plots, get and put ------------------------------------------
+    def fetch_file(self, target, sink, max_bytes, helper, *args):
+        """Copy a driver file into `sink` chunk by chunk, at most max_bytes; returns (bytes written, size
+        on the driver (-1: no such file), the first chunk's header).
+
+        The chunks come from `_dbx_repl.helper(*args, offset, mode)` (fetch, fetch_output, fetch_image),
+        as table results; if the REPL does not produce tables, as text, which the service caps per
+        command."""
+        offset, written, mode, first = 0, 0, "table", None
+        while True:
+            call = ", ".join(repr(a) for a in (*args, offset, mode))
+            results = self.run_command(target, f"_dbx_repl.{helper}({call})")
+            try:
+                header, payload = decode_chunk(results)
+            except ReplError:
+                raise
+            except Exception:
+                if mode != "table":
+                    raise ReplError("TransferFailed", "The driver's data arrived damaged.",
+                                    hint="Retry; if it repeats, report the cluster's runtime version.") from None
+                mode = "text"  # this REPL's tables do not carry the chunks intact: use text results
+                continue
+            first = first or header
+            size = header.get("size", -1)
+            if size < 0:
+                return written, size, first
+            room = max_bytes - written
+            sink.write(payload[:room])
+            written += min(len(payload), room)
+            offset = header.get("next", offset + len(payload))
+            if offset >= size or written >= max_bytes or not payload:
+                return written, size, first
+
+    def put_file(self, target, remote, blocks):
+        """Write `blocks` (an iterable of bytes) to the driver file `remote`, one zlib-compressed chunk
+        per command; an empty iterable still creates the file. Returns (sha256 object, chunks sent)."""
+        digest, offset, chunks = hashlib.sha256(), 0, 0
+        for block in itertools.chain(blocks, [b""]):
+            if not block and offset:
+                break
+            digest.update(block)
+            packed = base64.b64encode(zlib.compress(block, 6)).decode("ascii")
+            self.driver_call(target, "put", remote, offset, packed, about=f"Writing {remote}")
+            offset += len(block)
+            chunks += 1
+            if not block:
+                break
+        return digest, chunks
+
+    def read_dbfs(self, path):
+        """A whole DBFS file (large plots come back as FileStore paths), or None if it cannot be read."""
+        chunks, offset = [], 0
+        try:
+            while True:
+                answer = self._do("GET", "/api/2.0/dbfs/read", query={"path": path, "offset": offset,
+                                                                       "length": 1024 * 1024})
+                data = base64.b64decode(answer.get("data") or "")
+                if not data:
+                    break
+                chunks.append(data)
+                offset += len(data)
+                if answer.get("bytes_read", len(data)) < 1024 * 1024:
+                    break
+        except Exception:
+            return None
+        return b"".join(chunks) or None
 
     # -- the deadline --------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -870,7 +1062,6 @@ class Workspace:
         finally:
             self.deadline = outer
 
-    # -- the two ways to call ---------------------------------------------------------------------------
     def budget(self):
         """Seconds the next call may take: the retry budget, or less if the deadline is nearer."""
         left = self.retry_timeout
@@ -880,6 +1071,7 @@ class Workspace:
             raise TimeoutError("the call's deadline has passed")
         return left
 
+    # -- the two ways to call ---------------------------------------------------------------------------
     def submit(self, path, payload):
         """POST a request that must not run twice (a command, a new context).
 
@@ -942,6 +1134,21 @@ class Workspace:
             raise TimeoutError(f"no answer from {path} within {budget:.0f}s") from None
         finally:
             self.clock.deadline = None
+
+
+def decode_chunk(results):
+    """(header, payload bytes) from a fetch command's result (table rows or text lines)."""
+    if results.get("resultType") == "table":
+        packed = "".join(str(row[0]) for row in results.get("data") or [] if row)
+    elif results.get("resultType") == "text":
+        packed = "".join((results.get("data") or "").split())
+    else:
+        detail = parse_error(results.get("summary"), results.get("cause"))
+        raise ReplError("TransferFailed", "The driver could not send the file: %s: %s" % detail,
+                        hint="Check the path on the driver.")
+    raw = base64.b64decode(packed)
+    header, _, payload = raw.partition(b"\n")
+    return json.loads(header.decode("utf-8")), zlib.decompress(payload) if payload else b""
 
 
 def _bounded_config(sdk):
@@ -2246,71 +2453,7 @@ def signals_deferred():
         mask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
-def poll_delay(waited):
-    return min(POLL_MAX_SECONDS, max(POLL_MIN_SECONDS, waited * POLL_FRACTION))
-
-
 PROCESS_STARTED = time.monotonic()     # await's --timeout counts from here, the SDK import included
-
-
-class StatusUnavailable(Exception):
-    """A wait ended while the command's status could not be read: its last polls failed, so whether
-    it runs, ended or was cancelled is unknown. `error` is the last failure, `failing_for` seconds."""
-
-    def __init__(self, error, failing_for):
-        super().__init__(str(error))
-        self.error, self.failing_for = error, failing_for
-
-
-def poll_command(ws, cluster_id, context_id, command_id, timeout, watch=None):
-    """Poll until the command is done (its status dict) or `timeout` seconds pass (None).
-    `watch(waited)`, when given, is called between polls (it limits its own rate; see StepWatch).
-
-    Polls fast at first (see POLL_*). A failed poll is retried, not reported as a failed command,
-    unless a contexts/status probe shows the context is gone (ContextGone). Every request ends by the
-    timeout plus WAIT_GRACE_SECONDS, whatever the network does; if the last poll failed, the wait
-    raises StatusUnavailable instead of returning None. A deadline set by the caller ends the wait too.
-    """
-    started = time.monotonic()
-    failing_since, last_error = None, None
-    with ws.deadline_within(timeout + WAIT_GRACE_SECONDS) as limit:
-        deadline = min(started + timeout, limit)
-        while True:
-            began = time.monotonic()
-            try:
-                status = ws.command_status(cluster_id, context_id, command_id)
-                failing_since = last_error = None
-                if status.get("status") in DONE_COMMAND_STATES:
-                    return status
-            except Exception as err:
-                kind = error_kind(err)
-                if kind == AUTH:
-                    raise
-                try:
-                    alive = ws.context_alive(cluster_id, context_id)
-                except Exception as probe_err:  # the network is down too: keep polling until the timeout
-                    if error_kind(probe_err) not in PASSING:
-                        raise
-                    alive = True
-                if not alive:
-                    raise ContextGone(str(err)) from None
-                if kind in (NOT_FOUND, REJECTED):
-                    raise
-                cut = isinstance(err, TimeoutError)   # our deadline ran out, not the service's answer
-                if cut and failing_since is None and time.monotonic() >= deadline and began > deadline - 1.0:
-                    return None   # only a poll begun just before the deadline was cut: no news, no failure
-                failing_since, last_error = failing_since or began, err
-            now = time.monotonic()
-            if now >= deadline:
-                if last_error is not None:
-                    raise StatusUnavailable(last_error, now - failing_since)
-                return None
-            if watch is not None:
-                watch(now - started)
-                now = time.monotonic()
-                if now >= deadline:
-                    continue
-            time.sleep(max(min(poll_delay(now - started), deadline - now), 0.0))
 
 
 # -- watching a running step: the sidecar context ---------------------------------------------------
@@ -2369,87 +2512,6 @@ def _dbx_repl_progress(path, group, tail_lines, tail_bytes, with_spark):
     print(json.dumps(found))
 
 
-def sidecar_context(ws, project, session):
-    """The session's sidecar context id, created (and recorded at once, so that a read cut short
-    never leaves it untracked) on first use. Two calls racing may both create one: the later to
-    record it destroys its own, so the session keeps one."""
-    known = session.get("sidecar_context_id")
-    if known:
-        return known
-    context_id = ws.create_context(session["cluster_id"])
-    with signals_deferred(), project.lock():
-        current = project.load()
-        kept = current.get("sidecar_context_id") if current.get("status") == "active" else None
-        if kept is None and current.get("status") == "active":
-            current["sidecar_context_id"] = context_id
-            project.save(current)
-    if kept is not None or current.get("status") != "active":
-        with contextlib.suppress(Exception):
-            ws.destroy_context(session["cluster_id"], context_id)
-        if kept is None:
-            raise ReplError("SessionDestroyed", "The session ended while its progress was read.")
-        context_id = kept
-    session["sidecar_context_id"] = context_id
-    state = wait_for_context(ws, session["cluster_id"], context_id)   # within the caller's deadline
-    if state not in ("Running", "Pending"):
-        raise ContextGone(f"the sidecar context did not start ({state})")
-    return context_id
-
-
-def forget_sidecar(project, context_id):
-    with signals_deferred(), project.lock():
-        current = project.load()
-        if current.get("sidecar_context_id") == context_id:
-            current.pop("sidecar_context_id")
-            project.save(current)
-
-
-def read_progress(ws, project, session, active, budget=PROGRESS_READ_SECONDS):
-    """What the running step has done so far, for `progress`: {"output_bytes", "output_tail",
-    "spark_jobs", "read_seconds"}, or {"error": why} when it could not be read. Never raises an
-    ordinary exception: a watch must not end the wait it watches."""
-    import inspect
-    started = time.monotonic()
-    key = step_key(active["step"], active["tag"])
-    code = _read_text(StepFiles(project, active["step"], active["tag"]).command) or ""
-    command = (inspect.getsource(_dbx_repl_progress)
-               + f"\n_dbx_repl_progress({driver_copy_path(session, key)!r}, {active.get('command_id')!r}, "
-                 f"{PROGRESS_TAIL_LINES}, {PROGRESS_TAIL_BYTES}, {bool(SPARK_NAMES.search(code))})\n")
-    with ws.deadline_within(budget + WAIT_GRACE_SECONDS):
-        for attempt in range(2):       # a sidecar evicted since its last use is replaced once
-            context_id = None
-            try:
-                context_id = sidecar_context(ws, project, session)
-                left = started + budget - time.monotonic()
-                if left <= 0:
-                    raise ReplError("ProgressTimeout", f"the sidecar context was not ready within {budget:g}s")
-                results = run_internal(ws, dict(session, context_id=context_id), command, timeout=left)
-                if results.get("resultType") == "error":
-                    raise ReplError("ProgressFailed", printable(html_to_text(results.get("summary") or ""))[:200])
-                found = json.loads((results.get("data") or "").strip().splitlines()[-1])
-                if found.get("output_tail") is not None:
-                    found["output_tail"] = preview(found["output_tail"], PROGRESS_TAIL_BYTES)
-                found["read_seconds"] = round(time.monotonic() - started, 3)
-                return {k: v for k, v in found.items() if v is not None}
-            except ContextGone as err:
-                if context_id:
-                    forget_sidecar(project, context_id)
-                    session.pop("sidecar_context_id", None)
-                error = f"the sidecar context is gone ({err})"
-            except ReplError as err:
-                return {"error": f"{err.status}: {err.message}"[:300]}
-            except (KeyboardInterrupt, Terminated):
-                raise
-            except Exception as err:
-                error = map_sdk_error(err, action="read the step's progress").message
-                if context_id and ws.gone_after(err, session["cluster_id"], context_id):
-                    forget_sidecar(project, context_id)     # evicted since its last read: replace it
-                    session.pop("sidecar_context_id", None)
-                    continue
-                return {"error": error[:300]}
-    return {"error": error[:300]}
-
-
 def progress_line(key, waited, progress):
     """One line for a terminal or `await --follow`: elapsed, Spark tasks, the last output line."""
     parts = [f"{key} {waited:.0f}s"]
@@ -2468,24 +2530,23 @@ class StepWatch:
     (`follow`: one line per change, for await --follow) or as the live line of a terminal. None
     (see `for_wait`) when neither applies, so a pipe never sees progress."""
 
-    def __init__(self, ws, project, session, active, follow):
-        self.ws, self.project, self.session, self.active, self.follow = ws, project, session, active, follow
+    def __init__(self, run, follow):
+        self.run, self.follow = run, follow
         self.live = None if follow else LiveLine()
-        self.key = step_key(active["step"], active["tag"])
         self.next_read, self.last_line = 0.0, None
 
     @classmethod
-    def for_wait(cls, ws, project, session, active, follow=False):
+    def for_wait(cls, run, follow=False):
         if not follow and not sys.stderr.isatty():
             return None
-        return cls(ws, project, session, active, follow)
+        return cls(run, follow)
 
     def __call__(self, waited):
-        if time.monotonic() < self.next_read or not self.active.get("command_id"):
+        if time.monotonic() < self.next_read or not self.run.active.get("command_id"):
             return
-        progress = read_progress(self.ws, self.project, self.session, self.active)
+        progress = self.run.progress()
         self.next_read = time.monotonic() + WATCH_INTERVAL_SECONDS
-        line = progress_line(self.key, elapsed_since(self.active), progress)
+        line = progress_line(self.run.files.key, elapsed_since(self.run.active), progress)
         if self.follow:
             body = line.split(" | ", 1)[1] if " | " in line else ""
             if body != self.last_line:
@@ -2500,63 +2561,7 @@ class StepWatch:
             self.live.close()
 
 
-def run_internal(ws, session, command, timeout=120.0):
-    """Run a helper command of the CLI (bootstrap, fetch) and return its results dict."""
-    command_id = ws.execute(session["cluster_id"], session["context_id"], command)
-    try:
-        status = poll_command(ws, session["cluster_id"], session["context_id"], command_id, timeout)
-    except StatusUnavailable as err:
-        raise map_sdk_error(err.error, action="read a helper command's status") from None
-    if status is None:
-        raise ReplError("InternalTimeout", f"A helper command did not finish within {timeout:g}s.",
-                        hint="The context may be busy; retry, or run status.")
-    return status.get("results") or {}
 
-
-def decode_chunk(results):
-    """(header, payload bytes) from a fetch command's result (table rows or text lines)."""
-    if results.get("resultType") == "table":
-        packed = "".join(str(row[0]) for row in results.get("data") or [] if row)
-    elif results.get("resultType") == "text":
-        packed = "".join((results.get("data") or "").split())
-    else:
-        detail = parse_error(results.get("summary"), results.get("cause"))
-        raise ReplError("TransferFailed", "The driver could not send the file: %s: %s" % detail,
-                        hint="Check the path on the driver.")
-    raw = base64.b64decode(packed)
-    header, _, payload = raw.partition(b"\n")
-    return json.loads(header.decode("utf-8")), zlib.decompress(payload) if payload else b""
-
-
-def fetch_driver_file(ws, session, call, sink, max_bytes):
-    """Copy a driver file into `sink` chunk by chunk; returns (bytes written, size on the driver,
-    the first chunk's header).
-
-    `call(offset, mode)` builds the fetch command. Chunks travel as table results; if the REPL
-    does not produce tables, they travel as text, which the service caps per command."""
-    offset, written, mode, first = 0, 0, "table", None
-    while True:
-        results = run_internal(ws, session, call(offset, mode))
-        try:
-            header, payload = decode_chunk(results)
-        except ReplError:
-            raise
-        except Exception:
-            if mode != "table":
-                raise ReplError("TransferFailed", "The driver's data arrived damaged.",
-                                hint="Retry; if it repeats, report the cluster's runtime version.") from None
-            mode = "text"  # this REPL's tables do not carry the chunks intact: use text results
-            continue
-        first = first or header
-        size = header.get("size", -1)
-        if size < 0:
-            return written, size, first
-        room = max_bytes - written
-        sink.write(payload[:room])
-        written += min(len(payload), room)
-        offset = header.get("next", offset + len(payload))
-        if offset >= size or written >= max_bytes or not payload:
-            return written, size, first
 
 
 def split_end_marker(text, key):
@@ -2585,75 +2590,9 @@ def cut_marker(written, size):
     return f"\n[dbx-repl: output cut at {written} of {size} bytes (--max-output-bytes)]\n".encode()
 
 
-def driver_copy_path(session, key):
-    return f"{DRIVER_OUTPUT_DIR}/dbx_repl_{session.get('session_id')}/{key}.out"
-
-
-def fetch_step_copy(ws, target, files, max_bytes):
-    """Copy the step's driver copy (everything the bootstrap teed) into its stdout file.
-
-    Returns (written, size, header): size -1 when the driver has no copy; header is the first
-    chunk's, with "traceback" and "end" (the bootstrap's ending record) when the driver kept them.
-    Raises whatever the transfer raised; the stdout file then holds what arrived."""
-    key = files.key
-    with open(files.stdout, "wb") as sink:
-        written, size, header = fetch_driver_file(
-            ws, target, lambda off, mode: f"_dbx_repl.fetch_output({key!r}, {off}, {mode!r})", sink, max_bytes)
-        if 0 <= size and written < size:
-            sink.write(cut_marker(written, size))
-    return written, size, header or {}
-
-
-def merge_service_text(files, text, copy_size, max_bytes):
-    """Append the service's text when the driver copy does not hold it (a dbutils.notebook.exit
-    value, displayHTML content, text written past the tee); returns True if it was appended."""
-    if not text or not text.strip() or copy_size >= max_bytes:
-        return False
-    with open(files.stdout, "rb") as f:
-        held = f.read().decode("utf-8", "replace")
-    if text in held or text.strip() in held:
-        return False
-    _append(files.stdout, ("" if not held or held.endswith("\n") else "\n") + text)
-    return True
-
-
-def write_step_output(ws, target, files, text, text_complete, wrapped, max_bytes):
-    """Write the step's stdout file: the service's text when it is complete, else the driver copy
-    merged with whatever service text it lacks. Returns (truncated, note, header, total)."""
-    if text_complete and text is not None:
-        data = text.encode("utf-8", "replace")
-        if len(data) <= max_bytes:
-            write_atomic(files.stdout, data)
-            return False, None, {}, len(data)
-        write_atomic(files.stdout, data[:max_bytes] + cut_marker(max_bytes, len(data)))
-        return True, _cut_note(max_bytes, len(data)), {}, len(data)
-    fallback = (text or "").encode("utf-8", "replace")[:max_bytes]
-    if not wrapped:  # a cell magic (%%sh): the service's text is all there is
-        write_atomic(files.stdout, fallback)
-        if text is None:
-            return True, ("What this cell magic printed is lost: the service returns no text for a failed or "
-                          "cancelled command, and a cell magic cannot be teed."), {}, None
-        return True, "The service cut this output and it cannot be fetched (a cell magic cannot be teed).", {}, None
-    try:
-        written, size, header = fetch_step_copy(ws, target, files, max_bytes)
-    except Exception as err:  # a failed fetch must not lose the step: keep what the service sent
-        write_atomic(files.stdout, fallback)
-        detail = err.message if isinstance(err, ReplError) else f"{type(err).__name__}: {err}"
-        if HELPERS_MISSING.search(detail):
-            raise HelpersGoneDuringStep() from None
-        local_copy = files.project.show(files.path(".full.stdout"))
-        return True, (f"Could not fetch the full output: {scrub(detail)}. It stays on the driver (older steps' "
-                      f"copies are pruned past {DRIVER_COPIES_BYTES >> 20} MiB per session): "
-                      f"{cli_hint('get', files.project)} {driver_copy_path(target, files.key)} {local_copy}"), {}, None
-    if size < 0:
-        write_atomic(files.stdout, fallback)
-        return True, "The driver copy of the output was not found; the stdout file holds what the service sent.", \
-            header, None
-    header = valid_unicode(header)
-    merge_service_text(files, text, written, max_bytes)
-    if written < size:
-        return True, _cut_note(written, size), header, size
-    return False, None, header, size
+def driver_copy_path(session_id, key):
+    """Where the bootstrap tees a step's output on the driver."""
+    return f"{DRIVER_OUTPUT_DIR}/dbx_repl_{session_id}/{key}.out"
 
 
 def _cut_note(written, size):
@@ -2686,47 +2625,6 @@ def save_table(files, results):
         shown.append(name)
     return render_table(columns, rows), {**details, "file": files.project.show(csv_path),
                                          "column_names": shown}
-
-
-def save_images(files, ws, results):
-    names = list(results.get("fileNames") or [])
-    if results.get("fileName"):
-        names.append(results["fileName"])
-    saved, unresolved = [], []
-    for index, name in enumerate(names, start=1):
-        try:
-            decoded = decode_data_url(name)
-        except ValueError:                 # a data URL whose base64 does not decode
-            decoded = ("png", None)
-        if decoded is None:
-            decoded = ("png", _read_filestore_image(ws, name))
-        if decoded[1] is None:
-            unresolved.append(name if len(name) <= 200 else name[:60] + "...")
-            continue
-        path = files.path(f".{index}.{decoded[0]}")
-        write_atomic(path, decoded[1])
-        files.add("image", path)
-        saved.append(files.project.show(path))
-    return saved, unresolved
-
-
-def _read_filestore_image(ws, name):
-    """Large plots come back as a FileStore path (/plots/x.png): read it through the DBFS API."""
-    path = name if name.startswith("dbfs:") else "dbfs:/FileStore/" + name.lstrip("/")
-    chunks, offset = [], 0
-    try:
-        while True:
-            answer = ws.dbfs_read(path, offset, 1024 * 1024)
-            data = base64.b64decode(answer.get("data") or "")
-            if not data:
-                break
-            chunks.append(data)
-            offset += len(data)
-            if answer.get("bytes_read", len(data)) < 1024 * 1024:
-                break
-    except Exception:
-        return None
-    return b"".join(chunks) or None
 
 
 RESTART_WINDOW = "jupyter client is not available"   # the REPL's Python is restarting (or was shut down)
@@ -2767,173 +2665,12 @@ def lost_reason(status):
             "out of memory).")
 
 
-def step_file_from_driver(ws, target, files, name, path):
-    """Copy one file the bootstrap saved for the step (a plot, a SQL table) to `path`: True when
-    it arrived whole, None when the driver has no such file, else False; nothing is left at `path`
-    unless True."""
-    size = -1
-    try:
-        with open(path, "wb") as sink:
-            written, size, _ = fetch_driver_file(
-                ws, target, lambda off, mode: f"_dbx_repl.fetch_image({files.key!r}, {name!r}, {off}, {mode!r})",
-                sink, DEFAULT_TRANSFER_CAP)
-        if size < 0 or written != size:
-            raise ReplError("TransferFailed", "incomplete")
-    except Exception:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-        return None if size < 0 else False
-    return True
-
-
-def images_from_driver(ws, target, files, names):
-    """Fetch the plots the bootstrap saved for the step; returns (saved paths, names not fetched)."""
-    saved, missing = [], []
-    for index, name in enumerate(names, start=1):
-        extension = name.rsplit(".", 1)[-1] if "." in name else "png"
-        path = files.path(f".{index}.{extension}")
-        if not step_file_from_driver(ws, target, files, name, path):
-            missing.append(name)
-            continue
-        files.add("image", path)
-        saved.append(files.project.show(path))
-    return saved, missing
-
-
 def _read_text(path):
     try:
         with open(path, encoding="utf-8") as f:
             return f.read()
     except (OSError, UnicodeDecodeError):
         return None
-
-
-def sql_table_from_driver(ws, target, files):
-    """Fetch a SQL step's table (NNN_tag.sql.csv, every row up to the cap) and its schema
-    (NNN_tag.sql.json); returns (the `table` field, a preview rendering), or (None, None) when the
-    files could not be fetched, or (None, "") for a statement without a result (CREATE VIEW, SET)."""
-    csv_path, schema_path = files.path(".sql.csv"), files.path(".sql.json")
-    schema_fetched = step_file_from_driver(ws, target, files, files.key + ".sql.json", schema_path)
-    if schema_fetched is None:
-        return None, ""
-    if not (schema_fetched and step_file_from_driver(ws, target, files, files.key + ".sql.csv", csv_path)):
-        return None, None
-    with open(schema_path, encoding="utf-8") as f:
-        schema = json.load(f)
-    with open(csv_path, encoding="utf-8", newline="") as f:
-        reader = csv.reader(f)
-        next(reader, None)
-        head = [row for _, row in zip(range(TABLE_PREVIEW_ROWS), reader)]
-    files.add("table", csv_path, rows=schema["rows"])
-    files.add("table_schema", schema_path)
-    columns = [(c["name"], c["type"]) for c in schema["columns"]]
-    rendering = render_table(columns, head)
-    if schema["total_rows"] > len(head):
-        rendering += f"... {schema['total_rows'] - len(head)} more rows in {files.project.show(csv_path)}\n"
-    shown = [f"{printable(n)[:60]} {printable(t)[:30]}" for n, t in columns[:20]]
-    return {"rows": schema["rows"], "total_rows": schema["total_rows"], "columns": len(columns),
-            "truncated": schema["truncated"], "file": files.project.show(csv_path),
-            "schema_file": files.project.show(schema_path), "column_names": shown}, rendering
-
-
-def render_results(ws, session, files, status, active, max_bytes):
-    """Turn a finished command's status into step files and the response fields.
-
-    Returns (step_status, fields); fields may carry "hint" and "note". Files are written before the
-    caller records the step. Raises ContextLostDuringStep when a probe shows the context died."""
-    results = valid_unicode(status.get("results") or {})
-    kind, state = results.get("resultType"), status.get("status")
-    wrapped = active.get("wrapped", True)
-    target = {"cluster_id": session["cluster_id"], "context_id": active.get("context_id") or session["context_id"],
-              "session_id": session.get("session_id")}
-    failed = kind == "error" or state in ("Error", "Cancelled")
-    # A cancel, a shutdown and a crash can all end as an error result: only a probe tells whether
-    # the context (and its variables) survived.
-    if failed and not ws.context_alive(target["cluster_id"], target["context_id"]):
-        shutdown = any(cause in service_error_text(results) for cause in SHUTDOWN_CAUSES)
-        raise ContextLostDuringStep(lost_reason(status), step_at_fault=not shutdown)
-    fields, notes = {}, []
-    write_atomic(files.stderr, b"")
-    text, text_complete, image_count = None, False, 0
-    if kind == "text" or (kind is None and state == "Finished"):
-        data = results.get("data")
-        text = data if isinstance(data, str) else "" if data is None else json.dumps(data)
-        if wrapped is True:
-            text, text_complete, image_count = read_end_marker(text, files.key)
-        else:
-            text_complete = not results.get("truncated")
-    fields["truncated"], note, header, total = write_step_output(ws, target, files, text, text_complete,
-                                                                 wrapped, max_bytes)
-    notes.append(note)
-    record = header.get("end") if isinstance(header.get("end"), dict) else {}
-    ending = record.get("ending") if isinstance(record.get("ending"), dict) else {}
-    if kind == "table":
-        rendering, fields["table"] = save_table(files, results)
-        _append(files.stdout, ("\n" if os.path.getsize(files.stdout) else "") + rendering)
-    if wrapped is True and not failed and sql_of(_read_text(files.command)) is not None:
-        fields["table"], rendering = sql_table_from_driver(ws, target, files)
-        if rendering is None:
-            notes.append("The SQL result table could not be fetched from the driver; exec the step again.")
-        elif rendering:
-            _append(files.stdout, ("\n" if os.path.getsize(files.stdout) else "") + rendering)
-    image_names = record.get("images") or [f"{files.key}.{i}.png" for i in range(1, image_count + 1)]
-    if wrapped and image_names:
-        fields["images"], unfetched = images_from_driver(ws, target, files, image_names)
-        if unfetched:
-            notes.append(f"{len(unfetched)} plot(s) could not be fetched from the driver ({', '.join(unfetched)}).")
-    elif kind in ("images", "image"):
-        fields["images"], unresolved = save_images(files, ws, results)
-        if unresolved:
-            fields["unfetched_images"] = unresolved
-            notes.append(f"{len(unresolved)} image(s) could not be fetched; their FileStore paths are "
-                         "in unfetched_images.")
-    if fields.get("truncated") and total is not None:
-        fields["stdout_total_bytes"] = total
-    step_status = "Finished"
-    if failed and active.get("restarted_after_magic"):
-        notes.append("Python restarted after this step ran (as %pip can do): the helpers were installed again, "
-                     "and variables and imports are gone; replay the steps you need.")
-        fields["hint"] = f"Run {cli_hint('replay', files.project)} --steps N,... for the state you need."
-    elif failed:
-        step_status = failed_ending(files, results, state, ending, header.get("traceback"), fields, notes)
-    fields["message"] = " ".join(n for n in notes if n) or None
-    return step_status, fields
-
-
-def failed_ending(files, results, state, ending, traceback_text, fields, notes):
-    """The status of a step whose command failed while its context lived: Cancelled, Error, or
-    Finished for sys.exit(0). Fills fields (error, hint) and the stderr file."""
-    if ending.get("kind") == "raised":
-        error_type, message = str(ending.get("type") or "Exception"), str(ending.get("message") or "")
-    elif RESTART_WINDOW in service_error_text(results):
-        fields["error"] = {"type": "KernelRestarting", "message": printable(html_to_text(results.get("summary")))[:500]}
-        fields["hint"] = "The REPL's Python was restarting and the step did not run; exec it again in a minute."
-        return "Error"
-    else:
-        error_type, message = parse_error(results.get("summary"), results.get("cause"))
-    if is_cancellation(state, results) or error_type == "KeyboardInterrupt":
-        # pyspark's SIGINT handler turns a cancel into KeyboardInterrupt: the service then answers
-        # Finished with that error, as it does for a cancel from any client.
-        fields["hint"] = ("The session and its variables are intact; what the step printed before the cancel is "
-                          "in stdout_file. Continue with exec.")
-        return "Cancelled"
-    cause = strip_ansi(valid_unicode(traceback_text)) or strip_ansi(results.get("cause")) or html_to_text(
-        results.get("summary"))
-    write_atomic(files.stderr, cause.rstrip("\n") + "\n")
-    if error_type == "SystemExit":
-        code = ending.get("exit_code", message) if ending else message
-        if code in (0, None, "0", "", "None"):
-            notes.append("The step ended by calling sys.exit(0), a normal exit; the session and its variables "
-                         "are intact.")
-            return "Finished"
-        fields["error"] = {"type": "SystemExit", "message": printable(str(code))[:500]}
-        fields["hint"] = (f"The code called sys.exit({code}); the session and its variables are intact. "
-                          f"Read {files.project.show(files.stderr)} and exec the next step.")
-        return "Error"
-    shown = printable(message)
-    fields["error"] = {"type": printable(error_type)[:200],
-                       "message": shown if len(shown) <= 500 else shown[:497] + "..."}
-    return "Error"
 
 
 def valid_unicode(value):
@@ -2955,43 +2692,6 @@ def valid_unicode(value):
 def _append(path, text):
     with open(path, "a", encoding="utf-8") as f:
         f.write(text)
-
-
-def step_response(project, files, step_status, elapsed, fields, exit_code=None):
-    """The exec/await response of a finished step (the spec's schema, plus outputs)."""
-    stdout_bytes = os.path.getsize(files.stdout) if os.path.exists(files.stdout) else 0
-    stderr_bytes = os.path.getsize(files.stderr) if os.path.exists(files.stderr) else 0
-    body = {
-        "cmd_id": files.key,
-        "stdout_file": project.show(files.stdout),
-        "stderr_file": project.show(files.stderr),
-        "stdout_bytes": stdout_bytes,
-        "stderr_bytes": stderr_bytes,
-    }
-    if stdout_bytes:
-        body["stdout_preview"] = file_preview(files.stdout)
-    if stderr_bytes:
-        body["stderr_preview"] = file_preview(files.stderr)
-    body["elapsed_seconds"] = round(elapsed, 3)
-    message, note, hint = fields.pop("message", None), fields.pop("note", None), fields.pop("hint", None)
-    error = fields.get("error")
-    default_messages = {
-        "Finished": "The command finished.",
-        "Error": f"The command raised {error['type']}: {error['message']}" if error else "The command failed.",
-        "Cancelled": "The command was cancelled.",
-    }
-    hints = {
-        "Error": f"Read {body['stderr_file']}, fix the code, and exec again.",
-        "Cancelled": "The session and its variables are intact; continue with exec.",
-        "RenderFailed": "The raw service result is in the .result.json output; the session is usable.",
-    }
-    body.update(fields)
-    body["outputs"] = files.outputs()
-    if exit_code is None:
-        exit_code = EXIT_OK if step_status == "Finished" else EXIT_FAILED
-    message = " ".join(filter(None, [message or default_messages.get(step_status, step_status), note]))
-    return response(step_status, message,
-                    hint=hint or hints.get(step_status), exit_code=exit_code, **body)
 
 
 def touch_step_files(project, entry):
@@ -3023,7 +2723,9 @@ def record_step(project, entry, command_id=None):
     return session
 
 
-def step_entry(project, files, active, status, finished_at=None, elapsed=None, **extra):
+def step_entry(project, active, status, elapsed=None, **extra):
+    """The session.json record of the step `active` (its active_command record) ending as `status`."""
+    files = StepFiles(project, active["step"], active["tag"])
     entry = {
         "step": active["step"],
         "tag": active["tag"],
@@ -3032,7 +2734,7 @@ def step_entry(project, files, active, status, finished_at=None, elapsed=None, *
         "stdout_file": project.stored(files.stdout),
         "stderr_file": project.stored(files.stderr),
         "started_at": active.get("started_at"),
-        "finished_at": finished_at or now_iso(),
+        "finished_at": now_iso(),
         "elapsed_seconds": None if elapsed is None else round(elapsed, 3),
         "command_id": active.get("command_id"),
         "context_id": active.get("context_id"),
@@ -3047,119 +2749,6 @@ def elapsed_since(active):
     except (KeyError, TypeError, ValueError):
         return 0.0
     return (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()
-
-
-def finish_command(ws, project, session, active, status, max_bytes):
-    """Render a finished command's results, record its step, and build the response."""
-    files = StepFiles(project, active["step"], active["tag"])
-    try:
-        step_status, fields = render_results(ws, session, files, status, active, max_bytes)
-    except ContextLostDuringStep as lost:
-        # A shutdown by the service is an eviction (the step may run again as it is); the rest was the step.
-        return recover_from_eviction(ws, project, failed=active, lost=lost.reason if lost.step_at_fault else None)
-    except HelpersGoneDuringStep:
-        target = {"cluster_id": session["cluster_id"], "context_id": active.get("context_id") or session["context_id"]}
-        if reinstall_helpers(ws, session, target):
-            return python_restarted_under(ws, project, session, active)
-        return finish_command(ws, project, session, active, status, max_bytes)  # the helpers are back
-    except Exception as err:
-        # Never leave the session blocked on a command that has ended: keep the raw result instead.
-        raw = files.path(".result.json")
-        write_atomic(raw, json.dumps(status, ensure_ascii=False, default=str))
-        files.add("raw_result", raw)
-        touch_step_files(project, step_entry(project, files, active, "RenderFailed"))
-        reason = err.message if isinstance(err, ReplError) else f"{type(err).__name__}: {scrub(str(err))}"
-        step_status, fields = "RenderFailed", {"message": f"The command ended ({status.get('status')}) but "
-                                                          f"its output could not be saved: {reason}"}
-    if active.get("after_uncertain"):
-        fields["note"] = (f"Step {active['after_uncertain']} was submitted uncertainly: if the service ran it, "
-                          "this step waited behind it.")
-    if active.get("helpers_reinstalled"):
-        fields["note"] = ("Python had restarted since the last step, so variables and imports are gone; the helpers "
-                          "were installed again and this step ran after that." if active.get("python_restarted_before")
-                          else "The REPL had lost its helpers; they were installed again and this step ran after that.")
-    elapsed = elapsed_since(active)
-    outputs = [o for o in files.outputs() if o["kind"] not in ("command", "stdout", "stderr")]
-    record_step(project, step_entry(project, files, active, step_status, elapsed=elapsed,
-                                    outputs=[{k: o[k] for k in ("kind", "path")} for o in outputs] or None,
-                                    replay_of=active.get("replay_of")),
-                command_id=active.get("command_id"))
-    return step_response(project, files, step_status, elapsed, fields)
-
-
-def running_response(project, active, timeout):
-    queued = (f" It may be waiting behind step {active['after_uncertain']}, whose submit was uncertain."
-              if active.get("after_uncertain") else "")
-    return response(
-        "Running", f"Command still running after {timeout:g}s client-side timeout.{queued}",
-        exit_code=EXIT_RUNNING, cmd_id=step_key(active["step"], active["tag"]),
-        command_id=active.get("command_id"), elapsed_seconds=round(elapsed_since(active), 3),
-        tip={"await": cli_hint("await", project, timeout=timeout),
-             "cancel": cli_hint("cancel", project)},
-        hint="The command keeps running on the cluster. Use await to keep waiting or cancel to stop it; "
-             "do not exec again until it is done.")
-
-
-def status_unknown_response(project, active, unavailable):
-    """The wait ended and the command's status could not be read: say so, with the error."""
-    error = map_sdk_error(unavailable.error, action="read the command's status").message
-    return response(
-        "StatusUnknown", f"The state of step {step_key(active['step'], active['tag'])} is unknown: its status "
-        f"calls have failed for {unavailable.failing_for:.0f}s. {error}",
-        exit_code=EXIT_RUNNING, cmd_id=step_key(active["step"], active["tag"]),
-        command_id=active.get("command_id"), elapsed_seconds=round(elapsed_since(active), 3),
-        status_error=error[:500],
-        tip={"await": cli_hint("await", project), "cancel": cli_hint("cancel", project),
-             "destroy": cli_hint("destroy", project)},
-        hint="The command may still be running. await tries again; cancel asks the service to stop it and "
-             "frees the session even if the service cannot confirm; destroy ends the session.")
-
-
-def cancel_and_confirm(ws, session, command_id, wait=CANCEL_WAIT_SECONDS, context_id=None):
-    """Ask the service to cancel, then poll until the command settles. Returns its last status, or None
-    if it is still stopping; StatusUnavailable if no status could be read."""
-    context_id = context_id or session["context_id"]
-    ws.cancel(session["cluster_id"], context_id, command_id)
-    return poll_command(ws, session["cluster_id"], context_id, command_id, wait)
-
-
-def await_active(ws, project, session, active, timeout, max_bytes, wait=None, follow=False):
-    """Wait for the active command and answer for it: the step, Running (with `progress`),
-    StatusUnknown, Cancelled, Destroyed or ContextEvicted. `wait`: the seconds left of the caller's
-    --timeout (default all). `follow`: progress lines on stderr meanwhile (else a live line on a
-    terminal only)."""
-    cluster_id, context_id = session["cluster_id"], active.get("context_id") or session["context_id"]
-    wait = timeout if wait is None else wait
-    watch = StepWatch.for_wait(ws, project, session, active, follow)
-    try:
-        try:
-            status = poll_command(ws, cluster_id, context_id, active["command_id"], wait, watch=watch)
-        finally:
-            if watch is not None:
-                watch.close()
-        if status is not None and helpers_missing(active, status):
-            rerun_with_helpers(ws, project, session, active)
-            status = poll_command(ws, cluster_id, context_id, active["command_id"], wait)
-        if status is not None and restart_window_ending(active, status):
-            if active.get("wrapped") is True:  # the step never reached Python: run it once more
-                rerun_with_helpers(ws, project, session, active)
-                status = poll_command(ws, cluster_id, context_id, active["command_id"], wait)
-            else:  # a magic (%pip) ran and Python restarted after it: never re-run its side effects
-                reinstall_helpers(ws, session, {"cluster_id": cluster_id, "context_id": context_id})
-                active["restarted_after_magic"] = True
-    except KeyboardInterrupt:
-        return interrupt_active(ws, project, session, active, max_bytes)
-    except Terminated:
-        return running_response(project, active, timeout)
-    except StatusUnavailable as unavailable:
-        return status_unknown_response(project, active, unavailable)
-    except ContextGone:
-        return recover_from_eviction(ws, project, failed=active)
-    if status is None:
-        body = running_response(project, active, timeout)
-        body["progress"] = read_progress(ws, project, session, active, RUNNING_PROGRESS_SECONDS)
-        return body
-    return finish_command(ws, project, session, active, status, max_bytes)
 
 
 HELPERS_MISSING = re.compile(r"name .?_dbx_repl.? is not defined")
@@ -3183,203 +2772,788 @@ def restart_window_ending(active, status):
         RESTART_WINDOW in service_error_text(results)
 
 
-def reinstall_helpers(ws, session, target, wait=RESTART_WAIT_SECONDS):
-    """Install the helpers in the context again, waiting out a Python restart window. Returns True
-    when the REPL's Python had restarted (its variables are gone), False when only the helpers were."""
-    deadline = time.monotonic() + wait
-    while True:
+class StepRun:
+    """One step's run, from its reservation to its answer.
+
+    It holds what every part of the run needs: the workspace, the project, the session, the active
+    step record (session.json's `active_command`, kept in step with it), the step's files, the target
+    it runs on, the caller's --timeout and its deadline, and the output cap. `reserve` (exec, replay)
+    makes one for a new step; `await`, `cancel` and `status` make one for the step already active.
+
+    Reading order: submitting (`run`, `submit`, `interrupted_submit`); waiting (`wait`, `interrupt`,
+    `cancel`); finishing (`finish`, which renders the results into the step's files and the answer);
+    the context lost under the step (`recover`, `python_restarted`); and its progress, read through
+    the sidecar context (`progress`)."""
+
+    def __init__(self, ws, project, session, active):
+        self.ws, self.project, self.session, self.active = ws, project, session, active
+        self.files = StepFiles(project, active["step"], active["tag"])
+        self.target = Target.of(session, active.get("context_id"))
+        self.timeout = DEFAULT_TIMEOUT      # the caller's --timeout: what the Running answer's tip repeats
+        self.deadline = None                # time.monotonic() by which a wait ends
+        self.max_bytes = DEFAULT_MAX_OUTPUT_BYTES
+        self.command = None                 # what `submit` sends (set by `reserve`)
+
+    @classmethod
+    def reserve(cls, ws, project, code, tag, replay_of=None):
+        """Take the next step number, write its command file, and mark it active in session.json."""
+        with signals_deferred(), project.lock():
+            session = require_active(project, project.load())
+            busy = session.get("active_command")
+            if busy:
+                raise ReplError("CommandRunning",
+                                f"Step {step_key(busy['step'], busy['tag'])} is still running in this session.",
+                                hint="Wait for it with await, or stop it with cancel; the context runs one "
+                                     "command at a time.",
+                                exit_code=EXIT_FAILED, command_id=busy.get("command_id"),
+                                tip={"await": cli_hint("await", project), "cancel": cli_hint("cancel", project)})
+            project.ensure_outputs_dir()
+            step = max(session["step_counter"], project.highest_step_on_disk()) + 1
+            files = StepFiles(project, step, tag)
+            write_atomic(files.command, code)
+            command, wrapped = wrap_command(code, files.key)
+            active = {"step": step, "tag": tag, "command_id": None, "context_id": session["context_id"],
+                      "started_at": now_iso(), "wrapped": wrapped, "state": "submitting"}
+            if replay_of is not None:
+                active["replay_of"] = replay_of
+            last = session["steps"][-1] if session["steps"] else None
+            if last and last.get("status") == "SubmitUncertain" and last.get("context_id") == session["context_id"]:
+                active["after_uncertain"] = step_key(last["step"], last["tag"])
+            session["step_counter"] = step
+            session["active_command"] = active
+            project.save(session)
+        run = cls(ws, project, session, active)
+        run.command = command
+        return run
+
+    def bound(self, timeout, max_bytes, since=None):
+        """The caller's --timeout, counted from `since` (a time.monotonic() value; default now), and
+        --max-output-bytes. Returns the run."""
+        self.timeout, self.max_bytes = timeout, max_bytes
+        self.deadline = (time.monotonic() if since is None else since) + timeout
+        return self
+
+    # -- submitting -------------------------------------------------------------------------------------
+    def run(self):
+        """Submit the reserved step and wait for it: the heart of `exec` and `replay`.
+
+        The deadline bounds the submit and the wait. Signals are held while session.json is written;
+        one that lands during the submit request is answered by what the service may have seen (see
+        `interrupted_submit`)."""
         try:
-            results = run_internal(ws, target, bootstrap_command(bootstrap_config(session, ws.host)),
-                                   timeout=CONTEXT_START_TIMEOUT)
-            problem = service_error_text(results) if results.get("resultType") == "error" else None
-        except ReplError:
+            with self.ws.deadline_within(self.deadline - time.monotonic() + SUBMIT_GRACE_SECONDS):
+                self.ws.submit_state = self.ws.submitted = None
+                early = self.submit()
+        except (KeyboardInterrupt, Terminated) as interruption:
+            return self.interrupted_submit(interruption)
+        if early is not None:
+            return early
+        try:
+            return self.wait()
+        except KeyboardInterrupt:
+            return self.interrupt()
+        except Terminated:
+            return self.running()
+
+    def submit(self):
+        """Send the reserved step's command and save its id. Returns an answer only when it did not start."""
+        try:
+            command_id = self.execute(self.command)
+        except SubmitUncertain as err:
+            raise self.uncertain(f"The connection dropped ({scrub(str(err))})") from None
+        except Exception as err:
+            if self.ws.gone_after(err, self.target):
+                return self.recover()
+            self.release()   # the service answered no, or no connection was made: nothing ran
+            raise map_sdk_error(err, action="submit the command") from None
+        self.save_command_id(command_id)
+        return None
+
+    def execute(self, command):
+        """Submit a command in the step's context; a REPL in a restart window refused it (nothing ran),
+        so wait the window out, reinstall the helpers and submit once more."""
+        try:
+            return self.ws.execute(self.target, command)
+        except SubmitUncertain:
             raise
         except Exception as err:
             if RESTART_WINDOW not in str(err):
                 raise
-            problem = str(err)
-        if problem is None:
-            return (results.get("data") or "").rstrip().endswith("fresh")
-        if RESTART_WINDOW not in problem:
-            raise ReplError("BootstrapFailed", f"Installing the REPL helpers again failed: {scrub(problem.strip())[:300]}",
-                            hint="Run status; if the context is lost, replay restores it.")
-        if time.monotonic() > deadline:
-            raise ReplError("KernelRestarting", f"The REPL's Python was still restarting after {wait:g}s.",
-                            hint="Wait a minute, then run await (or status).")
-        time.sleep(2)
+        self.reinstall_helpers()
+        return self.ws.execute(self.target, command)
 
+    def save_command_id(self, command_id):
+        with signals_deferred():
+            self.active["command_id"], self.active["state"] = command_id, "running"
+            with self.project.lock():
+                current = self.project.load()
+                if (current.get("active_command") or {}).get("step") == self.active["step"]:
+                    current["active_command"] = self.active
+                    self.project.save(current)
 
-def execute_step(ws, session, command):
-    """Submit a step's command; a REPL in a restart window refused it (nothing ran), so wait the
-    window out, reinstall the helpers and submit once more."""
-    target = {"cluster_id": session["cluster_id"], "context_id": session["context_id"]}
-    try:
-        return ws.execute(target["cluster_id"], target["context_id"], command)
-    except SubmitUncertain:
-        raise
-    except Exception as err:
-        if RESTART_WINDOW not in str(err):
-            raise
-    reinstall_helpers(ws, session, target)
-    return ws.execute(target["cluster_id"], target["context_id"], command)
+    def release(self):
+        """Undo a reservation whose command the service never took: no step, no files (a refused call
+        writes nothing)."""
+        with signals_deferred(), self.project.lock():
+            session = self.project.load()
+            current = session.get("active_command")
+            if not current or current.get("step") != self.active["step"] or current.get("command_id"):
+                return
+            session["active_command"] = None
+            if session["step_counter"] == self.active["step"]:
+                session["step_counter"] = self.active["step"] - 1
+            with contextlib.suppress(OSError):
+                os.unlink(self.files.command)
+            self.project.save(session)
 
+    def uncertain(self, cause):
+        """Record a step whose submit may or may not have reached the service; the error that says
+        what happens next."""
+        self.record("SubmitUncertain")
+        return ReplError("SubmitUncertain",
+                         f"{cause} while submitting step {self.files.key}: the service may have received it. It "
+                         "was not resent, so it ran once or not at all, and it may still be running: the context "
+                         "runs one command at a time, so the next exec waits behind it (within its --timeout).",
+                         hint="Check the step's effect with a small exec (e.g. print a variable); exec the step "
+                              "again only if the effect is missing.", cmd_id=self.files.key)
 
-def rerun_with_helpers(ws, project, session, active):
-    """Install the helpers again and submit the step once more, saving its new command id."""
-    target = {"cluster_id": session["cluster_id"], "context_id": active.get("context_id") or session["context_id"]}
-    active["python_restarted_before"] = reinstall_helpers(ws, session, target)
-    files = StepFiles(project, active["step"], active["tag"])
-    with open(files.command, encoding="utf-8") as f:
-        command, _ = wrap_command(f.read(), files.key)
-    try:
-        command_id = ws.execute(target["cluster_id"], target["context_id"], command)
-    except SubmitUncertain as err:
-        raise uncertain_submit_error(project, files, active, f"The connection dropped ({scrub(str(err))})") from None
-    active["helpers_reinstalled"] = True
-    save_command_id(project, active, command_id)
+    def interrupted_submit(self, interruption):
+        """Ctrl+C or SIGTERM while the command was being submitted: answer with what the service saw."""
+        ctrl_c = isinstance(interruption, KeyboardInterrupt)
+        signal_name = "Ctrl+C" if ctrl_c else "SIGTERM"
+        exit_code = EXIT_INTERRUPTED if ctrl_c else EXIT_FAILED
+        state = self.ws.submit_state
+        if state == "accepted" and not self.active.get("command_id"):
+            self.save_command_id(self.ws.submitted["id"])
+        if self.active.get("command_id"):   # the service took it: cancel it (Ctrl+C) or leave it running
+            return self.interrupt() if ctrl_c else self.running()
+        if state == "sending":
+            err = self.uncertain(f"{signal_name} arrived")
+            err.exit_code = exit_code
+            return err.response()
+        self.release()
+        return response("Interrupted" if ctrl_c else "Terminated",
+                        f"{signal_name} arrived before step {self.files.key} was sent: it did not run and is not "
+                        "recorded.", exit_code=exit_code, hint="exec it again when ready.")
 
-
-def interrupt_active(ws, project, session, active, max_bytes):
-    """Ctrl+C while waiting: cancel the remote command and record the step as Cancelled.
-
-    A SIGTERM during the cancel (an agent's tool timeout after its Ctrl+C) cuts the confirmation short:
-    one last status read decides between Cancelled and Cancelling (await settles that)."""
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    previous_term = signal.getsignal(signal.SIGTERM)
-    try:
+    # -- waiting ------------------------------------------------------------------------------------------
+    def wait(self, follow=False):
+        """Wait for the command until the deadline and answer for it: the step, Running (with
+        `progress`), StatusUnknown, Cancelled, Destroyed or ContextEvicted. `follow`: progress lines
+        on stderr meanwhile (else a live line on a terminal only)."""
+        watch = StepWatch.for_wait(self, follow)
         try:
-            status = cancel_and_confirm(ws, session, active["command_id"], context_id=active.get("context_id"))
+            try:
+                status = self.poll(watch)
+            finally:
+                if watch is not None:
+                    watch.close()
+            if status is not None and helpers_missing(self.active, status):
+                self.rerun_with_helpers()
+                status = self.poll()
+            if status is not None and restart_window_ending(self.active, status):
+                if self.active.get("wrapped") is True:  # the step never reached Python: run it once more
+                    self.rerun_with_helpers()
+                    status = self.poll()
+                else:  # a magic (%pip) ran and Python restarted after it: never re-run its side effects
+                    self.reinstall_helpers()
+                    self.active["restarted_after_magic"] = True
+        except KeyboardInterrupt:
+            return self.interrupt()
         except Terminated:
-            status = last_status(ws, session, active)
-            if status is None:
-                return cancelling_response(project, active, "Stopped by SIGTERM while the cancel was confirmed.")
+            return self.running()
+        except StatusUnavailable as unavailable:
+            return self.status_unknown(unavailable)
         except ContextGone:
-            return recover_from_eviction(ws, project, failed=active)
-        except Exception:
-            status = None
-        # The outcome is known: a SIGTERM now would only lose the answer, so finish first.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        if status is not None:
-            body = finish_command(ws, project, session, active, status, max_bytes)
-            if body["status"] == "Cancelled":
-                body["message"] = "Command interrupted by user. " + body["message"]
-                body["_exit"] = EXIT_INTERRUPTED
-            return body
-        files = StepFiles(project, active["step"], active["tag"])
-        elapsed = elapsed_since(active)
-        record_step(project, step_entry(project, files, active, "Cancelled", elapsed=elapsed),
-                    command_id=active.get("command_id"))
-        body = step_response(project, files, "Cancelled", elapsed,
-                             {"message": "Command interrupted by user."}, exit_code=EXIT_INTERRUPTED)
+            return self.recover()
         if status is None:
-            body["message"] += " The cancel could not be confirmed; check with status."
-        return body
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        signal.signal(signal.SIGTERM, previous_term)
+            body = self.running()
+            body["progress"] = self.progress(RUNNING_PROGRESS_SECONDS)
+            return body
+        return self.finish(status)
 
+    def poll(self, watch=None):
+        """The command's status once it has ended, or None at the deadline (see Workspace.wait_command)."""
+        left = max(self.deadline - time.monotonic(), 0.0) if self.deadline is not None else self.timeout
+        return self.ws.wait_command(self.target, self.active["command_id"], left, watch=watch)
 
-def last_status(ws, session, active, budget=2.0):
-    """One quick status read of the active command (its status dict if it has ended, else None)."""
-    with ws.deadline_within(budget):
-        try:
-            status = ws.command_status(session["cluster_id"], active.get("context_id") or session["context_id"],
-                                       active["command_id"])
-            return status if status.get("status") in DONE_COMMAND_STATES else None
-        except Exception:
-            return None
-
-
-def cancelling_response(project, active, message):
-    return response("Cancelling", f"{message} Cancel was requested but the command has not stopped yet.",
-                    exit_code=EXIT_FAILED, cmd_id=step_key(active["step"], active["tag"]),
-                    command_id=active.get("command_id"),
-                    hint=f"Wait for it with {cli_hint('await', project)}, or check {cli_hint('status', project)}.")
-
-
-CONTEXT_CREATE_ATTEMPTS = 3
-
-
-def start_context(ws, project, cluster_id, config):
-    """Create an execution context, wait until it runs, and install the bootstrap in it.
-
-    The create is recorded as pending in session.json before it is sent, and sent once: a lost answer
-    is never resent (it could make a second context). A context that comes up in status Error is
-    destroyed and the create tried again, up to CONTEXT_CREATE_ATTEMPTS times with backoff (the
-    service answers Error for transient driver trouble; dbt-databricks retries it too). The caller
-    saves the returned id and drops the pending record (`adopt_context`)."""
-    for attempt in range(1, CONTEXT_CREATE_ATTEMPTS + 1):
-        for orphan in mark_pending_create(project, cluster_id):
-            with contextlib.suppress(Exception):   # an earlier call died after the create answered
-                ws.destroy_context(orphan["cluster_id"], orphan["context_id"])
-        ws.submit_state = None
-        try:
-            context_id = ws.create_context(cluster_id)
-        except (SubmitUncertain, KeyboardInterrupt, Terminated) as err:
-            if not isinstance(err, SubmitUncertain) and ws.submit_state != "sending":
-                drop_pending_create(project)   # interrupted before the request went out
+    def reinstall_helpers(self):
+        """Install the helpers in the context again, waiting out a Python restart window. Returns True
+        when the REPL's Python had restarted (its variables are gone), False when only the helpers were."""
+        deadline = time.monotonic() + RESTART_WAIT_SECONDS
+        while True:
+            try:
+                results = self.ws.run_command(self.target, bootstrap_command(bootstrap_config(self.session,
+                                                                                              self.ws.host)),
+                                              timeout=CONTEXT_START_TIMEOUT)
+                problem = service_error_text(results) if results.get("resultType") == "error" else None
+            except ReplError:
                 raise
-            cause = scrub(str(err)) if isinstance(err, SubmitUncertain) else \
-                ("Ctrl+C" if isinstance(err, KeyboardInterrupt) else "SIGTERM") + " arrived"
-            raise ReplError("CreateUncertain", f"The answer to the context create was lost ({cause}): a context "
-                            "may have been created that nothing tracks.",
-                            exit_code=EXIT_INTERRUPTED if isinstance(err, KeyboardInterrupt) else EXIT_FAILED,
-                            hint="Run create again; it notes this under possible_orphans in session.json. The API "
-                                 "cannot list contexts, so such a context is freed only when the cluster "
-                                 "restarts.") from None
+            except Exception as err:
+                if RESTART_WINDOW not in str(err):
+                    raise
+                problem = str(err)
+            if problem is None:
+                return (results.get("data") or "").rstrip().endswith("fresh")
+            if RESTART_WINDOW not in problem:
+                raise ReplError("BootstrapFailed", "Installing the REPL helpers again failed: "
+                                f"{scrub(problem.strip())[:300]}", hint="Run status; if the context is lost, "
+                                                                        "replay restores it.")
+            if time.monotonic() > deadline:
+                raise ReplError("KernelRestarting", f"The REPL's Python was still restarting after "
+                                f"{RESTART_WAIT_SECONDS:g}s.", hint="Wait a minute, then run await (or status).")
+            time.sleep(2)
+
+    def rerun_with_helpers(self):
+        """Install the helpers again and submit the step once more, saving its new command id."""
+        self.active["python_restarted_before"] = self.reinstall_helpers()
+        with open(self.files.command, encoding="utf-8") as f:
+            command, _ = wrap_command(f.read(), self.files.key)
+        try:
+            command_id = self.ws.execute(self.target, command)
+        except SubmitUncertain as err:
+            raise self.uncertain(f"The connection dropped ({scrub(str(err))})") from None
+        self.active["helpers_reinstalled"] = True
+        self.save_command_id(command_id)
+
+    def interrupt(self):
+        """Ctrl+C while waiting: cancel the remote command and record the step as Cancelled.
+
+        A SIGTERM during the cancel (an agent's tool timeout after its Ctrl+C) cuts the confirmation
+        short: one last status read decides between Cancelled and Cancelling (await settles that)."""
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        previous_term = signal.getsignal(signal.SIGTERM)
+        try:
+            try:
+                status = self.ws.cancel_and_wait(self.target, self.active["command_id"])
+            except Terminated:
+                status = self.last_status()
+                if status is None:
+                    return self.cancelling("Stopped by SIGTERM while the cancel was confirmed.")
+            except ContextGone:
+                return self.recover()
+            except Exception:
+                status = None
+            # The outcome is known: a SIGTERM now would only lose the answer, so finish first.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            if status is not None:
+                body = self.finish(status)
+                if body["status"] == "Cancelled":
+                    body["message"] = "Command interrupted by user. " + body["message"]
+                    body["_exit"] = EXIT_INTERRUPTED
+                return body
+            elapsed = elapsed_since(self.active)
+            self.record("Cancelled", elapsed=elapsed)
+            return self.respond("Cancelled", elapsed, {"message": "Command interrupted by user. The cancel could "
+                                                                  "not be confirmed; check with status."},
+                                exit_code=EXIT_INTERRUPTED)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            signal.signal(signal.SIGTERM, previous_term)
+
+    def cancel(self):
+        """`cancel` of this step: stop its command and answer Cancelled, the step's own ending when it
+        had ended first, or Cancelling while it stops (the step stays active so await can settle it)."""
+        command_id = self.active["command_id"]
+        try:
+            status = self.ws.cancel_and_wait(self.target, command_id)
+        except ContextGone:
+            return self.recover()
+        except StatusUnavailable as unavailable:
+            # The service took the cancel but cannot say whether the command stopped. Free the session
+            # anyway (the way out when status calls keep failing), and say what that means.
+            error = map_sdk_error(unavailable.error, action="read the command's status").message
+            self.record("Cancelled", elapsed=elapsed_since(self.active), cancel_confirmed=False)
+            return response("Cancelled", "The cancel was sent, but the service could not confirm it: " + error +
+                            " The step is recorded as Cancelled and the session is free; if the command still "
+                            "runs, the next exec waits behind it.", cancel_confirmed=False, status_error=error[:500],
+                            hint="Continue with exec; destroy the session if the next exec answers Running.",
+                            command_id=command_id, cmd_id=self.files.key)
         except Exception as err:
-            drop_pending_create(project)   # the service said no, or no connection was made: nothing was made
-            if error_kind(err) not in ANSWERED:
-                raise
-            text = str(err)
-            if re.search(r"\b145\b|too many|limit", text, re.I) and "context" in text.lower():
-                raise ReplError("ContextLimitReached", f"The cluster has no free execution context: {scrub(text)}",
-                                hint="Destroy unused sessions (dbx_repl.py destroy in their project dirs), "
-                                     "or use another cluster.") from None
-            raise map_sdk_error(err, action="create an execution context") from None
+            raise map_sdk_error(err, action="cancel the command") from None
+        if status is None:
+            return self.cancelling()
+        body = self.finish(status)
+        if body["status"] in ("Finished", "Error"):
+            body["message"] = "The command had already finished before the cancel; its output was saved."
+        elif body["status"] == "Cancelled":
+            body["command_id"], body["_exit"] = command_id, EXIT_OK  # the cancel succeeded
+        return body
+
+    def last_status(self, budget=2.0):
+        """One quick status read of the command (its status dict if it has ended, else None)."""
+        with self.ws.deadline_within(budget):
+            try:
+                status = self.ws.command_status(self.target, self.active["command_id"])
+                return status if status.get("status") in DONE_COMMAND_STATES else None
+            except Exception:
+                return None
+
+    # -- the answers while it runs ----------------------------------------------------------------------
+    def running(self):
+        queued = (f" It may be waiting behind step {self.active['after_uncertain']}, whose submit was uncertain."
+                  if self.active.get("after_uncertain") else "")
+        return response(
+            "Running", f"Command still running after {self.timeout:g}s client-side timeout.{queued}",
+            exit_code=EXIT_RUNNING, cmd_id=self.files.key, command_id=self.active.get("command_id"),
+            elapsed_seconds=round(elapsed_since(self.active), 3),
+            tip={"await": cli_hint("await", self.project, timeout=self.timeout),
+                 "cancel": cli_hint("cancel", self.project)},
+            hint="The command keeps running on the cluster. Use await to keep waiting or cancel to stop it; "
+                 "do not exec again until it is done.")
+
+    def status_unknown(self, unavailable):
+        """The wait ended and the command's status could not be read: say so, with the error."""
+        error = map_sdk_error(unavailable.error, action="read the command's status").message
+        return response(
+            "StatusUnknown", f"The state of step {self.files.key} is unknown: its status calls have failed for "
+            f"{unavailable.failing_for:.0f}s. {error}",
+            exit_code=EXIT_RUNNING, cmd_id=self.files.key, command_id=self.active.get("command_id"),
+            elapsed_seconds=round(elapsed_since(self.active), 3), status_error=error[:500],
+            tip={"await": cli_hint("await", self.project), "cancel": cli_hint("cancel", self.project),
+                 "destroy": cli_hint("destroy", self.project)},
+            hint="The command may still be running. await tries again; cancel asks the service to stop it and "
+                 "frees the session even if the service cannot confirm; destroy ends the session.")
+
+    def cancelling(self, message=None):
+        return response("Cancelling", " ".join(filter(None, [message, "Cancel was requested but the command has "
+                                                                      "not stopped yet."])),
+                        exit_code=EXIT_FAILED, cmd_id=self.files.key, command_id=self.active.get("command_id"),
+                        hint=f"Wait for it with {cli_hint('await', self.project)}, or check "
+                             f"{cli_hint('status', self.project)}.")
+
+    # -- finishing: the results into the step's files and the answer -------------------------------------
+    def finish(self, status):
+        """Render an ended command's results, record its step, and build the answer."""
         try:
-            mark_pending_create(project, cluster_id, context_id=context_id)
-            state = wait_for_context(ws, cluster_id, context_id)
-            if state == "Running":
-                results = run_internal(ws, {"cluster_id": cluster_id, "context_id": context_id},
-                                       bootstrap_command(config), timeout=CONTEXT_START_TIMEOUT)
-        except BaseException:
-            abandon_context(ws, project, cluster_id, context_id)
-            raise
-        if state == "Running":
-            break
-        abandon_context(ws, project, cluster_id, context_id)
-        if state != "Error" or attempt == CONTEXT_CREATE_ATTEMPTS:
-            raise ReplError("ContextFailed", f"The execution context did not start (status {state}, "
-                            f"{attempt} attempt(s)).",
-                            hint="Check the cluster's driver logs; restart the cluster if this repeats.")
-        time.sleep(min(2 ** attempt, 8))
-    if results.get("resultType") == "error":
-        abandon_context(ws, project, cluster_id, context_id)
-        error_type, message = parse_error(results.get("summary"), results.get("cause"))
-        raise ReplError("BootstrapFailed", f"Installing the REPL helpers failed: {error_type}: {message}",
-                        hint="Report this with the cluster's runtime version.")
-    return context_id
+            step_status, fields = self.render(status)
+        except ContextLostDuringStep as lost:
+            # A shutdown by the service is an eviction (the step may run again as it is); the rest was the step.
+            return self.recover(lost=lost.reason if lost.step_at_fault else None)
+        except HelpersGoneDuringStep:
+            if self.reinstall_helpers():
+                return self.python_restarted()
+            return self.finish(status)  # the helpers are back
+        except Exception as err:
+            # Never leave the session blocked on a command that has ended: keep the raw result instead.
+            raw = self.files.path(".result.json")
+            write_atomic(raw, json.dumps(status, ensure_ascii=False, default=str))
+            self.files.add("raw_result", raw)
+            touch_step_files(self.project, step_entry(self.project, self.active, "RenderFailed"))
+            reason = err.message if isinstance(err, ReplError) else f"{type(err).__name__}: {scrub(str(err))}"
+            step_status, fields = "RenderFailed", {"message": f"The command ended ({status.get('status')}) but "
+                                                              f"its output could not be saved: {reason}"}
+        if self.active.get("after_uncertain"):
+            fields["note"] = (f"Step {self.active['after_uncertain']} was submitted uncertainly: if the service ran "
+                              "it, this step waited behind it.")
+        if self.active.get("helpers_reinstalled"):
+            fields["note"] = ("Python had restarted since the last step, so variables and imports are gone; the "
+                              "helpers were installed again and this step ran after that."
+                              if self.active.get("python_restarted_before") else
+                              "The REPL had lost its helpers; they were installed again and this step ran after "
+                              "that.")
+        elapsed = elapsed_since(self.active)
+        outputs = [o for o in self.files.outputs() if o["kind"] not in ("command", "stdout", "stderr")]
+        self.record(step_status, elapsed=elapsed, outputs=[{k: o[k] for k in ("kind", "path")} for o in outputs]
+                    or None, replay_of=self.active.get("replay_of"))
+        return self.respond(step_status, elapsed, fields)
 
+    def render(self, status):
+        """Turn an ended command's status into step files and the answer's fields.
 
-def wait_for_context(ws, cluster_id, context_id):
-    """Poll a new context until it leaves Pending: its status (Running, Error, or Pending on timeout)."""
-    started = time.monotonic()
-    while True:
-        state = ws.context_status(cluster_id, context_id)
-        if state != "Pending" or time.monotonic() - started > CONTEXT_START_TIMEOUT:
-            return state
-        time.sleep(poll_delay(time.monotonic() - started))
+        Returns (step_status, fields); fields may carry "hint" and "note". Files are written before the
+        caller records the step. Raises ContextLostDuringStep when a probe shows the context died."""
+        results = valid_unicode(status.get("results") or {})
+        kind, state = results.get("resultType"), status.get("status")
+        wrapped = self.active.get("wrapped", True)
+        failed = kind == "error" or state in ("Error", "Cancelled")
+        # A cancel, a shutdown and a crash can all end as an error result: only a probe tells whether
+        # the context (and its variables) survived.
+        if failed and not self.ws.context_alive(self.target):
+            shutdown = any(cause in service_error_text(results) for cause in SHUTDOWN_CAUSES)
+            raise ContextLostDuringStep(lost_reason(status), step_at_fault=not shutdown)
+        fields, notes = {}, []
+        write_atomic(self.files.stderr, b"")
+        text, text_complete, image_count = None, False, 0
+        if kind == "text" or (kind is None and state == "Finished"):
+            data = results.get("data")
+            text = data if isinstance(data, str) else "" if data is None else json.dumps(data)
+            if wrapped is True:
+                text, text_complete, image_count = read_end_marker(text, self.files.key)
+            else:
+                text_complete = not results.get("truncated")
+        fields["truncated"], note, header, total = self.write_stdout(text, text_complete)
+        notes.append(note)
+        record = header.get("end") if isinstance(header.get("end"), dict) else {}
+        if kind == "table":
+            rendering, fields["table"] = save_table(self.files, results)
+            _append(self.files.stdout, ("\n" if os.path.getsize(self.files.stdout) else "") + rendering)
+        if wrapped is True and not failed and sql_of(_read_text(self.files.command)) is not None:
+            fields["table"], rendering = self.sql_table()
+            if rendering is None:
+                notes.append("The SQL result table could not be fetched from the driver; exec the step again.")
+            elif rendering:
+                _append(self.files.stdout, ("\n" if os.path.getsize(self.files.stdout) else "") + rendering)
+        image_names = record.get("images") or [f"{self.files.key}.{i}.png" for i in range(1, image_count + 1)]
+        if wrapped and image_names:
+            fields["images"], unfetched = self.images_from_driver(image_names)
+            if unfetched:
+                notes.append(f"{len(unfetched)} plot(s) could not be fetched from the driver ({', '.join(unfetched)}).")
+        elif kind in ("images", "image"):
+            fields["images"], unresolved = self.save_images(results)
+            if unresolved:
+                fields["unfetched_images"] = unresolved
+                notes.append(f"{len(unresolved)} image(s) could not be fetched; their FileStore paths are "
+                             "in unfetched_images.")
+        if fields.get("truncated") and total is not None:
+            fields["stdout_total_bytes"] = total
+        step_status = "Finished"
+        if failed and self.active.get("restarted_after_magic"):
+            notes.append("Python restarted after this step ran (as %pip can do): the helpers were installed again, "
+                         "and variables and imports are gone; replay the steps you need.")
+            fields["hint"] = f"Run {cli_hint('replay', self.project)} --steps N,... for the state you need."
+        elif failed:
+            step_status = self.failed_ending(status, header, fields, notes)
+        fields["message"] = " ".join(n for n in notes if n) or None
+        return step_status, fields
 
-
-def abandon_context(ws, project, cluster_id, context_id):
-    """Destroy a new context this call will not use (quickly: the call may be stopping), and forget it."""
-    with ws.deadline_within(3.0):
+    def write_stdout(self, text, text_complete):
+        """Write the step's stdout file: the service's text when it is complete, else the driver copy
+        merged with whatever service text it lacks. Returns (truncated, note, header, total)."""
+        files, max_bytes = self.files, self.max_bytes
+        if text_complete and text is not None:
+            data = text.encode("utf-8", "replace")
+            if len(data) <= max_bytes:
+                write_atomic(files.stdout, data)
+                return False, None, {}, len(data)
+            write_atomic(files.stdout, data[:max_bytes] + cut_marker(max_bytes, len(data)))
+            return True, _cut_note(max_bytes, len(data)), {}, len(data)
+        fallback = (text or "").encode("utf-8", "replace")[:max_bytes]
+        if not self.active.get("wrapped", True):  # a cell magic (%%sh): the service's text is all there is
+            write_atomic(files.stdout, fallback)
+            if text is None:
+                return True, ("What this cell magic printed is lost: the service returns no text for a failed or "
+                              "cancelled command, and a cell magic cannot be teed."), {}, None
+            return True, "The service cut this output and it cannot be fetched (a cell magic cannot be teed).", {}, \
+                None
         try:
-            ws.destroy_context(cluster_id, context_id)
+            written, size, header = self.fetch_copy(max_bytes)
+        except Exception as err:  # a failed fetch must not lose the step: keep what the service sent
+            write_atomic(files.stdout, fallback)
+            detail = err.message if isinstance(err, ReplError) else f"{type(err).__name__}: {err}"
+            if HELPERS_MISSING.search(detail):
+                raise HelpersGoneDuringStep() from None
+            local_copy = self.project.show(files.path(".full.stdout"))
+            return True, (f"Could not fetch the full output: {scrub(detail)}. It stays on the driver (older steps' "
+                          f"copies are pruned past {DRIVER_COPIES_BYTES >> 20} MiB per session): "
+                          f"{cli_hint('get', self.project)} {driver_copy_path(self.target.session_id, files.key)} "
+                          f"{local_copy}"), {}, None
+        if size < 0:
+            write_atomic(files.stdout, fallback)
+            return True, "The driver copy of the output was not found; the stdout file holds what the service sent.", \
+                header, None
+        header = valid_unicode(header)
+        self.merge_service_text(text, written)
+        if written < size:
+            return True, _cut_note(written, size), header, size
+        return False, None, header, size
+
+    def fetch_copy(self, max_bytes, target=None):
+        """Copy the step's driver copy (everything the bootstrap teed) into its stdout file, through
+        `target` (default the step's; after a loss, the new context's: the driver's disk outlives it).
+
+        Returns (written, size, header): size -1 when the driver has no copy; header is the first
+        chunk's, with "traceback" and "end" (the bootstrap's ending record) when the driver kept them.
+        Raises whatever the transfer raised; the stdout file then holds what arrived."""
+        with open(self.files.stdout, "wb") as sink:
+            written, size, header = self.ws.fetch_file(target or self.target, sink, max_bytes, "fetch_output",
+                                                       self.files.key)
+            if 0 <= size and written < size:
+                sink.write(cut_marker(written, size))
+        return written, size, header or {}
+
+    def merge_service_text(self, text, copy_size):
+        """Append the service's text when the driver copy does not hold it (a dbutils.notebook.exit
+        value, displayHTML content, text written past the tee); returns True if it was appended."""
+        if not text or not text.strip() or copy_size >= self.max_bytes:
+            return False
+        with open(self.files.stdout, "rb") as f:
+            held = f.read().decode("utf-8", "replace")
+        if text in held or text.strip() in held:
+            return False
+        _append(self.files.stdout, ("" if not held or held.endswith("\n") else "\n") + text)
+        return True
+
+    def driver_file(self, name, path):
+        """Copy one file the bootstrap saved for the step (a plot, a SQL table) to `path`: True when
+        it arrived whole, None when the driver has no such file, else False; nothing is left at `path`
+        unless True."""
+        size = -1
+        try:
+            with open(path, "wb") as sink:
+                written, size, _ = self.ws.fetch_file(self.target, sink, DEFAULT_TRANSFER_CAP, "fetch_image",
+                                                      self.files.key, name)
+            if size < 0 or written != size:
+                raise ReplError("TransferFailed", "incomplete")
         except Exception:
-            return   # not confirmed: the pending record with its id stays, so the next create destroys it
-    drop_pending_create(project)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            return None if size < 0 else False
+        return True
+
+    def images_from_driver(self, names):
+        """Fetch the plots the bootstrap saved for the step; returns (saved paths, names not fetched)."""
+        saved, missing = [], []
+        for index, name in enumerate(names, start=1):
+            extension = name.rsplit(".", 1)[-1] if "." in name else "png"
+            path = self.files.path(f".{index}.{extension}")
+            if not self.driver_file(name, path):
+                missing.append(name)
+                continue
+            self.files.add("image", path)
+            saved.append(self.project.show(path))
+        return saved, missing
+
+    def sql_table(self):
+        """Fetch a SQL step's table (NNN_tag.sql.csv, every row up to the cap) and its schema
+        (NNN_tag.sql.json); returns (the `table` field, a preview rendering), or (None, None) when the
+        files could not be fetched, or (None, "") for a statement without a result (CREATE VIEW, SET)."""
+        files, show = self.files, self.project.show
+        csv_path, schema_path = files.path(".sql.csv"), files.path(".sql.json")
+        schema_fetched = self.driver_file(files.key + ".sql.json", schema_path)
+        if schema_fetched is None:
+            return None, ""
+        if not (schema_fetched and self.driver_file(files.key + ".sql.csv", csv_path)):
+            return None, None
+        with open(schema_path, encoding="utf-8") as f:
+            schema = json.load(f)
+        with open(csv_path, encoding="utf-8", newline="") as f:
+            reader = csv.reader(f)
+            next(reader, None)
+            head = [row for _, row in zip(range(TABLE_PREVIEW_ROWS), reader)]
+        files.add("table", csv_path, rows=schema["rows"])
+        files.add("table_schema", schema_path)
+        columns = [(c["name"], c["type"]) for c in schema["columns"]]
+        rendering = render_table(columns, head)
+        if schema["total_rows"] > len(head):
+            rendering += f"... {schema['total_rows'] - len(head)} more rows in {show(csv_path)}\n"
+        shown = [f"{printable(n)[:60]} {printable(t)[:30]}" for n, t in columns[:20]]
+        return {"rows": schema["rows"], "total_rows": schema["total_rows"], "columns": len(columns),
+                "truncated": schema["truncated"], "file": show(csv_path), "schema_file": show(schema_path),
+                "column_names": shown}, rendering
+
+    def save_images(self, results):
+        """Images the service returned itself (data URLs, or FileStore paths read through DBFS)."""
+        names = list(results.get("fileNames") or [])
+        if results.get("fileName"):
+            names.append(results["fileName"])
+        saved, unresolved = [], []
+        for index, name in enumerate(names, start=1):
+            try:
+                decoded = decode_data_url(name)
+            except ValueError:                 # a data URL whose base64 does not decode
+                decoded = ("png", None)
+            if decoded is None:
+                path = name if name.startswith("dbfs:") else "dbfs:/FileStore/" + name.lstrip("/")
+                decoded = ("png", self.ws.read_dbfs(path))
+            if decoded[1] is None:
+                unresolved.append(name if len(name) <= 200 else name[:60] + "...")
+                continue
+            path = self.files.path(f".{index}.{decoded[0]}")
+            write_atomic(path, decoded[1])
+            self.files.add("image", path)
+            saved.append(self.project.show(path))
+        return saved, unresolved
+
+    def failed_ending(self, status, header, fields, notes):
+        """The status of a step whose command failed while its context lived: Cancelled, Error, or
+        Finished for sys.exit(0). Fills fields (error, hint), notes and the stderr file."""
+        results, state = valid_unicode(status.get("results") or {}), status.get("status")
+        record = header.get("end") if isinstance(header.get("end"), dict) else {}
+        ending = record.get("ending") if isinstance(record.get("ending"), dict) else {}
+        if ending.get("kind") == "raised":
+            error_type, message = str(ending.get("type") or "Exception"), str(ending.get("message") or "")
+        elif RESTART_WINDOW in service_error_text(results):
+            fields["error"] = {"type": "KernelRestarting",
+                               "message": printable(html_to_text(results.get("summary")))[:500]}
+            fields["hint"] = "The REPL's Python was restarting and the step did not run; exec it again in a minute."
+            return "Error"
+        else:
+            error_type, message = parse_error(results.get("summary"), results.get("cause"))
+        if is_cancellation(state, results) or error_type == "KeyboardInterrupt":
+            # pyspark's SIGINT handler turns a cancel into KeyboardInterrupt: the service then answers
+            # Finished with that error, as it does for a cancel from any client.
+            fields["hint"] = ("The session and its variables are intact; what the step printed before the cancel "
+                              "is in stdout_file. Continue with exec.")
+            return "Cancelled"
+        cause = strip_ansi(valid_unicode(header.get("traceback"))) or strip_ansi(results.get("cause")) or \
+            html_to_text(results.get("summary"))
+        write_atomic(self.files.stderr, cause.rstrip("\n") + "\n")
+        if error_type == "SystemExit":
+            code = ending.get("exit_code", message) if ending else message
+            if code in (0, None, "0", "", "None"):
+                notes.append("The step ended by calling sys.exit(0), a normal exit; the session and its "
+                             "variables are intact.")
+                return "Finished"
+            fields["error"] = {"type": "SystemExit", "message": printable(str(code))[:500]}
+            fields["hint"] = (f"The code called sys.exit({code}); the session and its variables are intact. "
+                              f"Read {self.project.show(self.files.stderr)} and exec the next step.")
+            return "Error"
+        shown = printable(message)
+        fields["error"] = {"type": printable(error_type)[:200],
+                           "message": shown if len(shown) <= 500 else shown[:497] + "..."}
+        return "Error"
+
+    def record(self, status, **extra):
+        """Record the step in session.json with `status` (after its files exist); the session saved."""
+        return record_step(self.project, step_entry(self.project, self.active, status, **extra),
+                           command_id=self.active.get("command_id"))
+
+    def respond(self, step_status, elapsed, fields, exit_code=None):
+        """The exec/await answer of an ended step (the spec's schema, plus outputs)."""
+        files, show = self.files, self.project.show
+        stdout_bytes = os.path.getsize(files.stdout) if os.path.exists(files.stdout) else 0
+        stderr_bytes = os.path.getsize(files.stderr) if os.path.exists(files.stderr) else 0
+        body = {"cmd_id": files.key, "stdout_file": show(files.stdout), "stderr_file": show(files.stderr),
+                "stdout_bytes": stdout_bytes, "stderr_bytes": stderr_bytes}
+        if stdout_bytes:
+            body["stdout_preview"] = file_preview(files.stdout)
+        if stderr_bytes:
+            body["stderr_preview"] = file_preview(files.stderr)
+        body["elapsed_seconds"] = round(elapsed, 3)
+        message, note, hint = fields.pop("message", None), fields.pop("note", None), fields.pop("hint", None)
+        error = fields.get("error")
+        default_messages = {
+            "Finished": "The command finished.",
+            "Error": f"The command raised {error['type']}: {error['message']}" if error else "The command failed.",
+            "Cancelled": "The command was cancelled.",
+        }
+        hints = {
+            "Error": f"Read {body['stderr_file']}, fix the code, and exec again.",
+            "Cancelled": "The session and its variables are intact; continue with exec.",
+            "RenderFailed": "The raw service result is in the .result.json output; the session is usable.",
+        }
+        body.update(fields)
+        body["outputs"] = files.outputs()
+        if exit_code is None:
+            exit_code = EXIT_OK if step_status == "Finished" else EXIT_FAILED
+        message = " ".join(filter(None, [message or default_messages.get(step_status, step_status), note]))
+        return response(step_status, message, hint=hint or hints.get(step_status), exit_code=exit_code, **body)
+
+    # -- the context lost under the step ----------------------------------------------------------------
+    def recover(self, lost=None):
+        """The context is gone: record the step lost with it, start a fresh context and list what to
+        replay (see `recover_context`). `lost`: why the context died under the step (None: evicted)."""
+        return recover_context(self.ws, self.project, failed=self, lost=lost)
+
+    def python_restarted(self):
+        """The REPL's Python restarted while the step ran (the context lives on with a fresh interpreter,
+        and the helpers were installed again): record the step ContextLost and say what to replay."""
+        salvaged = self.salvage_output()
+        entry = step_entry(self.project, self.active, "ContextLost", elapsed=elapsed_since(self.active))
+        session = record_step(self.project, entry, command_id=self.active.get("command_id"))
+        plan, target = dependency_plan(self.project, session, target=entry)
+        return response(
+            "ContextLost", " ".join(filter(None, [
+                "The REPL's Python restarted while the step ran (a crash, os._exit, or the driver ran out of "
+                "memory), so variables and imports are gone; the helpers were installed again in the same "
+                "context.", salvaged])),
+            context_id=entry["context_id"], failed_step=self.files.key,
+            replay_plan=plan_summary(self.project, plan, target),
+            tip={"replay": cli_hint("replay", self.project), "plan": f"{cli_hint('replay', self.project)} --plan"}
+            if plan else None,
+            hint="replay runs the plan (see references/eviction-replay.md), then change the failed step before "
+                 "running it again: it took its Python down.", exit_code=EXIT_FAILED)
+
+    def salvage_output(self, target=None):
+        """After a context loss: copy what the lost step printed from its driver copy (the driver's disk
+        outlives a context) into its stdout file, through `target`. Returns one sentence for the answer."""
+        if not self.active.get("wrapped"):
+            return "What the step printed is lost (a cell magic is not teed)."
+        try:
+            written, size, _ = self.fetch_copy(DEFAULT_MAX_OUTPUT_BYTES, target)
+        except Exception:
+            size = -1
+        if size < 0:
+            write_atomic(self.files.stdout, b"")
+            return "What the step printed before the loss is lost too (its driver copy is gone)."
+        if size == 0:
+            return "The step printed nothing before the loss."
+        return f"What the step printed before the loss ({size} bytes) is in {self.project.show(self.files.stdout)}."
+
+    # -- progress: read through the sidecar context ------------------------------------------------------
+    def progress(self, budget=PROGRESS_READ_SECONDS):
+        """What the running step has done so far, for `progress`: {"output_bytes", "output_tail",
+        "spark_jobs", "read_seconds"}, or {"error": why} when it could not be read. Never raises an
+        ordinary exception: a watch must not end the wait it watches."""
+        started = time.monotonic()
+        copy = driver_copy_path(self.session.get("session_id"), self.files.key)
+        spark = bool(SPARK_NAMES.search(_read_text(self.files.command) or ""))
+        error = None
+        with self.ws.deadline_within(budget + WAIT_GRACE_SECONDS):
+            for attempt in range(2):       # a sidecar evicted since its last use is replaced once
+                sidecar = None
+                try:
+                    sidecar = self.sidecar()
+                    if time.monotonic() >= started + budget:
+                        raise ReplError("ProgressTimeout", f"the sidecar context was not ready within {budget:g}s")
+                    found = self.ws.driver_call(sidecar, _dbx_repl_progress, copy, self.active.get("command_id"),
+                                                PROGRESS_TAIL_LINES, PROGRESS_TAIL_BYTES, spark,
+                                                about="reading the progress", failed="ProgressFailed")
+                    if found.get("output_tail") is not None:
+                        found["output_tail"] = preview(found["output_tail"], PROGRESS_TAIL_BYTES)
+                    found["read_seconds"] = round(time.monotonic() - started, 3)
+                    return {k: v for k, v in found.items() if v is not None}
+                except ContextGone as err:
+                    if sidecar:
+                        self.forget_sidecar(sidecar.context_id)
+                    error = f"the sidecar context is gone ({err})"
+                except ReplError as err:
+                    return {"error": f"{err.status}: {err.message}"[:300]}
+                except (KeyboardInterrupt, Terminated):
+                    raise
+                except Exception as err:
+                    error = map_sdk_error(err, action="read the step's progress").message
+                    if sidecar and self.ws.gone_after(err, sidecar):
+                        self.forget_sidecar(sidecar.context_id)     # evicted since its last read: replace it
+                        continue
+                    return {"error": error[:300]}
+        return {"error": error[:300]}
+
+    def sidecar(self):
+        """The session's sidecar context (its Target), created (and recorded at once, so that a read
+        cut short never leaves it untracked) on first use. Two calls racing may both create one: the
+        later to record it destroys its own, so the session keeps one."""
+        known = self.session.get("sidecar_context_id")
+        if known:
+            return Target.of(self.session, known)
+        context_id = self.ws.create_context(self.session["cluster_id"])
+        with signals_deferred(), self.project.lock():
+            current = self.project.load()
+            kept = current.get("sidecar_context_id") if current.get("status") == "active" else None
+            if kept is None and current.get("status") == "active":
+                current["sidecar_context_id"] = context_id
+                self.project.save(current)
+        if kept is not None or current.get("status") != "active":
+            with contextlib.suppress(Exception):
+                self.ws.destroy_context(Target.of(self.session, context_id))
+            if kept is None:
+                raise ReplError("SessionDestroyed", "The session ended while its progress was read.")
+            context_id = kept
+        self.session["sidecar_context_id"] = context_id
+        sidecar = Target.of(self.session, context_id)
+        state = self.ws.wait_for_context(sidecar)   # within the caller's deadline
+        if state not in ("Running", "Pending"):
+            raise ContextGone(f"the sidecar context did not start ({state})")
+        return sidecar
+
+    def forget_sidecar(self, context_id):
+        with signals_deferred(), self.project.lock():
+            current = self.project.load()
+            if current.get("sidecar_context_id") == context_id:
+                current.pop("sidecar_context_id")
+                self.project.save(current)
+        self.session.pop("sidecar_context_id", None)
 
 
 def mark_pending_create(project, cluster_id, context_id=None):
@@ -3424,115 +3598,88 @@ def drop_pending_create(project):
             project.save(session)
 
 
+CONTEXT_CREATE_ATTEMPTS = 3
+
+
 def bootstrap_config(session, host):
+    """The bootstrap's config for the session's contexts (see `_dbx_repl_install`)."""
     return {"session_id": session["session_id"], "host": host, "llm_endpoint": session.get("llm_endpoint"),
             "llm_max_calls": session.get("llm_max_calls"), "llm_max_tokens": session.get("llm_max_tokens"),
-            "session_name": session.get("session_name"), "out_dir": DRIVER_OUTPUT_DIR}
+            "out_dir": DRIVER_OUTPUT_DIR}
 
 
-def recover_from_eviction(ws, project, failed=None, lost=None):
-    """The context is gone: record the lost step, start a fresh context, and list what to replay.
-    lost: why the context died under the failed step (None: evicted); the answer is then ContextLost.
+def start_context(ws, project, session):
+    """Create an execution context on the session's cluster, wait until it runs, install the bootstrap
+    in it, and return its id.
 
-    If the session was destroyed meanwhile (a `destroy` from another call during the wait), or another
-    call already recorded the step, nothing is recorded twice and no context is created."""
-    with project.lock():
-        session = project.load()
-        old_context = session.get("context_id")
-        active = session.get("active_command")
-        still_ours = failed is None or (active is not None and active.get("step") == failed["step"])
-        if session.get("status") != "active" or not still_ours:
-            return settled_elsewhere(project, session, failed)
-        failed_entry = None
-        if failed:
-            files = StepFiles(project, failed["step"], failed["tag"])
-            failed_entry = step_entry(project, files, failed, "ContextLost" if lost else "Evicted")
-            touch_step_files(project, failed_entry)
-            session["steps"].append(failed_entry)
-        session["active_command"] = None
-        project.save(session)
-    plan, target = dependency_plan(project, session, target=failed_entry)
-    summary = plan_summary(project, plan, target)
-    try:
-        cluster = ws.cluster(session["cluster_id"])
-        if cluster.get("state") not in RUNNABLE_CLUSTER_STATES:
-            raise cluster_not_running(session["cluster_id"], cluster)
-        new_context = start_context(ws, project, session["cluster_id"], bootstrap_config(session, ws.host))
-    except ReplError as err:
-        err.fields.update(evicted_context_id=old_context, replay_plan=summary)
-        err.message = f"The execution context was lost, and a new one could not be started: {err.message}"
-        raise
-    if not adopt_context(ws, project, new_context, replaces=old_context):
-        return settled_elsewhere(project, project.load(), failed)
-    session = project.load()
-    salvaged = salvage_output(ws, project, session, failed) if failed else None
-    return response(
-        "ContextLost" if lost else "ContextEvicted",
-        " ".join(filter(None, [lost or "The execution context was evicted.",
-                               "A new context is ready, but variables and imports are gone.", salvaged])),
-        old_context_id=old_context, new_context_id=new_context,
-        failed_step=step_key(failed["step"], failed["tag"]) if failed else None,
-        replay_plan=summary,
-        tip={"replay": cli_hint("replay", project), "plan": f"{cli_hint('replay', project)} --plan"}
-        if plan or session.get("syncs") else None,
-        synced_folders=sorted(session.get("syncs") or {}) or None,
-        hint="replay runs the plan (the steps whose definitions the failed step needs; see "
-             "references/eviction-replay.md"
-             + ("; it first syncs the synced_folders again" if session.get("syncs") else "") + "), then "
-             + ("change the failed step before running it again: it took its context down." if lost
-                else "exec the failed step again."),
-        exit_code=EXIT_FAILED)
-
-
-def python_restarted_under(ws, project, session, active):
-    """The REPL's Python restarted while the step ran (the context lives on with a fresh interpreter,
-    and the helpers were installed again): record the step ContextLost and say what to replay."""
-    files = StepFiles(project, active["step"], active["tag"])
-    salvaged = salvage_output(ws, project, dict(session, context_id=active.get("context_id") or session["context_id"]),
-                              active)
-    entry = step_entry(project, files, active, "ContextLost", elapsed=elapsed_since(active))
-    session = record_step(project, entry, command_id=active.get("command_id"))
-    plan, target = dependency_plan(project, session, target=entry)
-    return response(
-        "ContextLost", " ".join(filter(None, [
-            "The REPL's Python restarted while the step ran (a crash, os._exit, or the driver ran out of memory), "
-            "so variables and imports are gone; the helpers were installed again in the same context.", salvaged])),
-        context_id=entry["context_id"], failed_step=files.key, replay_plan=plan_summary(project, plan, target),
-        tip={"replay": cli_hint("replay", project), "plan": f"{cli_hint('replay', project)} --plan"}
-        if plan else None,
-        hint="replay runs the plan (see references/eviction-replay.md), then change the failed step before "
-             "running it again: it took its Python down.", exit_code=EXIT_FAILED)
+    The create is recorded as pending in session.json before it is sent, and sent once: a lost answer
+    is never resent (it could make a second context). A context that comes up in status Error is
+    destroyed and the create tried again, up to CONTEXT_CREATE_ATTEMPTS times with backoff (the
+    service answers Error for transient driver trouble; dbt-databricks retries it too). The caller
+    saves the returned id and drops the pending record (`adopt_context`)."""
+    cluster_id = session["cluster_id"]
+    for attempt in range(1, CONTEXT_CREATE_ATTEMPTS + 1):
+        for orphan in mark_pending_create(project, cluster_id):
+            with contextlib.suppress(Exception):   # an earlier call died after the create answered
+                ws.destroy_context(Target(orphan["cluster_id"], orphan["context_id"], None))
+        ws.submit_state = None
+        try:
+            context = Target.of(session, ws.create_context(cluster_id))
+        except (SubmitUncertain, KeyboardInterrupt, Terminated) as err:
+            if not isinstance(err, SubmitUncertain) and ws.submit_state != "sending":
+                drop_pending_create(project)   # interrupted before the request went out
+                raise
+            cause = scrub(str(err)) if isinstance(err, SubmitUncertain) else \
+                ("Ctrl+C" if isinstance(err, KeyboardInterrupt) else "SIGTERM") + " arrived"
+            raise ReplError("CreateUncertain", f"The answer to the context create was lost ({cause}): a context "
+                            "may have been created that nothing tracks.",
+                            exit_code=EXIT_INTERRUPTED if isinstance(err, KeyboardInterrupt) else EXIT_FAILED,
+                            hint="Run create again; it notes this under possible_orphans in session.json. The API "
+                                 "cannot list contexts, so such a context is freed only when the cluster "
+                                 "restarts.") from None
+        except Exception as err:
+            drop_pending_create(project)   # the service said no, or no connection was made: nothing was made
+            if error_kind(err) not in ANSWERED:
+                raise
+            text = str(err)
+            if re.search(r"\b145\b|too many|limit", text, re.I) and "context" in text.lower():
+                raise ReplError("ContextLimitReached", f"The cluster has no free execution context: {scrub(text)}",
+                                hint="Destroy unused sessions (dbx_repl.py destroy in their project dirs), "
+                                     "or use another cluster.") from None
+            raise map_sdk_error(err, action="create an execution context") from None
+        try:
+            mark_pending_create(project, cluster_id, context_id=context.context_id)
+            state = ws.wait_for_context(context)
+            if state == "Running":
+                results = ws.run_command(context, bootstrap_command(bootstrap_config(session, ws.host)),
+                                         timeout=CONTEXT_START_TIMEOUT)
+        except BaseException:
+            abandon_context(ws, project, context)
+            raise
+        if state == "Running":
+            break
+        abandon_context(ws, project, context)
+        if state != "Error" or attempt == CONTEXT_CREATE_ATTEMPTS:
+            raise ReplError("ContextFailed", f"The execution context did not start (status {state}, "
+                            f"{attempt} attempt(s)).",
+                            hint="Check the cluster's driver logs; restart the cluster if this repeats.")
+        time.sleep(min(2 ** attempt, 8))
+    if results.get("resultType") == "error":
+        abandon_context(ws, project, context)
+        error_type, message = parse_error(results.get("summary"), results.get("cause"))
+        raise ReplError("BootstrapFailed", f"Installing the REPL helpers failed: {error_type}: {message}",
+                        hint="Report this with the cluster's runtime version.")
+    return context.context_id
 
 
-def salvage_output(ws, project, session, failed):
-    """After a context loss: copy what the lost step printed from its driver copy (the driver's disk
-    outlives a context) into its stdout file. Returns one sentence for the response."""
-    files = StepFiles(project, failed["step"], failed["tag"])
-    if not failed.get("wrapped"):
-        return "What the step printed is lost (a cell magic is not teed)."
-    target = {"cluster_id": session["cluster_id"], "context_id": session["context_id"],
-              "session_id": session.get("session_id")}
-    try:
-        written, size, _ = fetch_step_copy(ws, target, files, DEFAULT_MAX_OUTPUT_BYTES)
-    except Exception:
-        size = -1
-    if size < 0:
-        write_atomic(files.stdout, b"")
-        return "What the step printed before the loss is lost too (its driver copy is gone)."
-    if size == 0:
-        return "The step printed nothing before the loss."
-    return f"What the step printed before the loss ({size} bytes) is in {project.show(files.stdout)}."
-
-
-def remove_driver_copies(ws, target, session_id=None):
-    """Delete a session's output copies on the driver (this context's session, or session_id's).
-    Best effort; returns the number of files removed, or None when the REPL could not be asked."""
-    call = "_dbx_repl.remove_copies()" if session_id is None else f"_dbx_repl.remove_copies({session_id!r})"
-    try:
-        results = run_internal(ws, target, call, timeout=30.0)
-        return int(json.loads((results.get("data") or "").strip().splitlines()[-1])["removed"])
-    except Exception:
-        return None
+def abandon_context(ws, project, context):
+    """Destroy a new context this call will not use (quickly: the call may be stopping), and forget it."""
+    with ws.deadline_within(3.0):
+        try:
+            ws.destroy_context(context)
+        except Exception:
+            return   # not confirmed: the pending record with its id stays, so the next create destroys it
+    drop_pending_create(project)
 
 
 def adopt_context(ws, project, context_id, replaces=None):
@@ -3547,12 +3694,77 @@ def adopt_context(ws, project, context_id, replaces=None):
                                                        "replaces": replaces})
             project.save(session)
             return True
-    abandon_context(ws, project, session["cluster_id"], context_id)
+    abandon_context(ws, project, Target.of(session, context_id))
     return False
 
 
+def remove_driver_copies(ws, target, session_id=None):
+    """Delete a session's output copies on the driver (this context's session, or session_id's).
+    Best effort; returns the number of files removed, or None when the REPL could not be asked."""
+    try:
+        return int(ws.driver_call(target, "remove_copies", *([session_id] if session_id else []))["removed"])
+    except Exception:
+        return None
+
+
+def recover_context(ws, project, failed=None, lost=None):
+    """The context is gone: record the lost step (`failed`, a StepRun), start a fresh context, and list
+    what to replay. `lost`: why the context died under the failed step (None: evicted); the answer is
+    then ContextLost.
+
+    If the session was destroyed meanwhile (a `destroy` from another call during the wait), or another
+    call already recorded the step, nothing is recorded twice and no context is created."""
+    mine = failed.active if failed else None
+    with project.lock():
+        session = project.load()
+        old_context = session.get("context_id")
+        active = session.get("active_command")
+        still_ours = mine is None or (active is not None and active.get("step") == mine["step"])
+        if session.get("status") != "active" or not still_ours:
+            return settled_elsewhere(project, session, mine)
+        failed_entry = None
+        if mine:
+            failed_entry = step_entry(project, mine, "ContextLost" if lost else "Evicted")
+            touch_step_files(project, failed_entry)
+            session["steps"].append(failed_entry)
+        session["active_command"] = None
+        project.save(session)
+    plan, target = dependency_plan(project, session, target=failed_entry)
+    summary = plan_summary(project, plan, target)
+    try:
+        cluster = ws.cluster(session["cluster_id"])
+        if cluster.get("state") not in RUNNABLE_CLUSTER_STATES:
+            raise cluster_not_running(session["cluster_id"], cluster)
+        new_context = start_context(ws, project, session)
+    except ReplError as err:
+        err.fields.update(evicted_context_id=old_context, replay_plan=summary)
+        err.message = f"The execution context was lost, and a new one could not be started: {err.message}"
+        raise
+    if not adopt_context(ws, project, new_context, replaces=old_context):
+        return settled_elsewhere(project, project.load(), mine)
+    session = project.load()
+    salvaged = failed.salvage_output(Target.of(session)) if failed else None
+    return response(
+        "ContextLost" if lost else "ContextEvicted",
+        " ".join(filter(None, [lost or "The execution context was evicted.",
+                               "A new context is ready, but variables and imports are gone.", salvaged])),
+        old_context_id=old_context, new_context_id=new_context,
+        failed_step=step_key(mine["step"], mine["tag"]) if mine else None,
+        replay_plan=summary,
+        tip={"replay": cli_hint("replay", project), "plan": f"{cli_hint('replay', project)} --plan"}
+        if plan or session.get("syncs") else None,
+        synced_folders=sorted(session.get("syncs") or {}) or None,
+        hint="replay runs the plan (the steps whose definitions the failed step needs; see "
+             "references/eviction-replay.md"
+             + ("; it first syncs the synced_folders again" if session.get("syncs") else "") + "), then "
+             + ("change the failed step before running it again: it took its context down." if lost
+                else "exec the failed step again."),
+        exit_code=EXIT_FAILED)
+
+
 def settled_elsewhere(project, session, failed):
-    """The answer for a wait whose step another call settled: destroy (or cancel) got there first."""
+    """The answer for a wait whose step (`failed`, a step record) another call settled: destroy (or
+    cancel) got there first."""
     recorded = [s for s in session["steps"] if failed and s.get("step") == failed["step"]]
     status = recorded[-1].get("status") if recorded else None
     if session.get("status") != "active":
@@ -3663,136 +3875,6 @@ def shutil_columns():
     return shutil.get_terminal_size((100, 20)).columns
 
 
-def submit_step(ws, project, session, code, tag, timeout, max_bytes, replay_of=None):
-    """Reserve a step, submit its command, and wait for it: the heart of `exec` and `replay`.
-
-    `timeout` counts from the step's start (its started_at) and bounds the submit and the wait.
-    Signals are held while session.json is written; one that lands during the submit request is
-    answered by what the service may have seen (see `interrupted_submit`)."""
-    with signals_deferred():
-        session, files, active, command = reserve_step(project, code, tag, replay_of)
-    deadline = time.monotonic() + timeout
-    try:
-        with ws.deadline_within(timeout + SUBMIT_GRACE_SECONDS):
-            ws.submit_state = ws.submitted = None
-            early = submit_reserved(ws, project, session, files, active, command)
-    except (KeyboardInterrupt, Terminated) as interruption:
-        return interrupted_submit(ws, project, session, files, active, interruption, timeout, max_bytes)
-    if early is not None:
-        return early
-    try:
-        return await_active(ws, project, session, active, timeout, max_bytes,
-                            wait=max(deadline - time.monotonic(), 0.0))
-    except (KeyboardInterrupt, Terminated) as interruption:
-        if isinstance(interruption, KeyboardInterrupt):
-            return interrupt_active(ws, project, session, active, max_bytes)
-        return running_response(project, active, timeout)
-
-
-def reserve_step(project, code, tag, replay_of=None):
-    """Take the next step number, write its command file, and mark it active in session.json."""
-    with project.lock():
-        session = require_active(project, project.load())
-        busy = session.get("active_command")
-        if busy:
-            raise ReplError("CommandRunning",
-                            f"Step {step_key(busy['step'], busy['tag'])} is still running in this session.",
-                            hint="Wait for it with await, or stop it with cancel; the context runs one "
-                                 "command at a time.",
-                            exit_code=EXIT_FAILED, command_id=busy.get("command_id"),
-                            tip={"await": cli_hint("await", project), "cancel": cli_hint("cancel", project)})
-        project.ensure_outputs_dir()
-        step = max(session["step_counter"], project.highest_step_on_disk()) + 1
-        files = StepFiles(project, step, tag)
-        write_atomic(files.command, code)
-        command, wrapped = wrap_command(code, files.key)
-        active = {"step": step, "tag": tag, "command_id": None, "context_id": session["context_id"],
-                  "started_at": now_iso(), "wrapped": wrapped, "state": "submitting"}
-        if replay_of is not None:
-            active["replay_of"] = replay_of
-        last = session["steps"][-1] if session["steps"] else None
-        if last and last.get("status") == "SubmitUncertain" and last.get("context_id") == session["context_id"]:
-            active["after_uncertain"] = step_key(last["step"], last["tag"])
-        session["step_counter"] = step
-        session["active_command"] = active
-        project.save(session)
-    return session, files, active, command
-
-
-def release_step(project, active):
-    """Undo a reservation whose command the service never took: no step, no files (a refused call
-    writes nothing)."""
-    with signals_deferred(), project.lock():
-        session = project.load()
-        current = session.get("active_command")
-        if not current or current.get("step") != active["step"] or current.get("command_id"):
-            return
-        session["active_command"] = None
-        if session["step_counter"] == active["step"]:
-            session["step_counter"] = active["step"] - 1
-        with contextlib.suppress(OSError):
-            os.unlink(StepFiles(project, active["step"], active["tag"]).command)
-        project.save(session)
-
-
-def save_command_id(project, active, command_id):
-    with signals_deferred():
-        active["command_id"], active["state"] = command_id, "running"
-        with project.lock():
-            current = project.load()
-            if (current.get("active_command") or {}).get("step") == active["step"]:
-                current["active_command"] = active
-                project.save(current)
-
-
-def uncertain_submit_error(project, files, active, cause):
-    """Record a step whose submit may or may not have reached the service, and say what happens next."""
-    record_step(project, step_entry(project, files, active, "SubmitUncertain"))
-    return ReplError("SubmitUncertain",
-                     f"{cause} while submitting step {files.key}: the service may have received it. It was not "
-                     "resent, so it ran once or not at all, and it may still be running: the context runs one "
-                     "command at a time, so the next exec waits behind it (within its --timeout).",
-                     hint="Check the step's effect with a small exec (e.g. print a variable); exec the step again "
-                          "only if the effect is missing.", cmd_id=files.key)
-
-
-def submit_reserved(ws, project, session, files, active, command):
-    """Submit a reserved step and save its command id. Returns a response only when it failed."""
-    try:
-        command_id = execute_step(ws, session, command)
-    except SubmitUncertain as err:
-        raise uncertain_submit_error(project, files, active,
-                                     f"The connection dropped ({scrub(str(err))})") from None
-    except Exception as err:
-        if ws.gone_after(err, session["cluster_id"], session["context_id"]):
-            return recover_from_eviction(ws, project, failed=active)
-        release_step(project, active)   # the service answered no, or no connection was made: nothing ran
-        raise map_sdk_error(err, action="submit the command") from None
-    save_command_id(project, active, command_id)
-    return None
-
-
-def interrupted_submit(ws, project, session, files, active, interruption, timeout, max_bytes):
-    """Ctrl+C or SIGTERM while the command was being submitted: answer with what the service saw."""
-    signal_name = "Ctrl+C" if isinstance(interruption, KeyboardInterrupt) else "SIGTERM"
-    exit_code = EXIT_INTERRUPTED if isinstance(interruption, KeyboardInterrupt) else EXIT_FAILED
-    state = ws.submit_state
-    if state == "accepted" and not active.get("command_id"):
-        save_command_id(project, active, ws.submitted["id"])
-    if active.get("command_id"):   # the service took it: cancel it (Ctrl+C) or leave it running (SIGTERM)
-        if isinstance(interruption, KeyboardInterrupt):
-            return interrupt_active(ws, project, session, active, max_bytes)
-        return running_response(project, active, timeout)
-    if state == "sending":
-        err = uncertain_submit_error(project, files, active, f"{signal_name} arrived")
-        err.exit_code = exit_code
-        return err.response()
-    release_step(project, active)
-    return response("Interrupted" if exit_code == EXIT_INTERRUPTED else "Terminated",
-                    f"{signal_name} arrived before step {files.key} was sent: it did not run and is not recorded.",
-                    exit_code=exit_code, hint="exec it again when ready.")
-
-
 # ---------------------------------------------------------------------------------------------------
 # 8. Subcommands
 # ---------------------------------------------------------------------------------------------------
@@ -3886,9 +3968,10 @@ def cmd_create(args):
         "created_at": now_iso(), "step_counter": 0, "steps": [], "active_command": None,
     }
     try:
-        session["context_id"] = start_context(ws, project, cluster_id, bootstrap_config(session, ws.host))
+        session["context_id"] = start_context(ws, project, session)
         if existing and re.fullmatch(r"[0-9a-f]+", str(existing.get("session_id") or "")):
-            remove_driver_copies(ws, session, existing["session_id"])  # the replaced session's
+            with ws.deadline_within(30.0):
+                remove_driver_copies(ws, Target.of(session), existing["session_id"])  # the replaced session's
     except ContextGone as err:
         raise ReplError("ContextFailed", f"The new execution context disappeared: {err}",
                         hint="Retry create.") from None
@@ -3898,7 +3981,7 @@ def cmd_create(args):
         previous = project.load(required=False)
         if previous and previous.get("status") == "active":  # a concurrent create won the race
             with contextlib.suppress(Exception):
-                ws.destroy_context(cluster_id, session["context_id"])
+                ws.destroy_context(Target.of(session))
             raise ReplError("SessionExists", f"Another session became active in {project.display_root}.",
                             hint="Reuse it with exec.")
         project.ensure_outputs_dir()
@@ -3932,12 +4015,7 @@ def cmd_exec(args):
     project = Project(args.project_dir).check()
     session = require_active(project, project.load())
     ws = Workspace(args.profile or session.get("profile"), args.debug)
-    return submit_step(ws, project, session, code, tag, timeout, args.max_output_bytes)
-
-
-def time_left(timeout):
-    """What remains of a --timeout that counts from the start of the call."""
-    return max(timeout - (time.monotonic() - PROCESS_STARTED), 0.0)
+    return StepRun.reserve(ws, project, code, tag).bound(timeout, args.max_output_bytes).run()
 
 
 def cmd_await(args):
@@ -3951,17 +4029,16 @@ def cmd_await(args):
     if not active.get("command_id"):
         settle_unsubmitted(project, active)
     ws = Workspace(args.profile or session.get("profile"), args.debug)
+    run = StepRun(ws, project, session, active).bound(timeout, args.max_output_bytes, since=PROCESS_STARTED)
     try:
-        return await_active(ws, project, session, active, timeout, args.max_output_bytes, wait=time_left(timeout),
-                            follow=args.follow)
+        return run.wait(follow=args.follow)
     except StatusUnavailable as unavailable:   # the helpers' re-install could not be confirmed
-        return status_unknown_response(project, active, unavailable)
+        return run.status_unknown(unavailable)
 
 
 def settle_unsubmitted(project, active):
     """A step whose CLI died while submitting has no command id: record it and free the session."""
-    record_step(project, step_entry(project, StepFiles(project, active["step"], active["tag"]), active,
-                                    "SubmitUncertain"))
+    record_step(project, step_entry(project, active, "SubmitUncertain"))
     raise ReplError("SubmitUncertain", "The CLI stopped while submitting this step, so its command id is "
                     "unknown; the step is recorded as SubmitUncertain. If the service received it, it may still "
                     "be running: the context runs one command at a time, so the next exec waits behind it.",
@@ -3980,49 +4057,30 @@ def cmd_cancel(args):
         raise ReplError("NothingToCancel", "No command is running in this session.",
                         hint="Nothing to do: the last command already finished or was cancelled.")
     ws = Workspace(args.profile or session.get("profile"), args.debug)
-    tracked = active if active and active.get("command_id") == command_id else None
-    fields = {"command_id": command_id}
-    if tracked:
-        fields["cmd_id"] = step_key(tracked["step"], tracked["tag"])
+    if active and active.get("command_id") == command_id:
+        return StepRun(ws, project, session, active).cancel()
+    return cancel_untracked(ws, project, session, command_id)
+
+
+def cancel_untracked(ws, project, session, command_id):
+    """cancel --run-id of a command that is not the session's active step."""
     try:
-        status = cancel_and_confirm(ws, session, command_id, context_id=(tracked or {}).get("context_id"))
+        status = ws.cancel_and_wait(Target.of(session), command_id)
     except ContextGone:
-        return recover_from_eviction(ws, project, failed=tracked)
+        return recover_context(ws, project)
     except StatusUnavailable as unavailable:
-        if not tracked:
-            raise map_sdk_error(unavailable.error, action="confirm the cancel") from None
-        # The service took the cancel but cannot say whether the command stopped. Free the session
-        # anyway (the way out when status calls keep failing), and say what that means.
-        error = map_sdk_error(unavailable.error, action="read the command's status").message
-        files = StepFiles(project, tracked["step"], tracked["tag"])
-        record_step(project, step_entry(project, files, tracked, "Cancelled", elapsed=elapsed_since(tracked),
-                                        cancel_confirmed=False), command_id=command_id)
-        return response("Cancelled", "The cancel was sent, but the service could not confirm it: " + error +
-                        " The step is recorded as Cancelled and the session is free; if the command still runs, "
-                        "the next exec waits behind it.", cancel_confirmed=False, status_error=error[:500],
-                        hint="Continue with exec; destroy the session if the next exec answers Running.", **fields)
+        raise map_sdk_error(unavailable.error, action="confirm the cancel") from None
     except Exception as err:
         raise map_sdk_error(err, action="cancel the command") from None
-    if status is not None and tracked:
-        body = finish_command(ws, project, session, tracked, status, args.max_output_bytes)
-        if body["status"] in ("Finished", "Error"):
-            body["message"] = "The command had already finished before the cancel; its output was saved."
-        elif body["status"] == "Cancelled":
-            body["command_id"], body["_exit"] = command_id, EXIT_OK  # the cancel succeeded
-        return body
-    if status is not None and not is_cancellation(status.get("status"), status.get("results")):
-        return response("NothingToCancel", f"Command {command_id} had already finished.",
-                        command_id=command_id, hint="Nothing to do.")
-    if status is None:  # still stopping: the step stays active so await can settle it
+    if status is None:  # still stopping
         return response("Cancelling", "Cancel was requested but the command has not stopped yet.",
                         hint=f"Wait for it with {cli_hint('await', project)}, or check {cli_hint('status', project)}.",
-                        exit_code=EXIT_FAILED, **fields)
-    if tracked:
-        files = StepFiles(project, tracked["step"], tracked["tag"])
-        record_step(project, step_entry(project, files, tracked, "Cancelled", elapsed=elapsed_since(tracked)),
-                    command_id=command_id)
+                        exit_code=EXIT_FAILED, command_id=command_id)
+    if not is_cancellation(status.get("status"), status.get("results")):
+        return response("NothingToCancel", f"Command {command_id} had already finished.",
+                        command_id=command_id, hint="Nothing to do.")
     return response("Cancelled", "The command was cancelled; the session is still usable.",
-                    hint="Continue with exec.", **fields)
+                    hint="Continue with exec.", command_id=command_id)
 
 
 def cmd_destroy(args):
@@ -4039,13 +4097,12 @@ def cmd_destroy(args):
     ws = Workspace(args.profile or session.get("profile"), args.debug)
     if not session.get("active_command"):  # a busy context would queue the removal behind the step
         with ws.deadline_within(3.0):   # best effort: an unreachable host must not eat destroy's budget
-            remove_driver_copies(ws, session)
+            remove_driver_copies(ws, Target.of(session))
     with signals_deferred(), project.lock():
         session = project.load()
         active = session.get("active_command")
         if active:
-            entry = step_entry(project, StepFiles(project, active["step"], active["tag"]), active,
-                               "Cancelled", elapsed=elapsed_since(active))
+            entry = step_entry(project, active, "Cancelled", elapsed=elapsed_since(active))
             touch_step_files(project, entry)
             session["steps"].append(entry)
             session["active_command"] = None
@@ -4055,12 +4112,12 @@ def cmd_destroy(args):
     context_destroyed = True
     if session.get("sidecar_context_id"):   # best effort: it holds no state, the cluster reclaims it
         with ws.deadline_within(3.0), contextlib.suppress(Exception):
-            ws.destroy_context(session["cluster_id"], session["sidecar_context_id"])
+            ws.destroy_context(Target.of(session, session["sidecar_context_id"]))
     try:
-        ws.destroy_context(session["cluster_id"], session["context_id"])
+        ws.destroy_context(Target.of(session))
         note = "The execution context was destroyed."
     except Exception as err:
-        if ws.gone_after(err, session["cluster_id"], session["context_id"]):
+        if ws.gone_after(err, Target.of(session)):
             note = "The execution context was already gone."
         else:
             context_destroyed = False
@@ -4106,12 +4163,11 @@ def cmd_status(args):
     try:
         cluster = ws.cluster(session["cluster_id"])
         summary["cluster_state"] = cluster.get("state")
-        alive = summary["cluster_state"] in RUNNABLE_CLUSTER_STATES and \
-            ws.context_alive(session["cluster_id"], session["context_id"])
+        alive = summary["cluster_state"] in RUNNABLE_CLUSTER_STATES and ws.context_alive(Target.of(session))
         summary["context_alive"] = alive
         if active and active.get("command_id") and alive:
             try:
-                remote = ws.command_status(session["cluster_id"], session["context_id"], active["command_id"])
+                remote = ws.command_status(Target.of(session), active["command_id"])
                 summary["active_command"]["remote_status"] = remote.get("status")
             except Exception as err:   # report it: a failing status call must not hide the session
                 summary["active_command"]["remote_error"] = map_sdk_error(err, "read the command's status").message
@@ -4135,7 +4191,7 @@ def cmd_status(args):
             return response("Busy", f"Step {summary['active_command']['cmd_id']} has ended ({remote}) but its "
                             "output is not collected yet.", hint=f"Run {cli_hint('await', project)} to collect it.",
                             **summary)
-        progress = read_progress(ws, project, session, active) if active.get("command_id") else None
+        progress = StepRun(ws, project, session, active).progress() if active.get("command_id") else None
         return response("Busy", f"Step {summary['active_command']['cmd_id']} is running.",
                         tip={"await": cli_hint("await", project), "cancel": cli_hint("cancel", project)},
                         hint="Use await to wait for it (--follow streams its progress) or cancel to stop it.",
@@ -4573,8 +4629,8 @@ def cmd_replay(args):
         return response("NothingToReplay", "No recorded step matches.",
                         hint="Nothing defines what the next step needs; exec it again, or pick steps with --steps.")
     ws = Workspace(args.profile or session.get("profile"), args.debug)
-    if not ws.context_alive(session["cluster_id"], session["context_id"]):
-        evicted = recover_from_eviction(ws, project)
+    if not ws.context_alive(Target.of(session)):
+        evicted = recover_context(ws, project)
         if evicted["status"] != "ContextEvicted":
             return evicted
     synced, sync_failed = restore_syncs(ws, project, project.load())
@@ -4585,8 +4641,8 @@ def cmd_replay(args):
             failure = {"step": entry["origin"], "status": "MissingCommandFile",
                        "message": f"{entry.get('command_file')} is unreadable."}
             return _replay_report(project, restored, failure, plan[index + 1:], syncs)
-        body = submit_step(ws, project, project.load(), replay_code(entry), sanitize_tag(entry["tag"]), timeout,
-                           args.max_output_bytes, replay_of=entry["origin"])
+        run = StepRun.reserve(ws, project, replay_code(entry), sanitize_tag(entry["tag"]), replay_of=entry["origin"])
+        body = run.bound(timeout, args.max_output_bytes).run()
         if body["status"] != "Finished":
             failure = {"step": entry["origin"], "cmd_id": body.get("cmd_id"), "status": body["status"],
                        "message": body.get("message"), "error": body.get("error")}
@@ -4756,17 +4812,16 @@ def verify_script(ws, project, session, script, requires, timeout, output_path):
     """Run the exported script in a fresh execution context (created, used once, destroyed), within
     `timeout` seconds of running. Returns {"status": Passed|Failed|TimedOut, ...} for the answer."""
     started = time.monotonic()
-    context_id = start_context(ws, project, session["cluster_id"], bootstrap_config(session, ws.host))
-    target = {"cluster_id": session["cluster_id"], "context_id": context_id}
+    target = Target.of(session, start_context(ws, project, session))
     try:
         commands = ([f"%pip install {' '.join(requires)}"] if requires else []) + [script]
         for command in commands:
             remaining = timeout - (time.monotonic() - started)
-            command_id = ws.execute(target["cluster_id"], context_id, command)
-            status = poll_command(ws, target["cluster_id"], context_id, command_id, max(remaining, 0.01))
+            command_id = ws.execute(target, command)
+            status = ws.wait_command(target, command_id, max(remaining, 0.01))
             if status is None:
                 with contextlib.suppress(Exception):
-                    ws.cancel(target["cluster_id"], context_id, command_id)
+                    ws.cancel(target, command_id)
                 return {"status": "TimedOut", "message": f"The script did not finish within {timeout:g}s.",
                         "elapsed_seconds": round(time.monotonic() - started, 3)}
             results = valid_unicode(status.get("results") or {})
@@ -4783,7 +4838,7 @@ def verify_script(ws, project, session, script, requires, timeout, output_path):
                 "stdout_preview": preview(strip_ansi(text or ""), limit=200),
                 "elapsed_seconds": round(time.monotonic() - started, 3)}
     finally:
-        abandon_context(ws, project, target["cluster_id"], context_id)   # and drops its pending record
+        abandon_context(ws, project, target)   # and drops its pending record
 
 
 def cmd_export(args):
@@ -4842,41 +4897,11 @@ def idle_session(project, args):
     return session, Workspace(args.profile or session.get("profile"), args.debug)
 
 
-def remote_stat(ws, session, remote):
-    results = run_internal(ws, session, f"_dbx_repl.stat({remote!r})")
-    if results.get("resultType") == "error":
-        error_type, message = parse_error(results.get("summary"), results.get("cause"))
-        raise ReplError("RemoteFileError", f"{remote} on the driver: {error_type}: {message}",
-                        hint="Check the path; it must be a file the driver can open.")
-    return json.loads((results.get("data") or "").strip().splitlines()[-1])
-
-
 def record_transfer(project, entry):
     with project.lock():
         session = project.load()
         session.setdefault("transfers", []).append(entry)
         project.save(session)
-
-
-def put_blocks(ws, session, remote, blocks):
-    """Write `blocks` (an iterable of bytes) to the driver file `remote`, one zlib-compressed chunk
-    per command; an empty iterable still creates the file. Returns (sha256 object, chunks sent)."""
-    digest, offset, chunks = hashlib.sha256(), 0, 0
-    for block in itertools.chain(blocks, [b""]):
-        if not block and offset:
-            break
-        digest.update(block)
-        packed = base64.b64encode(zlib.compress(block, 6)).decode("ascii")
-        results = run_internal(ws, session, f"_dbx_repl.put({remote!r}, {offset}, {packed!r})")
-        if results.get("resultType") == "error":
-            error_type, message = parse_error(results.get("summary"), results.get("cause"))
-            raise ReplError("RemoteFileError", f"Writing {remote}: {error_type}: {message}",
-                            hint="Check that the driver can write that path.")
-        offset += len(block)
-        chunks += 1
-        if not block:
-            break
-    return digest, chunks
 
 
 def cmd_put(args):
@@ -4892,11 +4917,11 @@ def cmd_put(args):
         raise ReplError("TooLarge", f"{args.local} is {size} bytes, over the {args.max_bytes}-byte cap.",
                         hint="Raise --max-bytes, or move large data through a Volume.")
     session, ws = idle_session(project, args)
-    started = time.monotonic()
+    target, started = Target.of(session), time.monotonic()
     try:
         with open(args.local, "rb") as f:
-            digest, chunks = put_blocks(ws, session, args.remote, iter(lambda: f.read(PUT_CHUNK_BYTES), b""))
-        remote = remote_stat(ws, session, args.remote)
+            digest, chunks = ws.put_file(target, args.remote, iter(lambda: f.read(PUT_CHUNK_BYTES), b""))
+        remote = ws.driver_call(target, "stat", args.remote, about=f"{args.remote} on the driver")
     except ReplError:
         raise
     except Exception as err:
@@ -4914,28 +4939,26 @@ def cmd_put(args):
 
 def cmd_get(args):
     project = Project(args.project_dir).check()
-    target = explicit_path(args.local, os.path.basename(args.remote.rstrip("/")) or "download")
+    local = explicit_path(args.local, os.path.basename(args.remote.rstrip("/")) or "download")
     session, ws = idle_session(project, args)
-    started = time.monotonic()
+    target, started = Target.of(session), time.monotonic()
     try:
-        remote = remote_stat(ws, session, args.remote)
+        remote = ws.driver_call(target, "stat", args.remote, about=f"{args.remote} on the driver")
         if remote["size"] > args.max_bytes:
             raise ReplError("TooLarge", f"{args.remote} is {remote['size']} bytes, over the {args.max_bytes}-byte cap.",
                             hint="Raise --max-bytes, or write a smaller extract on the cluster.")
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".get-", dir=os.path.dirname(target))
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".get-", dir=os.path.dirname(local))
         try:
             with os.fdopen(fd, "wb") as sink:
-                written, size, _ = fetch_driver_file(
-                    ws, session, lambda off, mode: f"_dbx_repl.fetch({args.remote!r}, {off}, {mode!r})",
-                    sink, args.max_bytes)
+                written, size, _ = ws.fetch_file(target, sink, args.max_bytes, "fetch", args.remote)
             with open(tmp, "rb") as f:
                 local_sha = hashlib.file_digest(f, "sha256").hexdigest() if hasattr(hashlib, "file_digest") \
                     else hashlib.sha256(f.read()).hexdigest()
             if size != remote["size"] or written != size or local_sha != remote["sha256"]:
                 raise ReplError("ChecksumMismatch", f"The copy of {args.remote} does not match the driver's file "
                                 "(it may have changed during the transfer).", hint="Retry the get.")
-            os.replace(tmp, target)
+            os.replace(tmp, local)
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -4943,10 +4966,10 @@ def cmd_get(args):
         raise
     except Exception as err:
         raise map_sdk_error(err, action="download the file") from None
-    record_transfer(project, {"direction": "get", "local": project.stored(target), "remote": args.remote,
+    record_transfer(project, {"direction": "get", "local": project.stored(local), "remote": args.remote,
                               "bytes": remote["size"], "sha256": remote["sha256"], "at": now_iso()})
     return response("Downloaded", f"Copied {remote['size']} bytes from {args.remote} on the driver.",
-                    local=project.show(target), remote=args.remote, bytes=remote["size"],
+                    local=project.show(local), remote=args.remote, bytes=remote["size"],
                     sha256=remote["sha256"], elapsed_seconds=round(time.monotonic() - started, 3),
                     hint="Read the local file selectively.")
 
@@ -5033,6 +5056,7 @@ def sync_folder(ws, session, local, name, previous, max_bytes):
         raise ReplError("InvalidPath", f"{local} is not a folder.", exit_code=EXIT_USAGE,
                         hint="Name a local package or folder of modules.")
     tree = local_tree(local, max_bytes)
+    target = Target.of(session)
     remote = f"{DRIVER_OUTPUT_DIR}/dbx_repl_{session['session_id']}/sync/{name}"
     path_entry = remote.rsplit("/", 1)[0] if "__init__.py" in tree else remote
     manifest = {relative: digest for relative, (digest, _) in tree.items()}
@@ -5048,16 +5072,10 @@ def sync_folder(ws, session, local, name, previous, max_bytes):
                     tar.add(os.path.join(local, relative), arcname=relative, recursive=False)
             archive = f"{remote}.upload.tar.gz"
             data = packed.getvalue()
-            put_blocks(ws, session, archive, (data[i:i + PUT_CHUNK_BYTES] for i in range(0, len(data), PUT_CHUNK_BYTES)))
+            ws.put_file(target, archive, (data[i:i + PUT_CHUNK_BYTES] for i in range(0, len(data), PUT_CHUNK_BYTES)))
             sent += [c for c in changed if c not in sent]
-        results = run_internal(ws, session, f"_dbx_repl.sync_apply({remote!r}, {archive!r}, "
-                                            f"__import__('json').loads({json.dumps(manifest)!r}), "
-                                            f"{changed!r}, {path_entry!r})")
-        if results.get("resultType") == "error":
-            error_type, message = parse_error(results.get("summary"), results.get("cause"))
-            raise ReplError("RemoteFileError", f"Applying the sync on the driver: {error_type}: {message}",
-                            hint="Retry the sync; if it repeats, check the driver's disk.")
-        applied = json.loads((results.get("data") or "").strip().splitlines()[-1])
+        applied = ws.driver_call(target, "sync_apply", remote, archive, manifest, changed, path_entry,
+                                 about="Applying the sync on the driver")
         if not applied["missing"]:
             break
         changed = sorted(applied["missing"])
