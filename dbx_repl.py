@@ -4308,22 +4308,23 @@ def cmd_smoke(args):
         state["cluster_id"] = cluster["cluster_id"]
         return f"{cluster.get('cluster_name')} ({cluster['cluster_id']}) {cluster.get('state')}"
 
-    def run_subcommand(handler, **extra):
-        ns = argparse.Namespace(project_dir=state["dir"], profile=args.profile, debug=args.debug,
-                                timeout=args.timeout, max_output_bytes=DEFAULT_MAX_OUTPUT_BYTES, **extra)
-        body = handler(ns)
-        return body
+    def run_subcommand(subcommand, *options):
+        """A subcommand on the smoke's project dir, parsed and run as its command line would be."""
+        common = ["--project-dir", state["dir"], *(["--profile", args.profile] if args.profile else []),
+                  *(["--debug"] if args.debug else [])]
+        parsed = parse_command_line([subcommand, *common, *options])
+        return parsed.handler(parsed)
 
     def create():
-        body = run_subcommand(cmd_create, cluster_id=state["cluster_id"], session_name="dbx-repl-smoke",
-                              llm_endpoint=args.llm_endpoint, llm_max_calls=5, llm_max_tokens=None,
-                              start_cluster=False)
+        endpoint = ["--llm-endpoint", args.llm_endpoint] if args.llm_endpoint else []
+        body = run_subcommand("create", "--cluster-id", state["cluster_id"], "--session-name", "dbx-repl-smoke",
+                              "--llm-max-calls", "5", *endpoint)
         state["created"] = True
         return body["context_id"]
 
     def run_check(command, tag, check):
         def action():
-            body = run_subcommand(cmd_exec, command=command, tag=tag, sql=None)
+            body = run_subcommand("exec", "--command", command, "--tag", tag, "--timeout", repr(args.timeout))
             if body["status"] != "Finished":
                 raise ReplError(body["status"], body.get("message", ""))
             text = body.get("stdout_preview", "").strip()
@@ -4333,8 +4334,7 @@ def cmd_smoke(args):
         return action
 
     def destroy():
-        body = run_subcommand(cmd_destroy)
-        return body["status"]
+        return run_subcommand("destroy")["status"]
 
     with tempfile.TemporaryDirectory(prefix="dbx-repl-smoke-") as directory:
         state["dir"] = directory
@@ -4356,7 +4356,8 @@ def cmd_smoke(args):
 
 
 # == 8. The parser and the entry point =============================================================
-# `main` parses the command line (usage errors are answers too), runs the subcommand, and emits its answer.
+# `main` parses the command line (`parse_command_line`: usage errors are answers too), runs the
+# subcommand, and emits its answer. `smoke` runs its steps through the same parser and dispatch.
 
 class JsonArgumentParser(argparse.ArgumentParser):
     """argparse that reports usage errors as the one JSON response instead of text on stderr."""
@@ -4437,7 +4438,6 @@ def build_parser():
     p = sub.add_parser("cancel", help="Cancel the running command")
     add_common(p)
     p.add_argument("--run-id", default=None, help="Command id to cancel (default: the active command)")
-    p.add_argument("--max-output-bytes", type=int, default=DEFAULT_MAX_OUTPUT_BYTES, help=argparse.SUPPRESS)
     p.set_defaults(handler=cmd_cancel)
 
     p = sub.add_parser("destroy", help="Destroy the execution context; keep the step log")
@@ -4496,11 +4496,24 @@ def build_parser():
     p.set_defaults(handler=cmd_smoke)
 
     p = sub.add_parser("find-cluster", help="Find clusters whose name contains a string")
-    add_common(p)
+    add_profile(p)
     p.add_argument("--name", default=None, help="Part of the cluster's name (default: the cluster "
                                                 "$DATABRICKS_CLUSTER_ID names)")
     p.set_defaults(handler=cmd_find_cluster)
     return parser
+
+
+def parse_command_line(argv):
+    """The arguments of a command line (without the program), checked: a subcommand with its handler
+    (`args.handler(args)` runs it) and a positive --max-output-bytes. A usage error is a ReplError."""
+    args = build_parser().parse_args(argv)
+    if not getattr(args, "handler", None):
+        raise ReplError("UsageError", "No subcommand given.", exit_code=EXIT_USAGE,
+                        hint=f"Run {Invocation.program} --help for the subcommands.")
+    if getattr(args, "max_output_bytes", 1) <= 0:
+        raise ReplError("UsageError", "--max-output-bytes must be positive.", exit_code=EXIT_USAGE,
+                        hint=f"Leave it out for the default ({DEFAULT_MAX_OUTPUT_BYTES} bytes).")
+    return args
 
 
 def main(argv=None):
@@ -4511,15 +4524,9 @@ def main(argv=None):
     try:
         Project.current = None
         Invocation.program = invoked_program(sys.argv[0])
-        args = build_parser().parse_args(argv)
+        args = parse_command_line(argv)
         Invocation.profile = getattr(args, "profile", None)
         Invocation.timeout = getattr(args, "timeout", None) if args.subcommand in WAITING_SUBCOMMANDS else None
-        if not getattr(args, "handler", None):
-            raise ReplError("UsageError", "No subcommand given.", exit_code=EXIT_USAGE,
-                            hint=f"Run {Invocation.program} --help for the subcommands.")
-        if getattr(args, "max_output_bytes", 1) <= 0:
-            raise ReplError("UsageError", "--max-output-bytes must be positive.", exit_code=EXIT_USAGE,
-                            hint=f"Leave it out for the default ({DEFAULT_MAX_OUTPUT_BYTES} bytes).")
         body = args.handler(args)
     except ReplError as err:
         body = err.response()
