@@ -3905,11 +3905,12 @@ def local_tree(root, max_bytes):
     return found
 
 
-def sync_folder(ws, session, local, name, previous, max_bytes):
-    """Mirror LOCAL to the driver as NAME; `previous` is the record of its last sync (or None).
-    Returns the new record for session.json and what changed: (record, sent, reloaded, removed).
-    Raises ReplError (InvalidPath, TooLarge, RemoteFileError, TransferFailed)."""
+def sync_folder(ws, session, name, local, max_bytes):
+    """Mirror LOCAL to the driver as NAME, sending what changed since the session's record of its last
+    sync (if any). Returns the new record for session.json and what changed: (record, sent, reloaded,
+    removed). Raises ReplError (InvalidPath, TooLarge, RemoteFileError, TransferFailed)."""
     import tarfile
+    previous = (session.get("syncs") or {}).get(name)
     if not os.path.isdir(local):
         raise ReplError("InvalidPath", f"{local} is not a folder.", exit_code=EXIT_USAGE,
                         hint="Name a local package or folder of modules.")
@@ -3974,8 +3975,7 @@ def cmd_sync(args):
     session, ws = idle_session(project, args)
     started = time.monotonic()
     try:
-        record, sent, reloaded, removed = sync_folder(ws, session, local, name,
-                                                      (session.get("syncs") or {}).get(name), args.max_bytes)
+        record, sent, reloaded, removed = sync_folder(ws, session, name, local, args.max_bytes)
     except ReplError:
         raise
     except Exception as err:
@@ -3997,7 +3997,7 @@ def restore_syncs(ws, project, session):
     restored, failed = [], []
     for name, previous in sorted((session.get("syncs") or {}).items()):
         try:
-            record, _, _, _ = sync_folder(ws, session, previous["local"], name, previous,
+            record, _, _, _ = sync_folder(ws, session, name, previous["local"],
                                           previous.get("max_bytes") or DEFAULT_SYNC_CAP)
         except ReplError as err:
             failed.append({"name": name, "error": f"{err.status}: {err.message}"[:200]})
@@ -4099,9 +4099,17 @@ def explicit_path(path, default_name):
     return absolute
 
 
-def verify_script(ws, project, session, script, requires, timeout, output_path):
-    """Run the exported script in a fresh execution context (created, used once, destroyed), within
-    `timeout` seconds of running. Returns {"status": Passed|Failed|TimedOut, ...} for the answer."""
+def export_name(session):
+    """The session's name as the export's file names use it."""
+    return sanitize_tag(session.get("session_name") or "session")
+
+
+def verify_script(ws, project, session, exported, timeout):
+    """Run the exported script (`exported`: export_script's (script, requirements)) in a fresh
+    execution context (created, used once, destroyed), within `timeout` seconds of running; its output
+    goes to <name>_export.verify.txt. Returns {"status": Passed|Failed|TimedOut, ...} for the answer."""
+    script, requires = exported
+    output_path = project.output_path(f"{export_name(session)}_export.verify.txt")
     started = time.monotonic()
     target = Target.of(session, start_context(ws, project, session))
     try:
@@ -4138,8 +4146,7 @@ def cmd_export(args):
     timeout = positive_timeout(args.timeout) if args.verify else None
     if args.verify:
         require_active(project, session)         # before writing anything: --verify needs the cluster
-    name = sanitize_tag(session.get("session_name") or "session")
-    default_name = f"{name}_export.py"
+    default_name = f"{export_name(session)}_export.py"
     target = explicit_path(args.output, default_name) if args.output else os.path.join(project.root, default_name)
     exclude = {t.strip() for t in (args.exclude_tags or "").split(",") if t.strip()}
     chosen, left_out = export_selection(project, session, parse_step_list(args.steps) if args.steps else None,
@@ -4158,8 +4165,7 @@ def cmd_export(args):
                         hint="Review the script, or check that it runs with --verify (a fresh context).")
     ws = Workspace(args.profile or session.get("profile"), args.debug)
     try:
-        fields["verify"] = verify_script(ws, project, session, script, requires, timeout,
-                                         project.output_path(f"{name}_export.verify.txt"))
+        fields["verify"] = verify_script(ws, project, session, (script, requires), timeout)
     except ReplError:
         raise
     except Exception as err:

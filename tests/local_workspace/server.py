@@ -167,7 +167,7 @@ class _Handler(BaseHTTPRequestHandler):
 class LocalWorkspace(ExecutionContexts, ModelServing, WorkspaceFiles):
     """The local workspace server. ``start()``, use ``host``/``token``, ``stop()``."""
 
-    def __init__(self, token="local-token", output_limit=50_000, context_limit=145,
+    def __init__(self, token="local-token", output_limit=50_000, context_limit=145,  # noqa: PLR0913
                  idle_ttl=None, cancel_mode="cancelled", not_running_mode="error",
                  start_delay=2.0, llm_latency=0.0, image_inline_limit=512 * 1024, secrets=None,
                  isolation="auto", **settings):
@@ -331,7 +331,7 @@ class LocalWorkspace(ExecutionContexts, ModelServing, WorkspaceFiles):
         if state not in RUNNABLE_STATES:  # the driver (and its JVM) goes with the cluster
             self._stop_driver(cluster_id)
 
-    def inject(self, path, method="POST", count=1, status=503, retry_after=1, body=None,
+    def inject(self, path, method="POST", count=1, status=503, retry_after=1, body=None,  # noqa: PLR0913
                mode="respond"):
         if mode not in ("respond", "drop_before", "drop_after"):
             raise ValueError("mode must be respond, drop_before or drop_after")
@@ -757,7 +757,7 @@ def _state_message(state):
             "RESIZING": "Resizing cluster"}.get(state, "")
 
 
-def _cluster(cluster_id, name, state, source, mode, single_user=None, num_workers=2,
+def _cluster(cluster_id, name, state, source, mode, single_user=None, num_workers=2,  # noqa: PLR0913
              autotermination=120):
     now = _now_ms()
     details = {
