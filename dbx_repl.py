@@ -826,6 +826,9 @@ class _SDK:
     # mostly `cryptography` and the provisioning service): loaded on first attribute access instead.
     DEFERRED = ("google.auth.impersonated_credentials", "google.oauth2.service_account",
                 "databricks.sdk.azure")
+    # Character detection, which `import requests` loads (~40 ms) to guess the encoding of an answer
+    # that names none: the workspace answers JSON in UTF-8, requests' own fallback without them.
+    UNDETECTED = ("chardet", "charset_normalizer")
 
     @staticmethod
     def _defer(names):
@@ -853,6 +856,9 @@ class _SDK:
         if cls.loaded is None:
             import warnings  # e.g. google-auth's end-of-life notices: not the agent's concern
             warnings.filterwarnings("ignore", category=FutureWarning, module=r"google\.")
+            warnings.filterwarnings("ignore", message="Unable to find acceptable character detection")
+            for name in cls.UNDETECTED:
+                sys.modules.setdefault(name, None)   # None: `import name` raises ImportError
             # The import creates ~600 modules' worth of long-lived objects: with the cyclic GC off it
             # skips a dozen full collections, and freezing the survivors keeps them out of every later
             # collection, including the one at interpreter exit (~0.2 s saved per call in total).
