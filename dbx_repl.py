@@ -1193,7 +1193,8 @@ class Workspace:
     def gone_after(self, err, target):
         """After a call about a context failed with `err`: True when the service answered (not an
         authentication failure) and a probe shows the context is gone. A failed probe says False."""
-        if error_kind(err) not in ANSWERED or error_kind(err) == AUTH:
+        kind = error_kind(err)
+        if kind == AUTH or kind not in ANSWERED:
             return False
         try:
             return not self.context_alive(target)
