@@ -152,7 +152,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             self.send_response(status)
             self.send_header("Content-Type", content_type)
-            if "Content-Length" not in headers:
+            if "Content-Length" not in headers and status != 204:  # a 204 has no body, no length
                 self.send_header("Content-Length", str(len(data)))
             for key, value in headers.items():
                 self.send_header(key, str(value))
