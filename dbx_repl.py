@@ -5,16 +5,30 @@ Every call prints exactly one small JSON object on stdout. Command output lands 
 ``<project-dir>/repl_outputs/``; ``<project-dir>/session.json`` is the append-only step log.
 The REPL talks to the Command Execution API 1.2 through the official ``databricks-sdk``.
 
-This one file is the whole CLI, including the helpers injected into the REPL (the bootstrap), so
-copying it is enough to run the skill. Reading order: the JSON/file contract, responses, the session
-store, the workspace client, the bootstrap, result rendering, command execution, the subcommands,
-the argument parser, and the warm client (a per-project process that keeps the SDK imported).
+This one file is the whole CLI, including the code it sends to the driver, so copying it is enough
+to run the skill. It reads from top to bottom; each section opens with a ``# == N.`` banner:
+
+1. Contract: file names, limits, statuses, exit codes.
+2. Responses: ReplError, ``response``, ``emit`` and the 2 KB fit; previews; tips (``cli_hint``).
+3. Session store: the project dir, atomic writes, the lock, session.json, step records and files.
+4. Workspace client: the SDK, imported lazily; ``error_kind`` (the one classifier of failures) and
+   ``map_sdk_error``; ``Target`` (where a command runs); ``Workspace``, with its deadline scope
+   (``deadline_within``), its poll (``wait_command``), helpers on the driver (``driver_call``) and
+   the chunked transfer of driver files.
+5. Step runs: the commands sent, how their results are read, clusters and execution contexts
+   (started, adopted, lost), progress through the sidecar context, and ``StepRun``, which owns one
+   step's run from its reservation to its answer.
+6. Analysis: what each step defines and uses, the replay plan, the export script.
+7. Subcommands: one ``cmd_*`` each.
+8. The parser and the entry point.
+9. The code that runs on the driver: the bootstrap (``_dbx_repl_install``) and the progress reader.
 """
 from __future__ import annotations
 
 import argparse
 import ast
 import base64
+import collections
 import contextlib
 import csv
 import datetime
@@ -31,11 +45,15 @@ import tempfile
 import time
 import zlib
 
+
 VERSION = "0.2.0"
 
-# ---------------------------------------------------------------------------------------------------
-# 1. The contract: file names, limits, statuses, exit codes
-# ---------------------------------------------------------------------------------------------------
+PROCESS_STARTED = time.monotonic()     # await's --timeout counts from here, the SDK import included
+
+
+# == 1. Contract: file names, limits, statuses, exit codes =========================================
+# What an agent can rely on: the files of a project dir, the limits of an answer and of a transfer,
+# the states of clusters and commands the CLI acts on, and its exit codes.
 
 SESSION_FILE = "session.json"
 OUTPUT_DIR = "repl_outputs"
@@ -43,6 +61,9 @@ ARCHIVE_DIR = "previous_sessions"          # under OUTPUT_DIR: destroyed session
 LOCK_FILE = ".dbx_repl.lock"
 DRIVER_OUTPUT_DIR = "/tmp"                 # on the driver: dbx_repl_<session_id>/NNN_tag.out copies
 SESSION_FORMAT = 1
+
+RESPONSES_DIR = "responses"                # under OUTPUT_DIR: fields moved out of an oversized answer
+REPLAY_PLAN_FILE = "replay_plan.json"      # under OUTPUT_DIR: the full plan behind a summary
 
 DEFAULT_TIMEOUT = 600.0
 DEFAULT_MAX_OUTPUT_BYTES = 64 * 1024 * 1024
@@ -52,6 +73,12 @@ SQL_MAX_ROWS = 100_000                     # exec --sql: rows written to the tab
 MAX_TAG_CHARS = 48
 DEFAULT_LLM_ENDPOINT = "default-llm-endpoint"
 ENV_LLM_ENDPOINT = "DBX_REPL_LLM_ENDPOINT"
+
+MAX_RESPONSE_BYTES = 2048                  # every answer, whatever the session's length or output
+DRIVER_COPIES_BYTES = 256 * 1024 * 1024    # per session: older steps' driver copies are pruned past it
+DEFAULT_TRANSFER_CAP = 512 * 1024 * 1024   # get/put: the file's size cap (--max-bytes)
+PUT_CHUNK_BYTES = 4 * 1024 * 1024
+DEFAULT_SYNC_CAP = 50 * 1024 * 1024        # sync: the folder's files (--max-bytes)
 
 # HTTP behaviour. The SDK's defaults (300 s retry budget, 60 s per request) make an unreachable host
 # hang for minutes; an agent needs an answer in seconds. Every workspace call of the CLI gets one
@@ -73,6 +100,7 @@ POLL_MIN_SECONDS = 0.03
 POLL_FRACTION = 0.025
 POLL_MAX_SECONDS = 5.0
 CANCEL_WAIT_SECONDS = 10.0
+HELPER_SECONDS = 120.0                     # a helper command of the CLI (a fetch, a stat) may take this
 CONTEXT_START_TIMEOUT = 300.0
 
 RUNNABLE_CLUSTER_STATES = ("RUNNING", "RESIZING")
@@ -100,9 +128,9 @@ END_MARKER = "\n\x1edbx-repl-end "         # written by the bootstrap after a wr
 MAGIC_LINE = re.compile(r"^\s*[%!]", re.MULTILINE)
 
 
-# ---------------------------------------------------------------------------------------------------
-# 2. Responses: one JSON object per call
-# ---------------------------------------------------------------------------------------------------
+# == 2. Responses: one JSON object per call, at most 2 KB, with a tip to run next ==================
+# Every call ends in `emit`: one JSON line on stdout, fitted to MAX_RESPONSE_BYTES (fields that do not fit
+# go to a file the answer names), with secrets scrubbed. A failure the agent can act on is a ReplError.
 
 class ReplError(Exception):
     """A failure the agent can act on: it becomes the one JSON response of the call."""
@@ -138,8 +166,6 @@ def scrub(text):
     return text
 
 
-MAX_RESPONSE_BYTES = 2048                  # every answer, whatever the session's length or output
-RESPONSES_DIR = "responses"                # under OUTPUT_DIR: fields moved out of an oversized answer
 KEPT_FIELDS = ("status", "message", "hint")
 
 
@@ -237,6 +263,89 @@ def now_iso():
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
 
 
+# -- previews: text an answer can show -------------------------------------------------------------
+
+def strip_ansi(text):
+    return ANSI_ESCAPE.sub("", text or "")
+
+
+def html_to_text(text):
+    return html.unescape(re.sub(r"<[^>]+>", "", text or "")).strip()
+
+
+PREVIEW_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def printable(text):
+    """Text safe to show in a response, as a terminal would show it: ANSI sequences removed, CRLF
+    made LF, carriage-return frames (progress bars) collapsed to the last one, and other control
+    characters (which some JSON-lines readers take as line breaks) shown as U+FFFD."""
+    text = strip_ansi(text).replace("\r\n", "\n")
+    if "\r" in text:
+        text = "\n".join(_last_frame(line) for line in text.split("\n"))
+    return PREVIEW_CONTROL.sub("\ufffd", text)
+
+
+def _last_frame(line):
+    frames = line.split("\r")
+    return next((frame for frame in reversed(frames) if frame), "")
+
+
+def preview(text, limit=PREVIEW_CHARS, total_bytes=None):
+    """Head and tail of a text with an explicit marker of what was left out, line breaks kept."""
+    if len(text) <= limit:
+        return printable(text)
+    if total_bytes is None:
+        total_bytes = len(text.encode("utf-8", "replace"))
+    return _head_and_tail(text[: limit * 6 // 10], text[-(limit * 3 // 10):], total_bytes)
+
+
+def _head_and_tail(head, tail, total_bytes):
+    """Join a head and a tail of a text of total_bytes with the omitted marker; the cut moves to a
+    line boundary when one is near, so a preview of many lines shows whole lines."""
+    newline = head.rfind("\n")
+    if newline >= len(head) * 2 // 3:
+        head = head[:newline + 1]
+    newline = tail.find("\n")
+    if 0 <= newline < len(tail) // 3 and newline < len(tail) - 1:
+        tail = tail[newline + 1:]
+    omitted = (total_bytes - len(head.encode("utf-8", "replace"))
+               - len(tail.encode("utf-8", "replace")))
+    head = printable(head)
+    separator = "" if head.endswith("\n") else "\n"
+    return f"{head}{separator}[... {omitted} bytes omitted ...]\n{printable(tail)}"
+
+
+def file_preview(path, limit=PREVIEW_CHARS):
+    """A preview read from a file without loading all of it."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        if size <= limit * 4:
+            return preview(f.read().decode("utf-8", "replace"), limit, total_bytes=size)
+        head = f.read(limit).decode("utf-8", "ignore")
+        f.seek(size - limit)
+        tail = f.read().decode("utf-8", "ignore")
+    return _head_and_tail(head[: limit * 6 // 10], tail[-(limit * 3 // 10):], size)
+
+
+def valid_unicode(value):
+    """The value with lone surrogates (undecodable bytes printed on the driver) replaced by '?', so
+    files and the JSON response can always be written as UTF-8."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+            return value
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "replace").decode("utf-8")
+    if isinstance(value, list):
+        return [valid_unicode(v) for v in value]
+    if isinstance(value, dict):
+        return {valid_unicode(k): valid_unicode(v) for k, v in value.items()}
+    return value
+
+
+# -- tips: the command line to run next, as the caller invoked this one ----------------------------
+
 class Invocation:
     """How this call was started, so that every tip can be run as it is: the program as the caller
     invoked it, its --profile (when one was given) and its --timeout. Set by `main`."""
@@ -284,9 +393,9 @@ def cli_hint(subcommand, project=None, timeout=None):
     return " ".join(parts)
 
 
-# ---------------------------------------------------------------------------------------------------
-# 3. Session store: project paths, atomic writes, the lock, session.json
-# ---------------------------------------------------------------------------------------------------
+# == 3. Session store: session.json, the lock, step records, the step's files ======================
+# A project dir holds session.json (the append-only step log, written atomically under a lock) and
+# repl_outputs/ (each step's NNN_tag.* files). Nothing here talks to the workspace.
 
 def write_atomic(path, data):
     """Write bytes to path so that a reader sees the old file or the new one, never a half.
@@ -517,6 +626,36 @@ def require_active(project, session):
     return session
 
 
+# -- signals: held while session.json changes ------------------------------------------------------
+
+class Terminated(BaseException):
+    """SIGTERM arrived (an agent's tool timeout): leave the command running and say so.
+
+    A BaseException, like KeyboardInterrupt, so that no `except Exception` (a retried poll, an SDK
+    error handler) swallows it."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Hold Ctrl+C and SIGTERM while a command is submitted and its id saved, so an interrupt
+    never leaves a running command the session does not know about; they fire on exit."""
+    mask = getattr(signal, "pthread_sigmask", None)
+    if mask is None:
+        yield
+        return
+    mask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        mask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
+# -- step records and the step's files -------------------------------------------------------------
+
 def step_key(step, tag):
     return f"{step:03d}_{tag}"
 
@@ -530,9 +669,150 @@ def sanitize_tag(tag):
     return slug
 
 
-# ---------------------------------------------------------------------------------------------------
-# 4. Workspace client: the SDK, imported lazily, and the calls we make through it
-# ---------------------------------------------------------------------------------------------------
+class StepFiles:
+    """The files of one step, named NNN_tag.*, and the `outputs` list that describes them."""
+
+    def __init__(self, project, step, tag):
+        self.project, self.key = project, step_key(step, tag)
+        self.stdout = project.output_path(self.key + ".stdout")
+        self.stderr = project.output_path(self.key + ".stderr")
+        self.command = project.output_path(self.key + ".cmd.py")
+        self.extra = []            # (kind, path, details)
+
+    def path(self, suffix):
+        return self.project.output_path(self.key + suffix)
+
+    def add(self, kind, path, **details):
+        self.extra.append((kind, path, details))
+
+    def outputs(self):
+        listed = [("command", self.command, {}), ("stdout", self.stdout, {}), ("stderr", self.stderr, {})]
+        found = []
+        for kind, path, details in listed + self.extra:
+            if os.path.exists(path):
+                found.append({"kind": kind, "path": self.project.show(path),
+                              "bytes": os.path.getsize(path), **details})
+        return found
+
+
+def step_entry(project, active, status, elapsed=None, **extra):
+    """The session.json record of the step `active` (its active_command record) ending as `status`."""
+    files = StepFiles(project, active["step"], active["tag"])
+    entry = {
+        "step": active["step"],
+        "tag": active["tag"],
+        "status": status,
+        "command_file": project.stored(files.command),
+        "stdout_file": project.stored(files.stdout),
+        "stderr_file": project.stored(files.stderr),
+        "started_at": active.get("started_at"),
+        "finished_at": now_iso(),
+        "elapsed_seconds": None if elapsed is None else round(elapsed, 3),
+        "command_id": active.get("command_id"),
+        "context_id": active.get("context_id"),
+    }
+    entry.update((k, v) for k, v in extra.items() if v is not None)
+    return entry
+
+
+def touch_step_files(project, entry):
+    """A step that never ran, or was cut short, still gets its (empty) stdout and stderr files."""
+    for key in ("stdout_file", "stderr_file"):
+        path = os.path.join(project.root, entry[key]) if entry.get(key) else None
+        if path and not os.path.exists(path):
+            write_atomic(path, b"")
+
+
+def record_step(project, entry, command_id=None):
+    """Append a step to session.json (after its files exist) and clear the matching active command."""
+    touch_step_files(project, entry)
+    with project.lock():
+        session = project.load()
+        # A step is recorded once: when `cancel` and the waiting exec both finish it, merge.
+        earlier = [s for s in session["steps"] if s.get("step") == entry["step"]
+                   and s.get("command_id") == entry.get("command_id")]
+        if earlier:
+            index = session["steps"].index(earlier[-1])
+            session["steps"][index] = dict(earlier[-1], **{k: v for k, v in entry.items() if v is not None})
+        else:
+            session["steps"].append(entry)
+        active = session.get("active_command")
+        if active and (active.get("step") == entry["step"] or
+                       (command_id and active.get("command_id") == command_id)):
+            session["active_command"] = None
+        project.save(session)
+    return session
+
+
+def elapsed_since(active):
+    try:
+        started = datetime.datetime.fromisoformat(active["started_at"])
+    except (KeyError, TypeError, ValueError):
+        return 0.0
+    return (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()
+
+
+def _read_text(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _append(path, text):
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(text)
+
+
+# -- contexts being created: the pending record ----------------------------------------------------
+
+def mark_pending_create(project, cluster_id, context_id=None):
+    """Record in session.json, before contexts/create is sent, that a create is under way, then the id
+    it answered: if the CLI dies before the session holds the context, the next call knows. Returns
+    earlier pending creates whose context id is known (the caller destroys them)."""
+    with project.lock():
+        session = project.load(required=False)
+        if session is None:  # a first create: a placeholder that no other subcommand takes for a session
+            session = {"format": SESSION_FORMAT, "status": "creating", "cluster_id": cluster_id,
+                       "context_id": None, "step_counter": 0, "steps": [], "active_command": None}
+        found = []
+        if context_id is None:
+            found = note_orphans(session)
+            session["pending_create"] = {"cluster_id": cluster_id, "requested_at": now_iso()}
+        elif session.get("pending_create"):
+            session["pending_create"]["context_id"] = context_id
+        project.save(session)
+    return [o for o in found if o.get("context_id")]
+
+
+def note_orphans(session):
+    """Move a pending create left by an earlier call into possible_orphans: it may have made a context
+    nobody tracks, and the API cannot list contexts to find it. Returns what was moved."""
+    pending = session.pop("pending_create", None)
+    if not pending:
+        return []
+    session.setdefault("possible_orphans", []).append(dict(pending, noted_at=now_iso()))
+    return [pending]
+
+
+def drop_pending_create(project):
+    """The create left no context behind: forget it (and a placeholder session.json)."""
+    with project.lock():
+        session = project.load(required=False)
+        if not session or "pending_create" not in session:
+            return
+        session.pop("pending_create")
+        if session.get("status") == "creating" and not session.get("possible_orphans"):
+            os.unlink(project.session_path)
+        else:
+            project.save(session)
+
+
+# == 4. Workspace client: the SDK, imported lazily, and the calls made through it ==================
+# `Workspace` makes every REST call of the CLI through the SDK's API client, each within a budget and the
+# deadline of `deadline_within`; `error_kind` says what any failure was, and `map_sdk_error` turns it into
+# an answer. A `Target` is where a command runs; `driver_call` runs one of the bootstrap's helpers there.
 
 class _SDK:
     """The parts of databricks-sdk the CLI uses, imported on first use.
@@ -546,6 +826,9 @@ class _SDK:
     # mostly `cryptography` and the provisioning service): loaded on first attribute access instead.
     DEFERRED = ("google.auth.impersonated_credentials", "google.oauth2.service_account",
                 "databricks.sdk.azure")
+    # Character detection, which `import requests` loads (~40 ms) to guess the encoding of an answer
+    # that names none: the workspace answers JSON in UTF-8, requests' own fallback without them.
+    UNDETECTED = ("chardet", "charset_normalizer")
 
     @staticmethod
     def _defer(names):
@@ -573,6 +856,9 @@ class _SDK:
         if cls.loaded is None:
             import warnings  # e.g. google-auth's end-of-life notices: not the agent's concern
             warnings.filterwarnings("ignore", category=FutureWarning, module=r"google\.")
+            warnings.filterwarnings("ignore", message="Unable to find acceptable character detection")
+            for name in cls.UNDETECTED:
+                sys.modules.setdefault(name, None)   # None: `import name` raises ImportError
             # The import creates ~600 modules' worth of long-lived objects: with the cyclic GC off it
             # skips a dozen full collections, and freezing the survivors keeps them out of every later
             # collection, including the one at interpreter exit (~0.2 s saved per call in total).
@@ -699,6 +985,8 @@ def _call_alarm(seconds):
         signal.signal(signal.SIGALRM, previous)
 
 
+# -- what went wrong: one classifier, one mapping to answers ---------------------------------------
+
 # Answers that say the service did not take the request and asks to come back: the SDK's own list of
 # transient messages (a cluster still starting, the RPC rate limiter) plus REQUEST_LIMIT_EXCEEDED,
 # which the service also sends as a 400/500 without Retry-After (references/local-workspace.md).
@@ -706,17 +994,131 @@ TRANSIENT_MESSAGES = ("ClusterNotReadyException", "RPC token bucket limit has be
                       "Please try again later", "does not have any associated worker environments",
                       "Unknown worker environment")
 
+# What went wrong, as `error_kind` tells it. The service answered:
+AUTH = "auth"                  # the credentials are missing, wrong or not allowed (401, 403)
+THROTTLED = "throttled"        # a rate limit (429, REQUEST_LIMIT_EXCEEDED): the service did not act
+RETRY_LATER = "retry_later"    # another answer that asks to come back (Retry-After, TRANSIENT_MESSAGES)
+SERVER = "server"              # the service failed (500, 503, a deadline exceeded on its side)
+NOT_FOUND = "not_found"        # 404: no such cluster, context, path
+REJECTED = "rejected"          # any other answer: the request was refused as it is
+# No answer:
+TIMEOUT = "timeout"            # the call's deadline or its retry budget ran out
+UNREACHABLE = "unreachable"    # no connection was made: nothing reached the service
+DROPPED = "dropped"            # the connection broke or fell silent: the request may have arrived
+# Neither:
+CONFIG = "config"              # the client is not configured (no host, an unknown profile)
+OTHER = "other"                # anything else (a bug)
+
+DECLINED = (THROTTLED, RETRY_LATER)                      # the service did not act: sending again is safe
+ANSWERED = (AUTH, THROTTLED, RETRY_LATER, SERVER, NOT_FOUND, REJECTED)
+PASSING = (THROTTLED, RETRY_LATER, SERVER, TIMEOUT, UNREACHABLE, DROPPED)   # worth waiting through
+
+
+def error_kind(err):
+    """The one classifier: what kind of failure an exception of a workspace call is (see AUTH...)."""
+    errors = _SDK.get().errors
+    if isinstance(err, errors.DatabricksError):
+        if isinstance(err, (errors.Unauthenticated, errors.PermissionDenied)):
+            return AUTH
+        if isinstance(err, errors.TooManyRequests):
+            return THROTTLED
+        if getattr(err, "retry_after_secs", None) is not None or any(m in str(err) for m in TRANSIENT_MESSAGES):
+            return RETRY_LATER
+        if isinstance(err, (errors.InternalError, errors.TemporarilyUnavailable, errors.DeadlineExceeded)):
+            return SERVER
+        return NOT_FOUND if isinstance(err, errors.NotFound) else REJECTED
+    if isinstance(err, TimeoutError):
+        return TIMEOUT
+    try:
+        import requests
+    except ImportError:
+        requests = None
+    if requests is not None and isinstance(err, (requests.ConnectionError, requests.Timeout)):
+        return UNREACHABLE if _never_connected(err) else DROPPED
+    if isinstance(err, ValueError) and re.search(r"auth|profile|config", str(err), re.IGNORECASE):
+        return CONFIG
+    return OTHER
+
+
+def _never_connected(err):
+    """True when a requests error shows no connection was made, so no request reached the server."""
+    import requests
+    if isinstance(err, requests.exceptions.ConnectTimeout):
+        return True
+    try:
+        from urllib3.exceptions import ConnectTimeoutError  # NewConnectionError (refused) subclasses it
+    except ImportError:
+        return False
+    reason = getattr(err.args[0], "reason", None) if err.args else None
+    return isinstance(reason, ConnectTimeoutError)
+
+
+def map_sdk_error(err, action="call the workspace"):
+    """The one place that turns an SDK or network exception into an agent-facing ReplError."""
+    if isinstance(err, ReplError):
+        return err
+    kind = error_kind(err)
+    text = scrub(str(err)).strip() or type(err).__name__
+    if kind == CONFIG:
+        return ReplError("AuthError", f"Databricks authentication is not configured: {text}",
+                         hint="Check the --profile name in ~/.databrickscfg (or DATABRICKS_CONFIG_FILE), "
+                              "or set DATABRICKS_HOST and DATABRICKS_TOKEN.")
+    if kind == AUTH:
+        return ReplError("AuthError", f"The workspace rejected the credentials: {text}",
+                         hint="Refresh the token or fix the profile (databricks auth login), then retry.")
+    if kind in (TIMEOUT, UNREACHABLE, DROPPED):
+        cause = scrub(str(err.__cause__ or err))
+        return ReplError("WorkspaceUnreachable", f"Could not {action}: {cause}",
+                         hint="Check the host and the network; the call gave up after "
+                              f"{_env_number(ENV_RETRY_TIMEOUT, DEFAULT_RETRY_TIMEOUT):g}s "
+                              f"(set {ENV_RETRY_TIMEOUT} to wait longer).")
+    if kind == THROTTLED:
+        return ReplError("RateLimited", f"The workspace is throttling requests: {text}",
+                         hint="Wait a minute and retry.")
+    if kind in ANSWERED:
+        return ReplError("ApiError", f"Could not {action}: {text}",
+                         hint="Read the message; retry if it looks transient.",
+                         error_code=getattr(err, "error_code", None))
+    return ReplError("UnexpectedError", f"Could not {action}: {type(err).__name__}: {text}",
+                     hint="Rerun with --debug for details.")
+
+
+# -- the client: deadlines, polls, helpers on the driver, chunked driver files ---------------------
+
+class Target(collections.namedtuple("Target", "cluster_id context_id session_id")):
+    """Where a command runs: the cluster, the execution context, and the session whose files on the
+    driver (output copies, plots, synced folders) it reads."""
+    __slots__ = ()
+
+    @classmethod
+    def of(cls, session, context_id=None):
+        """The session's context, or `context_id` of the same cluster (a step's, a sidecar's)."""
+        return cls(session["cluster_id"], context_id or session["context_id"], session.get("session_id"))
+
+
+class StatusUnavailable(Exception):
+    """A wait ended while the command's status could not be read: its last polls failed, so whether
+    it runs, ended or was cancelled is unknown. `error` is the last failure, `failing_for` seconds."""
+
+    def __init__(self, error, failing_for):
+        super().__init__(str(error))
+        self.error, self.failing_for = error, failing_for
+
+
+def poll_delay(waited):
+    return min(POLL_MAX_SECONDS, max(POLL_MIN_SECONDS, waited * POLL_FRACTION))
+
 
 class Workspace:
     """The workspace calls the CLI makes, through the SDK's authenticated API client.
 
     Every call has a budget (`retry_timeout`, DBX_REPL_RETRY_TIMEOUT, default 10 s), cut shorter by
-    `deadline` (a time.monotonic() value) when the subcommand has one: retries, their sleeps and a
-    request in flight all end by then, and the call raises TimeoutError."""
+    `deadline` (a time.monotonic() value, set through `deadline_within`): retries, their sleeps and a
+    request in flight all end by then, and the call raises TimeoutError. Every call of one process
+    goes through one HTTP connection (the SDK's requests.Session keeps it alive)."""
 
     def __init__(self, profile=None, debug=False):
         sdk = _SDK.get()
-        self.sdk, self.errors = sdk, sdk.errors
         if debug:
             _enable_debug_logging()
             sys.stderr.write(f"[dbx_repl debug] databricks-sdk import path: {sdk.import_path}\n")
@@ -771,45 +1173,226 @@ class Workspace:
         nothing tracks; the API cannot list contexts), never a second create."""
         return self.submit("/api/1.2/contexts/create", {"clusterId": cluster_id, "language": "python"})["id"]
 
-    def context_status(self, cluster_id, context_id):
+    def context_status(self, target):
         return self._do("GET", "/api/1.2/contexts/status",
-                        query={"clusterId": cluster_id, "contextId": context_id}).get("status")
+                        query={"clusterId": target.cluster_id, "contextId": target.context_id}).get("status")
 
-    def destroy_context(self, cluster_id, context_id):
-        self._do("POST", "/api/1.2/contexts/destroy", body={"clusterId": cluster_id, "contextId": context_id})
+    def destroy_context(self, target):
+        self._do("POST", "/api/1.2/contexts/destroy",
+                 body={"clusterId": target.cluster_id, "contextId": target.context_id})
 
-    def context_alive(self, cluster_id, context_id):
+    def context_alive(self, target):
         """Probe the context: True if it answers Running (or Pending)."""
         try:
-            return self.context_status(cluster_id, context_id) in ("Running", "Pending")
-        except self.errors.DatabricksError as err:
-            if _is_auth_error(err, self.errors) or self.transient(err) or _looks_transient(err, self.errors):
-                raise   # no answer about the context (a 5xx, throttling): unknown, not gone
+            return self.context_status(target) in ("Running", "Pending")
+        except Exception as err:
+            if error_kind(err) in (NOT_FOUND, REJECTED):
+                return False
+            raise   # no answer about the context (a 5xx, throttling, no connection): unknown, not gone
+
+    def gone_after(self, err, target):
+        """After a call about a context failed with `err`: True when the service answered (not an
+        authentication failure) and a probe shows the context is gone. A failed probe says False."""
+        kind = error_kind(err)
+        if kind == AUTH or kind not in ANSWERED:
+            return False
+        try:
+            return not self.context_alive(target)
+        except Exception:
             return False
 
+    def wait_for_context(self, target):
+        """Poll a new context until it leaves Pending: its status (Running, Error, or Pending on timeout)."""
+        started = time.monotonic()
+        while True:
+            state = self.context_status(target)
+            if state != "Pending" or time.monotonic() - started > CONTEXT_START_TIMEOUT:
+                return state
+            time.sleep(poll_delay(time.monotonic() - started))
+
     # -- commands -------------------------------------------------------------------------------------
-    def execute(self, cluster_id, context_id, command):
+    def execute(self, target, command):
         """Submit a command; its id. Sent once (see `submit`): a command never runs twice."""
-        return self.submit("/api/1.2/commands/execute", {"clusterId": cluster_id, "command": command,
-                                                         "contextId": context_id, "language": "python"})["id"]
+        return self.submit("/api/1.2/commands/execute", {"clusterId": target.cluster_id, "command": command,
+                                                         "contextId": target.context_id, "language": "python"})["id"]
 
-    def command_status(self, cluster_id, context_id, command_id):
-        return self._do("GET", "/api/1.2/commands/status",
-                        query={"clusterId": cluster_id, "contextId": context_id, "commandId": command_id})
+    def command_status(self, target, command_id):
+        return self._do("GET", "/api/1.2/commands/status", query={
+            "clusterId": target.cluster_id, "contextId": target.context_id, "commandId": command_id})
 
-    def cancel(self, cluster_id, context_id, command_id):
-        self._do("POST", "/api/1.2/commands/cancel",
-                 body={"clusterId": cluster_id, "contextId": context_id, "commandId": command_id})
+    def cancel(self, target, command_id):
+        self._do("POST", "/api/1.2/commands/cancel", body={
+            "clusterId": target.cluster_id, "contextId": target.context_id, "commandId": command_id})
 
-    def dbfs_read(self, path, offset, length):
-        return self._do("GET", "/api/2.0/dbfs/read", query={"path": path, "offset": offset, "length": length})
+    def wait_command(self, target, command_id, timeout, watch=None):
+        """Poll until the command is done (its status dict) or `timeout` seconds pass (None).
+        `watch(waited)`, when given, is called between polls (it limits its own rate; see StepWatch).
 
-    # -- the two ways to call ---------------------------------------------------------------------------
-    def transient(self, err):
-        """True for an answer that says the service did not act and asks to come back later."""
-        return isinstance(err, self.errors.DatabricksError) and (
-            getattr(err, "retry_after_secs", None) is not None or isinstance(err, self.errors.TooManyRequests)
-            or any(m in str(err) for m in TRANSIENT_MESSAGES))
+        Polls fast at first (see POLL_*). A failed poll is retried, not reported as a failed command,
+        unless a contexts/status probe shows the context is gone (ContextGone). Every request ends by the
+        timeout plus WAIT_GRACE_SECONDS, whatever the network does; if the last poll failed, the wait
+        raises StatusUnavailable instead of returning None. A deadline set by the caller ends the wait too.
+        """
+        started = time.monotonic()
+        failing_since, last_error = None, None
+        with self.deadline_within(timeout + WAIT_GRACE_SECONDS) as limit:
+            deadline = min(started + timeout, limit)
+            while True:
+                began = time.monotonic()
+                try:
+                    status = self.command_status(target, command_id)
+                    failing_since = last_error = None
+                    if status.get("status") in DONE_COMMAND_STATES:
+                        return status
+                except Exception as err:
+                    kind = error_kind(err)
+                    if kind == AUTH:
+                        raise
+                    try:
+                        alive = self.context_alive(target)
+                    except Exception as probe_err:  # the network is down too: keep polling until the timeout
+                        if error_kind(probe_err) not in PASSING:
+                            raise
+                        alive = True
+                    if not alive:
+                        raise ContextGone(str(err)) from None
+                    if kind in (NOT_FOUND, REJECTED):
+                        raise
+                    cut = kind == TIMEOUT   # our deadline ran out, not the service's answer
+                    if cut and failing_since is None and time.monotonic() >= deadline and began > deadline - 1.0:
+                        return None   # only a poll begun just before the deadline was cut: no news, no failure
+                    failing_since, last_error = failing_since or began, err
+                now = time.monotonic()
+                if now >= deadline:
+                    if last_error is not None:
+                        raise StatusUnavailable(last_error, now - failing_since)
+                    return None
+                if watch is not None:
+                    watch(now - started)
+                    now = time.monotonic()
+                    if now >= deadline:
+                        continue
+                time.sleep(max(min(poll_delay(now - started), deadline - now), 0.0))
+
+    def cancel_and_wait(self, target, command_id, wait=CANCEL_WAIT_SECONDS):
+        """Ask the service to cancel, then poll until the command settles. Returns its last status, or
+        None if it is still stopping; StatusUnavailable if no status could be read."""
+        self.cancel(target, command_id)
+        return self.wait_command(target, command_id, wait)
+
+    # -- the CLI's own commands on the driver -----------------------------------------------------------
+    def run_command(self, target, command, timeout=HELPER_SECONDS):
+        """Run a command of the CLI (the bootstrap, a helper) and return its results dict."""
+        started = time.monotonic()
+        command_id = self.execute(target, command)
+        try:
+            status = self.wait_command(target, command_id, timeout)
+        except StatusUnavailable as err:
+            raise map_sdk_error(err.error, action="read a helper command's status") from None
+        if status is None:
+            raise ReplError("InternalTimeout", f"A helper command did not finish within "
+                            f"{time.monotonic() - started:.0f}s.", hint="The context may be busy; retry, or run status.")
+        return status.get("results") or {}
+
+    def driver_call(self, target, helper, *args, about=None, failed="RemoteFileError"):
+        """Run a helper on the driver and return the JSON of the last line it printed.
+
+        `helper` is the name of a method of the bootstrap's `_dbx_repl` (the command is
+        `_dbx_repl.helper(args)`), or one of the functions of section 9, sent with its source. The
+        arguments travel as Python literals (data, never code). An error result raises
+        ReplError(`failed`), its message led by `about` (default: the helper's name)."""
+        call = "(%s)" % ", ".join(repr(a) for a in args)
+        if callable(helper):
+            import inspect
+            command = f"{inspect.getsource(helper)}\n{helper.__name__}{call}\n"
+        else:
+            command = f"_dbx_repl.{helper}{call}"
+        results = self.run_command(target, command)
+        if results.get("resultType") == "error":
+            error_type, message = parse_error(results.get("summary"), results.get("cause"))
+            raise ReplError(failed, f"{about or getattr(helper, '__name__', helper)}: {error_type}: {message}",
+                            hint="Check the path on the driver (a file it can read, a folder it can write); retry "
+                                 "if it repeats.")
+        return json.loads((results.get("data") or "").strip().splitlines()[-1])
+
+    # -- driver files, chunked: full output, plots, get and put ------------------------------------------
+    def fetch_file(self, target, sink, max_bytes, helper, *args):
+        """Copy a driver file into `sink` chunk by chunk, at most max_bytes; returns (bytes written, size
+        on the driver (-1: no such file), the first chunk's header).
+
+        The chunks come from `_dbx_repl.helper(*args, offset, mode)` (fetch, fetch_output, fetch_image),
+        as table results; if the REPL does not produce tables, as text, which the service caps per
+        command."""
+        offset, written, mode, first = 0, 0, "table", None
+        while True:
+            call = ", ".join(repr(a) for a in (*args, offset, mode))
+            results = self.run_command(target, f"_dbx_repl.{helper}({call})")
+            try:
+                header, payload = decode_chunk(results)
+            except ReplError:
+                raise
+            except Exception:
+                if mode != "table":
+                    raise ReplError("TransferFailed", "The driver's data arrived damaged.",
+                                    hint="Retry; if it repeats, report the cluster's runtime version.") from None
+                mode = "text"  # this REPL's tables do not carry the chunks intact: use text results
+                continue
+            first = first or header
+            size = header.get("size", -1)
+            if size < 0:
+                return written, size, first
+            room = max_bytes - written
+            sink.write(payload[:room])
+            written += min(len(payload), room)
+            offset = header.get("next", offset + len(payload))
+            if offset >= size or written >= max_bytes or not payload:
+                return written, size, first
+
+    def put_file(self, target, remote, blocks):
+        """Write `blocks` (an iterable of bytes) to the driver file `remote`, one zlib-compressed chunk
+        per command; an empty iterable still creates the file. Returns (sha256 object, chunks sent)."""
+        digest, offset, chunks = hashlib.sha256(), 0, 0
+        for block in itertools.chain(blocks, [b""]):
+            if not block and offset:
+                break
+            digest.update(block)
+            packed = base64.b64encode(zlib.compress(block, 6)).decode("ascii")
+            self.driver_call(target, "put", remote, offset, packed, about=f"Writing {remote}")
+            offset += len(block)
+            chunks += 1
+            if not block:
+                break
+        return digest, chunks
+
+    def read_dbfs(self, path):
+        """A whole DBFS file (large plots come back as FileStore paths), or None if it cannot be read."""
+        chunks, offset = [], 0
+        try:
+            while True:
+                answer = self._do("GET", "/api/2.0/dbfs/read", query={"path": path, "offset": offset,
+                                                                       "length": 1024 * 1024})
+                data = base64.b64decode(answer.get("data") or "")
+                if not data:
+                    break
+                chunks.append(data)
+                offset += len(data)
+                if answer.get("bytes_read", len(data)) < 1024 * 1024:
+                    break
+        except Exception:
+            return None
+        return b"".join(chunks) or None
+
+    # -- the deadline --------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def deadline_within(self, seconds):
+        """Every call in the block ends within `seconds` from now, or by the deadline already set if
+        that one is nearer; on exit the outer deadline is back. Yields the deadline in force."""
+        outer = self.deadline
+        self.deadline = time.monotonic() + seconds if outer is None else min(outer, time.monotonic() + seconds)
+        try:
+            yield self.deadline
+        finally:
+            self.deadline = outer
 
     def budget(self):
         """Seconds the next call may take: the retry budget, or less if the deadline is nearer."""
@@ -820,16 +1403,16 @@ class Workspace:
             raise TimeoutError("the call's deadline has passed")
         return left
 
+    # -- the two ways to call ---------------------------------------------------------------------------
     def submit(self, path, payload):
         """POST a request that must not run twice (a command, a new context).
 
         The SDK retries every request, POSTs included, after a dropped connection. This sends a body
         the SDK treats as non-replayable, so it makes one attempt; it is sent again only when the
         service answered that it did not act (429/503, REQUEST_LIMIT_EXCEEDED, a cluster not ready:
-        see `transient`) or no connection was made. Raises SubmitUncertain when the request may have
+        DECLINED) or no connection was made (UNREACHABLE). Raises SubmitUncertain when the request may have
         reached the service but the answer was lost.
         """
-        import requests
         body = json.dumps(payload).encode("utf-8")
         started = time.monotonic()
         deadline = started + self.budget()
@@ -845,15 +1428,15 @@ class Workspace:
                 return answer
             except CallTimedOut:
                 raise SubmitUncertain(f"no answer within {time.monotonic() - started:.0f}s") from None
-            except self.errors.DatabricksError as err:
-                if not self.transient(err):
-                    raise
-                wait = getattr(err, "retry_after_secs", None) or min(2 ** (attempt - 1), 5)
-                self.submit_state, declined = "waiting", err
-            except (requests.ConnectionError, requests.Timeout) as err:
-                if not _never_connected(err):
+            except Exception as err:
+                kind = error_kind(err)
+                if kind == DROPPED:
                     raise SubmitUncertain(str(err)) from None
-                wait = min(attempt, 5)  # refused or no connection: nothing was sent, safe to retry
+                if kind not in DECLINED + (UNREACHABLE,):
+                    raise
+                # refused or no connection: nothing was sent; else the service's own wait, if it gave one
+                wait = min(attempt, 5) if kind == UNREACHABLE else \
+                    getattr(err, "retry_after_secs", None) or min(2 ** (attempt - 1), 5)
                 self.submit_state, declined = "waiting", err
             if time.monotonic() + wait >= deadline:
                 raise declined   # the service's own answer (or the connection error) says why
@@ -872,17 +1455,32 @@ class Workspace:
                     # connection ends in the SDK's own TimeoutError with its cause.
                     with _call_alarm(self.clock.deadline - time.monotonic() + 0.25):
                         return self.api.do(method, path, query=query, body=body)
-                except self.errors.DatabricksError as err:
+                except Exception as err:
                     # The SDK retries Retry-After and its transient messages itself; a rate limit sent
                     # without Retry-After (REQUEST_LIMIT_EXCEEDED as 400/500) is retried here.
                     wait = min(2 ** (attempt - 1), 5)
-                    if not self.transient(err) or time.monotonic() + wait >= self.clock.deadline:
+                    if error_kind(err) not in DECLINED or time.monotonic() + wait >= self.clock.deadline:
                         raise
                     time.sleep(wait)
         except CallTimedOut:
             raise TimeoutError(f"no answer from {path} within {budget:.0f}s") from None
         finally:
             self.clock.deadline = None
+
+
+def decode_chunk(results):
+    """(header, payload bytes) from a fetch command's result (table rows or text lines)."""
+    if results.get("resultType") == "table":
+        packed = "".join(str(row[0]) for row in results.get("data") or [] if row)
+    elif results.get("resultType") == "text":
+        packed = "".join((results.get("data") or "").split())
+    else:
+        detail = parse_error(results.get("summary"), results.get("cause"))
+        raise ReplError("TransferFailed", "The driver could not send the file: %s: %s" % detail,
+                        hint="Check the path on the driver.")
+    raw = base64.b64decode(packed)
+    header, _, payload = raw.partition(b"\n")
+    return json.loads(header.decode("utf-8")), zlib.decompress(payload) if payload else b""
 
 
 def _bounded_config(sdk):
@@ -910,19 +1508,6 @@ def _bounded_config(sdk):
     return BoundedConfig
 
 
-def _never_connected(err):
-    """True when a requests error shows no connection was made, so no request reached the server."""
-    import requests
-    if isinstance(err, requests.exceptions.ConnectTimeout):
-        return True
-    try:
-        from urllib3.exceptions import ConnectTimeoutError  # NewConnectionError (refused) subclasses it
-    except ImportError:
-        return False
-    reason = getattr(err.args[0], "reason", None) if err.args else None
-    return isinstance(reason, ConnectTimeoutError)
-
-
 def _enable_debug_logging():
     import logging
 
@@ -939,71 +1524,3056 @@ def _enable_debug_logging():
     logger.setLevel(logging.DEBUG)
 
 
-def _is_auth_error(err, errors):
-    return isinstance(err, (errors.Unauthenticated, errors.PermissionDenied))
+# == 5. Step runs: the commands sent, their results, contexts, and one object per step's run =======
+# What a step sends (its command wrapped by the bootstrap), how its results are read, the execution
+# contexts it runs in (started, adopted, lost and replaced), its progress, and `StepRun`, the one object
+# that owns a step's run from its reservation to its answer.
+
+# -- the commands the CLI sends: the bootstrap, a step, a SQL step ---------------------------------
+
+def bootstrap_command(config):
+    """The command `create` runs: install the helpers, then drop the installer's name. The
+    installer travels as its own source; its config as a JSON literal (data, never code)."""
+    import inspect
+    config = dict(config, row_chars=CHUNK_ROW_CHARS, text_budget=TEXT_CHUNK_BUDGET,
+                  chunk_budget=CHUNK_COMPRESSED_BUDGET, copies_bytes=DRIVER_COPIES_BYTES)
+    return (inspect.getsource(_dbx_repl_install)
+            + "\n_dbx_repl_install(__import__('json').loads(%r), globals())\ndel _dbx_repl_install\n"
+            "print('dbx-repl bootstrap ready', 'fresh' if _dbx_repl.fresh_interpreter else 'again')\n"
+            % json.dumps(config))
 
 
-def _looks_transient(err, errors):
-    """Errors worth polling through: throttling, server trouble, dropped connections."""
-    import requests
-    if isinstance(err, (TimeoutError, requests.ConnectionError, requests.Timeout)):
-        return True
-    return isinstance(err, (errors.TooManyRequests, errors.InternalError, errors.TemporarilyUnavailable,
-                            errors.DeadlineExceeded))
+def wrap_command(source, key):
+    """(command to send, wrapped) for a user step. Python runs through `_dbx_repl.run`, which tees
+    its output to a driver copy, saves its plots and records how it ended (wrapped=True). A step
+    with magics (%pip, !ls, %sh), which only the REPL understands, is sent as it is after one line
+    that starts the tee (wrapped="magic"); a cell magic (%%sh) must be the cell's first line, so it
+    is sent untouched (wrapped=False)."""
+    if not MAGIC_LINE.search(source) or _is_python(source):
+        encoded = base64.b64encode(source.encode("utf-8")).decode("ascii")
+        return f"_dbx_repl.run({key!r}, {encoded!r})", True
+    if source.lstrip().startswith("%%"):
+        return source, False
+    return f"_dbx_repl.begin_magic({key!r})\n{source}", "magic"
 
 
-def map_sdk_error(err, action="call the workspace"):
-    """The one place that turns an SDK or network exception into an agent-facing ReplError."""
-    if isinstance(err, ReplError):
-        return err
-    sdk = _SDK.get()
-    errors = sdk.errors
-    text = scrub(str(err)).strip() or type(err).__name__
-    if isinstance(err, ValueError) and ("auth" in text or "profile" in text or "config" in text.lower()):
-        return ReplError("AuthError", f"Databricks authentication is not configured: {text}",
-                         hint="Check the --profile name in ~/.databrickscfg (or DATABRICKS_CONFIG_FILE), "
-                              "or set DATABRICKS_HOST and DATABRICKS_TOKEN.")
-    if isinstance(err, errors.DatabricksError) and _is_auth_error(err, errors):
-        return ReplError("AuthError", f"The workspace rejected the credentials: {text}",
-                         hint="Refresh the token or fix the profile (databricks auth login), then retry.")
-    if isinstance(err, TimeoutError) or _is_connection_error(err):
-        cause = scrub(str(err.__cause__ or err))
-        return ReplError("WorkspaceUnreachable", f"Could not {action}: {cause}",
-                         hint="Check the host and the network; the call gave up after "
-                              f"{_env_number(ENV_RETRY_TIMEOUT, DEFAULT_RETRY_TIMEOUT):g}s "
-                              f"(set {ENV_RETRY_TIMEOUT} to wait longer).")
-    if isinstance(err, errors.TooManyRequests):
-        return ReplError("RateLimited", f"The workspace is throttling requests: {text}",
-                         hint="Wait a minute and retry.")
-    if isinstance(err, errors.DatabricksError):
-        return ReplError("ApiError", f"Could not {action}: {text}",
-                         hint="Read the message; retry if it looks transient.",
-                         error_code=getattr(err, "error_code", None))
-    return ReplError("UnexpectedError", f"Could not {action}: {type(err).__name__}: {text}",
-                     hint="Rerun with --debug for details.")
+def sql_step_code(text):
+    """The Python a SQL step runs (and its command file holds): spark.sql in the session's context,
+    the whole result to a table file on the driver (see `_Repl.sql` in the bootstrap)."""
+    return f"_dbx_repl.sql({text!r}, max_rows={SQL_MAX_ROWS})\n"
 
 
-def _is_connection_error(err):
+def sql_of(code):
+    """The SQL text of a SQL step's code (what `sql_step_code` wrote), or None for a Python step."""
+    if not code or not code.startswith("_dbx_repl.sql("):
+        return None
     try:
-        import requests
-    except ImportError:
+        tree = ast.parse(code)
+    except (SyntaxError, ValueError):
+        return None
+    call = tree.body[0].value if len(tree.body) == 1 and isinstance(tree.body[0], ast.Expr) else None
+    if isinstance(call, ast.Call) and call.args and isinstance(call.args[0], ast.Constant) \
+            and isinstance(call.args[0].value, str):
+        return call.args[0].value
+    return None
+
+
+def _is_python(source):
+    """True when the source parses as Python, as it is or uniformly dedented (as the REPL runs it)."""
+    import ast
+    import textwrap
+    for text in (source, textwrap.dedent(source)):
+        try:
+            ast.parse(text)
+            return True
+        except (SyntaxError, ValueError):
+            continue
+    return False
+
+
+# -- reading results: errors, tables, images, the end marker ---------------------------------------
+
+def parse_error(summary, cause):
+    """(type, message) of a failed command, from the HTML summary or the traceback's last line."""
+    clean_cause = strip_ansi(cause).strip()
+    candidates = [html_to_text(strip_ansi(summary))]
+    candidates += [line.strip() for line in reversed(clean_cause.splitlines()) if line.strip()]
+    for line in candidates:
+        match = re.match(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Warning))(?::\s*(.*))?$",
+                         line.splitlines()[0] if line else "")
+        if match:
+            return match.group(1).rsplit(".", 1)[-1], (match.group(2) or "").strip()
+    first = candidates[0] or (clean_cause.splitlines()[-1] if clean_cause else "")
+    return "Error", first[:500]
+
+
+def is_cancellation(status, results):
+    """True when a command ended by a cancel: status Cancelled, or an error result with
+    CommandCancelledException in it, or KeyboardInterrupt (pyspark's SIGINT handler raises it, and
+    the service then answers Finished). A context shutdown looks the same: probe the context."""
+    if status == "Cancelled":
+        return True
+    results = results or {}
+    if results.get("resultType") != "error":
         return False
-    return isinstance(err, (requests.ConnectionError, requests.Timeout))
+    if CANCELLED_MARKER in (results.get("cause") or "") + (results.get("summary") or ""):
+        return True
+    return parse_error(results.get("summary"), results.get("cause"))[0] == "KeyboardInterrupt"
 
 
-# ---------------------------------------------------------------------------------------------------
-# 5. The bootstrap: helpers injected into the REPL at `create`
-# ---------------------------------------------------------------------------------------------------
-# `_dbx_repl_install` runs on the driver, not here: `bootstrap_command` sends its source
-# (inspect.getsource) with the config as a JSON literal, so it imports only the standard library,
-# and only inside itself. Everything it installs lives in one object, `_dbx_repl`, plus the public
-# helpers sub_llm, sub_llm_batch, sub_llm_usage and sub_llm_budget; `display` is wrapped so plots
-# are saved as PNGs on the driver. Nothing else is added to the user's namespace. The token used by
-# sub_llm is read on the cluster and never leaves it.
+def schema_columns(results):
+    """[(name, type)] of a table result; types are JSON-encoded when isJsonSchema is set."""
+    columns = []
+    for i, field in enumerate(results.get("schema") or []):
+        name = field.get("name", f"col{i}") if isinstance(field, dict) else str(field)
+        kind = field.get("type", "") if isinstance(field, dict) else ""
+        if results.get("isJsonSchema") and isinstance(kind, str):
+            with contextlib.suppress(ValueError):
+                kind = json.loads(kind)
+        columns.append((name, kind if isinstance(kind, str) else json.dumps(kind)))
+    return columns
 
-DRIVER_COPIES_BYTES = 256 * 1024 * 1024    # per session: older steps' driver copies are pruned past it
+
+def render_table(columns, rows, limit=TABLE_PREVIEW_ROWS):
+    """A fixed-width text rendering of the first rows, so `head` shows the table's shape."""
+    names = [c[0] for c in columns] or [f"col{i}" for i in range(len(rows[0]) if rows else 0)]
+    shown = [["" if v is None else str(v) for v in row] for row in rows[:limit]]
+    widths = [min(40, max([len(n)] + [len(r[i]) for r in shown if i < len(r)])) for i, n in enumerate(names)]
+    fmt = lambda cells: " | ".join(c[:w].ljust(w) for c, w in zip(cells, widths)).rstrip()
+    lines = [fmt(names), "-+-".join("-" * w for w in widths)] + [fmt(r) for r in shown]
+    if len(rows) > limit:
+        lines.append(f"... {len(rows) - limit} more rows")
+    return "\n".join(lines) + "\n"
 
 
+def decode_data_url(url):
+    """(extension, bytes) of a data: URL, or None when it is not one."""
+    match = re.match(r"data:([\w/+.-]+)?(;base64)?,(.*)$", url or "", re.S)
+    if not match:
+        return None
+    mime = match.group(1) or "application/octet-stream"
+    payload = match.group(3)
+    data = base64.b64decode(payload) if match.group(2) else payload.encode("utf-8")
+    ext = {"image/png": "png", "image/jpeg": "jpg", "image/svg+xml": "svg", "image/gif": "gif"}.get(mime, "bin")
+    return ext, data
+
+
+def split_end_marker(text, key):
+    """(output, complete): strip the bootstrap's end marker. The output is complete when the marker
+    is there and at least as much text came back as the bootstrap teed (the REPL may show more:
+    writes to streams captured before the command, such as an older logging handler)."""
+    output, complete, _ = read_end_marker(text, key)
+    return output, complete
+
+
+def read_end_marker(text, key):
+    """(output, complete, images): the marker is `END_MARKER key chars [images]`, images being the
+    number of plots the bootstrap saved for the step on the driver."""
+    index = text.rfind(END_MARKER)
+    if index < 0:
+        return text, False, 0
+    tail = text[index + len(END_MARKER):].split()
+    output = text[:index]
+    complete = len(tail) in (2, 3) and tail[0] == key and all(t.isdigit() for t in tail[1:]) \
+        and int(tail[1]) <= len(output)
+    return output, complete, int(tail[2]) if complete and len(tail) == 3 else 0
+
+
+def cut_marker(written, size):
+    """The line that ends a stdout file cut by --max-output-bytes."""
+    return f"\n[dbx-repl: output cut at {written} of {size} bytes (--max-output-bytes)]\n".encode()
+
+
+def _cut_note(written, size):
+    return (f"Output is {size} bytes; the stdout file holds the first {written} (--max-output-bytes) "
+            "and ends with a cut marker.")
+
+
+def driver_copy_path(session_id, key):
+    """Where the bootstrap tees a step's output on the driver."""
+    return f"{DRIVER_OUTPUT_DIR}/dbx_repl_{session_id}/{key}.out"
+
+
+def save_table(files, results):
+    columns = schema_columns(results)
+    rows = results.get("data") or []
+    names = [c[0] for c in columns]
+    csv_path, json_path = files.path(".table.csv"), files.path(".table.json")
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(names)
+    writer.writerows(rows)
+    write_atomic(csv_path, buffer.getvalue())
+    write_atomic(json_path, json.dumps({"columns": [{"name": n, "type": t} for n, t in columns],
+                                        "rows": rows, "truncated": bool(results.get("truncated"))},
+                                       ensure_ascii=False, default=str))
+    details = {"rows": len(rows), "columns": len(columns), "truncated": bool(results.get("truncated"))}
+    files.add("table", csv_path, **details)
+    files.add("table_json", json_path)
+    shown, budget = [], 400                # keep the response small however wide the table is
+    for name in names[:50]:
+        name = printable(str(name))[:60]
+        budget -= len(name) + 4
+        if budget < 0:
+            break
+        shown.append(name)
+    return render_table(columns, rows), {**details, "file": files.project.show(csv_path),
+                                         "column_names": shown}
+
+
+RESTART_WINDOW = "jupyter client is not available"   # the REPL's Python is restarting (or was shut down)
+RESTART_WAIT_SECONDS = 120.0
+SHUTDOWN_CAUSES = ("ExecContextState.shutdown", "abortRunningSequence")
+
+HELPERS_MISSING = re.compile(r"name .?_dbx_repl.? is not defined")
+
+
+def service_error_text(results):
+    return html_to_text(strip_ansi((results or {}).get("summary"))) + "\n" + strip_ansi((results or {}).get("cause"))
+
+
+def lost_reason(status):
+    """Why a context died under a step, from the step's last status (the probe said it is gone)."""
+    results = status.get("results") or {}
+    text = service_error_text(results)
+    if any(cause in text for cause in SHUTDOWN_CAUSES):
+        return "The execution context was shut down while the step ran (the cluster restarted, or the service "\
+               "closed the context)."
+    if is_cancellation(status.get("status"), results):
+        return ("The step was cancelled, but it kept running through the interrupts (e.g. it caught "
+                "KeyboardInterrupt), so the service killed its Python process.")
+    return ("The Python process died while the step ran (os._exit, a crash in native code, or the driver ran "
+            "out of memory).")
+
+
+def helpers_missing(active, status):
+    """True when a wrapped step failed only because the REPL lost the bootstrap (a Python restart,
+    e.g. dbutils.library.restartPython(), clears it): the step itself never started."""
+    results = status.get("results") or {}
+    if not active.get("wrapped") or active.get("helpers_reinstalled") or results.get("resultType") != "error":
+        return False
+    text = html_to_text(strip_ansi(results.get("summary"))) + strip_ansi(results.get("cause"))
+    return bool(HELPERS_MISSING.search(text))
+
+
+def restart_window_ending(active, status):
+    """True when the step's command met the REPL while its Python was restarting (after %pip or
+    restartPython): the service answers an error result with the RESTART_WINDOW text."""
+    results = status.get("results") or {}
+    return results.get("resultType") == "error" and not active.get("helpers_reinstalled") and \
+        RESTART_WINDOW in service_error_text(results)
+
+
+class HelpersGoneDuringStep(Exception):
+    """The step's driver copy could not be fetched because the REPL no longer has the helpers: its
+    Python restarted under the step (a crash the service recovered from), or the code removed them."""
+
+
+class ContextLostDuringStep(Exception):
+    """The step's context died under it (a crash, a shutdown, a kill after an ignored cancel): its
+    Python state is gone. `reason` is one sentence for the response."""
+
+    def __init__(self, reason, step_at_fault=True):
+        super().__init__(reason)
+        self.reason = reason
+        self.step_at_fault = step_at_fault   # False: the service shut the context down (an eviction)
+
+
+# -- a live line on a terminal ---------------------------------------------------------------------
+
+class LiveLine:
+    """A one-line status on stderr, rewritten in place, only when stderr is a terminal (never in a
+    pipe or a file, where an agent reads it)."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self.enabled = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.shown = False
+
+    def show(self, text):
+        if self.enabled:
+            width = shutil_columns() - 1
+            self.stream.write("\r\x1b[K" + printable(text)[:width])
+            self.stream.flush()
+            self.shown = True
+
+    def close(self):
+        if self.enabled and self.shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+
+
+def shutil_columns():
+    import shutil
+    return shutil.get_terminal_size((100, 20)).columns
+
+
+# -- clusters: all-purpose, running, started on request --------------------------------------------
+
+def is_all_purpose(cluster):
+    return cluster.get("cluster_source") not in NOT_ALL_PURPOSE_SOURCES
+
+
+def cluster_not_running(cluster_id, cluster, startable=False):
+    """ClusterNotRunning. With `startable` (create), a TERMINATED cluster's hint names --start-cluster."""
+    state = cluster.get("state", "UNKNOWN")
+    detail = f" ({cluster['state_message']})" if cluster.get("state_message") else ""
+    hint = ("Start the cluster (Databricks UI, or `databricks clusters start ID`), wait for RUNNING "
+            "(3-8 minutes), then retry.")
+    if startable and state in STARTABLE_CLUSTER_STATES:
+        hint = ("Ask the user whether to start it (it costs money, 3-8 minutes); with their consent run create "
+                "again with --start-cluster.")
+    return ReplError("ClusterNotRunning", f"Cluster {cluster_id} is {state}{detail}, not RUNNING.",
+                     hint=hint, cluster_id=cluster_id, cluster_state=state)
+
+
+def create_again_hint(args):
+    """The create command line of this call, flags included, to run again after ClusterStarting."""
+    import shlex
+    parts = [cli_hint("create", Project.current), "--cluster-id", shlex.quote(args.cluster_id.strip()),
+             "--session-name", shlex.quote(args.session_name.strip())]
+    for flag, value in (("--llm-endpoint", args.llm_endpoint), ("--llm-max-calls", args.llm_max_calls),
+                        ("--llm-max-tokens", args.llm_max_tokens)):
+        if value is not None:
+            parts += [flag, shlex.quote(str(value))]
+    return " ".join(parts + ["--start-cluster", "--timeout", f"{args.timeout:g}"])
+
+
+def start_and_wait(ws, cluster_id, cluster, timeout, again):
+    """Start a TERMINATED cluster (only `create --start-cluster` calls this: the user consented) and
+    wait until it is RUNNING, at most until `timeout` seconds after the process started. A cluster
+    already starting (PENDING, RESTARTING) is only waited for. Returns the cluster's details.
+
+    Raises ClusterNotRunning for a state that cannot become RUNNING by starting (TERMINATING, ERROR,
+    ...), and ClusterStarting (exit 3) when the deadline passes first: `again` is the command to run.
+    A one-line progress shows on stderr when stderr is a terminal."""
+    state = cluster.get("state")
+    if state not in STARTABLE_CLUSTER_STATES + STARTING_CLUSTER_STATES:
+        raise cluster_not_running(cluster_id, cluster)
+    if state in STARTABLE_CLUSTER_STATES:
+        try:
+            ws.start_cluster(cluster_id)
+        except Exception as err:
+            if "INVALID_STATE" not in str(getattr(err, "error_code", "")) + str(err):
+                raise map_sdk_error(err, action="start the cluster") from None
+            # started by someone else meanwhile: wait for it like any starting cluster
+    deadline = PROCESS_STARTED + timeout
+    progress = LiveLine()
+    try:
+        while True:
+            waited = time.monotonic() - PROCESS_STARTED
+            progress.show(f"cluster {cluster_id}: {cluster.get('state')} "
+                          f"{(cluster.get('state_message') or '')[:60]} ({waited:.0f}s)")
+            if time.monotonic() >= deadline:
+                raise ReplError("ClusterStarting",
+                                f"Cluster {cluster_id} is still starting ({cluster.get('state')}) after {timeout:g}s.",
+                                exit_code=EXIT_RUNNING, cluster_id=cluster_id, cluster_state=cluster.get("state"),
+                                hint="Starting takes 3-8 minutes; run tip.create to keep waiting (it does not "
+                                     "start the cluster twice).", tip={"create": again})
+            pause = max(1.0, min(CLUSTER_POLL_SECONDS, 0.1 * waited))
+            time.sleep(max(0.0, min(pause, deadline - time.monotonic())))
+            try:
+                cluster = ws.cluster(cluster_id)
+            except Exception as err:
+                raise map_sdk_error(err, action="check the starting cluster") from None
+            if cluster.get("state") in RUNNABLE_CLUSTER_STATES:
+                return cluster
+            if cluster.get("state") not in STARTING_CLUSTER_STATES:
+                raise cluster_not_running(cluster_id, cluster)
+    finally:
+        progress.close()
+
+
+# -- execution contexts: started, adopted, lost ----------------------------------------------------
+
+CONTEXT_CREATE_ATTEMPTS = 3
+
+
+def bootstrap_config(session, host):
+    """The bootstrap's config for the session's contexts (see `_dbx_repl_install`)."""
+    return {"session_id": session["session_id"], "host": host, "llm_endpoint": session.get("llm_endpoint"),
+            "llm_max_calls": session.get("llm_max_calls"), "llm_max_tokens": session.get("llm_max_tokens"),
+            "out_dir": DRIVER_OUTPUT_DIR}
+
+
+def start_context(ws, project, session):
+    """Create an execution context on the session's cluster, wait until it runs, install the bootstrap
+    in it, and return its id.
+
+    The create is recorded as pending in session.json before it is sent, and sent once: a lost answer
+    is never resent (it could make a second context). A context that comes up in status Error is
+    destroyed and the create tried again, up to CONTEXT_CREATE_ATTEMPTS times with backoff (the
+    service answers Error for transient driver trouble; dbt-databricks retries it too). The caller
+    saves the returned id and drops the pending record (`adopt_context`)."""
+    cluster_id = session["cluster_id"]
+    for attempt in range(1, CONTEXT_CREATE_ATTEMPTS + 1):
+        for orphan in mark_pending_create(project, cluster_id):
+            with contextlib.suppress(Exception):   # an earlier call died after the create answered
+                ws.destroy_context(Target(orphan["cluster_id"], orphan["context_id"], None))
+        ws.submit_state = None
+        try:
+            context = Target.of(session, ws.create_context(cluster_id))
+        except (SubmitUncertain, KeyboardInterrupt, Terminated) as err:
+            if not isinstance(err, SubmitUncertain) and ws.submit_state != "sending":
+                drop_pending_create(project)   # interrupted before the request went out
+                raise
+            cause = scrub(str(err)) if isinstance(err, SubmitUncertain) else \
+                ("Ctrl+C" if isinstance(err, KeyboardInterrupt) else "SIGTERM") + " arrived"
+            raise ReplError("CreateUncertain", f"The answer to the context create was lost ({cause}): a context "
+                            "may have been created that nothing tracks.",
+                            exit_code=EXIT_INTERRUPTED if isinstance(err, KeyboardInterrupt) else EXIT_FAILED,
+                            hint="Run create again; it notes this under possible_orphans in session.json. The API "
+                                 "cannot list contexts, so such a context is freed only when the cluster "
+                                 "restarts.") from None
+        except Exception as err:
+            drop_pending_create(project)   # the service said no, or no connection was made: nothing was made
+            if error_kind(err) not in ANSWERED:
+                raise
+            text = str(err)
+            if re.search(r"\b145\b|too many|limit", text, re.I) and "context" in text.lower():
+                raise ReplError("ContextLimitReached", f"The cluster has no free execution context: {scrub(text)}",
+                                hint="Destroy unused sessions (dbx_repl.py destroy in their project dirs), "
+                                     "or use another cluster.") from None
+            raise map_sdk_error(err, action="create an execution context") from None
+        try:
+            mark_pending_create(project, cluster_id, context_id=context.context_id)
+            state = ws.wait_for_context(context)
+            if state == "Running":
+                results = ws.run_command(context, bootstrap_command(bootstrap_config(session, ws.host)),
+                                         timeout=CONTEXT_START_TIMEOUT)
+        except BaseException:
+            abandon_context(ws, project, context)
+            raise
+        if state == "Running":
+            break
+        abandon_context(ws, project, context)
+        if state != "Error" or attempt == CONTEXT_CREATE_ATTEMPTS:
+            raise ReplError("ContextFailed", f"The execution context did not start (status {state}, "
+                            f"{attempt} attempt(s)).",
+                            hint="Check the cluster's driver logs; restart the cluster if this repeats.")
+        time.sleep(min(2 ** attempt, 8))
+    if results.get("resultType") == "error":
+        abandon_context(ws, project, context)
+        error_type, message = parse_error(results.get("summary"), results.get("cause"))
+        raise ReplError("BootstrapFailed", f"Installing the REPL helpers failed: {error_type}: {message}",
+                        hint="Report this with the cluster's runtime version.")
+    return context.context_id
+
+
+def abandon_context(ws, project, context):
+    """Destroy a new context this call will not use (quickly: the call may be stopping), and forget it."""
+    with ws.deadline_within(3.0):
+        try:
+            ws.destroy_context(context)
+        except Exception:
+            return   # not confirmed: the pending record with its id stays, so the next create destroys it
+    drop_pending_create(project)
+
+
+def adopt_context(ws, project, context_id, replaces=None):
+    """Make a new context the session's, unless the session was destroyed while it was created: then
+    destroy it (no context outlives its session). True if adopted."""
+    with project.lock():
+        session = project.load()
+        session.pop("pending_create", None)
+        if session.get("status") == "active":
+            session["context_id"] = context_id
+            session.setdefault("contexts", []).append({"context_id": context_id, "created_at": now_iso(),
+                                                       "replaces": replaces})
+            project.save(session)
+            return True
+    abandon_context(ws, project, Target.of(session, context_id))
+    return False
+
+
+def remove_driver_copies(ws, target, session_id=None):
+    """Delete a session's output copies on the driver (this context's session, or session_id's).
+    Best effort; returns the number of files removed, or None when the REPL could not be asked."""
+    try:
+        return int(ws.driver_call(target, "remove_copies", *([session_id] if session_id else []))["removed"])
+    except Exception:
+        return None
+
+
+def recover_context(ws, project, failed=None, lost=None):
+    """The context is gone: record the lost step (`failed`, a StepRun), start a fresh context, and list
+    what to replay. `lost`: why the context died under the failed step (None: evicted); the answer is
+    then ContextLost.
+
+    If the session was destroyed meanwhile (a `destroy` from another call during the wait), or another
+    call already recorded the step, nothing is recorded twice and no context is created."""
+    mine = failed.active if failed else None
+    with project.lock():
+        session = project.load()
+        old_context = session.get("context_id")
+        active = session.get("active_command")
+        still_ours = mine is None or (active is not None and active.get("step") == mine["step"])
+        if session.get("status") != "active" or not still_ours:
+            return settled_elsewhere(project, session, mine)
+        failed_entry = None
+        if mine:
+            failed_entry = step_entry(project, mine, "ContextLost" if lost else "Evicted")
+            touch_step_files(project, failed_entry)
+            session["steps"].append(failed_entry)
+        session["active_command"] = None
+        project.save(session)
+    plan, target = dependency_plan(project, session, target=failed_entry)
+    summary = plan_summary(project, plan, target)
+    try:
+        cluster = ws.cluster(session["cluster_id"])
+        if cluster.get("state") not in RUNNABLE_CLUSTER_STATES:
+            raise cluster_not_running(session["cluster_id"], cluster)
+        new_context = start_context(ws, project, session)
+    except ReplError as err:
+        err.fields.update(evicted_context_id=old_context, replay_plan=summary)
+        err.message = f"The execution context was lost, and a new one could not be started: {err.message}"
+        raise
+    if not adopt_context(ws, project, new_context, replaces=old_context):
+        return settled_elsewhere(project, project.load(), mine)
+    session = project.load()
+    salvaged = failed.salvage_output(Target.of(session)) if failed else None
+    return response(
+        "ContextLost" if lost else "ContextEvicted",
+        " ".join(filter(None, [lost or "The execution context was evicted.",
+                               "A new context is ready, but variables and imports are gone.", salvaged])),
+        old_context_id=old_context, new_context_id=new_context,
+        failed_step=step_key(mine["step"], mine["tag"]) if mine else None,
+        replay_plan=summary,
+        tip={"replay": cli_hint("replay", project), "plan": f"{cli_hint('replay', project)} --plan"}
+        if plan or session.get("syncs") else None,
+        synced_folders=sorted(session.get("syncs") or {}) or None,
+        hint="replay runs the plan (the steps whose definitions the failed step needs; see "
+             "references/eviction-replay.md"
+             + ("; it first syncs the synced_folders again" if session.get("syncs") else "") + "), then "
+             + ("change the failed step before running it again: it took its context down." if lost
+                else "exec the failed step again."),
+        exit_code=EXIT_FAILED)
+
+
+def settled_elsewhere(project, session, failed):
+    """The answer for a wait whose step (`failed`, a step record) another call settled: destroy (or
+    cancel) got there first."""
+    recorded = [s for s in session["steps"] if failed and s.get("step") == failed["step"]]
+    status = recorded[-1].get("status") if recorded else None
+    if session.get("status") != "active":
+        return response("Destroyed", f"The session was destroyed while step "
+                        f"{step_key(failed['step'], failed['tag']) if failed else ''} was running; it is recorded "
+                        f"as {status or 'not run'}.", exit_code=EXIT_FAILED,
+                        cmd_id=step_key(failed["step"], failed["tag"]) if failed else None, step_status=status,
+                        hint=f"Run {cli_hint('create', project)} --cluster-id ID --session-name NAME to start again.")
+    return response(status or "Cancelled", f"Step {step_key(failed['step'], failed['tag'])} was settled by another "
+                    f"call ({status}).", exit_code=EXIT_FAILED, cmd_id=step_key(failed["step"], failed["tag"]),
+                    hint="Continue with exec.")
+
+
+# -- progress of a running step: read through the sidecar context ----------------------------------
+
+PROGRESS_TAIL_LINES = 10
+PROGRESS_TAIL_BYTES = 1024
+PROGRESS_READ_SECONDS = 10.0               # one progress read (status); past it the answer says why it has none
+RUNNING_PROGRESS_SECONDS = 5.0             # the read a Running answer adds after --timeout
+WATCH_INTERVAL_SECONDS = 2.0               # await --follow and the terminal line: a read at most this often
+SPARK_NAMES = re.compile(r"\b(spark|sc|sqlContext|sql|table)\b|^\s*%sql|_dbx_repl\.sql\(", re.MULTILINE)
+
+
+def progress_line(key, waited, progress):
+    """One line for a terminal or `await --follow`: elapsed, Spark tasks, the last output line."""
+    parts = [f"{key} {waited:.0f}s"]
+    for job in (progress.get("spark_jobs") or [])[-2:]:
+        parts.append(f"job {job['job']} tasks {job['tasks']}")
+    tail = (progress.get("output_tail") or "").strip().splitlines()
+    if tail:
+        parts.append(tail[-1][:80])
+    if progress.get("error"):
+        parts.append(f"(no progress: {progress['error'][:60]})")
+    return " | ".join(parts)
+
+
+class StepWatch:
+    """The `watch` of a wait: every WATCH_INTERVAL_SECONDS, the step's progress as a line on stderr
+    (`follow`: one line per change, for await --follow) or as the live line of a terminal. None
+    (see `for_wait`) when neither applies, so a pipe never sees progress."""
+
+    def __init__(self, run, follow):
+        self.run, self.follow = run, follow
+        self.live = None if follow else LiveLine()
+        self.next_read, self.last_line = 0.0, None
+
+    @classmethod
+    def for_wait(cls, run, follow=False):
+        if not follow and not sys.stderr.isatty():
+            return None
+        return cls(run, follow)
+
+    def __call__(self, waited):
+        if time.monotonic() < self.next_read or not self.run.active.get("command_id"):
+            return
+        progress = self.run.progress()
+        self.next_read = time.monotonic() + WATCH_INTERVAL_SECONDS
+        line = progress_line(self.run.files.key, elapsed_since(self.run.active), progress)
+        if self.follow:
+            body = line.split(" | ", 1)[1] if " | " in line else ""
+            if body != self.last_line:
+                sys.stderr.write(printable(line) + "\n")
+                sys.stderr.flush()
+                self.last_line = body
+        else:
+            self.live.show(line)
+
+    def close(self):
+        if self.live is not None:
+            self.live.close()
+
+
+# -- one step's run --------------------------------------------------------------------------------
+
+class StepRun:
+    """One step's run, from its reservation to its answer.
+
+    It holds what every part of the run needs: the workspace, the project, the session, the active
+    step record (session.json's `active_command`, kept in step with it), the step's files, the target
+    it runs on, the caller's --timeout and its deadline, and the output cap. `reserve` (exec, replay)
+    makes one for a new step; `await`, `cancel` and `status` make one for the step already active.
+
+    Reading order: submitting (`run`, `submit`, `interrupted_submit`); waiting (`wait`, `interrupt`,
+    `cancel`); finishing (`finish`, which renders the results into the step's files and the answer);
+    the context lost under the step (`recover`, `python_restarted`); and its progress, read through
+    the sidecar context (`progress`)."""
+
+    def __init__(self, ws, project, session, active):
+        self.ws, self.project, self.session, self.active = ws, project, session, active
+        self.files = StepFiles(project, active["step"], active["tag"])
+        self.target = Target.of(session, active.get("context_id"))
+        self.timeout = DEFAULT_TIMEOUT      # the caller's --timeout: what the Running answer's tip repeats
+        self.deadline = None                # time.monotonic() by which a wait ends
+        self.max_bytes = DEFAULT_MAX_OUTPUT_BYTES
+        self.command = None                 # what `submit` sends (set by `reserve`)
+
+    @classmethod
+    def reserve(cls, ws, project, code, tag, replay_of=None):
+        """Take the next step number, write its command file, and mark it active in session.json."""
+        with signals_deferred(), project.lock():
+            session = require_active(project, project.load())
+            busy = session.get("active_command")
+            if busy:
+                raise ReplError("CommandRunning",
+                                f"Step {step_key(busy['step'], busy['tag'])} is still running in this session.",
+                                hint="Wait for it with await, or stop it with cancel; the context runs one "
+                                     "command at a time.",
+                                exit_code=EXIT_FAILED, command_id=busy.get("command_id"),
+                                tip={"await": cli_hint("await", project), "cancel": cli_hint("cancel", project)})
+            project.ensure_outputs_dir()
+            step = max(session["step_counter"], project.highest_step_on_disk()) + 1
+            files = StepFiles(project, step, tag)
+            write_atomic(files.command, code)
+            command, wrapped = wrap_command(code, files.key)
+            active = {"step": step, "tag": tag, "command_id": None, "context_id": session["context_id"],
+                      "started_at": now_iso(), "wrapped": wrapped, "state": "submitting"}
+            if replay_of is not None:
+                active["replay_of"] = replay_of
+            last = session["steps"][-1] if session["steps"] else None
+            if last and last.get("status") == "SubmitUncertain" and last.get("context_id") == session["context_id"]:
+                active["after_uncertain"] = step_key(last["step"], last["tag"])
+            session["step_counter"] = step
+            session["active_command"] = active
+            project.save(session)
+        run = cls(ws, project, session, active)
+        run.command = command
+        return run
+
+    def bound(self, timeout, max_bytes, since=None):
+        """The caller's --timeout, counted from `since` (a time.monotonic() value; default now), and
+        --max-output-bytes. Returns the run."""
+        self.timeout, self.max_bytes = timeout, max_bytes
+        self.deadline = (time.monotonic() if since is None else since) + timeout
+        return self
+
+    # -- submitting -------------------------------------------------------------------------------------
+    def run(self):
+        """Submit the reserved step and wait for it: the heart of `exec` and `replay`.
+
+        The deadline bounds the submit and the wait. Signals are held while session.json is written;
+        one that lands during the submit request is answered by what the service may have seen (see
+        `interrupted_submit`)."""
+        try:
+            with self.ws.deadline_within(self.deadline - time.monotonic() + SUBMIT_GRACE_SECONDS):
+                self.ws.submit_state = self.ws.submitted = None
+                early = self.submit()
+        except (KeyboardInterrupt, Terminated) as interruption:
+            return self.interrupted_submit(interruption)
+        if early is not None:
+            return early
+        try:
+            return self.wait()
+        except KeyboardInterrupt:
+            return self.interrupt()
+        except Terminated:
+            return self.running()
+
+    def submit(self):
+        """Send the reserved step's command and save its id. Returns an answer only when it did not start."""
+        try:
+            command_id = self.execute(self.command)
+        except SubmitUncertain as err:
+            raise self.uncertain(f"The connection dropped ({scrub(str(err))})") from None
+        except Exception as err:
+            if self.ws.gone_after(err, self.target):
+                return self.recover()
+            self.release()   # the service answered no, or no connection was made: nothing ran
+            raise map_sdk_error(err, action="submit the command") from None
+        self.save_command_id(command_id)
+        return None
+
+    def execute(self, command):
+        """Submit a command in the step's context; a REPL in a restart window refused it (nothing ran),
+        so wait the window out, reinstall the helpers and submit once more."""
+        try:
+            return self.ws.execute(self.target, command)
+        except SubmitUncertain:
+            raise
+        except Exception as err:
+            if RESTART_WINDOW not in str(err):
+                raise
+        self.reinstall_helpers()
+        return self.ws.execute(self.target, command)
+
+    def save_command_id(self, command_id):
+        with signals_deferred():
+            self.active["command_id"], self.active["state"] = command_id, "running"
+            with self.project.lock():
+                current = self.project.load()
+                if (current.get("active_command") or {}).get("step") == self.active["step"]:
+                    current["active_command"] = self.active
+                    self.project.save(current)
+
+    def release(self):
+        """Undo a reservation whose command the service never took: no step, no files (a refused call
+        writes nothing)."""
+        with signals_deferred(), self.project.lock():
+            session = self.project.load()
+            current = session.get("active_command")
+            if not current or current.get("step") != self.active["step"] or current.get("command_id"):
+                return
+            session["active_command"] = None
+            if session["step_counter"] == self.active["step"]:
+                session["step_counter"] = self.active["step"] - 1
+            with contextlib.suppress(OSError):
+                os.unlink(self.files.command)
+            self.project.save(session)
+
+    def uncertain(self, cause):
+        """Record a step whose submit may or may not have reached the service; the error that says
+        what happens next."""
+        self.record("SubmitUncertain")
+        return ReplError("SubmitUncertain",
+                         f"{cause} while submitting step {self.files.key}: the service may have received it. It "
+                         "was not resent, so it ran once or not at all, and it may still be running: the context "
+                         "runs one command at a time, so the next exec waits behind it (within its --timeout).",
+                         hint="Check the step's effect with a small exec (e.g. print a variable); exec the step "
+                              "again only if the effect is missing.", cmd_id=self.files.key)
+
+    def interrupted_submit(self, interruption):
+        """Ctrl+C or SIGTERM while the command was being submitted: answer with what the service saw."""
+        ctrl_c = isinstance(interruption, KeyboardInterrupt)
+        signal_name = "Ctrl+C" if ctrl_c else "SIGTERM"
+        exit_code = EXIT_INTERRUPTED if ctrl_c else EXIT_FAILED
+        state = self.ws.submit_state
+        if state == "accepted" and not self.active.get("command_id"):
+            self.save_command_id(self.ws.submitted["id"])
+        if self.active.get("command_id"):   # the service took it: cancel it (Ctrl+C) or leave it running
+            return self.interrupt() if ctrl_c else self.running()
+        if state == "sending":
+            err = self.uncertain(f"{signal_name} arrived")
+            err.exit_code = exit_code
+            return err.response()
+        self.release()
+        return response("Interrupted" if ctrl_c else "Terminated",
+                        f"{signal_name} arrived before step {self.files.key} was sent: it did not run and is not "
+                        "recorded.", exit_code=exit_code, hint="exec it again when ready.")
+
+    # -- waiting ------------------------------------------------------------------------------------------
+    def wait(self, follow=False):
+        """Wait for the command until the deadline and answer for it: the step, Running (with
+        `progress`), StatusUnknown, Cancelled, Destroyed or ContextEvicted. `follow`: progress lines
+        on stderr meanwhile (else a live line on a terminal only)."""
+        watch = StepWatch.for_wait(self, follow)
+        try:
+            try:
+                status = self.poll(watch)
+            finally:
+                if watch is not None:
+                    watch.close()
+            if status is not None and helpers_missing(self.active, status):
+                self.rerun_with_helpers()
+                status = self.poll()
+            if status is not None and restart_window_ending(self.active, status):
+                if self.active.get("wrapped") is True:  # the step never reached Python: run it once more
+                    self.rerun_with_helpers()
+                    status = self.poll()
+                else:  # a magic (%pip) ran and Python restarted after it: never re-run its side effects
+                    self.reinstall_helpers()
+                    self.active["restarted_after_magic"] = True
+        except KeyboardInterrupt:
+            return self.interrupt()
+        except Terminated:
+            return self.running()
+        except StatusUnavailable as unavailable:
+            return self.status_unknown(unavailable)
+        except ContextGone:
+            return self.recover()
+        if status is None:
+            body = self.running()
+            body["progress"] = self.progress(RUNNING_PROGRESS_SECONDS)
+            return body
+        return self.finish(status)
+
+    def poll(self, watch=None):
+        """The command's status once it has ended, or None at the deadline (see Workspace.wait_command)."""
+        left = max(self.deadline - time.monotonic(), 0.0) if self.deadline is not None else self.timeout
+        return self.ws.wait_command(self.target, self.active["command_id"], left, watch=watch)
+
+    def reinstall_helpers(self):
+        """Install the helpers in the context again, waiting out a Python restart window. Returns True
+        when the REPL's Python had restarted (its variables are gone), False when only the helpers were."""
+        deadline = time.monotonic() + RESTART_WAIT_SECONDS
+        while True:
+            try:
+                results = self.ws.run_command(self.target, bootstrap_command(bootstrap_config(self.session,
+                                                                                              self.ws.host)),
+                                              timeout=CONTEXT_START_TIMEOUT)
+                problem = service_error_text(results) if results.get("resultType") == "error" else None
+            except ReplError:
+                raise
+            except Exception as err:
+                if RESTART_WINDOW not in str(err):
+                    raise
+                problem = str(err)
+            if problem is None:
+                return (results.get("data") or "").rstrip().endswith("fresh")
+            if RESTART_WINDOW not in problem:
+                raise ReplError("BootstrapFailed", "Installing the REPL helpers again failed: "
+                                f"{scrub(problem.strip())[:300]}", hint="Run status; if the context is lost, "
+                                                                        "replay restores it.")
+            if time.monotonic() > deadline:
+                raise ReplError("KernelRestarting", f"The REPL's Python was still restarting after "
+                                f"{RESTART_WAIT_SECONDS:g}s.", hint="Wait a minute, then run await (or status).")
+            time.sleep(2)
+
+    def rerun_with_helpers(self):
+        """Install the helpers again and submit the step once more, saving its new command id."""
+        self.active["python_restarted_before"] = self.reinstall_helpers()
+        with open(self.files.command, encoding="utf-8") as f:
+            command, _ = wrap_command(f.read(), self.files.key)
+        try:
+            command_id = self.ws.execute(self.target, command)
+        except SubmitUncertain as err:
+            raise self.uncertain(f"The connection dropped ({scrub(str(err))})") from None
+        self.active["helpers_reinstalled"] = True
+        self.save_command_id(command_id)
+
+    def interrupt(self):
+        """Ctrl+C while waiting: cancel the remote command and record the step as Cancelled.
+
+        A SIGTERM during the cancel (an agent's tool timeout after its Ctrl+C) cuts the confirmation
+        short: one last status read decides between Cancelled and Cancelling (await settles that)."""
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        previous_term = signal.getsignal(signal.SIGTERM)
+        try:
+            try:
+                status = self.ws.cancel_and_wait(self.target, self.active["command_id"])
+            except Terminated:
+                status = self.last_status()
+                if status is None:
+                    return self.cancelling("Stopped by SIGTERM while the cancel was confirmed.")
+            except ContextGone:
+                return self.recover()
+            except Exception:
+                status = None
+            # The outcome is known: a SIGTERM now would only lose the answer, so finish first.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            if status is not None:
+                body = self.finish(status)
+                if body["status"] == "Cancelled":
+                    body["message"] = "Command interrupted by user. " + body["message"]
+                    body["_exit"] = EXIT_INTERRUPTED
+                return body
+            elapsed = elapsed_since(self.active)
+            self.record("Cancelled", elapsed=elapsed)
+            return self.respond("Cancelled", elapsed, {"message": "Command interrupted by user. The cancel could "
+                                                                  "not be confirmed; check with status."},
+                                exit_code=EXIT_INTERRUPTED)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            signal.signal(signal.SIGTERM, previous_term)
+
+    def cancel(self):
+        """`cancel` of this step: stop its command and answer Cancelled, the step's own ending when it
+        had ended first, or Cancelling while it stops (the step stays active so await can settle it)."""
+        command_id = self.active["command_id"]
+        try:
+            status = self.ws.cancel_and_wait(self.target, command_id)
+        except ContextGone:
+            return self.recover()
+        except StatusUnavailable as unavailable:
+            # The service took the cancel but cannot say whether the command stopped. Free the session
+            # anyway (the way out when status calls keep failing), and say what that means.
+            error = map_sdk_error(unavailable.error, action="read the command's status").message
+            self.record("Cancelled", elapsed=elapsed_since(self.active), cancel_confirmed=False)
+            return response("Cancelled", "The cancel was sent, but the service could not confirm it: " + error +
+                            " The step is recorded as Cancelled and the session is free; if the command still "
+                            "runs, the next exec waits behind it.", cancel_confirmed=False, status_error=error[:500],
+                            hint="Continue with exec; destroy the session if the next exec answers Running.",
+                            command_id=command_id, cmd_id=self.files.key)
+        except Exception as err:
+            raise map_sdk_error(err, action="cancel the command") from None
+        if status is None:
+            return self.cancelling()
+        body = self.finish(status)
+        if body["status"] in ("Finished", "Error"):
+            body["message"] = "The command had already finished before the cancel; its output was saved."
+        elif body["status"] == "Cancelled":
+            body["command_id"], body["_exit"] = command_id, EXIT_OK  # the cancel succeeded
+        return body
+
+    def last_status(self, budget=2.0):
+        """One quick status read of the command (its status dict if it has ended, else None)."""
+        with self.ws.deadline_within(budget):
+            try:
+                status = self.ws.command_status(self.target, self.active["command_id"])
+                return status if status.get("status") in DONE_COMMAND_STATES else None
+            except Exception:
+                return None
+
+    # -- the answers while it runs ----------------------------------------------------------------------
+    def running(self):
+        queued = (f" It may be waiting behind step {self.active['after_uncertain']}, whose submit was uncertain."
+                  if self.active.get("after_uncertain") else "")
+        return response(
+            "Running", f"Command still running after {self.timeout:g}s client-side timeout.{queued}",
+            exit_code=EXIT_RUNNING, cmd_id=self.files.key, command_id=self.active.get("command_id"),
+            elapsed_seconds=round(elapsed_since(self.active), 3),
+            tip={"await": cli_hint("await", self.project, timeout=self.timeout),
+                 "cancel": cli_hint("cancel", self.project)},
+            hint="The command keeps running on the cluster. Use await to keep waiting or cancel to stop it; "
+                 "do not exec again until it is done.")
+
+    def status_unknown(self, unavailable):
+        """The wait ended and the command's status could not be read: say so, with the error."""
+        error = map_sdk_error(unavailable.error, action="read the command's status").message
+        return response(
+            "StatusUnknown", f"The state of step {self.files.key} is unknown: its status calls have failed for "
+            f"{unavailable.failing_for:.0f}s. {error}",
+            exit_code=EXIT_RUNNING, cmd_id=self.files.key, command_id=self.active.get("command_id"),
+            elapsed_seconds=round(elapsed_since(self.active), 3), status_error=error[:500],
+            tip={"await": cli_hint("await", self.project), "cancel": cli_hint("cancel", self.project),
+                 "destroy": cli_hint("destroy", self.project)},
+            hint="The command may still be running. await tries again; cancel asks the service to stop it and "
+                 "frees the session even if the service cannot confirm; destroy ends the session.")
+
+    def cancelling(self, message=None):
+        return response("Cancelling", " ".join(filter(None, [message, "Cancel was requested but the command has "
+                                                                      "not stopped yet."])),
+                        exit_code=EXIT_FAILED, cmd_id=self.files.key, command_id=self.active.get("command_id"),
+                        hint=f"Wait for it with {cli_hint('await', self.project)}, or check "
+                             f"{cli_hint('status', self.project)}.")
+
+    # -- finishing: the results into the step's files and the answer -------------------------------------
+    def finish(self, status):
+        """Render an ended command's results, record its step, and build the answer."""
+        try:
+            step_status, fields = self.render(status)
+        except ContextLostDuringStep as lost:
+            # A shutdown by the service is an eviction (the step may run again as it is); the rest was the step.
+            return self.recover(lost=lost.reason if lost.step_at_fault else None)
+        except HelpersGoneDuringStep:
+            if self.reinstall_helpers():
+                return self.python_restarted()
+            return self.finish(status)  # the helpers are back
+        except Exception as err:
+            # Never leave the session blocked on a command that has ended: keep the raw result instead.
+            raw = self.files.path(".result.json")
+            write_atomic(raw, json.dumps(status, ensure_ascii=False, default=str))
+            self.files.add("raw_result", raw)
+            touch_step_files(self.project, step_entry(self.project, self.active, "RenderFailed"))
+            reason = err.message if isinstance(err, ReplError) else f"{type(err).__name__}: {scrub(str(err))}"
+            step_status, fields = "RenderFailed", {"message": f"The command ended ({status.get('status')}) but "
+                                                              f"its output could not be saved: {reason}"}
+        if self.active.get("after_uncertain"):
+            fields["note"] = (f"Step {self.active['after_uncertain']} was submitted uncertainly: if the service ran "
+                              "it, this step waited behind it.")
+        if self.active.get("helpers_reinstalled"):
+            fields["note"] = ("Python had restarted since the last step, so variables and imports are gone; the "
+                              "helpers were installed again and this step ran after that."
+                              if self.active.get("python_restarted_before") else
+                              "The REPL had lost its helpers; they were installed again and this step ran after "
+                              "that.")
+        elapsed = elapsed_since(self.active)
+        outputs = [o for o in self.files.outputs() if o["kind"] not in ("command", "stdout", "stderr")]
+        self.record(step_status, elapsed=elapsed, outputs=[{k: o[k] for k in ("kind", "path")} for o in outputs]
+                    or None, replay_of=self.active.get("replay_of"))
+        return self.respond(step_status, elapsed, fields)
+
+    def render(self, status):
+        """Turn an ended command's status into step files and the answer's fields.
+
+        Returns (step_status, fields); fields may carry "hint" and "note". Files are written before the
+        caller records the step. Raises ContextLostDuringStep when a probe shows the context died."""
+        results = valid_unicode(status.get("results") or {})
+        kind, state = results.get("resultType"), status.get("status")
+        wrapped = self.active.get("wrapped", True)
+        failed = kind == "error" or state in ("Error", "Cancelled")
+        # A cancel, a shutdown and a crash can all end as an error result: only a probe tells whether
+        # the context (and its variables) survived.
+        if failed and not self.ws.context_alive(self.target):
+            shutdown = any(cause in service_error_text(results) for cause in SHUTDOWN_CAUSES)
+            raise ContextLostDuringStep(lost_reason(status), step_at_fault=not shutdown)
+        fields, notes = {}, []
+        write_atomic(self.files.stderr, b"")
+        text, text_complete, image_count = None, False, 0
+        if kind == "text" or (kind is None and state == "Finished"):
+            data = results.get("data")
+            text = data if isinstance(data, str) else "" if data is None else json.dumps(data)
+            if wrapped is True:
+                text, text_complete, image_count = read_end_marker(text, self.files.key)
+            else:
+                text_complete = not results.get("truncated")
+        fields["truncated"], note, header, total = self.write_stdout(text, text_complete)
+        notes.append(note)
+        record = header.get("end") if isinstance(header.get("end"), dict) else {}
+        if kind == "table":
+            rendering, fields["table"] = save_table(self.files, results)
+            _append(self.files.stdout, ("\n" if os.path.getsize(self.files.stdout) else "") + rendering)
+        if wrapped is True and not failed and sql_of(_read_text(self.files.command)) is not None:
+            fields["table"], rendering = self.sql_table()
+            if rendering is None:
+                notes.append("The SQL result table could not be fetched from the driver; exec the step again.")
+            elif rendering:
+                _append(self.files.stdout, ("\n" if os.path.getsize(self.files.stdout) else "") + rendering)
+        image_names = record.get("images") or [f"{self.files.key}.{i}.png" for i in range(1, image_count + 1)]
+        if wrapped and image_names:
+            fields["images"], unfetched = self.images_from_driver(image_names)
+            if unfetched:
+                notes.append(f"{len(unfetched)} plot(s) could not be fetched from the driver ({', '.join(unfetched)}).")
+        elif kind in ("images", "image"):
+            fields["images"], unresolved = self.save_images(results)
+            if unresolved:
+                fields["unfetched_images"] = unresolved
+                notes.append(f"{len(unresolved)} image(s) could not be fetched; their FileStore paths are "
+                             "in unfetched_images.")
+        if fields.get("truncated") and total is not None:
+            fields["stdout_total_bytes"] = total
+        step_status = "Finished"
+        if failed and self.active.get("restarted_after_magic"):
+            notes.append("Python restarted after this step ran (as %pip can do): the helpers were installed again, "
+                         "and variables and imports are gone; replay the steps you need.")
+            fields["hint"] = f"Run {cli_hint('replay', self.project)} --steps N,... for the state you need."
+        elif failed:
+            step_status = self.failed_ending(status, header, fields, notes)
+        fields["message"] = " ".join(n for n in notes if n) or None
+        return step_status, fields
+
+    def write_stdout(self, text, text_complete):
+        """Write the step's stdout file: the service's text when it is complete, else the driver copy
+        merged with whatever service text it lacks. Returns (truncated, note, header, total)."""
+        files, max_bytes = self.files, self.max_bytes
+        if text_complete and text is not None:
+            data = text.encode("utf-8", "replace")
+            if len(data) <= max_bytes:
+                write_atomic(files.stdout, data)
+                return False, None, {}, len(data)
+            write_atomic(files.stdout, data[:max_bytes] + cut_marker(max_bytes, len(data)))
+            return True, _cut_note(max_bytes, len(data)), {}, len(data)
+        fallback = (text or "").encode("utf-8", "replace")[:max_bytes]
+        if not self.active.get("wrapped", True):  # a cell magic (%%sh): the service's text is all there is
+            write_atomic(files.stdout, fallback)
+            if text is None:
+                return True, ("What this cell magic printed is lost: the service returns no text for a failed or "
+                              "cancelled command, and a cell magic cannot be teed."), {}, None
+            return True, "The service cut this output and it cannot be fetched (a cell magic cannot be teed).", {}, \
+                None
+        try:
+            written, size, header = self.fetch_copy(max_bytes)
+        except Exception as err:  # a failed fetch must not lose the step: keep what the service sent
+            write_atomic(files.stdout, fallback)
+            detail = err.message if isinstance(err, ReplError) else f"{type(err).__name__}: {err}"
+            if HELPERS_MISSING.search(detail):
+                raise HelpersGoneDuringStep() from None
+            local_copy = self.project.show(files.path(".full.stdout"))
+            return True, (f"Could not fetch the full output: {scrub(detail)}. It stays on the driver (older steps' "
+                          f"copies are pruned past {DRIVER_COPIES_BYTES >> 20} MiB per session): "
+                          f"{cli_hint('get', self.project)} {driver_copy_path(self.target.session_id, files.key)} "
+                          f"{local_copy}"), {}, None
+        if size < 0:
+            write_atomic(files.stdout, fallback)
+            return True, "The driver copy of the output was not found; the stdout file holds what the service sent.", \
+                header, None
+        header = valid_unicode(header)
+        self.merge_service_text(text, written)
+        if written < size:
+            return True, _cut_note(written, size), header, size
+        return False, None, header, size
+
+    def fetch_copy(self, max_bytes, target=None):
+        """Copy the step's driver copy (everything the bootstrap teed) into its stdout file, through
+        `target` (default the step's; after a loss, the new context's: the driver's disk outlives it).
+
+        Returns (written, size, header): size -1 when the driver has no copy; header is the first
+        chunk's, with "traceback" and "end" (the bootstrap's ending record) when the driver kept them.
+        Raises whatever the transfer raised; the stdout file then holds what arrived."""
+        with open(self.files.stdout, "wb") as sink:
+            written, size, header = self.ws.fetch_file(target or self.target, sink, max_bytes, "fetch_output",
+                                                       self.files.key)
+            if 0 <= size and written < size:
+                sink.write(cut_marker(written, size))
+        return written, size, header or {}
+
+    def merge_service_text(self, text, copy_size):
+        """Append the service's text when the driver copy does not hold it (a dbutils.notebook.exit
+        value, displayHTML content, text written past the tee); returns True if it was appended."""
+        if not text or not text.strip() or copy_size >= self.max_bytes:
+            return False
+        with open(self.files.stdout, "rb") as f:
+            held = f.read().decode("utf-8", "replace")
+        if text in held or text.strip() in held:
+            return False
+        _append(self.files.stdout, ("" if not held or held.endswith("\n") else "\n") + text)
+        return True
+
+    def driver_file(self, name, path):
+        """Copy one file the bootstrap saved for the step (a plot, a SQL table) to `path`: True when
+        it arrived whole, None when the driver has no such file, else False; nothing is left at `path`
+        unless True."""
+        size = -1
+        try:
+            with open(path, "wb") as sink:
+                written, size, _ = self.ws.fetch_file(self.target, sink, DEFAULT_TRANSFER_CAP, "fetch_image",
+                                                      self.files.key, name)
+            if size < 0 or written != size:
+                raise ReplError("TransferFailed", "incomplete")
+        except Exception:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            return None if size < 0 else False
+        return True
+
+    def images_from_driver(self, names):
+        """Fetch the plots the bootstrap saved for the step; returns (saved paths, names not fetched)."""
+        saved, missing = [], []
+        for index, name in enumerate(names, start=1):
+            extension = name.rsplit(".", 1)[-1] if "." in name else "png"
+            path = self.files.path(f".{index}.{extension}")
+            if not self.driver_file(name, path):
+                missing.append(name)
+                continue
+            self.files.add("image", path)
+            saved.append(self.project.show(path))
+        return saved, missing
+
+    def sql_table(self):
+        """Fetch a SQL step's table (NNN_tag.sql.csv, every row up to the cap) and its schema
+        (NNN_tag.sql.json); returns (the `table` field, a preview rendering), or (None, None) when the
+        files could not be fetched, or (None, "") for a statement without a result (CREATE VIEW, SET)."""
+        files, show = self.files, self.project.show
+        csv_path, schema_path = files.path(".sql.csv"), files.path(".sql.json")
+        schema_fetched = self.driver_file(files.key + ".sql.json", schema_path)
+        if schema_fetched is None:
+            return None, ""
+        if not (schema_fetched and self.driver_file(files.key + ".sql.csv", csv_path)):
+            return None, None
+        with open(schema_path, encoding="utf-8") as f:
+            schema = json.load(f)
+        with open(csv_path, encoding="utf-8", newline="") as f:
+            reader = csv.reader(f)
+            next(reader, None)
+            head = [row for _, row in zip(range(TABLE_PREVIEW_ROWS), reader)]
+        files.add("table", csv_path, rows=schema["rows"])
+        files.add("table_schema", schema_path)
+        columns = [(c["name"], c["type"]) for c in schema["columns"]]
+        rendering = render_table(columns, head)
+        if schema["total_rows"] > len(head):
+            rendering += f"... {schema['total_rows'] - len(head)} more rows in {show(csv_path)}\n"
+        shown = [f"{printable(n)[:60]} {printable(t)[:30]}" for n, t in columns[:20]]
+        return {"rows": schema["rows"], "total_rows": schema["total_rows"], "columns": len(columns),
+                "truncated": schema["truncated"], "file": show(csv_path), "schema_file": show(schema_path),
+                "column_names": shown}, rendering
+
+    def save_images(self, results):
+        """Images the service returned itself (data URLs, or FileStore paths read through DBFS)."""
+        names = list(results.get("fileNames") or [])
+        if results.get("fileName"):
+            names.append(results["fileName"])
+        saved, unresolved = [], []
+        for index, name in enumerate(names, start=1):
+            try:
+                decoded = decode_data_url(name)
+            except ValueError:                 # a data URL whose base64 does not decode
+                decoded = ("png", None)
+            if decoded is None:
+                path = name if name.startswith("dbfs:") else "dbfs:/FileStore/" + name.lstrip("/")
+                decoded = ("png", self.ws.read_dbfs(path))
+            if decoded[1] is None:
+                unresolved.append(name if len(name) <= 200 else name[:60] + "...")
+                continue
+            path = self.files.path(f".{index}.{decoded[0]}")
+            write_atomic(path, decoded[1])
+            self.files.add("image", path)
+            saved.append(self.project.show(path))
+        return saved, unresolved
+
+    def failed_ending(self, status, header, fields, notes):
+        """The status of a step whose command failed while its context lived: Cancelled, Error, or
+        Finished for sys.exit(0). Fills fields (error, hint), notes and the stderr file."""
+        results, state = valid_unicode(status.get("results") or {}), status.get("status")
+        record = header.get("end") if isinstance(header.get("end"), dict) else {}
+        ending = record.get("ending") if isinstance(record.get("ending"), dict) else {}
+        if ending.get("kind") == "raised":
+            error_type, message = str(ending.get("type") or "Exception"), str(ending.get("message") or "")
+        elif RESTART_WINDOW in service_error_text(results):
+            fields["error"] = {"type": "KernelRestarting",
+                               "message": printable(html_to_text(results.get("summary")))[:500]}
+            fields["hint"] = "The REPL's Python was restarting and the step did not run; exec it again in a minute."
+            return "Error"
+        else:
+            error_type, message = parse_error(results.get("summary"), results.get("cause"))
+        if is_cancellation(state, results) or error_type == "KeyboardInterrupt":
+            # pyspark's SIGINT handler turns a cancel into KeyboardInterrupt: the service then answers
+            # Finished with that error, as it does for a cancel from any client.
+            fields["hint"] = ("The session and its variables are intact; what the step printed before the cancel "
+                              "is in stdout_file. Continue with exec.")
+            return "Cancelled"
+        cause = strip_ansi(valid_unicode(header.get("traceback"))) or strip_ansi(results.get("cause")) or \
+            html_to_text(results.get("summary"))
+        write_atomic(self.files.stderr, cause.rstrip("\n") + "\n")
+        if error_type == "SystemExit":
+            code = ending.get("exit_code", message) if ending else message
+            if code in (0, None, "0", "", "None"):
+                notes.append("The step ended by calling sys.exit(0), a normal exit; the session and its "
+                             "variables are intact.")
+                return "Finished"
+            fields["error"] = {"type": "SystemExit", "message": printable(str(code))[:500]}
+            fields["hint"] = (f"The code called sys.exit({code}); the session and its variables are intact. "
+                              f"Read {self.project.show(self.files.stderr)} and exec the next step.")
+            return "Error"
+        shown = printable(message)
+        fields["error"] = {"type": printable(error_type)[:200],
+                           "message": shown if len(shown) <= 500 else shown[:497] + "..."}
+        return "Error"
+
+    def record(self, status, **extra):
+        """Record the step in session.json with `status` (after its files exist); the session saved."""
+        return record_step(self.project, step_entry(self.project, self.active, status, **extra),
+                           command_id=self.active.get("command_id"))
+
+    def respond(self, step_status, elapsed, fields, exit_code=None):
+        """The exec/await answer of an ended step (the spec's schema, plus outputs)."""
+        files, show = self.files, self.project.show
+        stdout_bytes = os.path.getsize(files.stdout) if os.path.exists(files.stdout) else 0
+        stderr_bytes = os.path.getsize(files.stderr) if os.path.exists(files.stderr) else 0
+        body = {"cmd_id": files.key, "stdout_file": show(files.stdout), "stderr_file": show(files.stderr),
+                "stdout_bytes": stdout_bytes, "stderr_bytes": stderr_bytes}
+        if stdout_bytes:
+            body["stdout_preview"] = file_preview(files.stdout)
+        if stderr_bytes:
+            body["stderr_preview"] = file_preview(files.stderr)
+        body["elapsed_seconds"] = round(elapsed, 3)
+        message, note, hint = fields.pop("message", None), fields.pop("note", None), fields.pop("hint", None)
+        error = fields.get("error")
+        default_messages = {
+            "Finished": "The command finished.",
+            "Error": f"The command raised {error['type']}: {error['message']}" if error else "The command failed.",
+            "Cancelled": "The command was cancelled.",
+        }
+        hints = {
+            "Error": f"Read {body['stderr_file']}, fix the code, and exec again.",
+            "Cancelled": "The session and its variables are intact; continue with exec.",
+            "RenderFailed": "The raw service result is in the .result.json output; the session is usable.",
+        }
+        body.update(fields)
+        body["outputs"] = files.outputs()
+        if exit_code is None:
+            exit_code = EXIT_OK if step_status == "Finished" else EXIT_FAILED
+        message = " ".join(filter(None, [message or default_messages.get(step_status, step_status), note]))
+        return response(step_status, message, hint=hint or hints.get(step_status), exit_code=exit_code, **body)
+
+    # -- the context lost under the step ----------------------------------------------------------------
+    def recover(self, lost=None):
+        """The context is gone: record the step lost with it, start a fresh context and list what to
+        replay (see `recover_context`). `lost`: why the context died under the step (None: evicted)."""
+        return recover_context(self.ws, self.project, failed=self, lost=lost)
+
+    def python_restarted(self):
+        """The REPL's Python restarted while the step ran (the context lives on with a fresh interpreter,
+        and the helpers were installed again): record the step ContextLost and say what to replay."""
+        salvaged = self.salvage_output()
+        entry = step_entry(self.project, self.active, "ContextLost", elapsed=elapsed_since(self.active))
+        session = record_step(self.project, entry, command_id=self.active.get("command_id"))
+        plan, target = dependency_plan(self.project, session, target=entry)
+        return response(
+            "ContextLost", " ".join(filter(None, [
+                "The REPL's Python restarted while the step ran (a crash, os._exit, or the driver ran out of "
+                "memory), so variables and imports are gone; the helpers were installed again in the same "
+                "context.", salvaged])),
+            context_id=entry["context_id"], failed_step=self.files.key,
+            replay_plan=plan_summary(self.project, plan, target),
+            tip={"replay": cli_hint("replay", self.project), "plan": f"{cli_hint('replay', self.project)} --plan"}
+            if plan else None,
+            hint="replay runs the plan (see references/eviction-replay.md), then change the failed step before "
+                 "running it again: it took its Python down.", exit_code=EXIT_FAILED)
+
+    def salvage_output(self, target=None):
+        """After a context loss: copy what the lost step printed from its driver copy (the driver's disk
+        outlives a context) into its stdout file, through `target`. Returns one sentence for the answer."""
+        if not self.active.get("wrapped"):
+            return "What the step printed is lost (a cell magic is not teed)."
+        try:
+            written, size, _ = self.fetch_copy(DEFAULT_MAX_OUTPUT_BYTES, target)
+        except Exception:
+            size = -1
+        if size < 0:
+            write_atomic(self.files.stdout, b"")
+            return "What the step printed before the loss is lost too (its driver copy is gone)."
+        if size == 0:
+            return "The step printed nothing before the loss."
+        return f"What the step printed before the loss ({size} bytes) is in {self.project.show(self.files.stdout)}."
+
+    # -- progress: read through the sidecar context ------------------------------------------------------
+    def progress(self, budget=PROGRESS_READ_SECONDS):
+        """What the running step has done so far, for `progress`: {"output_bytes", "output_tail",
+        "spark_jobs", "read_seconds"}, or {"error": why} when it could not be read. Never raises an
+        ordinary exception: a watch must not end the wait it watches."""
+        started = time.monotonic()
+        copy = driver_copy_path(self.session.get("session_id"), self.files.key)
+        spark = bool(SPARK_NAMES.search(_read_text(self.files.command) or ""))
+        error = None
+        with self.ws.deadline_within(budget + WAIT_GRACE_SECONDS):
+            for attempt in range(2):       # a sidecar evicted since its last use is replaced once
+                sidecar = None
+                try:
+                    sidecar = self.sidecar()
+                    if time.monotonic() >= started + budget:
+                        raise ReplError("ProgressTimeout", f"the sidecar context was not ready within {budget:g}s")
+                    found = self.ws.driver_call(sidecar, _dbx_repl_progress, copy, self.active.get("command_id"),
+                                                PROGRESS_TAIL_LINES, PROGRESS_TAIL_BYTES, spark,
+                                                about="reading the progress", failed="ProgressFailed")
+                    if found.get("output_tail") is not None:
+                        found["output_tail"] = preview(found["output_tail"], PROGRESS_TAIL_BYTES)
+                    found["read_seconds"] = round(time.monotonic() - started, 3)
+                    return {k: v for k, v in found.items() if v is not None}
+                except ContextGone as err:
+                    if sidecar:
+                        self.forget_sidecar(sidecar.context_id)
+                    error = f"the sidecar context is gone ({err})"
+                except ReplError as err:
+                    return {"error": f"{err.status}: {err.message}"[:300]}
+                except (KeyboardInterrupt, Terminated):
+                    raise
+                except Exception as err:
+                    error = map_sdk_error(err, action="read the step's progress").message
+                    if sidecar and self.ws.gone_after(err, sidecar):
+                        self.forget_sidecar(sidecar.context_id)     # evicted since its last read: replace it
+                        continue
+                    return {"error": error[:300]}
+        return {"error": error[:300]}
+
+    def sidecar(self):
+        """The session's sidecar context (its Target), created (and recorded at once, so that a read
+        cut short never leaves it untracked) on first use. Two calls racing may both create one: the
+        later to record it destroys its own, so the session keeps one."""
+        known = self.session.get("sidecar_context_id")
+        if known:
+            return Target.of(self.session, known)
+        context_id = self.ws.create_context(self.session["cluster_id"])
+        with signals_deferred(), self.project.lock():
+            current = self.project.load()
+            kept = current.get("sidecar_context_id") if current.get("status") == "active" else None
+            if kept is None and current.get("status") == "active":
+                current["sidecar_context_id"] = context_id
+                self.project.save(current)
+        if kept is not None or current.get("status") != "active":
+            with contextlib.suppress(Exception):
+                self.ws.destroy_context(Target.of(self.session, context_id))
+            if kept is None:
+                raise ReplError("SessionDestroyed", "The session ended while its progress was read.")
+            context_id = kept
+        self.session["sidecar_context_id"] = context_id
+        sidecar = Target.of(self.session, context_id)
+        state = self.ws.wait_for_context(sidecar)   # within the caller's deadline
+        if state not in ("Running", "Pending"):
+            raise ContextGone(f"the sidecar context did not start ({state})")
+        return sidecar
+
+    def forget_sidecar(self, context_id):
+        with signals_deferred(), self.project.lock():
+            current = self.project.load()
+            if current.get("sidecar_context_id") == context_id:
+                current.pop("sidecar_context_id")
+                self.project.save(current)
+        self.session.pop("sidecar_context_id", None)
+
+
+# == 6. Analysis: what each step defines and uses, the replay plan, the export script ==============
+# Pure functions of the step log and the steps' code: no workspace, no writes but the plan file.
+
+RUNTIME_NAMES = frozenset({"spark", "sc", "sqlContext", "dbutils", "display", "displayHTML", "getArgument",
+                           "sub_llm", "sub_llm_batch", "sub_llm_usage", "sub_llm_budget", "_dbx_repl"})
+READ_ONLY_METHODS = frozenset({"show", "head", "tail", "describe", "count", "collect", "toPandas", "explain",
+                               "printSchema", "info", "display", "summary", "take", "first", "keys", "items",
+                               "values", "get", "copy", "format", "join", "split", "strip", "read"})
+WRITE_CALLS = frozenset({"saveAsTable", "insertInto", "to_csv", "to_parquet", "to_json", "to_excel", "dump"})
+SLOW_STEP_SECONDS = 60.0
+BIG_OUTPUT_BYTES = 100_000
+
+
+def _builtin_names():
+    import builtins
+    return frozenset(dir(builtins))
+
+
+class _Names:
+    """Names bound and read by one top-level statement, scope-aware for functions, lambdas, classes
+    and comprehensions (their own locals are neither defined nor used at module level)."""
+
+    def __init__(self):
+        self.stored, self.loaded, self.calls = set(), set(), []
+
+    def statement(self, node):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            self.stored.add(node.name)
+            for child in node.decorator_list + getattr(node, "bases", []) + getattr(node, "keywords", []):
+                self.visit(child)
+            if isinstance(node, ast.ClassDef):
+                self.scope(node.body, ())
+            else:
+                self.visit(node.args)            # defaults and annotations read module names
+                self.scope(node.body, _argument_names(node.args))
+            return
+        self.visit(node)
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call):
+            func = node.value.func                # obj.method(...) as a statement: it changes obj
+            if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and \
+                    func.attr not in READ_ONLY_METHODS:
+                self.stored.add(func.value.id)
+
+    def visit(self, node):
+        if isinstance(node, ast.Name):
+            (self.loaded if isinstance(node.ctx, ast.Load) else self.stored).add(node.id)
+            return
+        if isinstance(node, ast.AugAssign) and isinstance(node.target, ast.Name):
+            self.loaded.add(node.target.id)       # x += 1 reads x first
+        if isinstance(node, (ast.Attribute, ast.Subscript)) and not isinstance(node.ctx, ast.Load):
+            base = node.value                     # d[k] = v, obj.attr = v: the object changes
+            while isinstance(base, (ast.Attribute, ast.Subscript)):
+                base = base.value
+            if isinstance(base, ast.Name):
+                self.stored.add(base.id)
+                self.loaded.add(base.id)
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            for alias in node.names:
+                if alias.name != "*":
+                    self.stored.add(alias.asname or alias.name.split(".")[0])
+            return
+        if isinstance(node, ast.Call):
+            self.calls.append(node)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            self.statement(node)                  # nested in a block (if/for/with) at module level
+            return
+        if isinstance(node, ast.Lambda):
+            self.visit(node.args)
+            self.scope([node.body], _argument_names(node.args))
+            return
+        if isinstance(node, (ast.ListComp, ast.SetComp, ast.GeneratorExp, ast.DictComp)):
+            inner = _Names()
+            for child in ast.iter_child_nodes(node):
+                inner.visit(child)
+            self.loaded |= inner.loaded - inner.stored
+            self.calls += inner.calls
+            return
+        for child in ast.iter_child_nodes(node):
+            self.visit(child)
+
+    def scope(self, body, arguments):
+        """A function or class body: its free names are module-level uses; `global` names it binds
+        count as defined."""
+        inner = _Names()
+        declared = set()
+        for statement in body:
+            for node in ast.walk(statement):
+                if isinstance(node, ast.Global):
+                    declared.update(node.names)
+            inner.statement(statement)
+        local = (inner.stored | set(arguments)) - declared
+        self.loaded |= inner.loaded - local
+        self.stored |= inner.stored & declared
+        self.calls += inner.calls
+
+
+def _argument_names(arguments):
+    every = arguments.posonlyargs + arguments.args + arguments.kwonlyargs
+    every += [a for a in (arguments.vararg, arguments.kwarg) if a]
+    return [a.arg for a in every]
+
+
+def _call_name(call):
+    func = call.func
+    if isinstance(func, ast.Name):
+        return func.id
+    parts = []
+    while isinstance(func, ast.Attribute):
+        parts.append(func.attr)
+        func = func.value
+    if isinstance(func, ast.Name):
+        parts.append(func.id)
+    return ".".join(reversed(parts))
+
+
+def _call_flags(call):
+    """Cost and side-effect flags of one call."""
+    name = _call_name(call)
+    last = name.rsplit(".", 1)[-1]
+    flags = set()
+    if last == "sleep":
+        flags.add("sleep")
+    if last in ("sub_llm", "sub_llm_batch"):
+        flags.add("sub_llm")
+    if last in WRITE_CALLS or name.startswith("dbutils.fs."):   # `.write` itself: see analyse_code
+        flags.add("writes")
+    if name == "open":
+        mode = call.args[1] if len(call.args) > 1 else next((k.value for k in call.keywords if k.arg == "mode"),
+                                                            None)
+        if isinstance(mode, ast.Constant) and isinstance(mode.value, str) and \
+                set(mode.value) & set("wax+"):
+            flags.add("writes")
+    return flags
+
+
+SQL_CREATES = re.compile(r"\bCREATE\s+(?:OR\s+REPLACE\s+)?(?:GLOBAL\s+)?(?:TEMP(?:ORARY)?\s+)?"
+                         r"(?:VIEW|TABLE)\s+(?:IF\s+NOT\s+EXISTS\s+)?([\w.`]+)", re.IGNORECASE)
+SQL_READS = re.compile(r"\b(?:FROM|JOIN|TABLE)\s+([\w.`]+)", re.IGNORECASE)
+SQL_WRITES = re.compile(r"^\s*(?:INSERT|MERGE|UPDATE|DELETE|DROP|ALTER|TRUNCATE|CREATE\s+(?:OR\s+REPLACE\s+)?TABLE)\b",
+                        re.IGNORECASE | re.MULTILINE)
+TEMP_VIEW_CALLS = frozenset({"createOrReplaceTempView", "createTempView", "createOrReplaceGlobalTempView",
+                             "createGlobalTempView", "saveAsTable"})
+
+
+def sql_name(name):
+    """The planner's name for a table or view: `sql:` and the lower-cased name without backquotes
+    (SQL names and Python names never collide)."""
+    return "sql:" + name.replace("`", "").lower()
+
+
+def analyse_sql(text):
+    """What a SQL statement does, for the planner (the shape of `analyse_code`): CREATE VIEW/TABLE x
+    defines sql:x; FROM/JOIN x uses sql:x; DML and DDL on tables are flagged `writes`. Regular
+    expressions, not a parser: names in string literals or comments may count too (a needed step
+    is never left out for it; an extra one may be replayed)."""
+    defines = {sql_name(n) for n in SQL_CREATES.findall(text)}
+    uses = {sql_name(n) for n in SQL_READS.findall(text)} - defines
+    flags = {"writes"} if SQL_WRITES.search(text) else set()
+    return {"parsed": True, "defines": defines, "uses": uses, "flags": flags,
+            "statements": [(1, max(len(text.splitlines()), 1), defines)]}
+
+
+def _sql_names_of_call(call):
+    """(defines, uses) of SQL names in one Python call: df.createOrReplaceTempView("v") defines
+    sql:v, spark.table("v") uses it, and spark.sql("...") with a literal is read as SQL."""
+    name = _call_name(call).rsplit(".", 1)[-1]
+    literal = call.args[0].value if call.args and isinstance(call.args[0], ast.Constant) \
+        and isinstance(call.args[0].value, str) else None
+    if literal is None:
+        return set(), set()
+    if name in TEMP_VIEW_CALLS:
+        return {sql_name(literal)}, set()
+    if name == "table":
+        return set(), {sql_name(literal)}
+    if name == "sql":
+        found = analyse_sql(literal)
+        return found["defines"], found["uses"]
+    return set(), set()
+
+
+def analyse_code(code):
+    """What one step's code does, from its syntax tree (magic lines are set aside first). A SQL step
+    (exec --sql) is read as SQL (`analyse_sql`).
+
+    Returns {"parsed": bool, "defines": set, "uses": set, "flags": set, "statements":
+    [(first_line, last_line, defined_names)]} for the top-level statements. `uses` holds the names
+    read before the step binds them, builtins and runtime names excluded. Unparsable code has
+    parsed False and no names."""
+    sql = sql_of(code)
+    if sql is not None:
+        return analyse_sql(sql)
+    flags = set()
+    lines = code.splitlines()
+    for index, line in enumerate(lines):
+        if MAGIC_LINE.match(line):
+            flags.add("pip" if re.match(r"\s*[%!]\s*pip\b", line) else "magic")
+            lines[index] = ""                     # keep the line numbers of the Python around it
+    found = {"parsed": False, "defines": set(), "uses": set(), "flags": flags, "statements": []}
+    try:
+        tree = ast.parse("\n".join(lines))
+    except (SyntaxError, ValueError):
+        return found
+    ignored = _builtin_names() | RUNTIME_NAMES
+    for node in tree.body:
+        names = _Names()
+        names.statement(node)
+        found["uses"] |= (names.loaded - found["defines"]) - ignored
+        found["defines"] |= names.stored
+        for call in names.calls:
+            flags |= _call_flags(call)
+            sql_defines, sql_uses = _sql_names_of_call(call)
+            found["uses"] |= sql_uses - found["defines"]
+            found["defines"] |= sql_defines
+            names.stored |= sql_defines
+        if any(isinstance(n, ast.Attribute) and n.attr == "write" for n in ast.walk(node)):
+            flags.add("writes")
+        found["statements"].append((node.lineno, node.end_lineno, names.stored))
+    found["parsed"] = True
+    return found
+
+
+def failing_line(project, entry):
+    """The line of the step's own code where it failed (its <module> frame in the traceback), or None."""
+    path = os.path.join(project.root, entry.get("stderr_file") or "")
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return None
+    key = re.escape(step_key(entry["step"], entry["tag"]))
+    lines = re.findall(rf'File "<command-{key}>", line (\d+), in <module>', text)
+    return int(lines[-1]) if lines else None
+
+
+STATUS_RANK = {"Finished": 2, "Error": 1}
+
+
+def step_timeline(project, session):
+    """The session as it stands: one entry per original step (the best run of it: Finished over
+    Error over the rest, the latest within a rank; a replay stands in for its original), in the
+    original order, each with its code analysed and its cost flags.
+
+    Each entry is the step record plus: origin, code, defines, uses, flags (sorted list), parsed,
+    and for a failed step `partial_lines` (the statements before the failing line) when they define
+    names."""
+    by_origin = {}
+    for entry in session["steps"]:
+        origin = entry.get("replay_of") or entry["step"]
+        best = by_origin.get(origin)
+        if best is None or STATUS_RANK.get(entry.get("status"), 0) >= STATUS_RANK.get(best.get("status"), 0):
+            by_origin[origin] = dict(entry, origin=origin)
+    timeline = []
+    for origin in sorted(by_origin):
+        entry = by_origin[origin]
+        try:
+            with open(os.path.join(project.root, entry.get("command_file") or ""), encoding="utf-8") as f:
+                entry["code"] = f.read()
+        except OSError:
+            entry["code"] = None
+        found = analyse_code(entry["code"] or "")
+        entry.update(parsed=found["parsed"] and entry["code"] is not None, uses=found["uses"], defines=set())
+        flags = set(found["flags"])
+        if (entry.get("elapsed_seconds") or 0) > SLOW_STEP_SECONDS:
+            flags.add("slow")
+        with contextlib.suppress(OSError, TypeError):
+            if os.path.getsize(os.path.join(project.root, entry.get("stdout_file"))) > BIG_OUTPUT_BYTES:
+                flags.add("big_output")
+        entry["flags"] = sorted(flags)
+        if entry.get("status") == "Finished":
+            entry["defines"] = found["defines"]
+        elif entry.get("status") == "Error" and found["parsed"]:
+            line = failing_line(project, entry)
+            done = [s for s in found["statements"] if line is not None and s[1] < line]
+            defined = set().union(*(s[2] for s in done)) if done else set()
+            if defined:
+                entry["defines"], entry["partial_lines"] = defined, done[-1][1]
+                entry["uses"] = analyse_code(replay_code(entry))["uses"]
+        timeline.append(entry)
+    return timeline
+
+
+def needed_steps(timeline, uses, before):
+    """The smallest set of timeline entries (by origin) whose definitions `uses` needs, looking only
+    at steps before position `before`: for each name its nearest definer, then that step's own needs."""
+    chosen, pending = {}, [(name, before) for name in uses]
+    while pending:
+        name, limit = pending.pop()
+        definer = next((e for e in reversed(timeline) if e["origin"] < limit and name in e["defines"]), None)
+        if definer is None or definer["origin"] in chosen:
+            continue
+        chosen[definer["origin"]] = definer
+        pending += [(n, definer["origin"]) for n in definer["uses"]]
+    return [chosen[o] for o in sorted(chosen)]
+
+
+def dependency_plan(project, session, target=None):
+    """The replay plan: the steps to re-run, in order, so that the next step can run.
+
+    The next step is `target` (a step record, e.g. the one an eviction interrupted) or else the last
+    recorded step when the eviction interrupted it. Without one, the plan restores every name the
+    session defined. Steps that finished and cannot be parsed (their needs are unknown) or ran %pip
+    (packages are not names) are always kept."""
+    timeline = step_timeline(project, session)
+    if target is None and session["steps"] and session["steps"][-1].get("status") in ("Evicted", "ContextLost"):
+        target = session["steps"][-1]
+    if target is not None:
+        origin = target.get("replay_of") or target["step"]
+        found = next((e for e in timeline if e["origin"] == origin), None)
+        uses = found["uses"] if found else set()
+    else:
+        origin, uses = float("inf"), set().union(*(e["defines"] for e in timeline)) if timeline else set()
+    steps = needed_steps(timeline, uses, origin)
+    kept = [e for e in timeline if e["origin"] < origin and e.get("status") == "Finished"
+            and (not e["parsed"] or "pip" in e["flags"])]
+    chosen = {e["origin"]: e for e in steps + kept}
+    return [chosen[o] for o in sorted(chosen)], target
+
+
+def plan_rows(project, plan):
+    """The full plan as JSON-ready rows (what the plan file holds)."""
+    return [{"step": e["origin"], "tag": e["tag"], "status": e.get("status"),
+             "runs_lines": f"1-{e['partial_lines']}" if "partial_lines" in e else None,
+             "defines": sorted(e["defines"])[:50], "flags": e["flags"],
+             "command_file": project.show(os.path.join(project.root, e.get("command_file") or ""))}
+            for e in plan]
+
+
+def plan_summary(project, plan, target=None):
+    """A few hundred bytes about a replay plan; the full plan goes to repl_outputs/replay_plan.json."""
+    project.ensure_outputs_dir()
+    path = project.output_path(REPLAY_PLAN_FILE)
+    rows = plan_rows(project, plan)
+    write_atomic(path, json.dumps({"for_step": step_key(target["step"], target["tag"]) if target else None,
+                                   "steps": [{k: v for k, v in r.items() if v is not None} for r in rows]},
+                                  indent=1, ensure_ascii=False))
+    flagged = {str(r["step"]): r["flags"] for r in rows if r["flags"]}
+    summary = {"steps": _step_ranges([r["step"] for r in rows]), "count": len(rows),
+               "partial": [r["step"] for r in rows if r["runs_lines"]] or None,
+               "flagged": dict(list(flagged.items())[:8]) or None, "file": project.show(path)}
+    return {k: v for k, v in summary.items() if v is not None}
+
+
+def _step_ranges(numbers):
+    """[1,2,3,5,6] → '1-3,5,6' (runs of three or more as ranges)."""
+    runs = []
+    for number in sorted(numbers):
+        if runs and number == runs[-1][-1] + 1:
+            runs[-1].append(number)
+        else:
+            runs.append([number])
+    return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 2 else ",".join(map(str, r)) for r in runs)
+
+
+def replay_code(entry):
+    """The code a replay runs for a planned step: all of it, or the statements before its failure."""
+    if "partial_lines" not in entry:
+        return entry["code"]
+    kept = entry["code"].splitlines()[:entry["partial_lines"]]
+    return "\n".join(kept) + "\n"
+
+
+def parse_step_list(text):
+    """'1,2,5' or '3-7' (or a mix) → sorted step numbers."""
+    steps = set()
+    for part in (text or "").split(","):
+        part = part.strip()
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not match:
+            raise ReplError("InvalidSteps", f"--steps takes numbers like 1,2,5 or 3-7, not {part!r}.",
+                            exit_code=EXIT_USAGE, hint="For example --steps 1,2,5")
+        low, high = int(match.group(1)), int(match.group(2) or match.group(1))
+        steps.update(range(low, high + 1))
+    return sorted(steps)
+
+
+EXPLORATION_FLAGS = ("sleep", "big_output")
+
+
+def export_selection(project, session, steps=None, exclude_tags=()):
+    """(entries in script order, left_out) for `export`.
+
+    By default: the last successful run of each tag (a replay stands in for its original), plus the
+    earlier steps their names need (a failed step contributes the statements before its failure),
+    minus exploration: a step that sleeps or printed a large output and defines nothing a kept step
+    uses. `steps` chooses the steps instead; `exclude_tags` leaves tags out. Each left-out step comes
+    with the reason."""
+    timeline = step_timeline(project, session)
+    by_origin = {e["origin"]: e for e in timeline}
+    left_out = []
+    if steps:
+        missing = [n for n in steps if n not in by_origin]
+        if missing:
+            raise ReplError("UnknownStep", f"No recorded step {missing[0]} in this session.", exit_code=EXIT_USAGE,
+                            hint=f"See the steps with {cli_hint('replay', project)} --plan --all.")
+        chosen = {n: by_origin[n] for n in steps}
+    else:
+        last_per_tag = {}
+        for entry in timeline:
+            if entry.get("status") == "Finished":
+                last_per_tag[entry["tag"]] = entry
+        chosen = {e["origin"]: e for e in last_per_tag.values()}
+        used_later = lambda e: any(e["defines"] & other["uses"] for other in chosen.values()
+                                   if other["origin"] > e["origin"])
+        for origin, entry in sorted(chosen.items()):
+            flags = [f for f in entry["flags"] if f in EXPLORATION_FLAGS]
+            if flags and not used_later(entry):
+                left_out.append({"step": origin, "tag": entry["tag"], "why": "exploration: " + ", ".join(flags)})
+        for row in left_out:
+            chosen.pop(row["step"])
+        for entry in list(chosen.values()):
+            for needed in needed_steps(timeline, entry["uses"], entry["origin"]):
+                chosen.setdefault(needed["origin"], needed)
+    for origin, entry in sorted(chosen.items()):
+        if entry["tag"] in exclude_tags:
+            left_out.append({"step": origin, "tag": entry["tag"], "why": "--exclude-tags"})
+            chosen.pop(origin)
+        elif entry.get("status") != "Finished" and "partial_lines" not in entry:
+            left_out.append({"step": origin, "tag": entry["tag"], "why": f"status {entry.get('status')}"})
+            chosen.pop(origin)
+    return dependency_order(list(chosen.values())), sorted(left_out, key=lambda r: r["step"])
+
+
+def dependency_order(entries):
+    """The entries in session order, except that each step comes after the step that defines each name
+    it uses: the nearest earlier one, or, when no earlier chosen step defines it, the first later one
+    (a stable topological sort; a cycle keeps the session's order)."""
+    entries = sorted(entries, key=lambda e: e["origin"])
+    after = {e["origin"]: set() for e in entries}
+    for entry in entries:
+        for name in entry["uses"]:
+            definers = [d for d in entries if d is not entry and name in d["defines"]]
+            earlier = [d for d in definers if d["origin"] < entry["origin"]]
+            if earlier or definers:
+                after[entry["origin"]].add((earlier[-1] if earlier else definers[0])["origin"])
+    ordered, placed = [], set()
+    while len(ordered) < len(entries):
+        ready = [e for e in entries if e["origin"] not in placed and after[e["origin"]] <= placed]
+        if not ready:                                   # a cycle: keep the session's order
+            ready = [e for e in entries if e["origin"] not in placed]
+        ordered.append(ready[0])
+        placed.add(ready[0]["origin"])
+    return ordered
+
+
+def export_script(session, chosen):
+    """One clean .py from the chosen timeline entries, in their order: %pip lines become a
+    '# Requires:' header, other magics comments, and top-level imports gather at the top.
+
+    Returns (script, requirements)."""
+    requires, imports, bodies = [], [], []
+    for entry in chosen:
+        kept = []
+        sql = sql_of(entry["code"] or "")
+        code = replay_code(entry) if sql is None else f"display(spark.sql({sql!r}))\n"
+        for line in code.splitlines():
+            pip = re.match(r"\s*[%!]\s*pip\s+install\s+(.*)$", line)
+            if pip:
+                requires += [p for p in pip.group(1).split() if not p.startswith("-") and p not in requires]
+            elif MAGIC_LINE.match(line):
+                kept.append("# (magic, not run as Python) " + line.strip())
+            else:
+                kept.append(line)
+        code = "\n".join(kept)
+        try:
+            tree = ast.parse(code)
+        except SyntaxError:
+            tree = None
+        if tree is not None:
+            lines = code.splitlines()
+            import_lines = set()
+            for node in tree.body:
+                if isinstance(node, (ast.Import, ast.ImportFrom)) and node.col_offset == 0 and \
+                        node.end_lineno == node.lineno and not (isinstance(node, ast.ImportFrom)
+                                                                and node.module == "__future__"):
+                    text = lines[node.lineno - 1].strip()
+                    if ";" not in text:
+                        import_lines.add(node.lineno - 1)
+                        if text not in imports:
+                            imports.append(text)
+            code = "\n".join(l for i, l in enumerate(lines) if i not in import_lines)
+        title = f"# --- Step {entry['origin']}: {entry['tag']} ---"
+        if "partial_lines" in entry and entry.get("status") != "Finished":
+            title += f"\n# (lines 1-{entry['partial_lines']}: the statements that ran before it failed)"
+        bodies.append(f"{title}\n{code.strip()}\n")
+    header = [f'"""Exported from databricks-repl session {session.get("session_name")!r} '
+              f'(cluster {session.get("cluster_id")}).',
+              "",
+              f"Steps: {', '.join(str(e['origin']) for e in chosen) or 'none'} - the last successful run "
+              "of each tag, ordered so that every name is defined before it is used.",
+              '"""']
+    body_text = "\n".join(bodies)
+    runtime = [name for name in ("spark", "dbutils", "display") if re.search(rf"\b{name}\b", body_text)]
+    helpers = sorted(set(re.findall(r"\bsub_llm(?:_batch|_usage|_budget)?\b", body_text)))
+    if helpers:
+        header.insert(-1, f"Uses the databricks-repl helpers {', '.join(helpers)}: run it in a session "
+                          "(dbx_repl.py exec --command @this_file.py) or define them first.")
+    if runtime:
+        header.insert(-1, f"Needs the Databricks runtime for {', '.join(runtime)} (a notebook, job or session).")
+    if requires:
+        header.insert(0, "# Requires: " + " ".join(requires))
+    parts = ["\n".join(header), "\n".join(imports)] if imports else ["\n".join(header)]
+    return "\n\n".join(parts + bodies).rstrip("\n") + "\n", requires
+
+
+# == 7. Subcommands ================================================================================
+# One `cmd_*` per subcommand: it checks its input, loads the session, and hands over to the parts above.
+
+def read_command(spec, option="--command"):
+    """The code to run, from inline text, @file, or - (stdin)."""
+    if spec == "-":
+        data = sys.stdin.buffer.read()
+        origin = "standard input"
+    elif spec.startswith("@"):
+        path = spec[1:]
+        origin = path
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except IsADirectoryError:
+            raise ReplError("InvalidCommand", f"{path} is a directory, not a code file.",
+                            exit_code=EXIT_USAGE, hint="Pass --command @path/to/file.py") from None
+        except OSError as err:
+            raise ReplError("InvalidCommand", f"Cannot read {path}: {err.strerror}.", exit_code=EXIT_USAGE,
+                            hint="Check the path after @ (relative to the current directory).") from None
+    else:
+        return _require_code(spec, option)
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ReplError("InvalidCommand", f"{origin} is not UTF-8 text ({err.reason} at byte {err.start}).",
+                        exit_code=EXIT_USAGE, hint="Save the file as UTF-8.") from None
+    return _require_code(text, origin)
+
+
+def _require_code(text, origin):
+    if "\x00" in text:
+        raise ReplError("InvalidCommand", f"The command from {origin} contains a NUL byte.", exit_code=EXIT_USAGE,
+                        hint="Pass Python source text.")
+    if not text.strip():
+        raise ReplError("InvalidCommand", f"The command from {origin} is empty.", exit_code=EXIT_USAGE,
+                        hint="Pass Python code with --command, --command @file.py or --command -.")
+    return text
+
+
+def positive_timeout(value):
+    if value is None or not (value > 0) or value != value or value == float("inf"):
+        raise ReplError("InvalidTimeout", f"--timeout must be a positive number of seconds, not {value}.",
+                        exit_code=EXIT_USAGE, hint="For example --timeout 600.")
+    return value
+
+
+# -- create ----------------------------------------------------------------------------------------
+
+def cmd_create(args):
+    project = Project(args.project_dir).check()
+    cluster_id = (args.cluster_id or "").strip()
+    if not cluster_id:
+        raise ReplError("InvalidClusterId", "--cluster-id is empty (and DATABRICKS_CLUSTER_ID is not set).",
+                        exit_code=EXIT_USAGE, hint="Resolve it with find_cluster.py --name NAME.")
+    name = (args.session_name or "").strip()
+    if not name:
+        raise ReplError("InvalidSessionName", "--session-name is empty.", exit_code=EXIT_USAGE,
+                        hint="Name the task, e.g. --session-name churn-analysis.")
+    existing = project.load(required=False)
+    if existing and existing.get("status") == "active":
+        raise ReplError("SessionExists",
+                        f"Session {existing.get('session_name')!r} is already active in {project.display_root}.",
+                        hint="Reuse it with exec, or destroy it first to start a new one.",
+                        session_name=existing.get("session_name"), context_id=existing.get("context_id"),
+                        cluster_id=existing.get("cluster_id"))
+    ws = Workspace(args.profile, args.debug)
+    try:
+        cluster = ws.cluster(cluster_id)
+    except Exception as err:
+        if error_kind(err) == NOT_FOUND:
+            raise ReplError("ClusterNotFound", f"No cluster with id {cluster_id}.",
+                            hint="Resolve the id with find_cluster.py --name NAME.", cluster_id=cluster_id) from None
+        raise map_sdk_error(err, action="look up the cluster") from None
+    if not is_all_purpose(cluster):
+        raise ReplError("ClusterNotSupported",
+                        f"Cluster {cluster_id} is a {cluster['cluster_source']} cluster; execution contexts "
+                        "need a classic all-purpose cluster.",
+                        hint="Pick an all-purpose cluster (find_cluster.py shows all_purpose: true).",
+                        cluster_id=cluster_id)
+    if cluster.get("state") not in RUNNABLE_CLUSTER_STATES:
+        if not args.start_cluster:
+            raise cluster_not_running(cluster_id, cluster, startable=True)
+        cluster = start_and_wait(ws, cluster_id, cluster, positive_timeout(args.timeout), create_again_hint(args))
+    session = {
+        "format": SESSION_FORMAT, "status": "active", "session_name": name,
+        "session_id": hashlib.sha256(os.urandom(16)).hexdigest()[:16],
+        "cluster_id": cluster_id, "cluster_name": cluster.get("cluster_name"), "context_id": None,
+        "profile": args.profile, "host": ws.host,
+        "llm_endpoint": args.llm_endpoint or os.environ.get(ENV_LLM_ENDPOINT) or DEFAULT_LLM_ENDPOINT,
+        "llm_max_calls": args.llm_max_calls, "llm_max_tokens": args.llm_max_tokens,
+        "created_at": now_iso(), "step_counter": 0, "steps": [], "active_command": None,
+    }
+    try:
+        session["context_id"] = start_context(ws, project, session)
+        if existing and re.fullmatch(r"[0-9a-f]+", str(existing.get("session_id") or "")):
+            with ws.deadline_within(30.0):
+                remove_driver_copies(ws, Target.of(session), existing["session_id"])  # the replaced session's
+    except ContextGone as err:
+        raise ReplError("ContextFailed", f"The new execution context disappeared: {err}",
+                        hint="Retry create.") from None
+    except Exception as err:
+        raise map_sdk_error(err, action="start an execution context") from None
+    with project.lock():
+        previous = project.load(required=False)
+        if previous and previous.get("status") == "active":  # a concurrent create won the race
+            with contextlib.suppress(Exception):
+                ws.destroy_context(Target.of(session))
+            raise ReplError("SessionExists", f"Another session became active in {project.display_root}.",
+                            hint="Reuse it with exec.")
+        project.ensure_outputs_dir()
+        if previous and previous.get("possible_orphans"):
+            session["possible_orphans"] = previous["possible_orphans"]
+        if previous and previous.get("status") != "creating":
+            archive = os.path.join(project.outputs_dir, ARCHIVE_DIR)
+            os.makedirs(archive, mode=0o700, exist_ok=True)
+            stamp = re.sub(r"[^0-9]", "", previous.get("created_at") or now_iso())[:14]
+            write_atomic(os.path.join(archive, f"session-{stamp}-{previous.get('session_id', 'old')}.json"),
+                         json.dumps(previous, indent=2, ensure_ascii=False))
+            session["step_counter"] = previous.get("step_counter", 0)
+        session["step_counter"] = max(session["step_counter"], project.highest_step_on_disk())
+        session["contexts"] = [{"context_id": session["context_id"], "created_at": session["created_at"]}]
+        project.save(session)
+    orphans = session.get("possible_orphans")
+    return response("Created", f"Session {name!r} is ready on cluster {cluster.get('cluster_name') or cluster_id}."
+                    + (f" Note: {len(orphans)} earlier create(s) in this project dir were interrupted and may have "
+                       "left a context running (see possible_orphans in session.json; the API cannot list "
+                       "contexts, so such a context is freed when the cluster restarts)." if orphans else ""),
+                    session_name=name, possible_orphans=len(orphans) if orphans else None, cluster_id=cluster_id, cluster_name=cluster.get("cluster_name"),
+                    context_id=session["context_id"], session_file=project.show(project.session_path),
+                    llm_endpoint=session["llm_endpoint"],
+                    hint=f"Run code with {cli_hint('exec', project)} --command \"...\" --tag NAME")
+
+
+# -- exec, await, cancel ---------------------------------------------------------------------------
+
+def cmd_exec(args):
+    tag = sanitize_tag(args.tag)
+    timeout = positive_timeout(args.timeout)
+    code = read_command(args.command) if args.sql is None else sql_step_code(read_command(args.sql, "--sql"))
+    project = Project(args.project_dir).check()
+    session = require_active(project, project.load())
+    ws = Workspace(args.profile or session.get("profile"), args.debug)
+    return StepRun.reserve(ws, project, code, tag).bound(timeout, args.max_output_bytes).run()
+
+
+def cmd_await(args):
+    timeout = positive_timeout(args.timeout)
+    project = Project(args.project_dir).check()
+    session = require_active(project, project.load())
+    active = session.get("active_command")
+    if not active:
+        raise ReplError("NothingToAwait", "No command is running in this session.",
+                        hint="The last command already finished or was cancelled; see its files in repl_outputs/.")
+    if not active.get("command_id"):
+        settle_unsubmitted(project, active)
+    ws = Workspace(args.profile or session.get("profile"), args.debug)
+    run = StepRun(ws, project, session, active).bound(timeout, args.max_output_bytes, since=PROCESS_STARTED)
+    try:
+        return run.wait(follow=args.follow)
+    except StatusUnavailable as unavailable:   # the helpers' re-install could not be confirmed
+        return run.status_unknown(unavailable)
+
+
+def settle_unsubmitted(project, active):
+    """A step whose CLI died while submitting has no command id: record it and free the session."""
+    record_step(project, step_entry(project, active, "SubmitUncertain"))
+    raise ReplError("SubmitUncertain", "The CLI stopped while submitting this step, so its command id is "
+                    "unknown; the step is recorded as SubmitUncertain. If the service received it, it may still "
+                    "be running: the context runs one command at a time, so the next exec waits behind it.",
+                    hint="Check the step's effect with a small exec; exec the step again if its effect is missing.",
+                    cmd_id=step_key(active["step"], active["tag"]))
+
+
+def cmd_cancel(args):
+    project = Project(args.project_dir).check()
+    session = require_active(project, project.load())
+    active = session.get("active_command")
+    if active and not active.get("command_id") and not args.run_id:
+        settle_unsubmitted(project, active)
+    command_id = args.run_id or (active or {}).get("command_id")
+    if not command_id:
+        raise ReplError("NothingToCancel", "No command is running in this session.",
+                        hint="Nothing to do: the last command already finished or was cancelled.")
+    ws = Workspace(args.profile or session.get("profile"), args.debug)
+    if active and active.get("command_id") == command_id:
+        return StepRun(ws, project, session, active).cancel()
+    return cancel_untracked(ws, project, session, command_id)
+
+
+def cancel_untracked(ws, project, session, command_id):
+    """cancel --run-id of a command that is not the session's active step."""
+    try:
+        status = ws.cancel_and_wait(Target.of(session), command_id)
+    except ContextGone:
+        return recover_context(ws, project)
+    except StatusUnavailable as unavailable:
+        raise map_sdk_error(unavailable.error, action="confirm the cancel") from None
+    except Exception as err:
+        raise map_sdk_error(err, action="cancel the command") from None
+    if status is None:  # still stopping
+        return response("Cancelling", "Cancel was requested but the command has not stopped yet.",
+                        hint=f"Wait for it with {cli_hint('await', project)}, or check {cli_hint('status', project)}.",
+                        exit_code=EXIT_FAILED, command_id=command_id)
+    if not is_cancellation(status.get("status"), status.get("results")):
+        return response("NothingToCancel", f"Command {command_id} had already finished.",
+                        command_id=command_id, hint="Nothing to do.")
+    return response("Cancelled", "The command was cancelled; the session is still usable.",
+                    hint="Continue with exec.", command_id=command_id)
+
+
+# -- destroy ---------------------------------------------------------------------------------------
+
+def cmd_destroy(args):
+    """End the session: mark it destroyed (settling a running step as Cancelled), then destroy its context.
+
+    The session is marked first, so that an exec waiting on the context sees a destroyed session and
+    never starts a new context for it. If the context cannot be destroyed (no network, a rejected
+    token), the session still ends and the answer says the context may live on, with its id."""
+    project = Project(args.project_dir).check()
+    session = project.load()
+    if session.get("status") == "destroyed":
+        return response("Destroyed", "The session was already destroyed.", session_name=session.get("session_name"))
+    require_active(project, session)
+    ws = Workspace(args.profile or session.get("profile"), args.debug)
+    if not session.get("active_command"):  # a busy context would queue the removal behind the step
+        with ws.deadline_within(3.0):   # best effort: an unreachable host must not eat destroy's budget
+            remove_driver_copies(ws, Target.of(session))
+    with signals_deferred(), project.lock():
+        session = project.load()
+        active = session.get("active_command")
+        if active:
+            entry = step_entry(project, active, "Cancelled", elapsed=elapsed_since(active))
+            touch_step_files(project, entry)
+            session["steps"].append(entry)
+            session["active_command"] = None
+        session["status"] = "destroyed"
+        session["destroyed_at"] = now_iso()
+        project.save(session)
+    context_destroyed = True
+    if session.get("sidecar_context_id"):   # best effort: it holds no state, the cluster reclaims it
+        with ws.deadline_within(3.0), contextlib.suppress(Exception):
+            ws.destroy_context(Target.of(session, session["sidecar_context_id"]))
+    try:
+        ws.destroy_context(Target.of(session))
+        note = "The execution context was destroyed."
+    except Exception as err:
+        if ws.gone_after(err, Target.of(session)):
+            note = "The execution context was already gone."
+        else:
+            context_destroyed = False
+            note = (f"The execution context {session['context_id']} could not be destroyed "
+                    f"({map_sdk_error(err, action='destroy it').message}); it stays alive until the cluster "
+                    "restarts or reclaims idle contexts.")
+    return response("Destroyed", f"Session {session.get('session_name')!r} destroyed. {note}",
+                    session_name=session.get("session_name"), context_id=session.get("context_id"),
+                    context_destroyed=context_destroyed, steps=len(session["steps"]),
+                    hint="Its steps stay in session.json and repl_outputs/; create starts a new session.")
+
+
+# -- status ----------------------------------------------------------------------------------------
+
+def cmd_status(args):
+    """The session at a glance, with a live probe of the cluster, the context and the active command."""
+    project = Project(args.project_dir).check()
+    session = project.load()
+    if session.get("status") == "creating":
+        require_active(project, session)   # a placeholder of an interrupted create: NoSession
+    steps = session["steps"]
+    last = steps[-1] if steps else None
+    active = session.get("active_command")
+    summary = {
+        "session_name": session.get("session_name"),
+        "session_status": session.get("status"),
+        "cluster_id": session.get("cluster_id"),
+        "cluster_name": session.get("cluster_name"),
+        "context_id": session.get("context_id"),
+        "created_at": session.get("created_at"),
+        "steps": len(steps),
+        "steps_by_status": _count_by(s.get("status") for s in steps),
+        "last_step": {"cmd_id": step_key(last["step"], last["tag"]), "status": last.get("status"),
+                      "finished_at": last.get("finished_at")} if last else None,
+        "active_command": {"cmd_id": step_key(active["step"], active["tag"]),
+                           "command_id": active.get("command_id"),
+                           "elapsed_seconds": round(elapsed_since(active), 1)} if active else None,
+    }
+    if session.get("status") != "active":
+        return response("Destroyed", f"Session {session.get('session_name')!r} was destroyed; no live probe.",
+                        hint=f"Run {cli_hint('create', project)} to start a new session.", **summary)
+    ws = Workspace(args.profile or session.get("profile"), args.debug)
+    try:
+        cluster = ws.cluster(session["cluster_id"])
+        summary["cluster_state"] = cluster.get("state")
+        alive = summary["cluster_state"] in RUNNABLE_CLUSTER_STATES and ws.context_alive(Target.of(session))
+        summary["context_alive"] = alive
+        if active and active.get("command_id") and alive:
+            try:
+                remote = ws.command_status(Target.of(session), active["command_id"])
+                summary["active_command"]["remote_status"] = remote.get("status")
+            except Exception as err:   # report it: a failing status call must not hide the session
+                summary["active_command"]["remote_error"] = map_sdk_error(err, "read the command's status").message
+    except Exception as err:
+        raise map_sdk_error(err, action="probe the session") from None
+    if summary["cluster_state"] not in RUNNABLE_CLUSTER_STATES:
+        return response("ClusterNotRunning", f"Cluster {session['cluster_id']} is {summary['cluster_state']}; "
+                        "the session's context is gone with it.", exit_code=EXIT_FAILED,
+                        hint="Start the cluster, then exec: a fresh context is created and the steps to "
+                             "replay are listed.", **summary)
+    if not summary["context_alive"]:
+        plan, target = dependency_plan(project, session)
+        return response("ContextLost", "The execution context is gone (evicted or restarted); variables "
+                        "are lost.", exit_code=EXIT_FAILED, replay_plan=plan_summary(project, plan, target),
+                        tip={"replay": cli_hint("replay", project), "plan": f"{cli_hint('replay', project)} --plan"},
+                        hint="replay starts a fresh context and re-runs the plan (the steps that define what "
+                             "the session needs; see references/eviction-replay.md).", **summary)
+    if active:
+        remote = summary["active_command"].get("remote_status")
+        if remote in DONE_COMMAND_STATES:
+            return response("Busy", f"Step {summary['active_command']['cmd_id']} has ended ({remote}) but its "
+                            "output is not collected yet.", hint=f"Run {cli_hint('await', project)} to collect it.",
+                            **summary)
+        progress = StepRun(ws, project, session, active).progress() if active.get("command_id") else None
+        return response("Busy", f"Step {summary['active_command']['cmd_id']} is running.",
+                        tip={"await": cli_hint("await", project), "cancel": cli_hint("cancel", project)},
+                        hint="Use await to wait for it (--follow streams its progress) or cancel to stop it.",
+                        progress=progress, **summary)
+    return response("Active", f"Session {session.get('session_name')!r} is alive with {len(steps)} step(s).",
+                    hint="Run exec for the next step.", **summary)
+
+
+def _count_by(values):
+    counts = {}
+    for value in values:
+        counts[value] = counts.get(value, 0) + 1
+    return counts
+
+
+# -- put / get: files between this machine and the driver ------------------------------------------
+
+def idle_session(project, args):
+    session = require_active(project, project.load())
+    if session.get("active_command"):
+        busy = session["active_command"]
+        raise ReplError("CommandRunning", f"Step {step_key(busy['step'], busy['tag'])} is still running.",
+                        hint="Transfers run in the same context: await or cancel the command first.")
+    return session, Workspace(args.profile or session.get("profile"), args.debug)
+
+
+def record_transfer(project, entry):
+    with project.lock():
+        session = project.load()
+        session.setdefault("transfers", []).append(entry)
+        project.save(session)
+
+
+def cmd_put(args):
+    project = Project(args.project_dir).check()
+    try:
+        size = os.path.getsize(args.local)
+        if os.path.isdir(args.local):
+            raise IsADirectoryError()
+    except OSError as err:
+        raise ReplError("InvalidPath", f"Cannot read {args.local}: {err.strerror or 'is a directory'}.",
+                        exit_code=EXIT_USAGE, hint="Name a readable local file.") from None
+    if size > args.max_bytes:
+        raise ReplError("TooLarge", f"{args.local} is {size} bytes, over the {args.max_bytes}-byte cap.",
+                        hint="Raise --max-bytes, or move large data through a Volume.")
+    session, ws = idle_session(project, args)
+    target, started = Target.of(session), time.monotonic()
+    try:
+        with open(args.local, "rb") as f:
+            digest, chunks = ws.put_file(target, args.remote, iter(lambda: f.read(PUT_CHUNK_BYTES), b""))
+        remote = ws.driver_call(target, "stat", args.remote, about=f"{args.remote} on the driver")
+    except ReplError:
+        raise
+    except Exception as err:
+        raise map_sdk_error(err, action="upload the file") from None
+    if remote["sha256"] != digest.hexdigest() or remote["size"] != size:
+        raise ReplError("ChecksumMismatch", f"{args.remote} on the driver does not match {args.local}.",
+                        hint="Retry the put.", local_sha256=digest.hexdigest(), remote_sha256=remote["sha256"])
+    record_transfer(project, {"direction": "put", "local": args.local, "remote": args.remote, "bytes": size,
+                              "sha256": remote["sha256"], "at": now_iso()})
+    return response("Uploaded", f"Copied {size} bytes to {args.remote} on the driver.", local=args.local,
+                    remote=args.remote, bytes=size, sha256=remote["sha256"], chunks=chunks,
+                    elapsed_seconds=round(time.monotonic() - started, 3),
+                    hint="Open it from your code on the cluster by that path.")
+
+
+def cmd_get(args):
+    project = Project(args.project_dir).check()
+    local = explicit_path(args.local, os.path.basename(args.remote.rstrip("/")) or "download")
+    session, ws = idle_session(project, args)
+    target, started = Target.of(session), time.monotonic()
+    try:
+        remote = ws.driver_call(target, "stat", args.remote, about=f"{args.remote} on the driver")
+        if remote["size"] > args.max_bytes:
+            raise ReplError("TooLarge", f"{args.remote} is {remote['size']} bytes, over the {args.max_bytes}-byte cap.",
+                            hint="Raise --max-bytes, or write a smaller extract on the cluster.")
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".get-", dir=os.path.dirname(local))
+        try:
+            with os.fdopen(fd, "wb") as sink:
+                written, size, _ = ws.fetch_file(target, sink, args.max_bytes, "fetch", args.remote)
+            with open(tmp, "rb") as f:
+                local_sha = hashlib.file_digest(f, "sha256").hexdigest() if hasattr(hashlib, "file_digest") \
+                    else hashlib.sha256(f.read()).hexdigest()
+            if size != remote["size"] or written != size or local_sha != remote["sha256"]:
+                raise ReplError("ChecksumMismatch", f"The copy of {args.remote} does not match the driver's file "
+                                "(it may have changed during the transfer).", hint="Retry the get.")
+            os.replace(tmp, local)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+    except ReplError:
+        raise
+    except Exception as err:
+        raise map_sdk_error(err, action="download the file") from None
+    record_transfer(project, {"direction": "get", "local": project.stored(local), "remote": args.remote,
+                              "bytes": remote["size"], "sha256": remote["sha256"], "at": now_iso()})
+    return response("Downloaded", f"Copied {remote['size']} bytes from {args.remote} on the driver.",
+                    local=project.show(local), remote=args.remote, bytes=remote["size"],
+                    sha256=remote["sha256"], elapsed_seconds=round(time.monotonic() - started, 3),
+                    hint="Read the local file selectively.")
+
+
+# -- sync: a local folder mirrored on the driver and importable in the context ---------------------
+
+# `sync DIR` mirrors a local package (or a folder of modules) to <driver dir>/sync/<name>, sending only
+# files whose sha256 differs from the manifest of the last sync (kept in session.json under "syncs"),
+# as one tar.gz; the driver removes files no longer present, checks every file's hash, puts the
+# package's parent (a folder's own path) first on sys.path, and reloads the changed modules. `replay`
+# syncs every recorded folder again before it re-runs steps, so a new context can import them.
+SYNC_ALWAYS_SKIPPED = (".git/", "__pycache__/", "*.pyc", ".DS_Store")
+
+
+def gitignore_rules(root):
+    """The rules of ROOT/.gitignore as (negated, directory_only, anchored, pattern), in order, after
+    the rules every sync applies (SYNC_ALWAYS_SKIPPED). A documented subset of git's syntax: blank
+    lines and # comments are skipped; `!` re-includes; a trailing `/` matches directories only; a
+    pattern with another `/` is matched (fnmatch) against the path from ROOT, any other against each
+    name at any depth. Nested .gitignore files are not read."""
+    lines = list(SYNC_ALWAYS_SKIPPED)
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        with open(os.path.join(root, ".gitignore"), encoding="utf-8") as f:
+            lines += f.read().splitlines()
+    rules = []
+    for line in lines:
+        line = line.rstrip()
+        if not line or line.startswith("#"):
+            continue
+        negated = line.startswith("!")
+        line = line[1:] if negated else line
+        directory_only = line.endswith("/")
+        line = line.rstrip("/")
+        anchored = "/" in line
+        if line:
+            rules.append((negated, directory_only, anchored, line.lstrip("/")))
+    return rules
+
+
+def ignored(rules, relative, is_dir):
+    """Whether the path (from the synced folder, with `/`) is ignored: the last matching rule decides."""
+    import fnmatch
+    verdict = False
+    for negated, directory_only, anchored, pattern in rules:
+        if directory_only and not is_dir:
+            continue
+        subject = relative if anchored else relative.rsplit("/", 1)[-1]
+        if fnmatch.fnmatchcase(subject, pattern):
+            verdict = not negated
+    return verdict
+
+
+def local_tree(root, max_bytes):
+    """{relative path: (sha256, size)} of the files to sync under ROOT (an ignored directory hides
+    everything in it). Raises TooLarge past max_bytes in total, before anything is sent."""
+    rules, found, total = gitignore_rules(root), {}, 0
+    for folder, dirs, names in os.walk(root):
+        base = os.path.relpath(folder, root).replace(os.sep, "/")
+        base = "" if base == "." else base + "/"
+        dirs[:] = sorted(d for d in dirs if not ignored(rules, base + d, True)
+                         and not os.path.islink(os.path.join(folder, d)))
+        for name in sorted(names):
+            relative = base + name
+            path = os.path.join(folder, name)
+            if ignored(rules, relative, False) or not os.path.isfile(path):
+                continue
+            with open(path, "rb") as f:
+                data = f.read()
+            total += len(data)
+            if total > max_bytes:
+                raise ReplError("TooLarge", f"{root} holds more than {max_bytes} bytes to sync.",
+                                hint="Ignore data and build folders in its .gitignore, or raise --max-bytes.")
+            found[relative] = (hashlib.sha256(data).hexdigest(), len(data))
+    return found
+
+
+def sync_folder(ws, session, name, local, max_bytes):
+    """Mirror LOCAL to the driver as NAME, sending what changed since the session's record of its last
+    sync (if any). Returns the new record for session.json and what changed: (record, sent, reloaded,
+    removed). Raises ReplError (InvalidPath, TooLarge, RemoteFileError, TransferFailed)."""
+    import tarfile
+    previous = (session.get("syncs") or {}).get(name)
+    if not os.path.isdir(local):
+        raise ReplError("InvalidPath", f"{local} is not a folder.", exit_code=EXIT_USAGE,
+                        hint="Name a local package or folder of modules.")
+    tree = local_tree(local, max_bytes)
+    target = Target.of(session)
+    remote = f"{DRIVER_OUTPUT_DIR}/dbx_repl_{session['session_id']}/sync/{name}"
+    path_entry = remote.rsplit("/", 1)[0] if "__init__.py" in tree else remote
+    manifest = {relative: digest for relative, (digest, _) in tree.items()}
+    known = (previous or {}).get("files") or {}
+    changed = sorted(r for r in manifest if known.get(r) != manifest[r])
+    sent = []
+    for attempt in range(2):    # the second pass resends what the driver lost (a restarted cluster)
+        archive = None
+        if changed:
+            packed = io.BytesIO()
+            with tarfile.open(fileobj=packed, mode="w:gz", compresslevel=6) as tar:
+                for relative in changed:
+                    tar.add(os.path.join(local, relative), arcname=relative, recursive=False)
+            archive = f"{remote}.upload.tar.gz"
+            data = packed.getvalue()
+            ws.put_file(target, archive, (data[i:i + PUT_CHUNK_BYTES] for i in range(0, len(data), PUT_CHUNK_BYTES)))
+            sent += [c for c in changed if c not in sent]
+        applied = ws.driver_call(target, "sync_apply", remote, archive, manifest, changed, path_entry,
+                                 about="Applying the sync on the driver")
+        if not applied["missing"]:
+            break
+        changed = sorted(applied["missing"])
+    else:
+        raise ReplError("TransferFailed", f"{len(applied['missing'])} file(s) did not arrive whole on the driver.",
+                        hint="Retry the sync.", missing=applied["missing"][:10])
+    record = {"local": local, "remote": remote, "path": path_entry, "files": manifest, "max_bytes": max_bytes,
+              "bytes": sum(size for _, size in tree.values()), "synced_at": now_iso()}
+    return record, sent, applied["reloaded"] + applied["dropped"], applied["removed"]
+
+
+def sync_name(local):
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.basename(os.path.normpath(local)))
+    if not name.strip("._"):
+        raise ReplError("InvalidPath", f"{local} has no usable folder name.", exit_code=EXIT_USAGE,
+                        hint="Name the package's folder, e.g. sync src/mypkg.")
+    return name
+
+
+def record_sync(project, name, record):
+    with signals_deferred(), project.lock():
+        session = project.load()
+        session.setdefault("syncs", {})[name] = record
+        project.save(session)
+
+
+def cmd_sync(args):
+    project = Project(args.project_dir).check()
+    local = os.path.abspath(args.dir)
+    name = sync_name(local)
+    if args.max_bytes <= 0:
+        raise ReplError("UsageError", "--max-bytes must be positive.", exit_code=EXIT_USAGE,
+                        hint=f"Leave it out for the default ({DEFAULT_SYNC_CAP} bytes).")
+    if not os.path.isdir(local):
+        raise ReplError("InvalidPath", f"{args.dir} is not a folder.", exit_code=EXIT_USAGE,
+                        hint="Name a local package or folder of modules.")
+    local_tree(local, args.max_bytes)       # too large: refused before the session is touched
+    session, ws = idle_session(project, args)
+    started = time.monotonic()
+    try:
+        record, sent, reloaded, removed = sync_folder(ws, session, name, local, args.max_bytes)
+    except ReplError:
+        raise
+    except Exception as err:
+        raise map_sdk_error(err, action="sync the folder") from None
+    record_sync(project, name, record)
+    importable = name if record["path"] != record["remote"] else "its modules"
+    return response("Synced", f"{local} is on the driver at {record['remote']}: {len(sent)} of "
+                    f"{len(record['files'])} file(s) sent, {removed} removed.",
+                    name=name, remote=record["remote"], sys_path=record["path"], files=len(record["files"]),
+                    bytes=record["bytes"], sent=sent[:20], sent_count=len(sent), removed=removed,
+                    reloaded=reloaded[:20], elapsed_seconds=round(time.monotonic() - started, 3),
+                    hint=f"Import {importable} in your steps; sync again after editing (only changes are sent, "
+                         "changed modules are reloaded).")
+
+
+def restore_syncs(ws, project, session):
+    """After a new context: sync every recorded folder again (changed files are sent, the path is
+    set). Returns ([names restored], [{name, error}] for those that could not be)."""
+    restored, failed = [], []
+    for name, previous in sorted((session.get("syncs") or {}).items()):
+        try:
+            record, _, _, _ = sync_folder(ws, session, name, previous["local"],
+                                          previous.get("max_bytes") or DEFAULT_SYNC_CAP)
+        except ReplError as err:
+            failed.append({"name": name, "error": f"{err.status}: {err.message}"[:200]})
+            continue
+        record_sync(project, name, record)
+        restored.append(name)
+    return restored, failed
+
+
+# -- replay ----------------------------------------------------------------------------------------
+
+def chosen_replay(project, session, args):
+    """(entries, target) to replay: the chosen steps (--steps, --from/--to, --all run each chosen
+    step's whole code), or by default the dependency plan (see dependency_plan)."""
+    timeline = step_timeline(project, session)
+    by_origin = {e["origin"]: e for e in timeline}
+    explicit = args.steps or args.from_step is not None or args.to_step is not None or args.all
+    if not explicit:
+        return dependency_plan(project, session)
+    for entry in timeline:
+        entry.pop("partial_lines", None)      # a step named by the caller runs whole
+    if args.steps:
+        numbers = parse_step_list(args.steps)
+        missing = [n for n in numbers if n not in by_origin]
+        if missing:
+            raise ReplError("UnknownStep", f"No recorded step {missing[0]} in this session.",
+                            exit_code=EXIT_USAGE, hint=f"See the step numbers with {cli_hint('replay', project)} --plan.")
+        return [by_origin[n] for n in numbers], None
+    chosen = [e for e in timeline if (args.from_step is None or e["origin"] >= args.from_step)
+              and (args.to_step is None or e["origin"] <= args.to_step)]
+    if args.all or args.skip_failed:
+        chosen = [e for e in chosen if e.get("status") == "Finished"]
+    return chosen, None
+
+
+def cmd_replay(args):
+    timeout = positive_timeout(args.timeout)
+    project = Project(args.project_dir).check()
+    session = require_active(project, project.load())
+    plan, target = chosen_replay(project, session, args)
+    if args.plan:
+        return response("ReplayPlan", f"The plan re-runs {len(plan)} step(s); nothing was run.",
+                        for_step=step_key(target["step"], target["tag"]) if target else None,
+                        replay_plan=plan_summary(project, plan, target),
+                        tip={"replay": cli_hint("replay", project)},
+                        hint="Run the tip to replay this plan, or choose steps with --steps. Flagged steps "
+                             "are costly or have side effects (see references/eviction-replay.md).")
+    if not plan and not session.get("syncs"):
+        return response("NothingToReplay", "No recorded step matches.",
+                        hint="Nothing defines what the next step needs; exec it again, or pick steps with --steps.")
+    ws = Workspace(args.profile or session.get("profile"), args.debug)
+    if not ws.context_alive(Target.of(session)):
+        evicted = recover_context(ws, project)
+        if evicted["status"] != "ContextEvicted":
+            return evicted
+    synced, sync_failed = restore_syncs(ws, project, project.load())
+    syncs = {"synced": synced or None, "sync_failed": sync_failed or None}
+    restored = []
+    for index, entry in enumerate(plan):
+        if entry["code"] is None:
+            failure = {"step": entry["origin"], "status": "MissingCommandFile",
+                       "message": f"{entry.get('command_file')} is unreadable."}
+            return _replay_report(project, restored, failure, plan[index + 1:], syncs)
+        run = StepRun.reserve(ws, project, replay_code(entry), sanitize_tag(entry["tag"]), replay_of=entry["origin"])
+        body = run.bound(timeout, args.max_output_bytes).run()
+        if body["status"] != "Finished":
+            failure = {"step": entry["origin"], "cmd_id": body.get("cmd_id"), "status": body["status"],
+                       "message": body.get("message"), "error": body.get("error")}
+            return _replay_report(project, restored, failure, plan[index + 1:], syncs)
+        done = {"step": entry["origin"], "tag": entry["tag"], "cmd_id": body["cmd_id"]}
+        if "partial_lines" in entry:
+            done["lines"] = f"1-{entry['partial_lines']}"
+        restored.append(done)
+    return _replay_report(project, restored, None, [], syncs)
+
+
+def _replay_report(project, restored, failure, not_run, syncs):
+    """Replayed / ReplayFailed; `syncs` = {"synced": names, "sync_failed": [{name, error}]} (or Nones)."""
+    fields = {"restored": restored, "failed": failure, "not_run": [e["origin"] for e in not_run], **syncs}
+    if failure is None:
+        return response("Replayed", f"Re-ran {len(restored)} step(s) in the current context.",
+                        hint="State is restored; continue with exec.", **fields)
+    return response("ReplayFailed", f"Replay stopped at step {failure['step']} ({failure['status']}).",
+                    exit_code=EXIT_RUNNING if failure["status"] == "Running" else EXIT_FAILED,
+                    hint="Read the failed step's files, fix the cause, then replay the remaining steps "
+                         f"with {cli_hint('replay', project)} --steps N,M.", **fields)
+
+
+# -- export ----------------------------------------------------------------------------------------
+
+def explicit_path(path, default_name):
+    """A path the caller named, honoured as `cp` would: relative to the working directory, anywhere;
+    an existing directory receives `default_name`."""
+    absolute = os.path.abspath(path)
+    if os.path.isdir(absolute):
+        absolute = os.path.join(absolute, default_name)
+        if os.path.isdir(absolute):
+            raise ReplError("InvalidPath", f"{absolute} is a directory.", exit_code=EXIT_USAGE, hint="Name a file.")
+    return absolute
+
+
+def export_name(session):
+    """The session's name as the export's file names use it."""
+    return sanitize_tag(session.get("session_name") or "session")
+
+
+def verify_script(ws, project, session, exported, timeout):
+    """Run the exported script (`exported`: export_script's (script, requirements)) in a fresh
+    execution context (created, used once, destroyed), within `timeout` seconds of running; its output
+    goes to <name>_export.verify.txt. Returns {"status": Passed|Failed|TimedOut, ...} for the answer."""
+    script, requires = exported
+    output_path = project.output_path(f"{export_name(session)}_export.verify.txt")
+    started = time.monotonic()
+    target = Target.of(session, start_context(ws, project, session))
+    try:
+        commands = ([f"%pip install {' '.join(requires)}"] if requires else []) + [script]
+        for command in commands:
+            remaining = timeout - (time.monotonic() - started)
+            command_id = ws.execute(target, command)
+            status = ws.wait_command(target, command_id, max(remaining, 0.01))
+            if status is None:
+                with contextlib.suppress(Exception):
+                    ws.cancel(target, command_id)
+                return {"status": "TimedOut", "message": f"The script did not finish within {timeout:g}s.",
+                        "elapsed_seconds": round(time.monotonic() - started, 3)}
+            results = valid_unicode(status.get("results") or {})
+            text = results.get("data") if isinstance(results.get("data"), str) else json.dumps(results.get("data"))
+            if results.get("resultType") == "error" or status.get("status") == "Error":
+                error_type, message = parse_error(results.get("summary"), results.get("cause"))
+                write_atomic(output_path, strip_ansi(results.get("cause") or results.get("summary") or ""))
+                return {"status": "Failed", "error": {"type": printable(error_type)[:200],
+                                                      "message": printable(message)[:300]},
+                        "output_file": project.show(output_path),
+                        "elapsed_seconds": round(time.monotonic() - started, 3)}
+        write_atomic(output_path, strip_ansi(text or ""))
+        return {"status": "Passed", "output_file": project.show(output_path),
+                "stdout_preview": preview(strip_ansi(text or ""), limit=200),
+                "elapsed_seconds": round(time.monotonic() - started, 3)}
+    finally:
+        abandon_context(ws, project, target)   # and drops its pending record
+
+
+def cmd_export(args):
+    project = Project(args.project_dir).check()
+    session = project.load()
+    timeout = positive_timeout(args.timeout) if args.verify else None
+    if args.verify:
+        require_active(project, session)         # before writing anything: --verify needs the cluster
+    default_name = f"{export_name(session)}_export.py"
+    target = explicit_path(args.output, default_name) if args.output else os.path.join(project.root, default_name)
+    exclude = {t.strip() for t in (args.exclude_tags or "").split(",") if t.strip()}
+    chosen, left_out = export_selection(project, session, parse_step_list(args.steps) if args.steps else None,
+                                        exclude)
+    missing = [e["origin"] for e in chosen if e["code"] is None]
+    if missing:
+        raise ReplError("MissingCommandFile", f"The command file of step {missing[0]} is unreadable.",
+                        hint="Restore repl_outputs/ or leave the step out with --steps.")
+    script, requires = export_script(session, chosen)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    write_atomic(target, script)
+    fields = {"output_file": project.show(target), "steps": [e["origin"] for e in chosen],
+              "left_out": left_out or None, "bytes": len(script.encode("utf-8"))}
+    if not args.verify:
+        return response("Exported", f"Wrote {len(chosen)} step(s) to {project.show(target)}.", **fields,
+                        hint="Review the script, or check that it runs with --verify (a fresh context).")
+    ws = Workspace(args.profile or session.get("profile"), args.debug)
+    try:
+        fields["verify"] = verify_script(ws, project, session, (script, requires), timeout)
+    except ReplError:
+        raise
+    except Exception as err:
+        raise map_sdk_error(err, action="verify the script in a fresh context") from None
+    if fields["verify"]["status"] == "Passed":
+        return response("Exported", f"Wrote {len(chosen)} step(s) to {project.show(target)}; it ran top to "
+                        "bottom in a fresh context.", **fields, hint="The script is ready to commit.")
+    return response("VerifyFailed", f"Wrote {project.show(target)}, but it did not run in a fresh context "
+                    f"({fields['verify']['status']}).", exit_code=EXIT_FAILED, **fields,
+                    hint="Read verify.output_file; fix the session (exec the missing step) and export again, "
+                         "or choose steps with --steps.")
+
+
+# -- find-cluster ----------------------------------------------------------------------------------
+
+def cluster_summary(cluster):
+    source = cluster.get("cluster_source")
+    return {
+        "cluster_id": cluster.get("cluster_id"),
+        "cluster_name": cluster.get("cluster_name"),
+        "state": cluster.get("state"),
+        "state_message": cluster.get("state_message") or None,
+        "startable": cluster.get("state") in STARTABLE_CLUSTER_STATES and is_all_purpose(cluster),
+        "all_purpose": is_all_purpose(cluster),
+        "cluster_source": source,
+        "access_mode": cluster.get("data_security_mode"),
+        "single_user_name": cluster.get("single_user_name"),
+        "spark_version": cluster.get("spark_version"),
+    }
+
+
+def find_clusters(clusters, name):
+    """Clusters whose name contains `name` (case-insensitive): exact matches first, then by name."""
+    needle = name.casefold()
+    matches = [c for c in clusters if needle in (c.get("cluster_name") or "").casefold()]
+    return sorted(matches, key=lambda c: ((c.get("cluster_name") or "").casefold() != needle,
+                                          c.get("state") != "RUNNING", c.get("cluster_name") or ""))
+
+
+def cmd_find_cluster(args):
+    name = (args.name or "").strip()
+    if not name and args.name is None and env_cluster_id():
+        return find_cluster_by_id(args, env_cluster_id())
+    if not name:
+        raise ReplError("InvalidName", "--name is empty.", exit_code=EXIT_USAGE,
+                        hint="Pass part of the cluster's name, e.g. --name analytics (or set "
+                             "DATABRICKS_CLUSTER_ID to a cluster id).")
+    ws = Workspace(args.profile, args.debug)
+    try:
+        clusters = ws.clusters()
+    except Exception as err:
+        raise map_sdk_error(err, action="list clusters") from None
+    matches = [cluster_summary(c) for c in find_clusters(clusters, name)]
+    if not matches:
+        raise ReplError("ClusterNotFound", f"No cluster name contains {name!r}.",
+                        hint="Try a shorter part of the name.",
+                        available=sorted(c.get("cluster_name") or "" for c in clusters)[:50])
+    if len(matches) == 1:
+        return response("Found", f"Cluster {matches[0]['cluster_name']!r} is {matches[0]['state']}.",
+                        **matches[0], hint=_cluster_hint(matches[0]))
+    return response("Ambiguous", f"{len(matches)} clusters match {name!r}; ask the user which one.",
+                    matches=matches, hint="Pick one cluster_id (an all_purpose, RUNNING one can host a session).")
+
+
+def find_cluster_by_id(args, cluster_id):
+    """find-cluster without --name: the cluster DATABRICKS_CLUSTER_ID names, by id."""
+    ws = Workspace(args.profile, args.debug)
+    try:
+        found = cluster_summary(ws.cluster(cluster_id))
+    except Exception as err:
+        if error_kind(err) == NOT_FOUND:
+            raise ReplError("ClusterNotFound", f"No cluster with id {cluster_id} (from DATABRICKS_CLUSTER_ID).",
+                            hint="Fix DATABRICKS_CLUSTER_ID, or search by name with --name.",
+                            cluster_id=cluster_id) from None
+        raise map_sdk_error(err, action="look up the cluster") from None
+    return response("Found", f"Cluster {found['cluster_name']!r} (DATABRICKS_CLUSTER_ID) is {found['state']}.",
+                    **found, hint=_cluster_hint(found))
+
+
+def _cluster_hint(cluster):
+    if not cluster["all_purpose"]:
+        return "This is not an all-purpose cluster; execution contexts need one."
+    if cluster["startable"]:
+        return ("The cluster is not running. Ask the user whether to start it (3-8 minutes); with their "
+                f"consent: {cli_hint('create')} --cluster-id {cluster['cluster_id']} --session-name NAME "
+                "--start-cluster")
+    if cluster["state"] not in RUNNABLE_CLUSTER_STATES:
+        return "The cluster is not running: ask the user to start it, then create the session."
+    return f"Create a session: {cli_hint('create')} --cluster-id {cluster['cluster_id']} --session-name NAME"
+
+
+# -- smoke -----------------------------------------------------------------------------------------
+
+SMOKE_COMMAND = "print(sum(range(10)) * 6 // 5 - 12)"      # prints 42
+SMOKE_LLM_COMMAND = "print(sub_llm('Reply with the word ok.', max_tokens=16))"
+
+
+def cmd_smoke(args):
+    """Create a session in a temporary dir, run a known command (and a sub_llm call), destroy it."""
+    phases, started = [], time.monotonic()
+
+    def phase(name, action):
+        began = time.monotonic()
+        try:
+            detail = action()
+            phases.append({"phase": name, "status": "Passed", "seconds": round(time.monotonic() - began, 3),
+                           **({"detail": detail} if detail else {})})
+            return True
+        except ReplError as err:
+            phases.append({"phase": name, "status": "Failed", "seconds": round(time.monotonic() - began, 3),
+                           "error": err.status, "message": err.message})
+        except Exception as err:
+            mapped = map_sdk_error(err) if _SDK.loaded else ReplError("UnexpectedError", str(err))
+            phases.append({"phase": name, "status": "Failed", "seconds": round(time.monotonic() - began, 3),
+                           "error": mapped.status, "message": mapped.message})
+        return False
+
+    state = {}
+
+    def connect():
+        state["ws"] = Workspace(args.profile, args.debug)
+        return state["ws"].host
+
+    def resolve():
+        ws = state["ws"]
+        # DATABRICKS_CLUSTER_ID (or cluster_id in the profile) is an id, as the SDK reads it.
+        cluster_id = args.cluster_id or (None if args.cluster_name else ws.config.cluster_id)
+        if cluster_id:
+            try:
+                cluster = ws.cluster(cluster_id)
+            except Exception as err:
+                if error_kind(err) == NOT_FOUND:
+                    raise ReplError("ClusterNotFound", f"No cluster with id {cluster_id}.") from None
+                raise
+        else:
+            name = args.cluster_name
+            if not name:
+                raise ReplError("UsageError", "Pass --cluster-id or --cluster-name (or set DATABRICKS_CLUSTER_ID, "
+                                              "or cluster_id in the profile).")
+            found = [c for c in find_clusters(ws.clusters(), name) if is_all_purpose(c)]
+            if not found:
+                raise ReplError("ClusterNotFound", f"No all-purpose cluster name contains {name!r}.")
+            cluster = found[0]
+        if cluster.get("state") not in RUNNABLE_CLUSTER_STATES:
+            raise cluster_not_running(cluster["cluster_id"], cluster)
+        state["cluster_id"] = cluster["cluster_id"]
+        return f"{cluster.get('cluster_name')} ({cluster['cluster_id']}) {cluster.get('state')}"
+
+    def run_subcommand(subcommand, *options):
+        """A subcommand on the smoke's project dir, parsed and run as its command line would be."""
+        common = ["--project-dir", state["dir"], *(["--profile", args.profile] if args.profile else []),
+                  *(["--debug"] if args.debug else [])]
+        parsed = parse_command_line([subcommand, *common, *options])
+        return parsed.handler(parsed)
+
+    def create():
+        endpoint = ["--llm-endpoint", args.llm_endpoint] if args.llm_endpoint else []
+        body = run_subcommand("create", "--cluster-id", state["cluster_id"], "--session-name", "dbx-repl-smoke",
+                              "--llm-max-calls", "5", *endpoint)
+        state["created"] = True
+        return body["context_id"]
+
+    def run_check(command, tag, check):
+        def action():
+            body = run_subcommand("exec", "--command", command, "--tag", tag, "--timeout", repr(args.timeout))
+            if body["status"] != "Finished":
+                raise ReplError(body["status"], body.get("message", ""))
+            text = body.get("stdout_preview", "").strip()
+            if not check(text):
+                raise ReplError("UnexpectedOutput", f"Got {text[:200]!r}.")
+            return text[:200]
+        return action
+
+    def destroy():
+        return run_subcommand("destroy")["status"]
+
+    with tempfile.TemporaryDirectory(prefix="dbx-repl-smoke-") as directory:
+        state["dir"] = directory
+        ok = phase("auth", connect) and phase("cluster", resolve) and phase("create", create)
+        ok = ok and phase("exec", run_check(SMOKE_COMMAND, "smoke", lambda t: t == "42"))
+        if ok and args.llm_endpoint:
+            ok = phase("sub_llm", run_check(SMOKE_LLM_COMMAND, "smoke_llm",
+                                            lambda t: bool(t) and not t.startswith("[ERROR]")))
+        if state.get("created"):
+            ok = phase("destroy", destroy) and ok
+    failed = next((p for p in phases if p["status"] == "Failed"), None)
+    fields = {"phases": phases, "elapsed_seconds": round(time.monotonic() - started, 3)}
+    if failed is None:
+        return response("Passed", f"Smoke test passed: {', '.join(p['phase'] for p in phases)}.",
+                        hint="The workspace, cluster and REPL work end to end.", **fields)
+    return response("Failed", f"Smoke test failed in phase {failed['phase']}: {failed['message']}",
+                    failed_phase=failed["phase"], exit_code=EXIT_FAILED,
+                    hint="Fix what the failed phase names, then rerun smoke.", **fields)
+
+
+# == 8. The parser and the entry point =============================================================
+# `main` parses the command line (`parse_command_line`: usage errors are answers too), runs the
+# subcommand, and emits its answer. `smoke` runs its steps through the same parser and dispatch.
+
+class JsonArgumentParser(argparse.ArgumentParser):
+    """argparse that reports usage errors as the one JSON response instead of text on stderr."""
+
+    def error(self, message):
+        raise ReplError("UsageError", f"{self.prog}: {message}", exit_code=EXIT_USAGE,
+                        hint=f"Run {self.prog} --help for the options.")
+
+    def exit(self, status=0, message=None):
+        if status:
+            raise ReplError("UsageError", (message or "").strip() or "invalid arguments", exit_code=EXIT_USAGE)
+        sys.exit(status)
+
+
+def profile_name(text):
+    """--profile: an empty value means no profile, as in the SDK (`--profile ""` from a template)."""
+    return text.strip() or None
+
+
+def env_cluster_id():
+    """DATABRICKS_CLUSTER_ID, the SDK's variable for a cluster id (Config.cluster_id), or None."""
+    return (os.environ.get("DATABRICKS_CLUSTER_ID") or "").strip() or None
+
+
+def add_profile(parser):
+    parser.add_argument("--profile", type=profile_name, default=None,
+                        help="Profile in ~/.databrickscfg; empty or absent: the SDK's default auth")
+    parser.add_argument("--debug", action="store_true", help="Print SDK debug information to stderr")
+
+
+def add_common(parser):
+    parser.add_argument("--project-dir", default=".", help="Directory holding session.json and repl_outputs/")
+    add_profile(parser)
+
+
+def add_wait_options(parser):
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                        help="Seconds to wait before answering Running (the command keeps running)")
+    parser.add_argument("--max-output-bytes", type=int, default=DEFAULT_MAX_OUTPUT_BYTES,
+                        help="Cap on the output fetched into the stdout file")
+
+
+def build_parser():
+    parser = JsonArgumentParser(prog=Invocation.program, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=VERSION)
+    sub = parser.add_subparsers(dest="subcommand", parser_class=JsonArgumentParser)
+
+    p = sub.add_parser("create", help="Create a session: an execution context with the helpers installed")
+    add_common(p)
+    p.add_argument("--cluster-id", default=env_cluster_id(), help="Default: $DATABRICKS_CLUSTER_ID")
+    p.add_argument("--session-name", required=True)
+    p.add_argument("--llm-endpoint", default=None, help=f"Default sub_llm endpoint (env {ENV_LLM_ENDPOINT})")
+    p.add_argument("--llm-max-calls", type=int, default=None, help="Budget: sub_llm calls in this session")
+    p.add_argument("--llm-max-tokens", type=int, default=None, help="Budget: sub_llm tokens in this session")
+    p.add_argument("--start-cluster", action="store_true",
+                   help="Start the cluster if it is TERMINATED (only with the user's consent) and wait for it")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                   help="With --start-cluster: seconds to wait for RUNNING before answering ClusterStarting")
+    p.set_defaults(handler=cmd_create)
+
+    p = sub.add_parser("exec", help="Run code as the next step and wait for it")
+    add_common(p)
+    code = p.add_mutually_exclusive_group(required=True)
+    code.add_argument("--command", default=None, help="Python code, @file.py, or - for stdin")
+    code.add_argument("--sql", default=None, help="Instead of --command: SQL, @file.sql, or - for stdin; runs as "
+                                               "spark.sql in the same context, the result goes to a table file")
+    p.add_argument("--tag", required=True, help="Label of the step (used in file names)")
+    add_wait_options(p)
+    p.set_defaults(handler=cmd_exec)
+
+    p = sub.add_parser("await", help="Keep waiting for the running command")
+    add_common(p)
+    add_wait_options(p)
+    p.add_argument("--follow", action="store_true", help="Stream the step's progress (output tail, Spark tasks) "
+                                                         "to stderr while waiting")
+    p.set_defaults(handler=cmd_await)
+
+    p = sub.add_parser("cancel", help="Cancel the running command")
+    add_common(p)
+    p.add_argument("--run-id", default=None, help="Command id to cancel (default: the active command)")
+    p.set_defaults(handler=cmd_cancel)
+
+    p = sub.add_parser("destroy", help="Destroy the execution context; keep the step log")
+    add_common(p)
+    p.set_defaults(handler=cmd_destroy)
+
+    p = sub.add_parser("status", help="Summarise the session and probe its cluster, context and command")
+    add_common(p)
+    p.set_defaults(handler=cmd_status)
+
+    p = sub.add_parser("replay", help="Re-run recorded steps in the current context (after an eviction)")
+    add_common(p)
+    p.add_argument("--steps", default=None, help="Step numbers, e.g. 1,2,5 or 3-7")
+    p.add_argument("--from", dest="from_step", type=int, default=None, help="First step of a range")
+    p.add_argument("--to", dest="to_step", type=int, default=None, help="Last step of a range")
+    p.add_argument("--skip-failed", action="store_true", help="Leave out steps that did not finish")
+    p.add_argument("--all", action="store_true", help="Every step that finished, instead of the dependency plan")
+    p.add_argument("--plan", action="store_true", help="Show the plan (written to repl_outputs/replay_plan.json) "
+                                                       "without running it")
+    add_wait_options(p)
+    p.set_defaults(handler=cmd_replay)
+
+    p = sub.add_parser("export", help="Write the session as one clean Python script")
+    add_common(p)
+    p.add_argument("--output", default=None, help="Script path (relative to the working directory; default "
+                                                   "<session>_export.py in the project dir)")
+    p.add_argument("--steps", default=None, help="Export these steps (e.g. 1,2,5 or 3-7) instead of the default")
+    p.add_argument("--exclude-tags", default=None, help="Leave out steps with these tags (comma-separated)")
+    p.add_argument("--verify", action="store_true", help="Run the script in a fresh execution context and "
+                                                         "report the result")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="With --verify: seconds the run may take")
+    p.set_defaults(handler=cmd_export)
+
+    for name, handler, positionals, purpose in (
+            ("put", cmd_put, ("local", "remote"), "Copy a local file to the driver"),
+            ("get", cmd_get, ("remote", "local"), "Copy a driver file to a local path (as cp would)")):
+        p = sub.add_parser(name, help=purpose)
+        add_common(p)
+        for positional in positionals:
+            p.add_argument(positional)
+        p.add_argument("--max-bytes", type=int, default=DEFAULT_TRANSFER_CAP, help="Size cap of the file")
+        p.set_defaults(handler=handler)
+
+    p = sub.add_parser("sync", help="Mirror a local package or folder to the driver and make it importable")
+    add_common(p)
+    p.add_argument("dir", help="The local folder (a package with __init__.py, or a folder of modules)")
+    p.add_argument("--max-bytes", type=int, default=DEFAULT_SYNC_CAP, help="Size cap of the folder's files")
+    p.set_defaults(handler=cmd_sync)
+
+    p = sub.add_parser("smoke", help="End-to-end check: create, exec, (sub_llm), destroy in a temp dir")
+    add_profile(p)
+    p.add_argument("--cluster-id", default=None, help="Default: $DATABRICKS_CLUSTER_ID")
+    p.add_argument("--cluster-name", default=None)
+    p.add_argument("--llm-endpoint", default=None)
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.set_defaults(handler=cmd_smoke)
+
+    p = sub.add_parser("find-cluster", help="Find clusters whose name contains a string")
+    add_profile(p)
+    p.add_argument("--name", default=None, help="Part of the cluster's name (default: the cluster "
+                                                "$DATABRICKS_CLUSTER_ID names)")
+    p.set_defaults(handler=cmd_find_cluster)
+    return parser
+
+
+def parse_command_line(argv):
+    """The arguments of a command line (without the program), checked: a subcommand with its handler
+    (`args.handler(args)` runs it) and a positive --max-output-bytes. A usage error is a ReplError."""
+    args = build_parser().parse_args(argv)
+    if not getattr(args, "handler", None):
+        raise ReplError("UsageError", "No subcommand given.", exit_code=EXIT_USAGE,
+                        hint=f"Run {Invocation.program} --help for the subcommands.")
+    if getattr(args, "max_output_bytes", 1) <= 0:
+        raise ReplError("UsageError", "--max-output-bytes must be positive.", exit_code=EXIT_USAGE,
+                        hint=f"Leave it out for the default ({DEFAULT_MAX_OUTPUT_BYTES} bytes).")
+    return args
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    os.umask(os.umask(0o077) | 0o077)  # session and output files: owner only, or stricter
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        Project.current = None
+        Invocation.program = invoked_program(sys.argv[0])
+        args = parse_command_line(argv)
+        Invocation.profile = getattr(args, "profile", None)
+        Invocation.timeout = getattr(args, "timeout", None) if args.subcommand in WAITING_SUBCOMMANDS else None
+        body = args.handler(args)
+    except ReplError as err:
+        body = err.response()
+    except KeyboardInterrupt:
+        body = response("Interrupted", "Interrupted before any command was submitted or cancelled.",
+                        exit_code=EXIT_INTERRUPTED)
+    except Terminated:
+        body = response("Terminated", "Stopped by SIGTERM before any command was submitted or cancelled.",
+                        exit_code=EXIT_FAILED)
+    except Exception as err:  # the agent never gets a traceback unless it asks for one
+        if debug:
+            import traceback
+            traceback.print_exc(file=sys.stderr)
+        body = map_sdk_error(err).response() if _SDK.loaded else response(
+            "UnexpectedError", f"{type(err).__name__}: {scrub(str(err))}",
+            hint="Rerun with --debug for the traceback.", exit_code=EXIT_FAILED)
+    return emit(body)
+
+
+def _console_main():
+    sys.exit(main())
+
+
+# == 9. The code that runs on the driver ===========================================================
+# Nothing here runs in this process: these functions travel as their own source (inspect.getsource) and
+# run in an execution context, so they import only the standard library, and only inside themselves.
+
+# `_dbx_repl_install` is the bootstrap: `bootstrap_command` sends it at `create` with the config as a
+# JSON literal (data, never code). Everything it installs lives in one object, `_dbx_repl`, plus the
+# public helpers sub_llm, sub_llm_batch, sub_llm_usage and sub_llm_budget; `display` is wrapped so
+# plots are saved as PNGs on the driver. Nothing else is added to the user's namespace. The token
+# used by sub_llm is read on the cluster and never leaves it.
+# sub_llm_batch's signature is the skill's public API (more than five parameters):
+# ruff: disable[PLR0913]
 def _dbx_repl_install(config, namespace):
     """Install the REPL helpers into `namespace` (the REPL's globals).
 
@@ -1959,342 +5529,11 @@ def _dbx_repl_install(config, namespace):
     namespace["sub_llm_budget"] = sub_llm_budget
     if "display" in namespace:
         namespace["display"] = display
+# ruff: enable[PLR0913]
 
 
-def bootstrap_command(config):
-    """The command `create` runs: install the helpers, then drop the installer's name. The
-    installer travels as its own source; its config as a JSON literal (data, never code)."""
-    import inspect
-    config = dict(config, row_chars=CHUNK_ROW_CHARS, text_budget=TEXT_CHUNK_BUDGET,
-                  chunk_budget=CHUNK_COMPRESSED_BUDGET, copies_bytes=DRIVER_COPIES_BYTES)
-    return (inspect.getsource(_dbx_repl_install)
-            + "\n_dbx_repl_install(__import__('json').loads(%r), globals())\ndel _dbx_repl_install\n"
-            "print('dbx-repl bootstrap ready', 'fresh' if _dbx_repl.fresh_interpreter else 'again')\n"
-            % json.dumps(config))
-
-
-def wrap_command(source, key):
-    """(command to send, wrapped) for a user step. Python runs through `_dbx_repl.run`, which tees
-    its output to a driver copy, saves its plots and records how it ended (wrapped=True). A step
-    with magics (%pip, !ls, %sh), which only the REPL understands, is sent as it is after one line
-    that starts the tee (wrapped="magic"); a cell magic (%%sh) must be the cell's first line, so it
-    is sent untouched (wrapped=False)."""
-    if not MAGIC_LINE.search(source) or _is_python(source):
-        encoded = base64.b64encode(source.encode("utf-8")).decode("ascii")
-        return f"_dbx_repl.run({key!r}, {encoded!r})", True
-    if source.lstrip().startswith("%%"):
-        return source, False
-    return f"_dbx_repl.begin_magic({key!r})\n{source}", "magic"
-
-
-def sql_step_code(text):
-    """The Python a SQL step runs (and its command file holds): spark.sql in the session's context,
-    the whole result to a table file on the driver (see `_Repl.sql` in the bootstrap)."""
-    return f"_dbx_repl.sql({text!r}, max_rows={SQL_MAX_ROWS})\n"
-
-
-def sql_of(code):
-    """The SQL text of a SQL step's code (what `sql_step_code` wrote), or None for a Python step."""
-    if not code or not code.startswith("_dbx_repl.sql("):
-        return None
-    try:
-        tree = ast.parse(code)
-    except (SyntaxError, ValueError):
-        return None
-    call = tree.body[0].value if len(tree.body) == 1 and isinstance(tree.body[0], ast.Expr) else None
-    if isinstance(call, ast.Call) and call.args and isinstance(call.args[0], ast.Constant) \
-            and isinstance(call.args[0].value, str):
-        return call.args[0].value
-    return None
-
-
-def _is_python(source):
-    """True when the source parses as Python, as it is or uniformly dedented (as the REPL runs it)."""
-    import ast
-    import textwrap
-    for text in (source, textwrap.dedent(source)):
-        try:
-            ast.parse(text)
-            return True
-        except (SyntaxError, ValueError):
-            continue
-    return False
-
-
-# ---------------------------------------------------------------------------------------------------
-# 6. Result rendering: service results → files and a small JSON summary
-# ---------------------------------------------------------------------------------------------------
-
-def strip_ansi(text):
-    return ANSI_ESCAPE.sub("", text or "")
-
-
-def html_to_text(text):
-    return html.unescape(re.sub(r"<[^>]+>", "", text or "")).strip()
-
-
-PREVIEW_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
-
-
-def printable(text):
-    """Text safe to show in a response, as a terminal would show it: ANSI sequences removed, CRLF
-    made LF, carriage-return frames (progress bars) collapsed to the last one, and other control
-    characters (which some JSON-lines readers take as line breaks) shown as U+FFFD."""
-    text = strip_ansi(text).replace("\r\n", "\n")
-    if "\r" in text:
-        text = "\n".join(_last_frame(line) for line in text.split("\n"))
-    return PREVIEW_CONTROL.sub("\ufffd", text)
-
-
-def _last_frame(line):
-    frames = line.split("\r")
-    return next((frame for frame in reversed(frames) if frame), "")
-
-
-def preview(text, limit=PREVIEW_CHARS, total_bytes=None):
-    """Head and tail of a text with an explicit marker of what was left out, line breaks kept."""
-    if len(text) <= limit:
-        return printable(text)
-    if total_bytes is None:
-        total_bytes = len(text.encode("utf-8", "replace"))
-    return _head_and_tail(text[: limit * 6 // 10], text[-(limit * 3 // 10):], total_bytes)
-
-
-def _head_and_tail(head, tail, total_bytes):
-    """Join a head and a tail of a text of total_bytes with the omitted marker; the cut moves to a
-    line boundary when one is near, so a preview of many lines shows whole lines."""
-    newline = head.rfind("\n")
-    if newline >= len(head) * 2 // 3:
-        head = head[:newline + 1]
-    newline = tail.find("\n")
-    if 0 <= newline < len(tail) // 3 and newline < len(tail) - 1:
-        tail = tail[newline + 1:]
-    omitted = (total_bytes - len(head.encode("utf-8", "replace"))
-               - len(tail.encode("utf-8", "replace")))
-    head = printable(head)
-    separator = "" if head.endswith("\n") else "\n"
-    return f"{head}{separator}[... {omitted} bytes omitted ...]\n{printable(tail)}"
-
-
-def file_preview(path, limit=PREVIEW_CHARS):
-    """A preview read from a file without loading all of it."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        if size <= limit * 4:
-            return preview(f.read().decode("utf-8", "replace"), limit, total_bytes=size)
-        head = f.read(limit).decode("utf-8", "ignore")
-        f.seek(size - limit)
-        tail = f.read().decode("utf-8", "ignore")
-    return _head_and_tail(head[: limit * 6 // 10], tail[-(limit * 3 // 10):], size)
-
-
-def parse_error(summary, cause):
-    """(type, message) of a failed command, from the HTML summary or the traceback's last line."""
-    clean_cause = strip_ansi(cause).strip()
-    candidates = [html_to_text(strip_ansi(summary))]
-    candidates += [line.strip() for line in reversed(clean_cause.splitlines()) if line.strip()]
-    for line in candidates:
-        match = re.match(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Warning))(?::\s*(.*))?$",
-                         line.splitlines()[0] if line else "")
-        if match:
-            return match.group(1).rsplit(".", 1)[-1], (match.group(2) or "").strip()
-    first = candidates[0] or (clean_cause.splitlines()[-1] if clean_cause else "")
-    return "Error", first[:500]
-
-
-def is_cancellation(status, results):
-    """True when a command ended by a cancel: status Cancelled, or an error result with
-    CommandCancelledException in it, or KeyboardInterrupt (pyspark's SIGINT handler raises it, and
-    the service then answers Finished). A context shutdown looks the same: probe the context."""
-    if status == "Cancelled":
-        return True
-    results = results or {}
-    if results.get("resultType") != "error":
-        return False
-    if CANCELLED_MARKER in (results.get("cause") or "") + (results.get("summary") or ""):
-        return True
-    return parse_error(results.get("summary"), results.get("cause"))[0] == "KeyboardInterrupt"
-
-
-def schema_columns(results):
-    """[(name, type)] of a table result; types are JSON-encoded when isJsonSchema is set."""
-    columns = []
-    for i, field in enumerate(results.get("schema") or []):
-        name = field.get("name", f"col{i}") if isinstance(field, dict) else str(field)
-        kind = field.get("type", "") if isinstance(field, dict) else ""
-        if results.get("isJsonSchema") and isinstance(kind, str):
-            with contextlib.suppress(ValueError):
-                kind = json.loads(kind)
-        columns.append((name, kind if isinstance(kind, str) else json.dumps(kind)))
-    return columns
-
-
-def render_table(columns, rows, limit=TABLE_PREVIEW_ROWS):
-    """A fixed-width text rendering of the first rows, so `head` shows the table's shape."""
-    names = [c[0] for c in columns] or [f"col{i}" for i in range(len(rows[0]) if rows else 0)]
-    shown = [["" if v is None else str(v) for v in row] for row in rows[:limit]]
-    widths = [min(40, max([len(n)] + [len(r[i]) for r in shown if i < len(r)])) for i, n in enumerate(names)]
-    fmt = lambda cells: " | ".join(c[:w].ljust(w) for c, w in zip(cells, widths)).rstrip()
-    lines = [fmt(names), "-+-".join("-" * w for w in widths)] + [fmt(r) for r in shown]
-    if len(rows) > limit:
-        lines.append(f"... {len(rows) - limit} more rows")
-    return "\n".join(lines) + "\n"
-
-
-def decode_data_url(url):
-    """(extension, bytes) of a data: URL, or None when it is not one."""
-    match = re.match(r"data:([\w/+.-]+)?(;base64)?,(.*)$", url or "", re.S)
-    if not match:
-        return None
-    mime = match.group(1) or "application/octet-stream"
-    payload = match.group(3)
-    data = base64.b64decode(payload) if match.group(2) else payload.encode("utf-8")
-    ext = {"image/png": "png", "image/jpeg": "jpg", "image/svg+xml": "svg", "image/gif": "gif"}.get(mime, "bin")
-    return ext, data
-
-
-class StepFiles:
-    """The files of one step, named NNN_tag.*, and the `outputs` list that describes them."""
-
-    def __init__(self, project, step, tag):
-        self.project, self.key = project, step_key(step, tag)
-        self.stdout = project.output_path(self.key + ".stdout")
-        self.stderr = project.output_path(self.key + ".stderr")
-        self.command = project.output_path(self.key + ".cmd.py")
-        self.extra = []            # (kind, path, details)
-
-    def path(self, suffix):
-        return self.project.output_path(self.key + suffix)
-
-    def add(self, kind, path, **details):
-        self.extra.append((kind, path, details))
-
-    def outputs(self):
-        listed = [("command", self.command, {}), ("stdout", self.stdout, {}), ("stderr", self.stderr, {})]
-        found = []
-        for kind, path, details in listed + self.extra:
-            if os.path.exists(path):
-                found.append({"kind": kind, "path": self.project.show(path),
-                              "bytes": os.path.getsize(path), **details})
-        return found
-
-
-# ---------------------------------------------------------------------------------------------------
-# 7. Running commands: submit, poll, fetch full output, finish the step
-# ---------------------------------------------------------------------------------------------------
-
-class Terminated(BaseException):
-    """SIGTERM arrived (an agent's tool timeout): leave the command running and say so.
-
-    A BaseException, like KeyboardInterrupt, so that no `except Exception` (a retried poll, an SDK
-    error handler) swallows it."""
-
-
-def _raise_terminated(signum, frame):
-    raise Terminated()
-
-
-@contextlib.contextmanager
-def signals_deferred():
-    """Hold Ctrl+C and SIGTERM while a command is submitted and its id saved, so an interrupt
-    never leaves a running command the session does not know about; they fire on exit."""
-    mask = getattr(signal, "pthread_sigmask", None)
-    if mask is None:
-        yield
-        return
-    mask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
-        yield
-    finally:
-        mask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
-
-
-def poll_delay(waited):
-    return min(POLL_MAX_SECONDS, max(POLL_MIN_SECONDS, waited * POLL_FRACTION))
-
-
-PROCESS_STARTED = time.monotonic()     # await's --timeout counts from here, the SDK import included
-
-
-class StatusUnavailable(Exception):
-    """A wait ended while the command's status could not be read: its last polls failed, so whether
-    it runs, ended or was cancelled is unknown. `error` is the last failure, `failing_for` seconds."""
-
-    def __init__(self, error, failing_for):
-        super().__init__(str(error))
-        self.error, self.failing_for = error, failing_for
-
-
-def poll_command(ws, cluster_id, context_id, command_id, timeout, watch=None):
-    """Poll until the command is done (its status dict) or `timeout` seconds pass (None).
-    `watch(waited)`, when given, is called between polls (it limits its own rate; see StepWatch).
-
-    Polls fast at first (see POLL_*). A failed poll is retried, not reported as a failed command,
-    unless a contexts/status probe shows the context is gone (ContextGone). Every request ends by the
-    timeout plus WAIT_GRACE_SECONDS, whatever the network does; if the last poll failed, the wait
-    raises StatusUnavailable instead of returning None.
-    """
-    started = time.monotonic()
-    deadline = started + timeout
-    outer, failing_since, last_error = ws.deadline, None, None
-    ws.deadline = min(deadline + WAIT_GRACE_SECONDS, outer or float("inf"))
-    try:
-        while True:
-            began = time.monotonic()
-            try:
-                status = ws.command_status(cluster_id, context_id, command_id)
-                failing_since = last_error = None
-                if status.get("status") in DONE_COMMAND_STATES:
-                    return status
-            except Exception as err:
-                if isinstance(err, ws.errors.DatabricksError) and _is_auth_error(err, ws.errors):
-                    raise
-                try:
-                    alive = ws.context_alive(cluster_id, context_id)
-                except Exception as probe_err:  # the network is down too: keep polling until the timeout
-                    if not _looks_transient(probe_err, ws.errors) and not ws.transient(probe_err):
-                        raise
-                    alive = True
-                if not alive:
-                    raise ContextGone(str(err)) from None
-                if isinstance(err, ws.errors.DatabricksError) and not (
-                        _looks_transient(err, ws.errors) or ws.transient(err)):
-                    raise
-                cut = isinstance(err, TimeoutError)   # our deadline ran out, not the service's answer
-                if cut and failing_since is None and time.monotonic() >= deadline and began > deadline - 1.0:
-                    return None   # only a poll begun just before the deadline was cut: no news, no failure
-                failing_since, last_error = failing_since or began, err
-            now = time.monotonic()
-            if now >= deadline:
-                if last_error is not None:
-                    raise StatusUnavailable(last_error, now - failing_since)
-                return None
-            if watch is not None:
-                watch(now - started)
-                now = time.monotonic()
-                if now >= deadline:
-                    continue
-            time.sleep(max(min(poll_delay(now - started), deadline - now), 0.0))
-    finally:
-        ws.deadline = outer
-
-
-# -- watching a running step: the sidecar context ---------------------------------------------------
-# The step's own context runs one command at a time, so its progress is read from a second context
-# of the same cluster, the sidecar: created on the first read, recorded in session.json
-# ("sidecar_context_id"), at most one per session, destroyed with it. It reads the tail of the
-# step's driver copy (the bootstrap tees the output there as it is printed) and, through the
-# cluster's one SparkContext, the status tracker: the jobs of the step's job group (its command id,
-# where the runtime sets it), else every active job.
-
-PROGRESS_TAIL_LINES = 10
-PROGRESS_TAIL_BYTES = 1024
-PROGRESS_READ_SECONDS = 10.0               # one progress read (status); past it the answer says why it has none
-RUNNING_PROGRESS_SECONDS = 5.0             # the read a Running answer adds after --timeout
-WATCH_INTERVAL_SECONDS = 2.0               # await --follow and the terminal line: a read at most this often
-SPARK_NAMES = re.compile(r"\b(spark|sc|sqlContext|sql|table)\b|^\s*%sql|_dbx_repl\.sql\(", re.MULTILINE)
-
-
+# `_dbx_repl_progress` runs in the sidecar context (StepRun.progress): it reads the tail of the
+# step's driver copy and the Spark status tracker, and prints one JSON line.
 def _dbx_repl_progress(path, group, tail_lines, tail_bytes, with_spark):
     """Runs in the sidecar context: prints one JSON line {"output_bytes", "output_tail",
     "spark_jobs": [{"job", "status", "description", "stages", "tasks", "active_tasks"}]}."""
@@ -2333,3600 +5572,6 @@ def _dbx_repl_progress(path, group, tail_lines, tail_bytes, with_spark):
         except Exception as error:
             found["spark_error"] = ("%s: %s" % (type(error).__name__, error))[:200]
     print(json.dumps(found))
-
-
-def sidecar_context(ws, project, session):
-    """The session's sidecar context id, created (and recorded at once, so that a read cut short
-    never leaves it untracked) on first use. Two calls racing may both create one: the later to
-    record it destroys its own, so the session keeps one."""
-    known = session.get("sidecar_context_id")
-    if known:
-        return known
-    context_id = ws.create_context(session["cluster_id"])
-    with signals_deferred(), project.lock():
-        current = project.load()
-        kept = current.get("sidecar_context_id") if current.get("status") == "active" else None
-        if kept is None and current.get("status") == "active":
-            current["sidecar_context_id"] = context_id
-            project.save(current)
-    if kept is not None or current.get("status") != "active":
-        with contextlib.suppress(Exception):
-            ws.destroy_context(session["cluster_id"], context_id)
-        if kept is None:
-            raise ReplError("SessionDestroyed", "The session ended while its progress was read.")
-        context_id = kept
-    session["sidecar_context_id"] = context_id
-    state = wait_for_context(ws, session["cluster_id"], context_id)   # within the caller's deadline
-    if state not in ("Running", "Pending"):
-        raise ContextGone(f"the sidecar context did not start ({state})")
-    return context_id
-
-
-def forget_sidecar(project, context_id):
-    with signals_deferred(), project.lock():
-        current = project.load()
-        if current.get("sidecar_context_id") == context_id:
-            current.pop("sidecar_context_id")
-            project.save(current)
-
-
-def read_progress(ws, project, session, active, budget=PROGRESS_READ_SECONDS):
-    """What the running step has done so far, for `progress`: {"output_bytes", "output_tail",
-    "spark_jobs", "read_seconds"}, or {"error": why} when it could not be read. Never raises an
-    ordinary exception: a watch must not end the wait it watches."""
-    import inspect
-    started = time.monotonic()
-    key = step_key(active["step"], active["tag"])
-    code = _read_text(StepFiles(project, active["step"], active["tag"]).command) or ""
-    command = (inspect.getsource(_dbx_repl_progress)
-               + f"\n_dbx_repl_progress({driver_copy_path(session, key)!r}, {active.get('command_id')!r}, "
-                 f"{PROGRESS_TAIL_LINES}, {PROGRESS_TAIL_BYTES}, {bool(SPARK_NAMES.search(code))})\n")
-    outer = ws.deadline
-    for attempt in range(2):       # a sidecar evicted since its last use is replaced once
-        context_id = None
-        try:
-            ws.deadline = min(started + budget + WAIT_GRACE_SECONDS, outer or float("inf"))
-            context_id = sidecar_context(ws, project, session)
-            left = started + budget - time.monotonic()
-            if left <= 0:
-                raise ReplError("ProgressTimeout", f"the sidecar context was not ready within {budget:g}s")
-            results = run_internal(ws, dict(session, context_id=context_id), command, timeout=left)
-            if results.get("resultType") == "error":
-                raise ReplError("ProgressFailed", printable(html_to_text(results.get("summary") or ""))[:200])
-            found = json.loads((results.get("data") or "").strip().splitlines()[-1])
-            if found.get("output_tail") is not None:
-                found["output_tail"] = preview(found["output_tail"], PROGRESS_TAIL_BYTES)
-            found["read_seconds"] = round(time.monotonic() - started, 3)
-            return {k: v for k, v in found.items() if v is not None}
-        except ContextGone as err:
-            if context_id:
-                forget_sidecar(project, context_id)
-                session.pop("sidecar_context_id", None)
-            error = f"the sidecar context is gone ({err})"
-        except ReplError as err:
-            return {"error": f"{err.status}: {err.message}"[:300]}
-        except (KeyboardInterrupt, Terminated):
-            raise
-        except Exception as err:
-            error = map_sdk_error(err, action="read the step's progress").message
-            with contextlib.suppress(Exception):
-                if context_id and isinstance(err, ws.errors.DatabricksError) and \
-                        not ws.context_alive(session["cluster_id"], context_id):
-                    forget_sidecar(project, context_id)     # evicted since its last read: replace it
-                    session.pop("sidecar_context_id", None)
-                    continue
-            return {"error": error[:300]}
-        finally:
-            ws.deadline = outer
-    return {"error": error[:300]}
-
-
-def progress_line(key, waited, progress):
-    """One line for a terminal or `await --follow`: elapsed, Spark tasks, the last output line."""
-    parts = [f"{key} {waited:.0f}s"]
-    for job in (progress.get("spark_jobs") or [])[-2:]:
-        parts.append(f"job {job['job']} tasks {job['tasks']}")
-    tail = (progress.get("output_tail") or "").strip().splitlines()
-    if tail:
-        parts.append(tail[-1][:80])
-    if progress.get("error"):
-        parts.append(f"(no progress: {progress['error'][:60]})")
-    return " | ".join(parts)
-
-
-class StepWatch:
-    """The `watch` of a wait: every WATCH_INTERVAL_SECONDS, the step's progress as a line on stderr
-    (`follow`: one line per change, for await --follow) or as the live line of a terminal. None
-    (see `for_wait`) when neither applies, so a pipe never sees progress."""
-
-    def __init__(self, ws, project, session, active, follow):
-        self.ws, self.project, self.session, self.active, self.follow = ws, project, session, active, follow
-        self.live = None if follow else LiveLine()
-        self.key = step_key(active["step"], active["tag"])
-        self.next_read, self.last_line = 0.0, None
-
-    @classmethod
-    def for_wait(cls, ws, project, session, active, follow=False):
-        if not follow and not sys.stderr.isatty():
-            return None
-        return cls(ws, project, session, active, follow)
-
-    def __call__(self, waited):
-        if time.monotonic() < self.next_read or not self.active.get("command_id"):
-            return
-        progress = read_progress(self.ws, self.project, self.session, self.active)
-        self.next_read = time.monotonic() + WATCH_INTERVAL_SECONDS
-        line = progress_line(self.key, elapsed_since(self.active), progress)
-        if self.follow:
-            body = line.split(" | ", 1)[1] if " | " in line else ""
-            if body != self.last_line:
-                sys.stderr.write(printable(line) + "\n")
-                sys.stderr.flush()
-                self.last_line = body
-        else:
-            self.live.show(line)
-
-    def close(self):
-        if self.live is not None:
-            self.live.close()
-
-
-def run_internal(ws, session, command, timeout=120.0):
-    """Run a helper command of the CLI (bootstrap, fetch) and return its results dict."""
-    command_id = ws.execute(session["cluster_id"], session["context_id"], command)
-    try:
-        status = poll_command(ws, session["cluster_id"], session["context_id"], command_id, timeout)
-    except StatusUnavailable as err:
-        raise map_sdk_error(err.error, action="read a helper command's status") from None
-    if status is None:
-        raise ReplError("InternalTimeout", f"A helper command did not finish within {timeout:g}s.",
-                        hint="The context may be busy; retry, or run status.")
-    return status.get("results") or {}
-
-
-def decode_chunk(results):
-    """(header, payload bytes) from a fetch command's result (table rows or text lines)."""
-    if results.get("resultType") == "table":
-        packed = "".join(str(row[0]) for row in results.get("data") or [] if row)
-    elif results.get("resultType") == "text":
-        packed = "".join((results.get("data") or "").split())
-    else:
-        detail = parse_error(results.get("summary"), results.get("cause"))
-        raise ReplError("TransferFailed", "The driver could not send the file: %s: %s" % detail,
-                        hint="Check the path on the driver.")
-    raw = base64.b64decode(packed)
-    header, _, payload = raw.partition(b"\n")
-    return json.loads(header.decode("utf-8")), zlib.decompress(payload) if payload else b""
-
-
-def fetch_driver_file(ws, session, call, sink, max_bytes):
-    """Copy a driver file into `sink` chunk by chunk; returns (bytes written, size on the driver,
-    the first chunk's header).
-
-    `call(offset, mode)` builds the fetch command. Chunks travel as table results; if the REPL
-    does not produce tables, they travel as text, which the service caps per command."""
-    offset, written, mode, first = 0, 0, "table", None
-    while True:
-        results = run_internal(ws, session, call(offset, mode))
-        try:
-            header, payload = decode_chunk(results)
-        except ReplError:
-            raise
-        except Exception:
-            if mode != "table":
-                raise ReplError("TransferFailed", "The driver's data arrived damaged.",
-                                hint="Retry; if it repeats, report the cluster's runtime version.") from None
-            mode = "text"  # this REPL's tables do not carry the chunks intact: use text results
-            continue
-        first = first or header
-        size = header.get("size", -1)
-        if size < 0:
-            return written, size, first
-        room = max_bytes - written
-        sink.write(payload[:room])
-        written += min(len(payload), room)
-        offset = header.get("next", offset + len(payload))
-        if offset >= size or written >= max_bytes or not payload:
-            return written, size, first
-
-
-def split_end_marker(text, key):
-    """(output, complete): strip the bootstrap's end marker. The output is complete when the marker
-    is there and at least as much text came back as the bootstrap teed (the REPL may show more:
-    writes to streams captured before the command, such as an older logging handler)."""
-    output, complete, _ = read_end_marker(text, key)
-    return output, complete
-
-
-def read_end_marker(text, key):
-    """(output, complete, images): the marker is `END_MARKER key chars [images]`, images being the
-    number of plots the bootstrap saved for the step on the driver."""
-    index = text.rfind(END_MARKER)
-    if index < 0:
-        return text, False, 0
-    tail = text[index + len(END_MARKER):].split()
-    output = text[:index]
-    complete = len(tail) in (2, 3) and tail[0] == key and all(t.isdigit() for t in tail[1:]) \
-        and int(tail[1]) <= len(output)
-    return output, complete, int(tail[2]) if complete and len(tail) == 3 else 0
-
-
-def cut_marker(written, size):
-    """The line that ends a stdout file cut by --max-output-bytes."""
-    return f"\n[dbx-repl: output cut at {written} of {size} bytes (--max-output-bytes)]\n".encode()
-
-
-def driver_copy_path(session, key):
-    return f"{DRIVER_OUTPUT_DIR}/dbx_repl_{session.get('session_id')}/{key}.out"
-
-
-def fetch_step_copy(ws, target, files, max_bytes):
-    """Copy the step's driver copy (everything the bootstrap teed) into its stdout file.
-
-    Returns (written, size, header): size -1 when the driver has no copy; header is the first
-    chunk's, with "traceback" and "end" (the bootstrap's ending record) when the driver kept them.
-    Raises whatever the transfer raised; the stdout file then holds what arrived."""
-    key = files.key
-    with open(files.stdout, "wb") as sink:
-        written, size, header = fetch_driver_file(
-            ws, target, lambda off, mode: f"_dbx_repl.fetch_output({key!r}, {off}, {mode!r})", sink, max_bytes)
-        if 0 <= size and written < size:
-            sink.write(cut_marker(written, size))
-    return written, size, header or {}
-
-
-def merge_service_text(files, text, copy_size, max_bytes):
-    """Append the service's text when the driver copy does not hold it (a dbutils.notebook.exit
-    value, displayHTML content, text written past the tee); returns True if it was appended."""
-    if not text or not text.strip() or copy_size >= max_bytes:
-        return False
-    with open(files.stdout, "rb") as f:
-        held = f.read().decode("utf-8", "replace")
-    if text in held or text.strip() in held:
-        return False
-    _append(files.stdout, ("" if not held or held.endswith("\n") else "\n") + text)
-    return True
-
-
-def write_step_output(ws, target, files, text, text_complete, wrapped, max_bytes):
-    """Write the step's stdout file: the service's text when it is complete, else the driver copy
-    merged with whatever service text it lacks. Returns (truncated, note, header, total)."""
-    if text_complete and text is not None:
-        data = text.encode("utf-8", "replace")
-        if len(data) <= max_bytes:
-            write_atomic(files.stdout, data)
-            return False, None, {}, len(data)
-        write_atomic(files.stdout, data[:max_bytes] + cut_marker(max_bytes, len(data)))
-        return True, _cut_note(max_bytes, len(data)), {}, len(data)
-    fallback = (text or "").encode("utf-8", "replace")[:max_bytes]
-    if not wrapped:  # a cell magic (%%sh): the service's text is all there is
-        write_atomic(files.stdout, fallback)
-        if text is None:
-            return True, ("What this cell magic printed is lost: the service returns no text for a failed or "
-                          "cancelled command, and a cell magic cannot be teed."), {}, None
-        return True, "The service cut this output and it cannot be fetched (a cell magic cannot be teed).", {}, None
-    try:
-        written, size, header = fetch_step_copy(ws, target, files, max_bytes)
-    except Exception as err:  # a failed fetch must not lose the step: keep what the service sent
-        write_atomic(files.stdout, fallback)
-        detail = err.message if isinstance(err, ReplError) else f"{type(err).__name__}: {err}"
-        if HELPERS_MISSING.search(detail):
-            raise HelpersGoneDuringStep() from None
-        local_copy = files.project.show(files.path(".full.stdout"))
-        return True, (f"Could not fetch the full output: {scrub(detail)}. It stays on the driver (older steps' "
-                      f"copies are pruned past {DRIVER_COPIES_BYTES >> 20} MiB per session): "
-                      f"{cli_hint('get', files.project)} {driver_copy_path(target, files.key)} {local_copy}"), {}, None
-    if size < 0:
-        write_atomic(files.stdout, fallback)
-        return True, "The driver copy of the output was not found; the stdout file holds what the service sent.", \
-            header, None
-    header = valid_unicode(header)
-    merge_service_text(files, text, written, max_bytes)
-    if written < size:
-        return True, _cut_note(written, size), header, size
-    return False, None, header, size
-
-
-def _cut_note(written, size):
-    return (f"Output is {size} bytes; the stdout file holds the first {written} (--max-output-bytes) "
-            "and ends with a cut marker.")
-
-
-def save_table(files, results):
-    columns = schema_columns(results)
-    rows = results.get("data") or []
-    names = [c[0] for c in columns]
-    csv_path, json_path = files.path(".table.csv"), files.path(".table.json")
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(names)
-    writer.writerows(rows)
-    write_atomic(csv_path, buffer.getvalue())
-    write_atomic(json_path, json.dumps({"columns": [{"name": n, "type": t} for n, t in columns],
-                                        "rows": rows, "truncated": bool(results.get("truncated"))},
-                                       ensure_ascii=False, default=str))
-    details = {"rows": len(rows), "columns": len(columns), "truncated": bool(results.get("truncated"))}
-    files.add("table", csv_path, **details)
-    files.add("table_json", json_path)
-    shown, budget = [], 400                # keep the response small however wide the table is
-    for name in names[:50]:
-        name = printable(str(name))[:60]
-        budget -= len(name) + 4
-        if budget < 0:
-            break
-        shown.append(name)
-    return render_table(columns, rows), {**details, "file": files.project.show(csv_path),
-                                         "column_names": shown}
-
-
-def save_images(files, ws, results):
-    names = list(results.get("fileNames") or [])
-    if results.get("fileName"):
-        names.append(results["fileName"])
-    saved, unresolved = [], []
-    for index, name in enumerate(names, start=1):
-        try:
-            decoded = decode_data_url(name)
-        except ValueError:                 # a data URL whose base64 does not decode
-            decoded = ("png", None)
-        if decoded is None:
-            decoded = ("png", _read_filestore_image(ws, name))
-        if decoded[1] is None:
-            unresolved.append(name if len(name) <= 200 else name[:60] + "...")
-            continue
-        path = files.path(f".{index}.{decoded[0]}")
-        write_atomic(path, decoded[1])
-        files.add("image", path)
-        saved.append(files.project.show(path))
-    return saved, unresolved
-
-
-def _read_filestore_image(ws, name):
-    """Large plots come back as a FileStore path (/plots/x.png): read it through the DBFS API."""
-    path = name if name.startswith("dbfs:") else "dbfs:/FileStore/" + name.lstrip("/")
-    chunks, offset = [], 0
-    try:
-        while True:
-            answer = ws.dbfs_read(path, offset, 1024 * 1024)
-            data = base64.b64decode(answer.get("data") or "")
-            if not data:
-                break
-            chunks.append(data)
-            offset += len(data)
-            if answer.get("bytes_read", len(data)) < 1024 * 1024:
-                break
-    except Exception:
-        return None
-    return b"".join(chunks) or None
-
-
-RESTART_WINDOW = "jupyter client is not available"   # the REPL's Python is restarting (or was shut down)
-RESTART_WAIT_SECONDS = 120.0
-SHUTDOWN_CAUSES = ("ExecContextState.shutdown", "abortRunningSequence")
-
-
-class HelpersGoneDuringStep(Exception):
-    """The step's driver copy could not be fetched because the REPL no longer has the helpers: its
-    Python restarted under the step (a crash the service recovered from), or the code removed them."""
-
-
-class ContextLostDuringStep(Exception):
-    """The step's context died under it (a crash, a shutdown, a kill after an ignored cancel): its
-    Python state is gone. `reason` is one sentence for the response."""
-
-    def __init__(self, reason, step_at_fault=True):
-        super().__init__(reason)
-        self.reason = reason
-        self.step_at_fault = step_at_fault   # False: the service shut the context down (an eviction)
-
-
-def service_error_text(results):
-    return html_to_text(strip_ansi((results or {}).get("summary"))) + "\n" + strip_ansi((results or {}).get("cause"))
-
-
-def lost_reason(status):
-    """Why a context died under a step, from the step's last status (the probe said it is gone)."""
-    results = status.get("results") or {}
-    text = service_error_text(results)
-    if any(cause in text for cause in SHUTDOWN_CAUSES):
-        return "The execution context was shut down while the step ran (the cluster restarted, or the service "\
-               "closed the context)."
-    if is_cancellation(status.get("status"), results):
-        return ("The step was cancelled, but it kept running through the interrupts (e.g. it caught "
-                "KeyboardInterrupt), so the service killed its Python process.")
-    return ("The Python process died while the step ran (os._exit, a crash in native code, or the driver ran "
-            "out of memory).")
-
-
-def step_file_from_driver(ws, target, files, name, path):
-    """Copy one file the bootstrap saved for the step (a plot, a SQL table) to `path`: True when
-    it arrived whole, None when the driver has no such file, else False; nothing is left at `path`
-    unless True."""
-    size = -1
-    try:
-        with open(path, "wb") as sink:
-            written, size, _ = fetch_driver_file(
-                ws, target, lambda off, mode: f"_dbx_repl.fetch_image({files.key!r}, {name!r}, {off}, {mode!r})",
-                sink, DEFAULT_TRANSFER_CAP)
-        if size < 0 or written != size:
-            raise ReplError("TransferFailed", "incomplete")
-    except Exception:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-        return None if size < 0 else False
-    return True
-
-
-def images_from_driver(ws, target, files, names):
-    """Fetch the plots the bootstrap saved for the step; returns (saved paths, names not fetched)."""
-    saved, missing = [], []
-    for index, name in enumerate(names, start=1):
-        extension = name.rsplit(".", 1)[-1] if "." in name else "png"
-        path = files.path(f".{index}.{extension}")
-        if not step_file_from_driver(ws, target, files, name, path):
-            missing.append(name)
-            continue
-        files.add("image", path)
-        saved.append(files.project.show(path))
-    return saved, missing
-
-
-def _read_text(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except (OSError, UnicodeDecodeError):
-        return None
-
-
-def sql_table_from_driver(ws, target, files):
-    """Fetch a SQL step's table (NNN_tag.sql.csv, every row up to the cap) and its schema
-    (NNN_tag.sql.json); returns (the `table` field, a preview rendering), or (None, None) when the
-    files could not be fetched, or (None, "") for a statement without a result (CREATE VIEW, SET)."""
-    csv_path, schema_path = files.path(".sql.csv"), files.path(".sql.json")
-    schema_fetched = step_file_from_driver(ws, target, files, files.key + ".sql.json", schema_path)
-    if schema_fetched is None:
-        return None, ""
-    if not (schema_fetched and step_file_from_driver(ws, target, files, files.key + ".sql.csv", csv_path)):
-        return None, None
-    with open(schema_path, encoding="utf-8") as f:
-        schema = json.load(f)
-    with open(csv_path, encoding="utf-8", newline="") as f:
-        reader = csv.reader(f)
-        next(reader, None)
-        head = [row for _, row in zip(range(TABLE_PREVIEW_ROWS), reader)]
-    files.add("table", csv_path, rows=schema["rows"])
-    files.add("table_schema", schema_path)
-    columns = [(c["name"], c["type"]) for c in schema["columns"]]
-    rendering = render_table(columns, head)
-    if schema["total_rows"] > len(head):
-        rendering += f"... {schema['total_rows'] - len(head)} more rows in {files.project.show(csv_path)}\n"
-    shown = [f"{printable(n)[:60]} {printable(t)[:30]}" for n, t in columns[:20]]
-    return {"rows": schema["rows"], "total_rows": schema["total_rows"], "columns": len(columns),
-            "truncated": schema["truncated"], "file": files.project.show(csv_path),
-            "schema_file": files.project.show(schema_path), "column_names": shown}, rendering
-
-
-def render_results(ws, session, files, status, active, max_bytes):
-    """Turn a finished command's status into step files and the response fields.
-
-    Returns (step_status, fields); fields may carry "hint" and "note". Files are written before the
-    caller records the step. Raises ContextLostDuringStep when a probe shows the context died."""
-    results = valid_unicode(status.get("results") or {})
-    kind, state = results.get("resultType"), status.get("status")
-    wrapped = active.get("wrapped", True)
-    target = {"cluster_id": session["cluster_id"], "context_id": active.get("context_id") or session["context_id"],
-              "session_id": session.get("session_id")}
-    failed = kind == "error" or state in ("Error", "Cancelled")
-    # A cancel, a shutdown and a crash can all end as an error result: only a probe tells whether
-    # the context (and its variables) survived.
-    if failed and not ws.context_alive(target["cluster_id"], target["context_id"]):
-        shutdown = any(cause in service_error_text(results) for cause in SHUTDOWN_CAUSES)
-        raise ContextLostDuringStep(lost_reason(status), step_at_fault=not shutdown)
-    fields, notes = {}, []
-    write_atomic(files.stderr, b"")
-    text, text_complete, image_count = None, False, 0
-    if kind == "text" or (kind is None and state == "Finished"):
-        data = results.get("data")
-        text = data if isinstance(data, str) else "" if data is None else json.dumps(data)
-        if wrapped is True:
-            text, text_complete, image_count = read_end_marker(text, files.key)
-        else:
-            text_complete = not results.get("truncated")
-    fields["truncated"], note, header, total = write_step_output(ws, target, files, text, text_complete,
-                                                                 wrapped, max_bytes)
-    notes.append(note)
-    record = header.get("end") if isinstance(header.get("end"), dict) else {}
-    ending = record.get("ending") if isinstance(record.get("ending"), dict) else {}
-    if kind == "table":
-        rendering, fields["table"] = save_table(files, results)
-        _append(files.stdout, ("\n" if os.path.getsize(files.stdout) else "") + rendering)
-    if wrapped is True and not failed and sql_of(_read_text(files.command)) is not None:
-        fields["table"], rendering = sql_table_from_driver(ws, target, files)
-        if rendering is None:
-            notes.append("The SQL result table could not be fetched from the driver; exec the step again.")
-        elif rendering:
-            _append(files.stdout, ("\n" if os.path.getsize(files.stdout) else "") + rendering)
-    image_names = record.get("images") or [f"{files.key}.{i}.png" for i in range(1, image_count + 1)]
-    if wrapped and image_names:
-        fields["images"], unfetched = images_from_driver(ws, target, files, image_names)
-        if unfetched:
-            notes.append(f"{len(unfetched)} plot(s) could not be fetched from the driver ({', '.join(unfetched)}).")
-    elif kind in ("images", "image"):
-        fields["images"], unresolved = save_images(files, ws, results)
-        if unresolved:
-            fields["unfetched_images"] = unresolved
-            notes.append(f"{len(unresolved)} image(s) could not be fetched; their FileStore paths are "
-                         "in unfetched_images.")
-    if fields.get("truncated") and total is not None:
-        fields["stdout_total_bytes"] = total
-    step_status = "Finished"
-    if failed and active.get("restarted_after_magic"):
-        notes.append("Python restarted after this step ran (as %pip can do): the helpers were installed again, "
-                     "and variables and imports are gone; replay the steps you need.")
-        fields["hint"] = f"Run {cli_hint('replay', files.project)} --steps N,... for the state you need."
-    elif failed:
-        step_status = failed_ending(files, results, state, ending, header.get("traceback"), fields, notes)
-    fields["message"] = " ".join(n for n in notes if n) or None
-    return step_status, fields
-
-
-def failed_ending(files, results, state, ending, traceback_text, fields, notes):
-    """The status of a step whose command failed while its context lived: Cancelled, Error, or
-    Finished for sys.exit(0). Fills fields (error, hint) and the stderr file."""
-    if ending.get("kind") == "raised":
-        error_type, message = str(ending.get("type") or "Exception"), str(ending.get("message") or "")
-    elif RESTART_WINDOW in service_error_text(results):
-        fields["error"] = {"type": "KernelRestarting", "message": printable(html_to_text(results.get("summary")))[:500]}
-        fields["hint"] = "The REPL's Python was restarting and the step did not run; exec it again in a minute."
-        return "Error"
-    else:
-        error_type, message = parse_error(results.get("summary"), results.get("cause"))
-    if is_cancellation(state, results) or error_type == "KeyboardInterrupt":
-        # pyspark's SIGINT handler turns a cancel into KeyboardInterrupt: the service then answers
-        # Finished with that error, as it does for a cancel from any client.
-        fields["hint"] = ("The session and its variables are intact; what the step printed before the cancel is "
-                          "in stdout_file. Continue with exec.")
-        return "Cancelled"
-    cause = strip_ansi(valid_unicode(traceback_text)) or strip_ansi(results.get("cause")) or html_to_text(
-        results.get("summary"))
-    write_atomic(files.stderr, cause.rstrip("\n") + "\n")
-    if error_type == "SystemExit":
-        code = ending.get("exit_code", message) if ending else message
-        if code in (0, None, "0", "", "None"):
-            notes.append("The step ended by calling sys.exit(0), a normal exit; the session and its variables "
-                         "are intact.")
-            return "Finished"
-        fields["error"] = {"type": "SystemExit", "message": printable(str(code))[:500]}
-        fields["hint"] = (f"The code called sys.exit({code}); the session and its variables are intact. "
-                          f"Read {files.project.show(files.stderr)} and exec the next step.")
-        return "Error"
-    shown = printable(message)
-    fields["error"] = {"type": printable(error_type)[:200],
-                       "message": shown if len(shown) <= 500 else shown[:497] + "..."}
-    return "Error"
-
-
-def valid_unicode(value):
-    """The value with lone surrogates (undecodable bytes printed on the driver) replaced by '?', so
-    files and the JSON response can always be written as UTF-8."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-            return value
-        except UnicodeEncodeError:
-            return value.encode("utf-8", "replace").decode("utf-8")
-    if isinstance(value, list):
-        return [valid_unicode(v) for v in value]
-    if isinstance(value, dict):
-        return {valid_unicode(k): valid_unicode(v) for k, v in value.items()}
-    return value
-
-
-def _append(path, text):
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(text)
-
-
-def step_response(project, files, step_status, elapsed, fields, exit_code=None):
-    """The exec/await response of a finished step (the spec's schema, plus outputs)."""
-    stdout_bytes = os.path.getsize(files.stdout) if os.path.exists(files.stdout) else 0
-    stderr_bytes = os.path.getsize(files.stderr) if os.path.exists(files.stderr) else 0
-    body = {
-        "cmd_id": files.key,
-        "stdout_file": project.show(files.stdout),
-        "stderr_file": project.show(files.stderr),
-        "stdout_bytes": stdout_bytes,
-        "stderr_bytes": stderr_bytes,
-    }
-    if stdout_bytes:
-        body["stdout_preview"] = file_preview(files.stdout)
-    if stderr_bytes:
-        body["stderr_preview"] = file_preview(files.stderr)
-    body["elapsed_seconds"] = round(elapsed, 3)
-    message, note, hint = fields.pop("message", None), fields.pop("note", None), fields.pop("hint", None)
-    error = fields.get("error")
-    default_messages = {
-        "Finished": "The command finished.",
-        "Error": f"The command raised {error['type']}: {error['message']}" if error else "The command failed.",
-        "Cancelled": "The command was cancelled.",
-    }
-    hints = {
-        "Error": f"Read {body['stderr_file']}, fix the code, and exec again.",
-        "Cancelled": "The session and its variables are intact; continue with exec.",
-        "RenderFailed": "The raw service result is in the .result.json output; the session is usable.",
-    }
-    body.update(fields)
-    body["outputs"] = files.outputs()
-    if exit_code is None:
-        exit_code = EXIT_OK if step_status == "Finished" else EXIT_FAILED
-    message = " ".join(filter(None, [message or default_messages.get(step_status, step_status), note]))
-    return response(step_status, message,
-                    hint=hint or hints.get(step_status), exit_code=exit_code, **body)
-
-
-def touch_step_files(project, entry):
-    """A step that never ran, or was cut short, still gets its (empty) stdout and stderr files."""
-    for key in ("stdout_file", "stderr_file"):
-        path = os.path.join(project.root, entry[key]) if entry.get(key) else None
-        if path and not os.path.exists(path):
-            write_atomic(path, b"")
-
-
-def record_step(project, entry, command_id=None):
-    """Append a step to session.json (after its files exist) and clear the matching active command."""
-    touch_step_files(project, entry)
-    with project.lock():
-        session = project.load()
-        # A step is recorded once: when `cancel` and the waiting exec both finish it, merge.
-        earlier = [s for s in session["steps"] if s.get("step") == entry["step"]
-                   and s.get("command_id") == entry.get("command_id")]
-        if earlier:
-            index = session["steps"].index(earlier[-1])
-            session["steps"][index] = dict(earlier[-1], **{k: v for k, v in entry.items() if v is not None})
-        else:
-            session["steps"].append(entry)
-        active = session.get("active_command")
-        if active and (active.get("step") == entry["step"] or
-                       (command_id and active.get("command_id") == command_id)):
-            session["active_command"] = None
-        project.save(session)
-    return session
-
-
-def step_entry(project, files, active, status, finished_at=None, elapsed=None, **extra):
-    entry = {
-        "step": active["step"],
-        "tag": active["tag"],
-        "status": status,
-        "command_file": project.stored(files.command),
-        "stdout_file": project.stored(files.stdout),
-        "stderr_file": project.stored(files.stderr),
-        "started_at": active.get("started_at"),
-        "finished_at": finished_at or now_iso(),
-        "elapsed_seconds": None if elapsed is None else round(elapsed, 3),
-        "command_id": active.get("command_id"),
-        "context_id": active.get("context_id"),
-    }
-    entry.update((k, v) for k, v in extra.items() if v is not None)
-    return entry
-
-
-def elapsed_since(active):
-    try:
-        started = datetime.datetime.fromisoformat(active["started_at"])
-    except (KeyError, TypeError, ValueError):
-        return 0.0
-    return (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()
-
-
-def finish_command(ws, project, session, active, status, max_bytes):
-    """Render a finished command's results, record its step, and build the response."""
-    files = StepFiles(project, active["step"], active["tag"])
-    try:
-        step_status, fields = render_results(ws, session, files, status, active, max_bytes)
-    except ContextLostDuringStep as lost:
-        # A shutdown by the service is an eviction (the step may run again as it is); the rest was the step.
-        return recover_from_eviction(ws, project, failed=active, lost=lost.reason if lost.step_at_fault else None)
-    except HelpersGoneDuringStep:
-        target = {"cluster_id": session["cluster_id"], "context_id": active.get("context_id") or session["context_id"]}
-        if reinstall_helpers(ws, session, target):
-            return python_restarted_under(ws, project, session, active)
-        return finish_command(ws, project, session, active, status, max_bytes)  # the helpers are back
-    except Exception as err:
-        # Never leave the session blocked on a command that has ended: keep the raw result instead.
-        raw = files.path(".result.json")
-        write_atomic(raw, json.dumps(status, ensure_ascii=False, default=str))
-        files.add("raw_result", raw)
-        touch_step_files(project, step_entry(project, files, active, "RenderFailed"))
-        reason = err.message if isinstance(err, ReplError) else f"{type(err).__name__}: {scrub(str(err))}"
-        step_status, fields = "RenderFailed", {"message": f"The command ended ({status.get('status')}) but "
-                                                          f"its output could not be saved: {reason}"}
-    if active.get("after_uncertain"):
-        fields["note"] = (f"Step {active['after_uncertain']} was submitted uncertainly: if the service ran it, "
-                          "this step waited behind it.")
-    if active.get("helpers_reinstalled"):
-        fields["note"] = ("Python had restarted since the last step, so variables and imports are gone; the helpers "
-                          "were installed again and this step ran after that." if active.get("python_restarted_before")
-                          else "The REPL had lost its helpers; they were installed again and this step ran after that.")
-    elapsed = elapsed_since(active)
-    outputs = [o for o in files.outputs() if o["kind"] not in ("command", "stdout", "stderr")]
-    record_step(project, step_entry(project, files, active, step_status, elapsed=elapsed,
-                                    outputs=[{k: o[k] for k in ("kind", "path")} for o in outputs] or None,
-                                    replay_of=active.get("replay_of")),
-                command_id=active.get("command_id"))
-    return step_response(project, files, step_status, elapsed, fields)
-
-
-def running_response(project, active, timeout):
-    queued = (f" It may be waiting behind step {active['after_uncertain']}, whose submit was uncertain."
-              if active.get("after_uncertain") else "")
-    return response(
-        "Running", f"Command still running after {timeout:g}s client-side timeout.{queued}",
-        exit_code=EXIT_RUNNING, cmd_id=step_key(active["step"], active["tag"]),
-        command_id=active.get("command_id"), elapsed_seconds=round(elapsed_since(active), 3),
-        tip={"await": cli_hint("await", project, timeout=timeout),
-             "cancel": cli_hint("cancel", project)},
-        hint="The command keeps running on the cluster. Use await to keep waiting or cancel to stop it; "
-             "do not exec again until it is done.")
-
-
-def status_unknown_response(project, active, unavailable):
-    """The wait ended and the command's status could not be read: say so, with the error."""
-    error = map_sdk_error(unavailable.error, action="read the command's status").message
-    return response(
-        "StatusUnknown", f"The state of step {step_key(active['step'], active['tag'])} is unknown: its status "
-        f"calls have failed for {unavailable.failing_for:.0f}s. {error}",
-        exit_code=EXIT_RUNNING, cmd_id=step_key(active["step"], active["tag"]),
-        command_id=active.get("command_id"), elapsed_seconds=round(elapsed_since(active), 3),
-        status_error=error[:500],
-        tip={"await": cli_hint("await", project), "cancel": cli_hint("cancel", project),
-             "destroy": cli_hint("destroy", project)},
-        hint="The command may still be running. await tries again; cancel asks the service to stop it and "
-             "frees the session even if the service cannot confirm; destroy ends the session.")
-
-
-def cancel_and_confirm(ws, session, command_id, wait=CANCEL_WAIT_SECONDS, context_id=None):
-    """Ask the service to cancel, then poll until the command settles. Returns its last status, or None
-    if it is still stopping; StatusUnavailable if no status could be read."""
-    context_id = context_id or session["context_id"]
-    ws.cancel(session["cluster_id"], context_id, command_id)
-    return poll_command(ws, session["cluster_id"], context_id, command_id, wait)
-
-
-def await_active(ws, project, session, active, timeout, max_bytes, wait=None, follow=False):
-    """Wait for the active command and answer for it: the step, Running (with `progress`),
-    StatusUnknown, Cancelled, Destroyed or ContextEvicted. `wait`: the seconds left of the caller's
-    --timeout (default all). `follow`: progress lines on stderr meanwhile (else a live line on a
-    terminal only)."""
-    cluster_id, context_id = session["cluster_id"], active.get("context_id") or session["context_id"]
-    wait = timeout if wait is None else wait
-    watch = StepWatch.for_wait(ws, project, session, active, follow)
-    try:
-        try:
-            status = poll_command(ws, cluster_id, context_id, active["command_id"], wait, watch=watch)
-        finally:
-            if watch is not None:
-                watch.close()
-        if status is not None and helpers_missing(active, status):
-            rerun_with_helpers(ws, project, session, active)
-            status = poll_command(ws, cluster_id, context_id, active["command_id"], wait)
-        if status is not None and restart_window_ending(active, status):
-            if active.get("wrapped") is True:  # the step never reached Python: run it once more
-                rerun_with_helpers(ws, project, session, active)
-                status = poll_command(ws, cluster_id, context_id, active["command_id"], wait)
-            else:  # a magic (%pip) ran and Python restarted after it: never re-run its side effects
-                reinstall_helpers(ws, session, {"cluster_id": cluster_id, "context_id": context_id})
-                active["restarted_after_magic"] = True
-    except KeyboardInterrupt:
-        return interrupt_active(ws, project, session, active, max_bytes)
-    except Terminated:
-        return running_response(project, active, timeout)
-    except StatusUnavailable as unavailable:
-        return status_unknown_response(project, active, unavailable)
-    except ContextGone:
-        return recover_from_eviction(ws, project, failed=active)
-    if status is None:
-        body = running_response(project, active, timeout)
-        body["progress"] = read_progress(ws, project, session, active, RUNNING_PROGRESS_SECONDS)
-        return body
-    return finish_command(ws, project, session, active, status, max_bytes)
-
-
-HELPERS_MISSING = re.compile(r"name .?_dbx_repl.? is not defined")
-
-
-def helpers_missing(active, status):
-    """True when a wrapped step failed only because the REPL lost the bootstrap (a Python restart,
-    e.g. dbutils.library.restartPython(), clears it): the step itself never started."""
-    results = status.get("results") or {}
-    if not active.get("wrapped") or active.get("helpers_reinstalled") or results.get("resultType") != "error":
-        return False
-    text = html_to_text(strip_ansi(results.get("summary"))) + strip_ansi(results.get("cause"))
-    return bool(HELPERS_MISSING.search(text))
-
-
-def restart_window_ending(active, status):
-    """True when the step's command met the REPL while its Python was restarting (after %pip or
-    restartPython): the service answers an error result with the RESTART_WINDOW text."""
-    results = status.get("results") or {}
-    return results.get("resultType") == "error" and not active.get("helpers_reinstalled") and \
-        RESTART_WINDOW in service_error_text(results)
-
-
-def reinstall_helpers(ws, session, target, wait=RESTART_WAIT_SECONDS):
-    """Install the helpers in the context again, waiting out a Python restart window. Returns True
-    when the REPL's Python had restarted (its variables are gone), False when only the helpers were."""
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            results = run_internal(ws, target, bootstrap_command(bootstrap_config(session, ws.host)),
-                                   timeout=CONTEXT_START_TIMEOUT)
-            problem = service_error_text(results) if results.get("resultType") == "error" else None
-        except ReplError:
-            raise
-        except Exception as err:
-            if RESTART_WINDOW not in str(err):
-                raise
-            problem = str(err)
-        if problem is None:
-            return (results.get("data") or "").rstrip().endswith("fresh")
-        if RESTART_WINDOW not in problem:
-            raise ReplError("BootstrapFailed", f"Installing the REPL helpers again failed: {scrub(problem.strip())[:300]}",
-                            hint="Run status; if the context is lost, replay restores it.")
-        if time.monotonic() > deadline:
-            raise ReplError("KernelRestarting", f"The REPL's Python was still restarting after {wait:g}s.",
-                            hint="Wait a minute, then run await (or status).")
-        time.sleep(2)
-
-
-def execute_step(ws, session, command):
-    """Submit a step's command; a REPL in a restart window refused it (nothing ran), so wait the
-    window out, reinstall the helpers and submit once more."""
-    target = {"cluster_id": session["cluster_id"], "context_id": session["context_id"]}
-    try:
-        return ws.execute(target["cluster_id"], target["context_id"], command)
-    except SubmitUncertain:
-        raise
-    except Exception as err:
-        if RESTART_WINDOW not in str(err):
-            raise
-    reinstall_helpers(ws, session, target)
-    return ws.execute(target["cluster_id"], target["context_id"], command)
-
-
-def rerun_with_helpers(ws, project, session, active):
-    """Install the helpers again and submit the step once more, saving its new command id."""
-    target = {"cluster_id": session["cluster_id"], "context_id": active.get("context_id") or session["context_id"]}
-    active["python_restarted_before"] = reinstall_helpers(ws, session, target)
-    files = StepFiles(project, active["step"], active["tag"])
-    with open(files.command, encoding="utf-8") as f:
-        command, _ = wrap_command(f.read(), files.key)
-    try:
-        command_id = ws.execute(target["cluster_id"], target["context_id"], command)
-    except SubmitUncertain as err:
-        raise uncertain_submit_error(project, files, active, f"The connection dropped ({scrub(str(err))})") from None
-    active["helpers_reinstalled"] = True
-    save_command_id(project, active, command_id)
-
-
-def interrupt_active(ws, project, session, active, max_bytes):
-    """Ctrl+C while waiting: cancel the remote command and record the step as Cancelled.
-
-    A SIGTERM during the cancel (an agent's tool timeout after its Ctrl+C) cuts the confirmation short:
-    one last status read decides between Cancelled and Cancelling (await settles that)."""
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    previous_term = signal.getsignal(signal.SIGTERM)
-    try:
-        try:
-            status = cancel_and_confirm(ws, session, active["command_id"], context_id=active.get("context_id"))
-        except Terminated:
-            status = last_status(ws, session, active)
-            if status is None:
-                return cancelling_response(project, active, "Stopped by SIGTERM while the cancel was confirmed.")
-        except ContextGone:
-            return recover_from_eviction(ws, project, failed=active)
-        except Exception:
-            status = None
-        # The outcome is known: a SIGTERM now would only lose the answer, so finish first.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        if status is not None:
-            body = finish_command(ws, project, session, active, status, max_bytes)
-            if body["status"] == "Cancelled":
-                body["message"] = "Command interrupted by user. " + body["message"]
-                body["_exit"] = EXIT_INTERRUPTED
-            return body
-        files = StepFiles(project, active["step"], active["tag"])
-        elapsed = elapsed_since(active)
-        record_step(project, step_entry(project, files, active, "Cancelled", elapsed=elapsed),
-                    command_id=active.get("command_id"))
-        body = step_response(project, files, "Cancelled", elapsed,
-                             {"message": "Command interrupted by user."}, exit_code=EXIT_INTERRUPTED)
-        if status is None:
-            body["message"] += " The cancel could not be confirmed; check with status."
-        return body
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        signal.signal(signal.SIGTERM, previous_term)
-
-
-def last_status(ws, session, active, budget=2.0):
-    """One quick status read of the active command (its status dict if it has ended, else None)."""
-    ws.deadline = time.monotonic() + budget
-    try:
-        status = ws.command_status(session["cluster_id"], active.get("context_id") or session["context_id"],
-                                   active["command_id"])
-        return status if status.get("status") in DONE_COMMAND_STATES else None
-    except Exception:
-        return None
-    finally:
-        ws.deadline = None
-
-
-def cancelling_response(project, active, message):
-    return response("Cancelling", f"{message} Cancel was requested but the command has not stopped yet.",
-                    exit_code=EXIT_FAILED, cmd_id=step_key(active["step"], active["tag"]),
-                    command_id=active.get("command_id"),
-                    hint=f"Wait for it with {cli_hint('await', project)}, or check {cli_hint('status', project)}.")
-
-
-CONTEXT_CREATE_ATTEMPTS = 3
-
-
-def start_context(ws, project, cluster_id, config):
-    """Create an execution context, wait until it runs, and install the bootstrap in it.
-
-    The create is recorded as pending in session.json before it is sent, and sent once: a lost answer
-    is never resent (it could make a second context). A context that comes up in status Error is
-    destroyed and the create tried again, up to CONTEXT_CREATE_ATTEMPTS times with backoff (the
-    service answers Error for transient driver trouble; dbt-databricks retries it too). The caller
-    saves the returned id and drops the pending record (`adopt_context`)."""
-    for attempt in range(1, CONTEXT_CREATE_ATTEMPTS + 1):
-        for orphan in mark_pending_create(project, cluster_id):
-            with contextlib.suppress(Exception):   # an earlier call died after the create answered
-                ws.destroy_context(orphan["cluster_id"], orphan["context_id"])
-        ws.submit_state = None
-        try:
-            context_id = ws.create_context(cluster_id)
-        except (SubmitUncertain, KeyboardInterrupt, Terminated) as err:
-            if not isinstance(err, SubmitUncertain) and ws.submit_state != "sending":
-                drop_pending_create(project)   # interrupted before the request went out
-                raise
-            cause = scrub(str(err)) if isinstance(err, SubmitUncertain) else \
-                ("Ctrl+C" if isinstance(err, KeyboardInterrupt) else "SIGTERM") + " arrived"
-            raise ReplError("CreateUncertain", f"The answer to the context create was lost ({cause}): a context "
-                            "may have been created that nothing tracks.",
-                            exit_code=EXIT_INTERRUPTED if isinstance(err, KeyboardInterrupt) else EXIT_FAILED,
-                            hint="Run create again; it notes this under possible_orphans in session.json. The API "
-                                 "cannot list contexts, so such a context is freed only when the cluster "
-                                 "restarts.") from None
-        except ws.errors.DatabricksError as err:
-            drop_pending_create(project)
-            text = str(err)
-            if re.search(r"\b145\b|too many|limit", text, re.I) and "context" in text.lower():
-                raise ReplError("ContextLimitReached", f"The cluster has no free execution context: {scrub(text)}",
-                                hint="Destroy unused sessions (dbx_repl.py destroy in their project dirs), "
-                                     "or use another cluster.") from None
-            raise map_sdk_error(err, action="create an execution context") from None
-        except Exception:
-            drop_pending_create(project)   # e.g. no connection could be made: nothing was sent
-            raise
-        try:
-            mark_pending_create(project, cluster_id, context_id=context_id)
-            state = wait_for_context(ws, cluster_id, context_id)
-            if state == "Running":
-                results = run_internal(ws, {"cluster_id": cluster_id, "context_id": context_id},
-                                       bootstrap_command(config), timeout=CONTEXT_START_TIMEOUT)
-        except BaseException:
-            abandon_context(ws, project, cluster_id, context_id)
-            raise
-        if state == "Running":
-            break
-        abandon_context(ws, project, cluster_id, context_id)
-        if state != "Error" or attempt == CONTEXT_CREATE_ATTEMPTS:
-            raise ReplError("ContextFailed", f"The execution context did not start (status {state}, "
-                            f"{attempt} attempt(s)).",
-                            hint="Check the cluster's driver logs; restart the cluster if this repeats.")
-        time.sleep(min(2 ** attempt, 8))
-    if results.get("resultType") == "error":
-        abandon_context(ws, project, cluster_id, context_id)
-        error_type, message = parse_error(results.get("summary"), results.get("cause"))
-        raise ReplError("BootstrapFailed", f"Installing the REPL helpers failed: {error_type}: {message}",
-                        hint="Report this with the cluster's runtime version.")
-    return context_id
-
-
-def wait_for_context(ws, cluster_id, context_id):
-    """Poll a new context until it leaves Pending: its status (Running, Error, or Pending on timeout)."""
-    started = time.monotonic()
-    while True:
-        state = ws.context_status(cluster_id, context_id)
-        if state != "Pending" or time.monotonic() - started > CONTEXT_START_TIMEOUT:
-            return state
-        time.sleep(poll_delay(time.monotonic() - started))
-
-
-def abandon_context(ws, project, cluster_id, context_id):
-    """Destroy a new context this call will not use (quickly: the call may be stopping), and forget it."""
-    ws.deadline = time.monotonic() + 3.0
-    try:
-        ws.destroy_context(cluster_id, context_id)
-    except Exception:
-        return   # not confirmed: the pending record with its id stays, so the next create destroys it
-    finally:
-        ws.deadline = None
-    drop_pending_create(project)
-
-
-def mark_pending_create(project, cluster_id, context_id=None):
-    """Record in session.json, before contexts/create is sent, that a create is under way, then the id
-    it answered: if the CLI dies before the session holds the context, the next call knows. Returns
-    earlier pending creates whose context id is known (the caller destroys them)."""
-    with project.lock():
-        session = project.load(required=False)
-        if session is None:  # a first create: a placeholder that no other subcommand takes for a session
-            session = {"format": SESSION_FORMAT, "status": "creating", "cluster_id": cluster_id,
-                       "context_id": None, "step_counter": 0, "steps": [], "active_command": None}
-        found = []
-        if context_id is None:
-            found = note_orphans(session)
-            session["pending_create"] = {"cluster_id": cluster_id, "requested_at": now_iso()}
-        elif session.get("pending_create"):
-            session["pending_create"]["context_id"] = context_id
-        project.save(session)
-    return [o for o in found if o.get("context_id")]
-
-
-def note_orphans(session):
-    """Move a pending create left by an earlier call into possible_orphans: it may have made a context
-    nobody tracks, and the API cannot list contexts to find it. Returns what was moved."""
-    pending = session.pop("pending_create", None)
-    if not pending:
-        return []
-    session.setdefault("possible_orphans", []).append(dict(pending, noted_at=now_iso()))
-    return [pending]
-
-
-def drop_pending_create(project):
-    """The create left no context behind: forget it (and a placeholder session.json)."""
-    with project.lock():
-        session = project.load(required=False)
-        if not session or "pending_create" not in session:
-            return
-        session.pop("pending_create")
-        if session.get("status") == "creating" and not session.get("possible_orphans"):
-            os.unlink(project.session_path)
-        else:
-            project.save(session)
-
-
-def bootstrap_config(session, host):
-    return {"session_id": session["session_id"], "host": host, "llm_endpoint": session.get("llm_endpoint"),
-            "llm_max_calls": session.get("llm_max_calls"), "llm_max_tokens": session.get("llm_max_tokens"),
-            "session_name": session.get("session_name"), "out_dir": DRIVER_OUTPUT_DIR}
-
-
-def recover_from_eviction(ws, project, failed=None, lost=None):
-    """The context is gone: record the lost step, start a fresh context, and list what to replay.
-    lost: why the context died under the failed step (None: evicted); the answer is then ContextLost.
-
-    If the session was destroyed meanwhile (a `destroy` from another call during the wait), or another
-    call already recorded the step, nothing is recorded twice and no context is created."""
-    with project.lock():
-        session = project.load()
-        old_context = session.get("context_id")
-        active = session.get("active_command")
-        still_ours = failed is None or (active is not None and active.get("step") == failed["step"])
-        if session.get("status") != "active" or not still_ours:
-            return settled_elsewhere(project, session, failed)
-        failed_entry = None
-        if failed:
-            files = StepFiles(project, failed["step"], failed["tag"])
-            failed_entry = step_entry(project, files, failed, "ContextLost" if lost else "Evicted")
-            touch_step_files(project, failed_entry)
-            session["steps"].append(failed_entry)
-        session["active_command"] = None
-        project.save(session)
-    plan, target = dependency_plan(project, session, target=failed_entry)
-    summary = plan_summary(project, plan, target)
-    try:
-        cluster = ws.cluster(session["cluster_id"])
-        if cluster.get("state") not in RUNNABLE_CLUSTER_STATES:
-            raise cluster_not_running(session["cluster_id"], cluster)
-        new_context = start_context(ws, project, session["cluster_id"], bootstrap_config(session, ws.host))
-    except ReplError as err:
-        err.fields.update(evicted_context_id=old_context, replay_plan=summary)
-        err.message = f"The execution context was lost, and a new one could not be started: {err.message}"
-        raise
-    if not adopt_context(ws, project, new_context, replaces=old_context):
-        return settled_elsewhere(project, project.load(), failed)
-    session = project.load()
-    salvaged = salvage_output(ws, project, session, failed) if failed else None
-    return response(
-        "ContextLost" if lost else "ContextEvicted",
-        " ".join(filter(None, [lost or "The execution context was evicted.",
-                               "A new context is ready, but variables and imports are gone.", salvaged])),
-        old_context_id=old_context, new_context_id=new_context,
-        failed_step=step_key(failed["step"], failed["tag"]) if failed else None,
-        replay_plan=summary,
-        tip={"replay": cli_hint("replay", project), "plan": f"{cli_hint('replay', project)} --plan"}
-        if plan or session.get("syncs") else None,
-        synced_folders=sorted(session.get("syncs") or {}) or None,
-        hint="replay runs the plan (the steps whose definitions the failed step needs; see "
-             "references/eviction-replay.md"
-             + ("; it first syncs the synced_folders again" if session.get("syncs") else "") + "), then "
-             + ("change the failed step before running it again: it took its context down." if lost
-                else "exec the failed step again."),
-        exit_code=EXIT_FAILED)
-
-
-def python_restarted_under(ws, project, session, active):
-    """The REPL's Python restarted while the step ran (the context lives on with a fresh interpreter,
-    and the helpers were installed again): record the step ContextLost and say what to replay."""
-    files = StepFiles(project, active["step"], active["tag"])
-    salvaged = salvage_output(ws, project, dict(session, context_id=active.get("context_id") or session["context_id"]),
-                              active)
-    entry = step_entry(project, files, active, "ContextLost", elapsed=elapsed_since(active))
-    session = record_step(project, entry, command_id=active.get("command_id"))
-    plan, target = dependency_plan(project, session, target=entry)
-    return response(
-        "ContextLost", " ".join(filter(None, [
-            "The REPL's Python restarted while the step ran (a crash, os._exit, or the driver ran out of memory), "
-            "so variables and imports are gone; the helpers were installed again in the same context.", salvaged])),
-        context_id=entry["context_id"], failed_step=files.key, replay_plan=plan_summary(project, plan, target),
-        tip={"replay": cli_hint("replay", project), "plan": f"{cli_hint('replay', project)} --plan"}
-        if plan else None,
-        hint="replay runs the plan (see references/eviction-replay.md), then change the failed step before "
-             "running it again: it took its Python down.", exit_code=EXIT_FAILED)
-
-
-def salvage_output(ws, project, session, failed):
-    """After a context loss: copy what the lost step printed from its driver copy (the driver's disk
-    outlives a context) into its stdout file. Returns one sentence for the response."""
-    files = StepFiles(project, failed["step"], failed["tag"])
-    if not failed.get("wrapped"):
-        return "What the step printed is lost (a cell magic is not teed)."
-    target = {"cluster_id": session["cluster_id"], "context_id": session["context_id"],
-              "session_id": session.get("session_id")}
-    try:
-        written, size, _ = fetch_step_copy(ws, target, files, DEFAULT_MAX_OUTPUT_BYTES)
-    except Exception:
-        size = -1
-    if size < 0:
-        write_atomic(files.stdout, b"")
-        return "What the step printed before the loss is lost too (its driver copy is gone)."
-    if size == 0:
-        return "The step printed nothing before the loss."
-    return f"What the step printed before the loss ({size} bytes) is in {project.show(files.stdout)}."
-
-
-def remove_driver_copies(ws, target, session_id=None):
-    """Delete a session's output copies on the driver (this context's session, or session_id's).
-    Best effort; returns the number of files removed, or None when the REPL could not be asked."""
-    call = "_dbx_repl.remove_copies()" if session_id is None else f"_dbx_repl.remove_copies({session_id!r})"
-    try:
-        results = run_internal(ws, target, call, timeout=30.0)
-        return int(json.loads((results.get("data") or "").strip().splitlines()[-1])["removed"])
-    except Exception:
-        return None
-
-
-def adopt_context(ws, project, context_id, replaces=None):
-    """Make a new context the session's, unless the session was destroyed while it was created: then
-    destroy it (no context outlives its session). True if adopted."""
-    with project.lock():
-        session = project.load()
-        session.pop("pending_create", None)
-        if session.get("status") == "active":
-            session["context_id"] = context_id
-            session.setdefault("contexts", []).append({"context_id": context_id, "created_at": now_iso(),
-                                                       "replaces": replaces})
-            project.save(session)
-            return True
-    abandon_context(ws, project, session["cluster_id"], context_id)
-    return False
-
-
-def settled_elsewhere(project, session, failed):
-    """The answer for a wait whose step another call settled: destroy (or cancel) got there first."""
-    recorded = [s for s in session["steps"] if failed and s.get("step") == failed["step"]]
-    status = recorded[-1].get("status") if recorded else None
-    if session.get("status") != "active":
-        return response("Destroyed", f"The session was destroyed while step "
-                        f"{step_key(failed['step'], failed['tag']) if failed else ''} was running; it is recorded "
-                        f"as {status or 'not run'}.", exit_code=EXIT_FAILED,
-                        cmd_id=step_key(failed["step"], failed["tag"]) if failed else None, step_status=status,
-                        hint=f"Run {cli_hint('create', project)} --cluster-id ID --session-name NAME to start again.")
-    return response(status or "Cancelled", f"Step {step_key(failed['step'], failed['tag'])} was settled by another "
-                    f"call ({status}).", exit_code=EXIT_FAILED, cmd_id=step_key(failed["step"], failed["tag"]),
-                    hint="Continue with exec.")
-
-
-def cluster_not_running(cluster_id, cluster, startable=False):
-    """ClusterNotRunning. With `startable` (create), a TERMINATED cluster's hint names --start-cluster."""
-    state = cluster.get("state", "UNKNOWN")
-    detail = f" ({cluster['state_message']})" if cluster.get("state_message") else ""
-    hint = ("Start the cluster (Databricks UI, or `databricks clusters start ID`), wait for RUNNING "
-            "(3-8 minutes), then retry.")
-    if startable and state in STARTABLE_CLUSTER_STATES:
-        hint = ("Ask the user whether to start it (it costs money, 3-8 minutes); with their consent run create "
-                "again with --start-cluster.")
-    return ReplError("ClusterNotRunning", f"Cluster {cluster_id} is {state}{detail}, not RUNNING.",
-                     hint=hint, cluster_id=cluster_id, cluster_state=state)
-
-
-def create_again_hint(args):
-    """The create command line of this call, flags included, to run again after ClusterStarting."""
-    import shlex
-    parts = [cli_hint("create", Project.current), "--cluster-id", shlex.quote(args.cluster_id.strip()),
-             "--session-name", shlex.quote(args.session_name.strip())]
-    for flag, value in (("--llm-endpoint", args.llm_endpoint), ("--llm-max-calls", args.llm_max_calls),
-                        ("--llm-max-tokens", args.llm_max_tokens)):
-        if value is not None:
-            parts += [flag, shlex.quote(str(value))]
-    return " ".join(parts + ["--start-cluster", "--timeout", f"{args.timeout:g}"])
-
-
-def start_and_wait(ws, cluster_id, cluster, timeout, again):
-    """Start a TERMINATED cluster (only `create --start-cluster` calls this: the user consented) and
-    wait until it is RUNNING, at most until `timeout` seconds after the process started. A cluster
-    already starting (PENDING, RESTARTING) is only waited for. Returns the cluster's details.
-
-    Raises ClusterNotRunning for a state that cannot become RUNNING by starting (TERMINATING, ERROR,
-    ...), and ClusterStarting (exit 3) when the deadline passes first: `again` is the command to run.
-    A one-line progress shows on stderr when stderr is a terminal."""
-    state = cluster.get("state")
-    if state not in STARTABLE_CLUSTER_STATES + STARTING_CLUSTER_STATES:
-        raise cluster_not_running(cluster_id, cluster)
-    if state in STARTABLE_CLUSTER_STATES:
-        try:
-            ws.start_cluster(cluster_id)
-        except Exception as err:
-            if "INVALID_STATE" not in str(getattr(err, "error_code", "")) + str(err):
-                raise map_sdk_error(err, action="start the cluster") from None
-            # started by someone else meanwhile: wait for it like any starting cluster
-    deadline = PROCESS_STARTED + timeout
-    progress = LiveLine()
-    try:
-        while True:
-            waited = time.monotonic() - PROCESS_STARTED
-            progress.show(f"cluster {cluster_id}: {cluster.get('state')} "
-                          f"{(cluster.get('state_message') or '')[:60]} ({waited:.0f}s)")
-            if time.monotonic() >= deadline:
-                raise ReplError("ClusterStarting",
-                                f"Cluster {cluster_id} is still starting ({cluster.get('state')}) after {timeout:g}s.",
-                                exit_code=EXIT_RUNNING, cluster_id=cluster_id, cluster_state=cluster.get("state"),
-                                hint="Starting takes 3-8 minutes; run tip.create to keep waiting (it does not "
-                                     "start the cluster twice).", tip={"create": again})
-            pause = max(1.0, min(CLUSTER_POLL_SECONDS, 0.1 * waited))
-            time.sleep(max(0.0, min(pause, deadline - time.monotonic())))
-            try:
-                cluster = ws.cluster(cluster_id)
-            except Exception as err:
-                raise map_sdk_error(err, action="check the starting cluster") from None
-            if cluster.get("state") in RUNNABLE_CLUSTER_STATES:
-                return cluster
-            if cluster.get("state") not in STARTING_CLUSTER_STATES:
-                raise cluster_not_running(cluster_id, cluster)
-    finally:
-        progress.close()
-
-
-class LiveLine:
-    """A one-line status on stderr, rewritten in place, only when stderr is a terminal (never in a
-    pipe or a file, where an agent reads it)."""
-
-    def __init__(self, stream=None):
-        self.stream = stream or sys.stderr
-        self.enabled = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.shown = False
-
-    def show(self, text):
-        if self.enabled:
-            width = shutil_columns() - 1
-            self.stream.write("\r\x1b[K" + printable(text)[:width])
-            self.stream.flush()
-            self.shown = True
-
-    def close(self):
-        if self.enabled and self.shown:
-            self.stream.write("\r\x1b[K")
-            self.stream.flush()
-
-
-def shutil_columns():
-    import shutil
-    return shutil.get_terminal_size((100, 20)).columns
-
-
-def submit_step(ws, project, session, code, tag, timeout, max_bytes, replay_of=None):
-    """Reserve a step, submit its command, and wait for it: the heart of `exec` and `replay`.
-
-    `timeout` counts from the step's start (its started_at) and bounds the submit and the wait.
-    Signals are held while session.json is written; one that lands during the submit request is
-    answered by what the service may have seen (see `interrupted_submit`)."""
-    with signals_deferred():
-        session, files, active, command = reserve_step(project, code, tag, replay_of)
-    deadline = time.monotonic() + timeout
-    try:
-        ws.deadline = deadline + SUBMIT_GRACE_SECONDS
-        ws.submit_state = ws.submitted = None
-        try:
-            early = submit_reserved(ws, project, session, files, active, command)
-        finally:
-            ws.deadline = None
-    except (KeyboardInterrupt, Terminated) as interruption:
-        return interrupted_submit(ws, project, session, files, active, interruption, timeout, max_bytes)
-    if early is not None:
-        return early
-    try:
-        return await_active(ws, project, session, active, timeout, max_bytes,
-                            wait=max(deadline - time.monotonic(), 0.0))
-    except (KeyboardInterrupt, Terminated) as interruption:
-        if isinstance(interruption, KeyboardInterrupt):
-            return interrupt_active(ws, project, session, active, max_bytes)
-        return running_response(project, active, timeout)
-
-
-def reserve_step(project, code, tag, replay_of=None):
-    """Take the next step number, write its command file, and mark it active in session.json."""
-    with project.lock():
-        session = require_active(project, project.load())
-        busy = session.get("active_command")
-        if busy:
-            raise ReplError("CommandRunning",
-                            f"Step {step_key(busy['step'], busy['tag'])} is still running in this session.",
-                            hint="Wait for it with await, or stop it with cancel; the context runs one "
-                                 "command at a time.",
-                            exit_code=EXIT_FAILED, command_id=busy.get("command_id"),
-                            tip={"await": cli_hint("await", project), "cancel": cli_hint("cancel", project)})
-        project.ensure_outputs_dir()
-        step = max(session["step_counter"], project.highest_step_on_disk()) + 1
-        files = StepFiles(project, step, tag)
-        write_atomic(files.command, code)
-        command, wrapped = wrap_command(code, files.key)
-        active = {"step": step, "tag": tag, "command_id": None, "context_id": session["context_id"],
-                  "started_at": now_iso(), "wrapped": wrapped, "state": "submitting"}
-        if replay_of is not None:
-            active["replay_of"] = replay_of
-        last = session["steps"][-1] if session["steps"] else None
-        if last and last.get("status") == "SubmitUncertain" and last.get("context_id") == session["context_id"]:
-            active["after_uncertain"] = step_key(last["step"], last["tag"])
-        session["step_counter"] = step
-        session["active_command"] = active
-        project.save(session)
-    return session, files, active, command
-
-
-def release_step(project, active):
-    """Undo a reservation whose command the service never took: no step, no files (a refused call
-    writes nothing)."""
-    with signals_deferred(), project.lock():
-        session = project.load()
-        current = session.get("active_command")
-        if not current or current.get("step") != active["step"] or current.get("command_id"):
-            return
-        session["active_command"] = None
-        if session["step_counter"] == active["step"]:
-            session["step_counter"] = active["step"] - 1
-        with contextlib.suppress(OSError):
-            os.unlink(StepFiles(project, active["step"], active["tag"]).command)
-        project.save(session)
-
-
-def save_command_id(project, active, command_id):
-    with signals_deferred():
-        active["command_id"], active["state"] = command_id, "running"
-        with project.lock():
-            current = project.load()
-            if (current.get("active_command") or {}).get("step") == active["step"]:
-                current["active_command"] = active
-                project.save(current)
-
-
-def uncertain_submit_error(project, files, active, cause):
-    """Record a step whose submit may or may not have reached the service, and say what happens next."""
-    record_step(project, step_entry(project, files, active, "SubmitUncertain"))
-    return ReplError("SubmitUncertain",
-                     f"{cause} while submitting step {files.key}: the service may have received it. It was not "
-                     "resent, so it ran once or not at all, and it may still be running: the context runs one "
-                     "command at a time, so the next exec waits behind it (within its --timeout).",
-                     hint="Check the step's effect with a small exec (e.g. print a variable); exec the step again "
-                          "only if the effect is missing.", cmd_id=files.key)
-
-
-def submit_reserved(ws, project, session, files, active, command):
-    """Submit a reserved step and save its command id. Returns a response only when it failed."""
-    try:
-        command_id = execute_step(ws, session, command)
-    except SubmitUncertain as err:
-        raise uncertain_submit_error(project, files, active,
-                                     f"The connection dropped ({scrub(str(err))})") from None
-    except Exception as err:
-        if isinstance(err, ws.errors.DatabricksError) and not _is_auth_error(err, ws.errors):
-            try:
-                gone = not ws.context_alive(session["cluster_id"], session["context_id"])
-            except Exception:
-                gone = False
-            if gone:
-                return recover_from_eviction(ws, project, failed=active)
-        release_step(project, active)   # the service answered no, or no connection was made: nothing ran
-        raise map_sdk_error(err, action="submit the command") from None
-    save_command_id(project, active, command_id)
-    return None
-
-
-def interrupted_submit(ws, project, session, files, active, interruption, timeout, max_bytes):
-    """Ctrl+C or SIGTERM while the command was being submitted: answer with what the service saw."""
-    signal_name = "Ctrl+C" if isinstance(interruption, KeyboardInterrupt) else "SIGTERM"
-    exit_code = EXIT_INTERRUPTED if isinstance(interruption, KeyboardInterrupt) else EXIT_FAILED
-    state = ws.submit_state
-    if state == "accepted" and not active.get("command_id"):
-        save_command_id(project, active, ws.submitted["id"])
-    if active.get("command_id"):   # the service took it: cancel it (Ctrl+C) or leave it running (SIGTERM)
-        if isinstance(interruption, KeyboardInterrupt):
-            return interrupt_active(ws, project, session, active, max_bytes)
-        return running_response(project, active, timeout)
-    if state == "sending":
-        err = uncertain_submit_error(project, files, active, f"{signal_name} arrived")
-        err.exit_code = exit_code
-        return err.response()
-    release_step(project, active)
-    return response("Interrupted" if exit_code == EXIT_INTERRUPTED else "Terminated",
-                    f"{signal_name} arrived before step {files.key} was sent: it did not run and is not recorded.",
-                    exit_code=exit_code, hint="exec it again when ready.")
-
-
-# ---------------------------------------------------------------------------------------------------
-# 8. Subcommands
-# ---------------------------------------------------------------------------------------------------
-
-def read_command(spec, option="--command"):
-    """The code to run, from inline text, @file, or - (stdin)."""
-    if spec == "-":
-        data = sys.stdin.buffer.read()
-        origin = "standard input"
-    elif spec.startswith("@"):
-        path = spec[1:]
-        origin = path
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except IsADirectoryError:
-            raise ReplError("InvalidCommand", f"{path} is a directory, not a code file.",
-                            exit_code=EXIT_USAGE, hint="Pass --command @path/to/file.py") from None
-        except OSError as err:
-            raise ReplError("InvalidCommand", f"Cannot read {path}: {err.strerror}.", exit_code=EXIT_USAGE,
-                            hint="Check the path after @ (relative to the current directory).") from None
-    else:
-        return _require_code(spec, option)
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise ReplError("InvalidCommand", f"{origin} is not UTF-8 text ({err.reason} at byte {err.start}).",
-                        exit_code=EXIT_USAGE, hint="Save the file as UTF-8.") from None
-    return _require_code(text, origin)
-
-
-def _require_code(text, origin):
-    if "\x00" in text:
-        raise ReplError("InvalidCommand", f"The command from {origin} contains a NUL byte.", exit_code=EXIT_USAGE,
-                        hint="Pass Python source text.")
-    if not text.strip():
-        raise ReplError("InvalidCommand", f"The command from {origin} is empty.", exit_code=EXIT_USAGE,
-                        hint="Pass Python code with --command, --command @file.py or --command -.")
-    return text
-
-
-def positive_timeout(value):
-    if value is None or not (value > 0) or value != value or value == float("inf"):
-        raise ReplError("InvalidTimeout", f"--timeout must be a positive number of seconds, not {value}.",
-                        exit_code=EXIT_USAGE, hint="For example --timeout 600.")
-    return value
-
-
-def cmd_create(args):
-    project = Project(args.project_dir).check()
-    cluster_id = (args.cluster_id or "").strip()
-    if not cluster_id:
-        raise ReplError("InvalidClusterId", "--cluster-id is empty (and DATABRICKS_CLUSTER_ID is not set).",
-                        exit_code=EXIT_USAGE, hint="Resolve it with find_cluster.py --name NAME.")
-    name = (args.session_name or "").strip()
-    if not name:
-        raise ReplError("InvalidSessionName", "--session-name is empty.", exit_code=EXIT_USAGE,
-                        hint="Name the task, e.g. --session-name churn-analysis.")
-    existing = project.load(required=False)
-    if existing and existing.get("status") == "active":
-        raise ReplError("SessionExists",
-                        f"Session {existing.get('session_name')!r} is already active in {project.display_root}.",
-                        hint="Reuse it with exec, or destroy it first to start a new one.",
-                        session_name=existing.get("session_name"), context_id=existing.get("context_id"),
-                        cluster_id=existing.get("cluster_id"))
-    ws = Workspace(args.profile, args.debug)
-    try:
-        cluster = ws.cluster(cluster_id)
-    except ws.errors.NotFound:
-        raise ReplError("ClusterNotFound", f"No cluster with id {cluster_id}.",
-                        hint="Resolve the id with find_cluster.py --name NAME.", cluster_id=cluster_id) from None
-    except Exception as err:
-        raise map_sdk_error(err, action="look up the cluster") from None
-    if not is_all_purpose(cluster):
-        raise ReplError("ClusterNotSupported",
-                        f"Cluster {cluster_id} is a {cluster['cluster_source']} cluster; execution contexts "
-                        "need a classic all-purpose cluster.",
-                        hint="Pick an all-purpose cluster (find_cluster.py shows all_purpose: true).",
-                        cluster_id=cluster_id)
-    if cluster.get("state") not in RUNNABLE_CLUSTER_STATES:
-        if not args.start_cluster:
-            raise cluster_not_running(cluster_id, cluster, startable=True)
-        cluster = start_and_wait(ws, cluster_id, cluster, positive_timeout(args.timeout), create_again_hint(args))
-    session = {
-        "format": SESSION_FORMAT, "status": "active", "session_name": name,
-        "session_id": hashlib.sha256(os.urandom(16)).hexdigest()[:16],
-        "cluster_id": cluster_id, "cluster_name": cluster.get("cluster_name"), "context_id": None,
-        "profile": args.profile, "host": ws.host,
-        "llm_endpoint": args.llm_endpoint or os.environ.get(ENV_LLM_ENDPOINT) or DEFAULT_LLM_ENDPOINT,
-        "llm_max_calls": args.llm_max_calls, "llm_max_tokens": args.llm_max_tokens,
-        "created_at": now_iso(), "step_counter": 0, "steps": [], "active_command": None,
-    }
-    try:
-        session["context_id"] = start_context(ws, project, cluster_id, bootstrap_config(session, ws.host))
-        if existing and re.fullmatch(r"[0-9a-f]+", str(existing.get("session_id") or "")):
-            remove_driver_copies(ws, session, existing["session_id"])  # the replaced session's
-    except ContextGone as err:
-        raise ReplError("ContextFailed", f"The new execution context disappeared: {err}",
-                        hint="Retry create.") from None
-    except Exception as err:
-        raise map_sdk_error(err, action="start an execution context") from None
-    with project.lock():
-        previous = project.load(required=False)
-        if previous and previous.get("status") == "active":  # a concurrent create won the race
-            with contextlib.suppress(Exception):
-                ws.destroy_context(cluster_id, session["context_id"])
-            raise ReplError("SessionExists", f"Another session became active in {project.display_root}.",
-                            hint="Reuse it with exec.")
-        project.ensure_outputs_dir()
-        if previous and previous.get("possible_orphans"):
-            session["possible_orphans"] = previous["possible_orphans"]
-        if previous and previous.get("status") != "creating":
-            archive = os.path.join(project.outputs_dir, ARCHIVE_DIR)
-            os.makedirs(archive, mode=0o700, exist_ok=True)
-            stamp = re.sub(r"[^0-9]", "", previous.get("created_at") or now_iso())[:14]
-            write_atomic(os.path.join(archive, f"session-{stamp}-{previous.get('session_id', 'old')}.json"),
-                         json.dumps(previous, indent=2, ensure_ascii=False))
-            session["step_counter"] = previous.get("step_counter", 0)
-        session["step_counter"] = max(session["step_counter"], project.highest_step_on_disk())
-        session["contexts"] = [{"context_id": session["context_id"], "created_at": session["created_at"]}]
-        project.save(session)
-    orphans = session.get("possible_orphans")
-    return response("Created", f"Session {name!r} is ready on cluster {cluster.get('cluster_name') or cluster_id}."
-                    + (f" Note: {len(orphans)} earlier create(s) in this project dir were interrupted and may have "
-                       "left a context running (see possible_orphans in session.json; the API cannot list "
-                       "contexts, so such a context is freed when the cluster restarts)." if orphans else ""),
-                    session_name=name, possible_orphans=len(orphans) if orphans else None, cluster_id=cluster_id, cluster_name=cluster.get("cluster_name"),
-                    context_id=session["context_id"], session_file=project.show(project.session_path),
-                    llm_endpoint=session["llm_endpoint"],
-                    hint=f"Run code with {cli_hint('exec', project)} --command \"...\" --tag NAME")
-
-
-def cmd_exec(args):
-    tag = sanitize_tag(args.tag)
-    timeout = positive_timeout(args.timeout)
-    code = read_command(args.command) if args.sql is None else sql_step_code(read_command(args.sql, "--sql"))
-    project = Project(args.project_dir).check()
-    session = require_active(project, project.load())
-    ws = Workspace(args.profile or session.get("profile"), args.debug)
-    return submit_step(ws, project, session, code, tag, timeout, args.max_output_bytes)
-
-
-def time_left(timeout):
-    """What remains of a --timeout that counts from the start of the call."""
-    return max(timeout - (time.monotonic() - PROCESS_STARTED), 0.0)
-
-
-def cmd_await(args):
-    timeout = positive_timeout(args.timeout)
-    project = Project(args.project_dir).check()
-    session = require_active(project, project.load())
-    active = session.get("active_command")
-    if not active:
-        raise ReplError("NothingToAwait", "No command is running in this session.",
-                        hint="The last command already finished or was cancelled; see its files in repl_outputs/.")
-    if not active.get("command_id"):
-        settle_unsubmitted(project, active)
-    ws = Workspace(args.profile or session.get("profile"), args.debug)
-    try:
-        return await_active(ws, project, session, active, timeout, args.max_output_bytes, wait=time_left(timeout),
-                            follow=args.follow)
-    except StatusUnavailable as unavailable:   # the helpers' re-install could not be confirmed
-        return status_unknown_response(project, active, unavailable)
-
-
-def settle_unsubmitted(project, active):
-    """A step whose CLI died while submitting has no command id: record it and free the session."""
-    record_step(project, step_entry(project, StepFiles(project, active["step"], active["tag"]), active,
-                                    "SubmitUncertain"))
-    raise ReplError("SubmitUncertain", "The CLI stopped while submitting this step, so its command id is "
-                    "unknown; the step is recorded as SubmitUncertain. If the service received it, it may still "
-                    "be running: the context runs one command at a time, so the next exec waits behind it.",
-                    hint="Check the step's effect with a small exec; exec the step again if its effect is missing.",
-                    cmd_id=step_key(active["step"], active["tag"]))
-
-
-def cmd_cancel(args):
-    project = Project(args.project_dir).check()
-    session = require_active(project, project.load())
-    active = session.get("active_command")
-    if active and not active.get("command_id") and not args.run_id:
-        settle_unsubmitted(project, active)
-    command_id = args.run_id or (active or {}).get("command_id")
-    if not command_id:
-        raise ReplError("NothingToCancel", "No command is running in this session.",
-                        hint="Nothing to do: the last command already finished or was cancelled.")
-    ws = Workspace(args.profile or session.get("profile"), args.debug)
-    tracked = active if active and active.get("command_id") == command_id else None
-    fields = {"command_id": command_id}
-    if tracked:
-        fields["cmd_id"] = step_key(tracked["step"], tracked["tag"])
-    try:
-        status = cancel_and_confirm(ws, session, command_id, context_id=(tracked or {}).get("context_id"))
-    except ContextGone:
-        return recover_from_eviction(ws, project, failed=tracked)
-    except StatusUnavailable as unavailable:
-        if not tracked:
-            raise map_sdk_error(unavailable.error, action="confirm the cancel") from None
-        # The service took the cancel but cannot say whether the command stopped. Free the session
-        # anyway (the way out when status calls keep failing), and say what that means.
-        error = map_sdk_error(unavailable.error, action="read the command's status").message
-        files = StepFiles(project, tracked["step"], tracked["tag"])
-        record_step(project, step_entry(project, files, tracked, "Cancelled", elapsed=elapsed_since(tracked),
-                                        cancel_confirmed=False), command_id=command_id)
-        return response("Cancelled", "The cancel was sent, but the service could not confirm it: " + error +
-                        " The step is recorded as Cancelled and the session is free; if the command still runs, "
-                        "the next exec waits behind it.", cancel_confirmed=False, status_error=error[:500],
-                        hint="Continue with exec; destroy the session if the next exec answers Running.", **fields)
-    except Exception as err:
-        raise map_sdk_error(err, action="cancel the command") from None
-    if status is not None and tracked:
-        body = finish_command(ws, project, session, tracked, status, args.max_output_bytes)
-        if body["status"] in ("Finished", "Error"):
-            body["message"] = "The command had already finished before the cancel; its output was saved."
-        elif body["status"] == "Cancelled":
-            body["command_id"], body["_exit"] = command_id, EXIT_OK  # the cancel succeeded
-        return body
-    if status is not None and not is_cancellation(status.get("status"), status.get("results")):
-        return response("NothingToCancel", f"Command {command_id} had already finished.",
-                        command_id=command_id, hint="Nothing to do.")
-    if status is None:  # still stopping: the step stays active so await can settle it
-        return response("Cancelling", "Cancel was requested but the command has not stopped yet.",
-                        hint=f"Wait for it with {cli_hint('await', project)}, or check {cli_hint('status', project)}.",
-                        exit_code=EXIT_FAILED, **fields)
-    if tracked:
-        files = StepFiles(project, tracked["step"], tracked["tag"])
-        record_step(project, step_entry(project, files, tracked, "Cancelled", elapsed=elapsed_since(tracked)),
-                    command_id=command_id)
-    return response("Cancelled", "The command was cancelled; the session is still usable.",
-                    hint="Continue with exec.", **fields)
-
-
-def cmd_destroy(args):
-    """End the session: mark it destroyed (settling a running step as Cancelled), then destroy its context.
-
-    The session is marked first, so that an exec waiting on the context sees a destroyed session and
-    never starts a new context for it. If the context cannot be destroyed (no network, a rejected
-    token), the session still ends and the answer says the context may live on, with its id."""
-    project = Project(args.project_dir).check()
-    session = project.load()
-    if session.get("status") == "destroyed":
-        return response("Destroyed", "The session was already destroyed.", session_name=session.get("session_name"))
-    require_active(project, session)
-    ws = Workspace(args.profile or session.get("profile"), args.debug)
-    if not session.get("active_command"):  # a busy context would queue the removal behind the step
-        ws.deadline = time.monotonic() + 3.0   # best effort: an unreachable host must not eat destroy's budget
-        try:
-            remove_driver_copies(ws, session)
-        finally:
-            ws.deadline = None
-    with signals_deferred(), project.lock():
-        session = project.load()
-        active = session.get("active_command")
-        if active:
-            entry = step_entry(project, StepFiles(project, active["step"], active["tag"]), active,
-                               "Cancelled", elapsed=elapsed_since(active))
-            touch_step_files(project, entry)
-            session["steps"].append(entry)
-            session["active_command"] = None
-        session["status"] = "destroyed"
-        session["destroyed_at"] = now_iso()
-        project.save(session)
-    context_destroyed = True
-    if session.get("sidecar_context_id"):   # best effort: it holds no state, the cluster reclaims it
-        ws.deadline = time.monotonic() + 3.0
-        try:
-            ws.destroy_context(session["cluster_id"], session["sidecar_context_id"])
-        except Exception:
-            pass
-        finally:
-            ws.deadline = None
-    try:
-        ws.destroy_context(session["cluster_id"], session["context_id"])
-        note = "The execution context was destroyed."
-    except Exception as err:
-        try:
-            gone = isinstance(err, ws.errors.DatabricksError) and not _is_auth_error(err, ws.errors) and \
-                not ws.context_alive(session["cluster_id"], session["context_id"])
-        except Exception:
-            gone = False
-        if gone:
-            note = "The execution context was already gone."
-        else:
-            context_destroyed = False
-            note = (f"The execution context {session['context_id']} could not be destroyed "
-                    f"({map_sdk_error(err, action='destroy it').message}); it stays alive until the cluster "
-                    "restarts or reclaims idle contexts.")
-    return response("Destroyed", f"Session {session.get('session_name')!r} destroyed. {note}",
-                    session_name=session.get("session_name"), context_id=session.get("context_id"),
-                    context_destroyed=context_destroyed, steps=len(session["steps"]),
-                    hint="Its steps stay in session.json and repl_outputs/; create starts a new session.")
-
-
-# -- status ------------------------------------------------------------------------------------------
-
-def cmd_status(args):
-    """The session at a glance, with a live probe of the cluster, the context and the active command."""
-    project = Project(args.project_dir).check()
-    session = project.load()
-    if session.get("status") == "creating":
-        require_active(project, session)   # a placeholder of an interrupted create: NoSession
-    steps = session["steps"]
-    last = steps[-1] if steps else None
-    active = session.get("active_command")
-    summary = {
-        "session_name": session.get("session_name"),
-        "session_status": session.get("status"),
-        "cluster_id": session.get("cluster_id"),
-        "cluster_name": session.get("cluster_name"),
-        "context_id": session.get("context_id"),
-        "created_at": session.get("created_at"),
-        "steps": len(steps),
-        "steps_by_status": _count_by(s.get("status") for s in steps),
-        "last_step": {"cmd_id": step_key(last["step"], last["tag"]), "status": last.get("status"),
-                      "finished_at": last.get("finished_at")} if last else None,
-        "active_command": {"cmd_id": step_key(active["step"], active["tag"]),
-                           "command_id": active.get("command_id"),
-                           "elapsed_seconds": round(elapsed_since(active), 1)} if active else None,
-    }
-    if session.get("status") != "active":
-        return response("Destroyed", f"Session {session.get('session_name')!r} was destroyed; no live probe.",
-                        hint=f"Run {cli_hint('create', project)} to start a new session.", **summary)
-    ws = Workspace(args.profile or session.get("profile"), args.debug)
-    try:
-        cluster = ws.cluster(session["cluster_id"])
-        summary["cluster_state"] = cluster.get("state")
-        alive = summary["cluster_state"] in RUNNABLE_CLUSTER_STATES and \
-            ws.context_alive(session["cluster_id"], session["context_id"])
-        summary["context_alive"] = alive
-        if active and active.get("command_id") and alive:
-            try:
-                remote = ws.command_status(session["cluster_id"], session["context_id"], active["command_id"])
-                summary["active_command"]["remote_status"] = remote.get("status")
-            except Exception as err:   # report it: a failing status call must not hide the session
-                summary["active_command"]["remote_error"] = map_sdk_error(err, "read the command's status").message
-    except Exception as err:
-        raise map_sdk_error(err, action="probe the session") from None
-    if summary["cluster_state"] not in RUNNABLE_CLUSTER_STATES:
-        return response("ClusterNotRunning", f"Cluster {session['cluster_id']} is {summary['cluster_state']}; "
-                        "the session's context is gone with it.", exit_code=EXIT_FAILED,
-                        hint="Start the cluster, then exec: a fresh context is created and the steps to "
-                             "replay are listed.", **summary)
-    if not summary["context_alive"]:
-        plan, target = dependency_plan(project, session)
-        return response("ContextLost", "The execution context is gone (evicted or restarted); variables "
-                        "are lost.", exit_code=EXIT_FAILED, replay_plan=plan_summary(project, plan, target),
-                        tip={"replay": cli_hint("replay", project), "plan": f"{cli_hint('replay', project)} --plan"},
-                        hint="replay starts a fresh context and re-runs the plan (the steps that define what "
-                             "the session needs; see references/eviction-replay.md).", **summary)
-    if active:
-        remote = summary["active_command"].get("remote_status")
-        if remote in DONE_COMMAND_STATES:
-            return response("Busy", f"Step {summary['active_command']['cmd_id']} has ended ({remote}) but its "
-                            "output is not collected yet.", hint=f"Run {cli_hint('await', project)} to collect it.",
-                            **summary)
-        progress = read_progress(ws, project, session, active) if active.get("command_id") else None
-        return response("Busy", f"Step {summary['active_command']['cmd_id']} is running.",
-                        tip={"await": cli_hint("await", project), "cancel": cli_hint("cancel", project)},
-                        hint="Use await to wait for it (--follow streams its progress) or cancel to stop it.",
-                        progress=progress, **summary)
-    return response("Active", f"Session {session.get('session_name')!r} is alive with {len(steps)} step(s).",
-                    hint="Run exec for the next step.", **summary)
-
-
-def _count_by(values):
-    counts = {}
-    for value in values:
-        counts[value] = counts.get(value, 0) + 1
-    return counts
-
-
-# -- step analysis: the names each step defines and uses ---------------------------------------------
-# Replay and export both need to know which earlier steps a step depends on. A step *defines* the
-# module-level names it binds (assignments, def, class, import, `global` in a function) and the names
-# whose object it changes in place (`d[k] = v`, `obj.attr = v`, and a bare method call statement such
-# as `model.fit(X, y)`); it *uses* the names it reads that it did not bind first. Names the runtime
-# provides (spark, dbutils, display, the sub_llm helpers) and builtins are neither.
-
-RUNTIME_NAMES = frozenset({"spark", "sc", "sqlContext", "dbutils", "display", "displayHTML", "getArgument",
-                           "sub_llm", "sub_llm_batch", "sub_llm_usage", "sub_llm_budget", "_dbx_repl"})
-READ_ONLY_METHODS = frozenset({"show", "head", "tail", "describe", "count", "collect", "toPandas", "explain",
-                               "printSchema", "info", "display", "summary", "take", "first", "keys", "items",
-                               "values", "get", "copy", "format", "join", "split", "strip", "read"})
-WRITE_CALLS = frozenset({"saveAsTable", "insertInto", "to_csv", "to_parquet", "to_json", "to_excel", "dump"})
-SLOW_STEP_SECONDS = 60.0
-BIG_OUTPUT_BYTES = 100_000
-REPLAY_PLAN_FILE = "replay_plan.json"      # under OUTPUT_DIR: the full plan behind a summary
-
-
-def _builtin_names():
-    import builtins
-    return frozenset(dir(builtins))
-
-
-class _Names:
-    """Names bound and read by one top-level statement, scope-aware for functions, lambdas, classes
-    and comprehensions (their own locals are neither defined nor used at module level)."""
-
-    def __init__(self):
-        self.stored, self.loaded, self.calls = set(), set(), []
-
-    def statement(self, node):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            self.stored.add(node.name)
-            for child in node.decorator_list + getattr(node, "bases", []) + getattr(node, "keywords", []):
-                self.visit(child)
-            if isinstance(node, ast.ClassDef):
-                self.scope(node.body, ())
-            else:
-                self.visit(node.args)            # defaults and annotations read module names
-                self.scope(node.body, _argument_names(node.args))
-            return
-        self.visit(node)
-        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call):
-            func = node.value.func                # obj.method(...) as a statement: it changes obj
-            if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and \
-                    func.attr not in READ_ONLY_METHODS:
-                self.stored.add(func.value.id)
-
-    def visit(self, node):
-        if isinstance(node, ast.Name):
-            (self.loaded if isinstance(node.ctx, ast.Load) else self.stored).add(node.id)
-            return
-        if isinstance(node, ast.AugAssign) and isinstance(node.target, ast.Name):
-            self.loaded.add(node.target.id)       # x += 1 reads x first
-        if isinstance(node, (ast.Attribute, ast.Subscript)) and not isinstance(node.ctx, ast.Load):
-            base = node.value                     # d[k] = v, obj.attr = v: the object changes
-            while isinstance(base, (ast.Attribute, ast.Subscript)):
-                base = base.value
-            if isinstance(base, ast.Name):
-                self.stored.add(base.id)
-                self.loaded.add(base.id)
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
-            for alias in node.names:
-                if alias.name != "*":
-                    self.stored.add(alias.asname or alias.name.split(".")[0])
-            return
-        if isinstance(node, ast.Call):
-            self.calls.append(node)
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            self.statement(node)                  # nested in a block (if/for/with) at module level
-            return
-        if isinstance(node, ast.Lambda):
-            self.visit(node.args)
-            self.scope([node.body], _argument_names(node.args))
-            return
-        if isinstance(node, (ast.ListComp, ast.SetComp, ast.GeneratorExp, ast.DictComp)):
-            inner = _Names()
-            for child in ast.iter_child_nodes(node):
-                inner.visit(child)
-            self.loaded |= inner.loaded - inner.stored
-            self.calls += inner.calls
-            return
-        for child in ast.iter_child_nodes(node):
-            self.visit(child)
-
-    def scope(self, body, arguments):
-        """A function or class body: its free names are module-level uses; `global` names it binds
-        count as defined."""
-        inner = _Names()
-        declared = set()
-        for statement in body:
-            for node in ast.walk(statement):
-                if isinstance(node, ast.Global):
-                    declared.update(node.names)
-            inner.statement(statement)
-        local = (inner.stored | set(arguments)) - declared
-        self.loaded |= inner.loaded - local
-        self.stored |= inner.stored & declared
-        self.calls += inner.calls
-
-
-def _argument_names(arguments):
-    every = arguments.posonlyargs + arguments.args + arguments.kwonlyargs
-    every += [a for a in (arguments.vararg, arguments.kwarg) if a]
-    return [a.arg for a in every]
-
-
-def _call_name(call):
-    func = call.func
-    if isinstance(func, ast.Name):
-        return func.id
-    parts = []
-    while isinstance(func, ast.Attribute):
-        parts.append(func.attr)
-        func = func.value
-    if isinstance(func, ast.Name):
-        parts.append(func.id)
-    return ".".join(reversed(parts))
-
-
-def _call_flags(call):
-    """Cost and side-effect flags of one call."""
-    name = _call_name(call)
-    last = name.rsplit(".", 1)[-1]
-    flags = set()
-    if last == "sleep":
-        flags.add("sleep")
-    if last in ("sub_llm", "sub_llm_batch"):
-        flags.add("sub_llm")
-    if last in WRITE_CALLS or name.startswith("dbutils.fs."):   # `.write` itself: see analyse_code
-        flags.add("writes")
-    if name == "open":
-        mode = call.args[1] if len(call.args) > 1 else next((k.value for k in call.keywords if k.arg == "mode"),
-                                                            None)
-        if isinstance(mode, ast.Constant) and isinstance(mode.value, str) and \
-                set(mode.value) & set("wax+"):
-            flags.add("writes")
-    return flags
-
-
-SQL_CREATES = re.compile(r"\bCREATE\s+(?:OR\s+REPLACE\s+)?(?:GLOBAL\s+)?(?:TEMP(?:ORARY)?\s+)?"
-                         r"(?:VIEW|TABLE)\s+(?:IF\s+NOT\s+EXISTS\s+)?([\w.`]+)", re.IGNORECASE)
-SQL_READS = re.compile(r"\b(?:FROM|JOIN|TABLE)\s+([\w.`]+)", re.IGNORECASE)
-SQL_WRITES = re.compile(r"^\s*(?:INSERT|MERGE|UPDATE|DELETE|DROP|ALTER|TRUNCATE|CREATE\s+(?:OR\s+REPLACE\s+)?TABLE)\b",
-                        re.IGNORECASE | re.MULTILINE)
-TEMP_VIEW_CALLS = frozenset({"createOrReplaceTempView", "createTempView", "createOrReplaceGlobalTempView",
-                             "createGlobalTempView", "saveAsTable"})
-
-
-def sql_name(name):
-    """The planner's name for a table or view: `sql:` and the lower-cased name without backquotes
-    (SQL names and Python names never collide)."""
-    return "sql:" + name.replace("`", "").lower()
-
-
-def analyse_sql(text):
-    """What a SQL statement does, for the planner (the shape of `analyse_code`): CREATE VIEW/TABLE x
-    defines sql:x; FROM/JOIN x uses sql:x; DML and DDL on tables are flagged `writes`. Regular
-    expressions, not a parser: names in string literals or comments may count too (a needed step
-    is never left out for it; an extra one may be replayed)."""
-    defines = {sql_name(n) for n in SQL_CREATES.findall(text)}
-    uses = {sql_name(n) for n in SQL_READS.findall(text)} - defines
-    flags = {"writes"} if SQL_WRITES.search(text) else set()
-    return {"parsed": True, "defines": defines, "uses": uses, "flags": flags,
-            "statements": [(1, max(len(text.splitlines()), 1), defines)]}
-
-
-def _sql_names_of_call(call):
-    """(defines, uses) of SQL names in one Python call: df.createOrReplaceTempView("v") defines
-    sql:v, spark.table("v") uses it, and spark.sql("...") with a literal is read as SQL."""
-    name = _call_name(call).rsplit(".", 1)[-1]
-    literal = call.args[0].value if call.args and isinstance(call.args[0], ast.Constant) \
-        and isinstance(call.args[0].value, str) else None
-    if literal is None:
-        return set(), set()
-    if name in TEMP_VIEW_CALLS:
-        return {sql_name(literal)}, set()
-    if name == "table":
-        return set(), {sql_name(literal)}
-    if name == "sql":
-        found = analyse_sql(literal)
-        return found["defines"], found["uses"]
-    return set(), set()
-
-
-def analyse_code(code):
-    """What one step's code does, from its syntax tree (magic lines are set aside first). A SQL step
-    (exec --sql) is read as SQL (`analyse_sql`).
-
-    Returns {"parsed": bool, "defines": set, "uses": set, "flags": set, "statements":
-    [(first_line, last_line, defined_names)]} for the top-level statements. `uses` holds the names
-    read before the step binds them, builtins and runtime names excluded. Unparsable code has
-    parsed False and no names."""
-    sql = sql_of(code)
-    if sql is not None:
-        return analyse_sql(sql)
-    flags = set()
-    lines = code.splitlines()
-    for index, line in enumerate(lines):
-        if MAGIC_LINE.match(line):
-            flags.add("pip" if re.match(r"\s*[%!]\s*pip\b", line) else "magic")
-            lines[index] = ""                     # keep the line numbers of the Python around it
-    found = {"parsed": False, "defines": set(), "uses": set(), "flags": flags, "statements": []}
-    try:
-        tree = ast.parse("\n".join(lines))
-    except (SyntaxError, ValueError):
-        return found
-    ignored = _builtin_names() | RUNTIME_NAMES
-    for node in tree.body:
-        names = _Names()
-        names.statement(node)
-        found["uses"] |= (names.loaded - found["defines"]) - ignored
-        found["defines"] |= names.stored
-        for call in names.calls:
-            flags |= _call_flags(call)
-            sql_defines, sql_uses = _sql_names_of_call(call)
-            found["uses"] |= sql_uses - found["defines"]
-            found["defines"] |= sql_defines
-            names.stored |= sql_defines
-        if any(isinstance(n, ast.Attribute) and n.attr == "write" for n in ast.walk(node)):
-            flags.add("writes")
-        found["statements"].append((node.lineno, node.end_lineno, names.stored))
-    found["parsed"] = True
-    return found
-
-
-def failing_line(project, entry):
-    """The line of the step's own code where it failed (its <module> frame in the traceback), or None."""
-    path = os.path.join(project.root, entry.get("stderr_file") or "")
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            text = f.read()
-    except OSError:
-        return None
-    key = re.escape(step_key(entry["step"], entry["tag"]))
-    lines = re.findall(rf'File "<command-{key}>", line (\d+), in <module>', text)
-    return int(lines[-1]) if lines else None
-
-
-STATUS_RANK = {"Finished": 2, "Error": 1}
-
-
-def step_timeline(project, session):
-    """The session as it stands: one entry per original step (the best run of it: Finished over
-    Error over the rest, the latest within a rank; a replay stands in for its original), in the
-    original order, each with its code analysed and its cost flags.
-
-    Each entry is the step record plus: origin, code, defines, uses, flags (sorted list), parsed,
-    and for a failed step `partial_lines` (the statements before the failing line) when they define
-    names."""
-    by_origin = {}
-    for entry in session["steps"]:
-        origin = entry.get("replay_of") or entry["step"]
-        best = by_origin.get(origin)
-        if best is None or STATUS_RANK.get(entry.get("status"), 0) >= STATUS_RANK.get(best.get("status"), 0):
-            by_origin[origin] = dict(entry, origin=origin)
-    timeline = []
-    for origin in sorted(by_origin):
-        entry = by_origin[origin]
-        try:
-            with open(os.path.join(project.root, entry.get("command_file") or ""), encoding="utf-8") as f:
-                entry["code"] = f.read()
-        except OSError:
-            entry["code"] = None
-        found = analyse_code(entry["code"] or "")
-        entry.update(parsed=found["parsed"] and entry["code"] is not None, uses=found["uses"], defines=set())
-        flags = set(found["flags"])
-        if (entry.get("elapsed_seconds") or 0) > SLOW_STEP_SECONDS:
-            flags.add("slow")
-        with contextlib.suppress(OSError, TypeError):
-            if os.path.getsize(os.path.join(project.root, entry.get("stdout_file"))) > BIG_OUTPUT_BYTES:
-                flags.add("big_output")
-        entry["flags"] = sorted(flags)
-        if entry.get("status") == "Finished":
-            entry["defines"] = found["defines"]
-        elif entry.get("status") == "Error" and found["parsed"]:
-            line = failing_line(project, entry)
-            done = [s for s in found["statements"] if line is not None and s[1] < line]
-            defined = set().union(*(s[2] for s in done)) if done else set()
-            if defined:
-                entry["defines"], entry["partial_lines"] = defined, done[-1][1]
-                entry["uses"] = analyse_code(replay_code(entry))["uses"]
-        timeline.append(entry)
-    return timeline
-
-
-def needed_steps(timeline, uses, before):
-    """The smallest set of timeline entries (by origin) whose definitions `uses` needs, looking only
-    at steps before position `before`: for each name its nearest definer, then that step's own needs."""
-    chosen, pending = {}, [(name, before) for name in uses]
-    while pending:
-        name, limit = pending.pop()
-        definer = next((e for e in reversed(timeline) if e["origin"] < limit and name in e["defines"]), None)
-        if definer is None or definer["origin"] in chosen:
-            continue
-        chosen[definer["origin"]] = definer
-        pending += [(n, definer["origin"]) for n in definer["uses"]]
-    return [chosen[o] for o in sorted(chosen)]
-
-
-def dependency_plan(project, session, target=None):
-    """The replay plan: the steps to re-run, in order, so that the next step can run.
-
-    The next step is `target` (a step record, e.g. the one an eviction interrupted) or else the last
-    recorded step when the eviction interrupted it. Without one, the plan restores every name the
-    session defined. Steps that finished and cannot be parsed (their needs are unknown) or ran %pip
-    (packages are not names) are always kept."""
-    timeline = step_timeline(project, session)
-    if target is None and session["steps"] and session["steps"][-1].get("status") in ("Evicted", "ContextLost"):
-        target = session["steps"][-1]
-    if target is not None:
-        origin = target.get("replay_of") or target["step"]
-        found = next((e for e in timeline if e["origin"] == origin), None)
-        uses = found["uses"] if found else set()
-    else:
-        origin, uses = float("inf"), set().union(*(e["defines"] for e in timeline)) if timeline else set()
-    steps = needed_steps(timeline, uses, origin)
-    kept = [e for e in timeline if e["origin"] < origin and e.get("status") == "Finished"
-            and (not e["parsed"] or "pip" in e["flags"])]
-    chosen = {e["origin"]: e for e in steps + kept}
-    return [chosen[o] for o in sorted(chosen)], target
-
-
-def plan_rows(project, plan):
-    """The full plan as JSON-ready rows (what the plan file holds)."""
-    return [{"step": e["origin"], "tag": e["tag"], "status": e.get("status"),
-             "runs_lines": f"1-{e['partial_lines']}" if "partial_lines" in e else None,
-             "defines": sorted(e["defines"])[:50], "flags": e["flags"],
-             "command_file": project.show(os.path.join(project.root, e.get("command_file") or ""))}
-            for e in plan]
-
-
-def plan_summary(project, plan, target=None):
-    """A few hundred bytes about a replay plan; the full plan goes to repl_outputs/replay_plan.json."""
-    project.ensure_outputs_dir()
-    path = project.output_path(REPLAY_PLAN_FILE)
-    rows = plan_rows(project, plan)
-    write_atomic(path, json.dumps({"for_step": step_key(target["step"], target["tag"]) if target else None,
-                                   "steps": [{k: v for k, v in r.items() if v is not None} for r in rows]},
-                                  indent=1, ensure_ascii=False))
-    flagged = {str(r["step"]): r["flags"] for r in rows if r["flags"]}
-    summary = {"steps": _step_ranges([r["step"] for r in rows]), "count": len(rows),
-               "partial": [r["step"] for r in rows if r["runs_lines"]] or None,
-               "flagged": dict(list(flagged.items())[:8]) or None, "file": project.show(path)}
-    return {k: v for k, v in summary.items() if v is not None}
-
-
-def _step_ranges(numbers):
-    """[1,2,3,5,6] → '1-3,5,6' (runs of three or more as ranges)."""
-    runs = []
-    for number in sorted(numbers):
-        if runs and number == runs[-1][-1] + 1:
-            runs[-1].append(number)
-        else:
-            runs.append([number])
-    return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 2 else ",".join(map(str, r)) for r in runs)
-
-
-def replay_code(entry):
-    """The code a replay runs for a planned step: all of it, or the statements before its failure."""
-    if "partial_lines" not in entry:
-        return entry["code"]
-    kept = entry["code"].splitlines()[:entry["partial_lines"]]
-    return "\n".join(kept) + "\n"
-
-
-# -- replay ------------------------------------------------------------------------------------------
-
-def parse_step_list(text):
-    """'1,2,5' or '3-7' (or a mix) → sorted step numbers."""
-    steps = set()
-    for part in (text or "").split(","):
-        part = part.strip()
-        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
-        if not match:
-            raise ReplError("InvalidSteps", f"--steps takes numbers like 1,2,5 or 3-7, not {part!r}.",
-                            exit_code=EXIT_USAGE, hint="For example --steps 1,2,5")
-        low, high = int(match.group(1)), int(match.group(2) or match.group(1))
-        steps.update(range(low, high + 1))
-    return sorted(steps)
-
-
-def chosen_replay(project, session, args):
-    """(entries, target) to replay: the chosen steps (--steps, --from/--to, --all run each chosen
-    step's whole code), or by default the dependency plan (see dependency_plan)."""
-    timeline = step_timeline(project, session)
-    by_origin = {e["origin"]: e for e in timeline}
-    explicit = args.steps or args.from_step is not None or args.to_step is not None or args.all
-    if not explicit:
-        return dependency_plan(project, session)
-    for entry in timeline:
-        entry.pop("partial_lines", None)      # a step named by the caller runs whole
-    if args.steps:
-        numbers = parse_step_list(args.steps)
-        missing = [n for n in numbers if n not in by_origin]
-        if missing:
-            raise ReplError("UnknownStep", f"No recorded step {missing[0]} in this session.",
-                            exit_code=EXIT_USAGE, hint=f"See the step numbers with {cli_hint('replay', project)} --plan.")
-        return [by_origin[n] for n in numbers], None
-    chosen = [e for e in timeline if (args.from_step is None or e["origin"] >= args.from_step)
-              and (args.to_step is None or e["origin"] <= args.to_step)]
-    if args.all or args.skip_failed:
-        chosen = [e for e in chosen if e.get("status") == "Finished"]
-    return chosen, None
-
-
-def cmd_replay(args):
-    timeout = positive_timeout(args.timeout)
-    project = Project(args.project_dir).check()
-    session = require_active(project, project.load())
-    plan, target = chosen_replay(project, session, args)
-    if args.plan:
-        return response("ReplayPlan", f"The plan re-runs {len(plan)} step(s); nothing was run.",
-                        for_step=step_key(target["step"], target["tag"]) if target else None,
-                        replay_plan=plan_summary(project, plan, target),
-                        tip={"replay": cli_hint("replay", project)},
-                        hint="Run the tip to replay this plan, or choose steps with --steps. Flagged steps "
-                             "are costly or have side effects (see references/eviction-replay.md).")
-    if not plan and not session.get("syncs"):
-        return response("NothingToReplay", "No recorded step matches.",
-                        hint="Nothing defines what the next step needs; exec it again, or pick steps with --steps.")
-    ws = Workspace(args.profile or session.get("profile"), args.debug)
-    if not ws.context_alive(session["cluster_id"], session["context_id"]):
-        evicted = recover_from_eviction(ws, project)
-        if evicted["status"] != "ContextEvicted":
-            return evicted
-    synced, sync_failed = restore_syncs(ws, project, project.load())
-    syncs = {"synced": synced or None, "sync_failed": sync_failed or None}
-    restored = []
-    for index, entry in enumerate(plan):
-        if entry["code"] is None:
-            failure = {"step": entry["origin"], "status": "MissingCommandFile",
-                       "message": f"{entry.get('command_file')} is unreadable."}
-            return _replay_report(project, restored, failure, plan[index + 1:], syncs)
-        body = submit_step(ws, project, project.load(), replay_code(entry), sanitize_tag(entry["tag"]), timeout,
-                           args.max_output_bytes, replay_of=entry["origin"])
-        if body["status"] != "Finished":
-            failure = {"step": entry["origin"], "cmd_id": body.get("cmd_id"), "status": body["status"],
-                       "message": body.get("message"), "error": body.get("error")}
-            return _replay_report(project, restored, failure, plan[index + 1:], syncs)
-        done = {"step": entry["origin"], "tag": entry["tag"], "cmd_id": body["cmd_id"]}
-        if "partial_lines" in entry:
-            done["lines"] = f"1-{entry['partial_lines']}"
-        restored.append(done)
-    return _replay_report(project, restored, None, [], syncs)
-
-
-def _replay_report(project, restored, failure, not_run, syncs):
-    """Replayed / ReplayFailed; `syncs` = {"synced": names, "sync_failed": [{name, error}]} (or Nones)."""
-    fields = {"restored": restored, "failed": failure, "not_run": [e["origin"] for e in not_run], **syncs}
-    if failure is None:
-        return response("Replayed", f"Re-ran {len(restored)} step(s) in the current context.",
-                        hint="State is restored; continue with exec.", **fields)
-    return response("ReplayFailed", f"Replay stopped at step {failure['step']} ({failure['status']}).",
-                    exit_code=EXIT_RUNNING if failure["status"] == "Running" else EXIT_FAILED,
-                    hint="Read the failed step's files, fix the cause, then replay the remaining steps "
-                         f"with {cli_hint('replay', project)} --steps N,M.", **fields)
-
-
-# -- export ------------------------------------------------------------------------------------------
-
-EXPLORATION_FLAGS = ("sleep", "big_output")
-
-
-def export_selection(project, session, steps=None, exclude_tags=()):
-    """(entries in script order, left_out) for `export`.
-
-    By default: the last successful run of each tag (a replay stands in for its original), plus the
-    earlier steps their names need (a failed step contributes the statements before its failure),
-    minus exploration: a step that sleeps or printed a large output and defines nothing a kept step
-    uses. `steps` chooses the steps instead; `exclude_tags` leaves tags out. Each left-out step comes
-    with the reason."""
-    timeline = step_timeline(project, session)
-    by_origin = {e["origin"]: e for e in timeline}
-    left_out = []
-    if steps:
-        missing = [n for n in steps if n not in by_origin]
-        if missing:
-            raise ReplError("UnknownStep", f"No recorded step {missing[0]} in this session.", exit_code=EXIT_USAGE,
-                            hint=f"See the steps with {cli_hint('replay', project)} --plan --all.")
-        chosen = {n: by_origin[n] for n in steps}
-    else:
-        last_per_tag = {}
-        for entry in timeline:
-            if entry.get("status") == "Finished":
-                last_per_tag[entry["tag"]] = entry
-        chosen = {e["origin"]: e for e in last_per_tag.values()}
-        used_later = lambda e: any(e["defines"] & other["uses"] for other in chosen.values()
-                                   if other["origin"] > e["origin"])
-        for origin, entry in sorted(chosen.items()):
-            flags = [f for f in entry["flags"] if f in EXPLORATION_FLAGS]
-            if flags and not used_later(entry):
-                left_out.append({"step": origin, "tag": entry["tag"], "why": "exploration: " + ", ".join(flags)})
-        for row in left_out:
-            chosen.pop(row["step"])
-        for entry in list(chosen.values()):
-            for needed in needed_steps(timeline, entry["uses"], entry["origin"]):
-                chosen.setdefault(needed["origin"], needed)
-    for origin, entry in sorted(chosen.items()):
-        if entry["tag"] in exclude_tags:
-            left_out.append({"step": origin, "tag": entry["tag"], "why": "--exclude-tags"})
-            chosen.pop(origin)
-        elif entry.get("status") != "Finished" and "partial_lines" not in entry:
-            left_out.append({"step": origin, "tag": entry["tag"], "why": f"status {entry.get('status')}"})
-            chosen.pop(origin)
-    return dependency_order(list(chosen.values())), sorted(left_out, key=lambda r: r["step"])
-
-
-def dependency_order(entries):
-    """The entries in session order, except that each step comes after the step that defines each name
-    it uses: the nearest earlier one, or, when no earlier chosen step defines it, the first later one
-    (a stable topological sort; a cycle keeps the session's order)."""
-    entries = sorted(entries, key=lambda e: e["origin"])
-    after = {e["origin"]: set() for e in entries}
-    for entry in entries:
-        for name in entry["uses"]:
-            definers = [d for d in entries if d is not entry and name in d["defines"]]
-            earlier = [d for d in definers if d["origin"] < entry["origin"]]
-            if earlier or definers:
-                after[entry["origin"]].add((earlier[-1] if earlier else definers[0])["origin"])
-    ordered, placed = [], set()
-    while len(ordered) < len(entries):
-        ready = [e for e in entries if e["origin"] not in placed and after[e["origin"]] <= placed]
-        if not ready:                                   # a cycle: keep the session's order
-            ready = [e for e in entries if e["origin"] not in placed]
-        ordered.append(ready[0])
-        placed.add(ready[0]["origin"])
-    return ordered
-
-
-def export_script(session, chosen):
-    """One clean .py from the chosen timeline entries, in their order: %pip lines become a
-    '# Requires:' header, other magics comments, and top-level imports gather at the top.
-
-    Returns (script, requirements)."""
-    requires, imports, bodies = [], [], []
-    for entry in chosen:
-        kept = []
-        sql = sql_of(entry["code"] or "")
-        code = replay_code(entry) if sql is None else f"display(spark.sql({sql!r}))\n"
-        for line in code.splitlines():
-            pip = re.match(r"\s*[%!]\s*pip\s+install\s+(.*)$", line)
-            if pip:
-                requires += [p for p in pip.group(1).split() if not p.startswith("-") and p not in requires]
-            elif MAGIC_LINE.match(line):
-                kept.append("# (magic, not run as Python) " + line.strip())
-            else:
-                kept.append(line)
-        code = "\n".join(kept)
-        try:
-            tree = ast.parse(code)
-        except SyntaxError:
-            tree = None
-        if tree is not None:
-            lines = code.splitlines()
-            import_lines = set()
-            for node in tree.body:
-                if isinstance(node, (ast.Import, ast.ImportFrom)) and node.col_offset == 0 and \
-                        node.end_lineno == node.lineno and not (isinstance(node, ast.ImportFrom)
-                                                                and node.module == "__future__"):
-                    text = lines[node.lineno - 1].strip()
-                    if ";" not in text:
-                        import_lines.add(node.lineno - 1)
-                        if text not in imports:
-                            imports.append(text)
-            code = "\n".join(l for i, l in enumerate(lines) if i not in import_lines)
-        title = f"# --- Step {entry['origin']}: {entry['tag']} ---"
-        if "partial_lines" in entry and entry.get("status") != "Finished":
-            title += f"\n# (lines 1-{entry['partial_lines']}: the statements that ran before it failed)"
-        bodies.append(f"{title}\n{code.strip()}\n")
-    header = [f'"""Exported from databricks-repl session {session.get("session_name")!r} '
-              f'(cluster {session.get("cluster_id")}).',
-              "",
-              f"Steps: {', '.join(str(e['origin']) for e in chosen) or 'none'} - the last successful run "
-              "of each tag, ordered so that every name is defined before it is used.",
-              '"""']
-    body_text = "\n".join(bodies)
-    runtime = [name for name in ("spark", "dbutils", "display") if re.search(rf"\b{name}\b", body_text)]
-    helpers = sorted(set(re.findall(r"\bsub_llm(?:_batch|_usage|_budget)?\b", body_text)))
-    if helpers:
-        header.insert(-1, f"Uses the databricks-repl helpers {', '.join(helpers)}: run it in a session "
-                          "(dbx_repl.py exec --command @this_file.py) or define them first.")
-    if runtime:
-        header.insert(-1, f"Needs the Databricks runtime for {', '.join(runtime)} (a notebook, job or session).")
-    if requires:
-        header.insert(0, "# Requires: " + " ".join(requires))
-    parts = ["\n".join(header), "\n".join(imports)] if imports else ["\n".join(header)]
-    return "\n\n".join(parts + bodies).rstrip("\n") + "\n", requires
-
-
-def explicit_path(path, default_name):
-    """A path the caller named, honoured as `cp` would: relative to the working directory, anywhere;
-    an existing directory receives `default_name`."""
-    absolute = os.path.abspath(path)
-    if os.path.isdir(absolute):
-        absolute = os.path.join(absolute, default_name)
-        if os.path.isdir(absolute):
-            raise ReplError("InvalidPath", f"{absolute} is a directory.", exit_code=EXIT_USAGE, hint="Name a file.")
-    return absolute
-
-
-def verify_script(ws, project, session, script, requires, timeout, output_path):
-    """Run the exported script in a fresh execution context (created, used once, destroyed), within
-    `timeout` seconds of running. Returns {"status": Passed|Failed|TimedOut, ...} for the answer."""
-    started = time.monotonic()
-    context_id = start_context(ws, project, session["cluster_id"], bootstrap_config(session, ws.host))
-    target = {"cluster_id": session["cluster_id"], "context_id": context_id}
-    try:
-        commands = ([f"%pip install {' '.join(requires)}"] if requires else []) + [script]
-        for command in commands:
-            remaining = timeout - (time.monotonic() - started)
-            command_id = ws.execute(target["cluster_id"], context_id, command)
-            status = poll_command(ws, target["cluster_id"], context_id, command_id, max(remaining, 0.01))
-            if status is None:
-                with contextlib.suppress(Exception):
-                    ws.cancel(target["cluster_id"], context_id, command_id)
-                return {"status": "TimedOut", "message": f"The script did not finish within {timeout:g}s.",
-                        "elapsed_seconds": round(time.monotonic() - started, 3)}
-            results = valid_unicode(status.get("results") or {})
-            text = results.get("data") if isinstance(results.get("data"), str) else json.dumps(results.get("data"))
-            if results.get("resultType") == "error" or status.get("status") == "Error":
-                error_type, message = parse_error(results.get("summary"), results.get("cause"))
-                write_atomic(output_path, strip_ansi(results.get("cause") or results.get("summary") or ""))
-                return {"status": "Failed", "error": {"type": printable(error_type)[:200],
-                                                      "message": printable(message)[:300]},
-                        "output_file": project.show(output_path),
-                        "elapsed_seconds": round(time.monotonic() - started, 3)}
-        write_atomic(output_path, strip_ansi(text or ""))
-        return {"status": "Passed", "output_file": project.show(output_path),
-                "stdout_preview": preview(strip_ansi(text or ""), limit=200),
-                "elapsed_seconds": round(time.monotonic() - started, 3)}
-    finally:
-        abandon_context(ws, project, target["cluster_id"], context_id)   # and drops its pending record
-
-
-def cmd_export(args):
-    project = Project(args.project_dir).check()
-    session = project.load()
-    timeout = positive_timeout(args.timeout) if args.verify else None
-    if args.verify:
-        require_active(project, session)         # before writing anything: --verify needs the cluster
-    name = sanitize_tag(session.get("session_name") or "session")
-    default_name = f"{name}_export.py"
-    target = explicit_path(args.output, default_name) if args.output else os.path.join(project.root, default_name)
-    exclude = {t.strip() for t in (args.exclude_tags or "").split(",") if t.strip()}
-    chosen, left_out = export_selection(project, session, parse_step_list(args.steps) if args.steps else None,
-                                        exclude)
-    missing = [e["origin"] for e in chosen if e["code"] is None]
-    if missing:
-        raise ReplError("MissingCommandFile", f"The command file of step {missing[0]} is unreadable.",
-                        hint="Restore repl_outputs/ or leave the step out with --steps.")
-    script, requires = export_script(session, chosen)
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    write_atomic(target, script)
-    fields = {"output_file": project.show(target), "steps": [e["origin"] for e in chosen],
-              "left_out": left_out or None, "bytes": len(script.encode("utf-8"))}
-    if not args.verify:
-        return response("Exported", f"Wrote {len(chosen)} step(s) to {project.show(target)}.", **fields,
-                        hint="Review the script, or check that it runs with --verify (a fresh context).")
-    ws = Workspace(args.profile or session.get("profile"), args.debug)
-    try:
-        fields["verify"] = verify_script(ws, project, session, script, requires, timeout,
-                                         project.output_path(f"{name}_export.verify.txt"))
-    except ReplError:
-        raise
-    except Exception as err:
-        raise map_sdk_error(err, action="verify the script in a fresh context") from None
-    if fields["verify"]["status"] == "Passed":
-        return response("Exported", f"Wrote {len(chosen)} step(s) to {project.show(target)}; it ran top to "
-                        "bottom in a fresh context.", **fields, hint="The script is ready to commit.")
-    return response("VerifyFailed", f"Wrote {project.show(target)}, but it did not run in a fresh context "
-                    f"({fields['verify']['status']}).", exit_code=EXIT_FAILED, **fields,
-                    hint="Read verify.output_file; fix the session (exec the missing step) and export again, "
-                         "or choose steps with --steps.")
-
-
-# -- put / get: files between this machine and the driver -----------------------------------------
-
-DEFAULT_TRANSFER_CAP = 512 * 1024 * 1024
-PUT_CHUNK_BYTES = 4 * 1024 * 1024
-
-
-def idle_session(project, args):
-    session = require_active(project, project.load())
-    if session.get("active_command"):
-        busy = session["active_command"]
-        raise ReplError("CommandRunning", f"Step {step_key(busy['step'], busy['tag'])} is still running.",
-                        hint="Transfers run in the same context: await or cancel the command first.")
-    return session, Workspace(args.profile or session.get("profile"), args.debug)
-
-
-def remote_stat(ws, session, remote):
-    results = run_internal(ws, session, f"_dbx_repl.stat({remote!r})")
-    if results.get("resultType") == "error":
-        error_type, message = parse_error(results.get("summary"), results.get("cause"))
-        raise ReplError("RemoteFileError", f"{remote} on the driver: {error_type}: {message}",
-                        hint="Check the path; it must be a file the driver can open.")
-    return json.loads((results.get("data") or "").strip().splitlines()[-1])
-
-
-def record_transfer(project, entry):
-    with project.lock():
-        session = project.load()
-        session.setdefault("transfers", []).append(entry)
-        project.save(session)
-
-
-def put_blocks(ws, session, remote, blocks):
-    """Write `blocks` (an iterable of bytes) to the driver file `remote`, one zlib-compressed chunk
-    per command; an empty iterable still creates the file. Returns (sha256 object, chunks sent)."""
-    digest, offset, chunks = hashlib.sha256(), 0, 0
-    for block in itertools.chain(blocks, [b""]):
-        if not block and offset:
-            break
-        digest.update(block)
-        packed = base64.b64encode(zlib.compress(block, 6)).decode("ascii")
-        results = run_internal(ws, session, f"_dbx_repl.put({remote!r}, {offset}, {packed!r})")
-        if results.get("resultType") == "error":
-            error_type, message = parse_error(results.get("summary"), results.get("cause"))
-            raise ReplError("RemoteFileError", f"Writing {remote}: {error_type}: {message}",
-                            hint="Check that the driver can write that path.")
-        offset += len(block)
-        chunks += 1
-        if not block:
-            break
-    return digest, chunks
-
-
-def cmd_put(args):
-    project = Project(args.project_dir).check()
-    try:
-        size = os.path.getsize(args.local)
-        if os.path.isdir(args.local):
-            raise IsADirectoryError()
-    except OSError as err:
-        raise ReplError("InvalidPath", f"Cannot read {args.local}: {err.strerror or 'is a directory'}.",
-                        exit_code=EXIT_USAGE, hint="Name a readable local file.") from None
-    if size > args.max_bytes:
-        raise ReplError("TooLarge", f"{args.local} is {size} bytes, over the {args.max_bytes}-byte cap.",
-                        hint="Raise --max-bytes, or move large data through a Volume.")
-    session, ws = idle_session(project, args)
-    started = time.monotonic()
-    try:
-        with open(args.local, "rb") as f:
-            digest, chunks = put_blocks(ws, session, args.remote, iter(lambda: f.read(PUT_CHUNK_BYTES), b""))
-        remote = remote_stat(ws, session, args.remote)
-    except ReplError:
-        raise
-    except Exception as err:
-        raise map_sdk_error(err, action="upload the file") from None
-    if remote["sha256"] != digest.hexdigest() or remote["size"] != size:
-        raise ReplError("ChecksumMismatch", f"{args.remote} on the driver does not match {args.local}.",
-                        hint="Retry the put.", local_sha256=digest.hexdigest(), remote_sha256=remote["sha256"])
-    record_transfer(project, {"direction": "put", "local": args.local, "remote": args.remote, "bytes": size,
-                              "sha256": remote["sha256"], "at": now_iso()})
-    return response("Uploaded", f"Copied {size} bytes to {args.remote} on the driver.", local=args.local,
-                    remote=args.remote, bytes=size, sha256=remote["sha256"], chunks=chunks,
-                    elapsed_seconds=round(time.monotonic() - started, 3),
-                    hint="Open it from your code on the cluster by that path.")
-
-
-def cmd_get(args):
-    project = Project(args.project_dir).check()
-    target = explicit_path(args.local, os.path.basename(args.remote.rstrip("/")) or "download")
-    session, ws = idle_session(project, args)
-    started = time.monotonic()
-    try:
-        remote = remote_stat(ws, session, args.remote)
-        if remote["size"] > args.max_bytes:
-            raise ReplError("TooLarge", f"{args.remote} is {remote['size']} bytes, over the {args.max_bytes}-byte cap.",
-                            hint="Raise --max-bytes, or write a smaller extract on the cluster.")
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".get-", dir=os.path.dirname(target))
-        try:
-            with os.fdopen(fd, "wb") as sink:
-                written, size, _ = fetch_driver_file(
-                    ws, session, lambda off, mode: f"_dbx_repl.fetch({args.remote!r}, {off}, {mode!r})",
-                    sink, args.max_bytes)
-            with open(tmp, "rb") as f:
-                local_sha = hashlib.file_digest(f, "sha256").hexdigest() if hasattr(hashlib, "file_digest") \
-                    else hashlib.sha256(f.read()).hexdigest()
-            if size != remote["size"] or written != size or local_sha != remote["sha256"]:
-                raise ReplError("ChecksumMismatch", f"The copy of {args.remote} does not match the driver's file "
-                                "(it may have changed during the transfer).", hint="Retry the get.")
-            os.replace(tmp, target)
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-    except ReplError:
-        raise
-    except Exception as err:
-        raise map_sdk_error(err, action="download the file") from None
-    record_transfer(project, {"direction": "get", "local": project.stored(target), "remote": args.remote,
-                              "bytes": remote["size"], "sha256": remote["sha256"], "at": now_iso()})
-    return response("Downloaded", f"Copied {remote['size']} bytes from {args.remote} on the driver.",
-                    local=project.show(target), remote=args.remote, bytes=remote["size"],
-                    sha256=remote["sha256"], elapsed_seconds=round(time.monotonic() - started, 3),
-                    hint="Read the local file selectively.")
-
-
-# -- sync: a local folder mirrored on the driver and importable in the context ----------------------
-# `sync DIR` mirrors a local package (or a folder of modules) to <driver dir>/sync/<name>, sending only
-# files whose sha256 differs from the manifest of the last sync (kept in session.json under "syncs"),
-# as one tar.gz; the driver removes files no longer present, checks every file's hash, puts the
-# package's parent (a folder's own path) first on sys.path, and reloads the changed modules. `replay`
-# syncs every recorded folder again before it re-runs steps, so a new context can import them.
-
-DEFAULT_SYNC_CAP = 50 * 1024 * 1024
-SYNC_ALWAYS_SKIPPED = (".git/", "__pycache__/", "*.pyc", ".DS_Store")
-
-
-def gitignore_rules(root):
-    """The rules of ROOT/.gitignore as (negated, directory_only, anchored, pattern), in order, after
-    the rules every sync applies (SYNC_ALWAYS_SKIPPED). A documented subset of git's syntax: blank
-    lines and # comments are skipped; `!` re-includes; a trailing `/` matches directories only; a
-    pattern with another `/` is matched (fnmatch) against the path from ROOT, any other against each
-    name at any depth. Nested .gitignore files are not read."""
-    lines = list(SYNC_ALWAYS_SKIPPED)
-    with contextlib.suppress(OSError, UnicodeDecodeError):
-        with open(os.path.join(root, ".gitignore"), encoding="utf-8") as f:
-            lines += f.read().splitlines()
-    rules = []
-    for line in lines:
-        line = line.rstrip()
-        if not line or line.startswith("#"):
-            continue
-        negated = line.startswith("!")
-        line = line[1:] if negated else line
-        directory_only = line.endswith("/")
-        line = line.rstrip("/")
-        anchored = "/" in line
-        if line:
-            rules.append((negated, directory_only, anchored, line.lstrip("/")))
-    return rules
-
-
-def ignored(rules, relative, is_dir):
-    """Whether the path (from the synced folder, with `/`) is ignored: the last matching rule decides."""
-    import fnmatch
-    verdict = False
-    for negated, directory_only, anchored, pattern in rules:
-        if directory_only and not is_dir:
-            continue
-        subject = relative if anchored else relative.rsplit("/", 1)[-1]
-        if fnmatch.fnmatchcase(subject, pattern):
-            verdict = not negated
-    return verdict
-
-
-def local_tree(root, max_bytes):
-    """{relative path: (sha256, size)} of the files to sync under ROOT (an ignored directory hides
-    everything in it). Raises TooLarge past max_bytes in total, before anything is sent."""
-    rules, found, total = gitignore_rules(root), {}, 0
-    for folder, dirs, names in os.walk(root):
-        base = os.path.relpath(folder, root).replace(os.sep, "/")
-        base = "" if base == "." else base + "/"
-        dirs[:] = sorted(d for d in dirs if not ignored(rules, base + d, True)
-                         and not os.path.islink(os.path.join(folder, d)))
-        for name in sorted(names):
-            relative = base + name
-            path = os.path.join(folder, name)
-            if ignored(rules, relative, False) or not os.path.isfile(path):
-                continue
-            with open(path, "rb") as f:
-                data = f.read()
-            total += len(data)
-            if total > max_bytes:
-                raise ReplError("TooLarge", f"{root} holds more than {max_bytes} bytes to sync.",
-                                hint="Ignore data and build folders in its .gitignore, or raise --max-bytes.")
-            found[relative] = (hashlib.sha256(data).hexdigest(), len(data))
-    return found
-
-
-def sync_folder(ws, session, local, name, previous, max_bytes):
-    """Mirror LOCAL to the driver as NAME; `previous` is the record of its last sync (or None).
-    Returns the new record for session.json and what changed: (record, sent, reloaded, removed).
-    Raises ReplError (InvalidPath, TooLarge, RemoteFileError, TransferFailed)."""
-    import tarfile
-    if not os.path.isdir(local):
-        raise ReplError("InvalidPath", f"{local} is not a folder.", exit_code=EXIT_USAGE,
-                        hint="Name a local package or folder of modules.")
-    tree = local_tree(local, max_bytes)
-    remote = f"{DRIVER_OUTPUT_DIR}/dbx_repl_{session['session_id']}/sync/{name}"
-    path_entry = remote.rsplit("/", 1)[0] if "__init__.py" in tree else remote
-    manifest = {relative: digest for relative, (digest, _) in tree.items()}
-    known = (previous or {}).get("files") or {}
-    changed = sorted(r for r in manifest if known.get(r) != manifest[r])
-    sent = []
-    for attempt in range(2):    # the second pass resends what the driver lost (a restarted cluster)
-        archive = None
-        if changed:
-            packed = io.BytesIO()
-            with tarfile.open(fileobj=packed, mode="w:gz", compresslevel=6) as tar:
-                for relative in changed:
-                    tar.add(os.path.join(local, relative), arcname=relative, recursive=False)
-            archive = f"{remote}.upload.tar.gz"
-            data = packed.getvalue()
-            put_blocks(ws, session, archive, (data[i:i + PUT_CHUNK_BYTES] for i in range(0, len(data), PUT_CHUNK_BYTES)))
-            sent += [c for c in changed if c not in sent]
-        results = run_internal(ws, session, f"_dbx_repl.sync_apply({remote!r}, {archive!r}, "
-                                            f"__import__('json').loads({json.dumps(manifest)!r}), "
-                                            f"{changed!r}, {path_entry!r})")
-        if results.get("resultType") == "error":
-            error_type, message = parse_error(results.get("summary"), results.get("cause"))
-            raise ReplError("RemoteFileError", f"Applying the sync on the driver: {error_type}: {message}",
-                            hint="Retry the sync; if it repeats, check the driver's disk.")
-        applied = json.loads((results.get("data") or "").strip().splitlines()[-1])
-        if not applied["missing"]:
-            break
-        changed = sorted(applied["missing"])
-    else:
-        raise ReplError("TransferFailed", f"{len(applied['missing'])} file(s) did not arrive whole on the driver.",
-                        hint="Retry the sync.", missing=applied["missing"][:10])
-    record = {"local": local, "remote": remote, "path": path_entry, "files": manifest, "max_bytes": max_bytes,
-              "bytes": sum(size for _, size in tree.values()), "synced_at": now_iso()}
-    return record, sent, applied["reloaded"] + applied["dropped"], applied["removed"]
-
-
-def sync_name(local):
-    name = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.basename(os.path.normpath(local)))
-    if not name.strip("._"):
-        raise ReplError("InvalidPath", f"{local} has no usable folder name.", exit_code=EXIT_USAGE,
-                        hint="Name the package's folder, e.g. sync src/mypkg.")
-    return name
-
-
-def record_sync(project, name, record):
-    with signals_deferred(), project.lock():
-        session = project.load()
-        session.setdefault("syncs", {})[name] = record
-        project.save(session)
-
-
-def cmd_sync(args):
-    project = Project(args.project_dir).check()
-    local = os.path.abspath(args.dir)
-    name = sync_name(local)
-    if args.max_bytes <= 0:
-        raise ReplError("UsageError", "--max-bytes must be positive.", exit_code=EXIT_USAGE,
-                        hint=f"Leave it out for the default ({DEFAULT_SYNC_CAP} bytes).")
-    if not os.path.isdir(local):
-        raise ReplError("InvalidPath", f"{args.dir} is not a folder.", exit_code=EXIT_USAGE,
-                        hint="Name a local package or folder of modules.")
-    local_tree(local, args.max_bytes)       # too large: refused before the session is touched
-    session, ws = idle_session(project, args)
-    started = time.monotonic()
-    try:
-        record, sent, reloaded, removed = sync_folder(ws, session, local, name,
-                                                      (session.get("syncs") or {}).get(name), args.max_bytes)
-    except ReplError:
-        raise
-    except Exception as err:
-        raise map_sdk_error(err, action="sync the folder") from None
-    record_sync(project, name, record)
-    importable = name if record["path"] != record["remote"] else "its modules"
-    return response("Synced", f"{local} is on the driver at {record['remote']}: {len(sent)} of "
-                    f"{len(record['files'])} file(s) sent, {removed} removed.",
-                    name=name, remote=record["remote"], sys_path=record["path"], files=len(record["files"]),
-                    bytes=record["bytes"], sent=sent[:20], sent_count=len(sent), removed=removed,
-                    reloaded=reloaded[:20], elapsed_seconds=round(time.monotonic() - started, 3),
-                    hint=f"Import {importable} in your steps; sync again after editing (only changes are sent, "
-                         "changed modules are reloaded).")
-
-
-def restore_syncs(ws, project, session):
-    """After a new context: sync every recorded folder again (changed files are sent, the path is
-    set). Returns ([names restored], [{name, error}] for those that could not be)."""
-    restored, failed = [], []
-    for name, previous in sorted((session.get("syncs") or {}).items()):
-        try:
-            record, _, _, _ = sync_folder(ws, session, previous["local"], name, previous,
-                                          previous.get("max_bytes") or DEFAULT_SYNC_CAP)
-        except ReplError as err:
-            failed.append({"name": name, "error": f"{err.status}: {err.message}"[:200]})
-            continue
-        record_sync(project, name, record)
-        restored.append(name)
-    return restored, failed
-
-
-# -- smoke -------------------------------------------------------------------------------------------
-
-SMOKE_COMMAND = "print(sum(range(10)) * 6 // 5 - 12)"      # prints 42
-SMOKE_LLM_COMMAND = "print(sub_llm('Reply with the word ok.', max_tokens=16))"
-
-
-def cmd_smoke(args):
-    """Create a session in a temporary dir, run a known command (and a sub_llm call), destroy it."""
-    phases, started = [], time.monotonic()
-
-    def phase(name, action):
-        began = time.monotonic()
-        try:
-            detail = action()
-            phases.append({"phase": name, "status": "Passed", "seconds": round(time.monotonic() - began, 3),
-                           **({"detail": detail} if detail else {})})
-            return True
-        except ReplError as err:
-            phases.append({"phase": name, "status": "Failed", "seconds": round(time.monotonic() - began, 3),
-                           "error": err.status, "message": err.message})
-        except Exception as err:
-            mapped = map_sdk_error(err) if _SDK.loaded else ReplError("UnexpectedError", str(err))
-            phases.append({"phase": name, "status": "Failed", "seconds": round(time.monotonic() - began, 3),
-                           "error": mapped.status, "message": mapped.message})
-        return False
-
-    state = {}
-
-    def connect():
-        state["ws"] = Workspace(args.profile, args.debug)
-        return state["ws"].host
-
-    def resolve():
-        ws = state["ws"]
-        # DATABRICKS_CLUSTER_ID (or cluster_id in the profile) is an id, as the SDK reads it.
-        cluster_id = args.cluster_id or (None if args.cluster_name else ws.config.cluster_id)
-        if cluster_id:
-            try:
-                cluster = ws.cluster(cluster_id)
-            except ws.errors.NotFound:
-                raise ReplError("ClusterNotFound", f"No cluster with id {cluster_id}.") from None
-        else:
-            name = args.cluster_name
-            if not name:
-                raise ReplError("UsageError", "Pass --cluster-id or --cluster-name (or set DATABRICKS_CLUSTER_ID, "
-                                              "or cluster_id in the profile).")
-            found = [c for c in find_clusters(ws.clusters(), name) if is_all_purpose(c)]
-            if not found:
-                raise ReplError("ClusterNotFound", f"No all-purpose cluster name contains {name!r}.")
-            cluster = found[0]
-        if cluster.get("state") not in RUNNABLE_CLUSTER_STATES:
-            raise cluster_not_running(cluster["cluster_id"], cluster)
-        state["cluster_id"] = cluster["cluster_id"]
-        return f"{cluster.get('cluster_name')} ({cluster['cluster_id']}) {cluster.get('state')}"
-
-    def run_subcommand(handler, **extra):
-        ns = argparse.Namespace(project_dir=state["dir"], profile=args.profile, debug=args.debug,
-                                timeout=args.timeout, max_output_bytes=DEFAULT_MAX_OUTPUT_BYTES, **extra)
-        body = handler(ns)
-        return body
-
-    def create():
-        body = run_subcommand(cmd_create, cluster_id=state["cluster_id"], session_name="dbx-repl-smoke",
-                              llm_endpoint=args.llm_endpoint, llm_max_calls=5, llm_max_tokens=None,
-                              start_cluster=False)
-        state["created"] = True
-        return body["context_id"]
-
-    def run_check(command, tag, check):
-        def action():
-            body = run_subcommand(cmd_exec, command=command, tag=tag, sql=None)
-            if body["status"] != "Finished":
-                raise ReplError(body["status"], body.get("message", ""))
-            text = body.get("stdout_preview", "").strip()
-            if not check(text):
-                raise ReplError("UnexpectedOutput", f"Got {text[:200]!r}.")
-            return text[:200]
-        return action
-
-    def destroy():
-        body = run_subcommand(cmd_destroy)
-        return body["status"]
-
-    with tempfile.TemporaryDirectory(prefix="dbx-repl-smoke-") as directory:
-        state["dir"] = directory
-        ok = phase("auth", connect) and phase("cluster", resolve) and phase("create", create)
-        ok = ok and phase("exec", run_check(SMOKE_COMMAND, "smoke", lambda t: t == "42"))
-        if ok and args.llm_endpoint:
-            ok = phase("sub_llm", run_check(SMOKE_LLM_COMMAND, "smoke_llm",
-                                            lambda t: bool(t) and not t.startswith("[ERROR]")))
-        if state.get("created"):
-            ok = phase("destroy", destroy) and ok
-    failed = next((p for p in phases if p["status"] == "Failed"), None)
-    fields = {"phases": phases, "elapsed_seconds": round(time.monotonic() - started, 3)}
-    if failed is None:
-        return response("Passed", f"Smoke test passed: {', '.join(p['phase'] for p in phases)}.",
-                        hint="The workspace, cluster and REPL work end to end.", **fields)
-    return response("Failed", f"Smoke test failed in phase {failed['phase']}: {failed['message']}",
-                    failed_phase=failed["phase"], exit_code=EXIT_FAILED,
-                    hint="Fix what the failed phase names, then rerun smoke.", **fields)
-
-
-# -- find-cluster ------------------------------------------------------------------------------------
-
-def is_all_purpose(cluster):
-    return cluster.get("cluster_source") not in NOT_ALL_PURPOSE_SOURCES
-
-
-def cluster_summary(cluster):
-    source = cluster.get("cluster_source")
-    return {
-        "cluster_id": cluster.get("cluster_id"),
-        "cluster_name": cluster.get("cluster_name"),
-        "state": cluster.get("state"),
-        "state_message": cluster.get("state_message") or None,
-        "startable": cluster.get("state") in STARTABLE_CLUSTER_STATES and is_all_purpose(cluster),
-        "all_purpose": is_all_purpose(cluster),
-        "cluster_source": source,
-        "access_mode": cluster.get("data_security_mode"),
-        "single_user_name": cluster.get("single_user_name"),
-        "spark_version": cluster.get("spark_version"),
-    }
-
-
-def find_clusters(clusters, name):
-    """Clusters whose name contains `name` (case-insensitive): exact matches first, then by name."""
-    needle = name.casefold()
-    matches = [c for c in clusters if needle in (c.get("cluster_name") or "").casefold()]
-    return sorted(matches, key=lambda c: ((c.get("cluster_name") or "").casefold() != needle,
-                                          c.get("state") != "RUNNING", c.get("cluster_name") or ""))
-
-
-def cmd_find_cluster(args):
-    name = (args.name or "").strip()
-    if not name and args.name is None and env_cluster_id():
-        return find_cluster_by_id(args, env_cluster_id())
-    if not name:
-        raise ReplError("InvalidName", "--name is empty.", exit_code=EXIT_USAGE,
-                        hint="Pass part of the cluster's name, e.g. --name analytics (or set "
-                             "DATABRICKS_CLUSTER_ID to a cluster id).")
-    ws = Workspace(args.profile, args.debug)
-    try:
-        clusters = ws.clusters()
-    except Exception as err:
-        raise map_sdk_error(err, action="list clusters") from None
-    matches = [cluster_summary(c) for c in find_clusters(clusters, name)]
-    if not matches:
-        raise ReplError("ClusterNotFound", f"No cluster name contains {name!r}.",
-                        hint="Try a shorter part of the name.",
-                        available=sorted(c.get("cluster_name") or "" for c in clusters)[:50])
-    if len(matches) == 1:
-        return response("Found", f"Cluster {matches[0]['cluster_name']!r} is {matches[0]['state']}.",
-                        **matches[0], hint=_cluster_hint(matches[0]))
-    return response("Ambiguous", f"{len(matches)} clusters match {name!r}; ask the user which one.",
-                    matches=matches, hint="Pick one cluster_id (an all_purpose, RUNNING one can host a session).")
-
-
-def find_cluster_by_id(args, cluster_id):
-    """find-cluster without --name: the cluster DATABRICKS_CLUSTER_ID names, by id."""
-    ws = Workspace(args.profile, args.debug)
-    try:
-        found = cluster_summary(ws.cluster(cluster_id))
-    except ws.errors.NotFound:
-        raise ReplError("ClusterNotFound", f"No cluster with id {cluster_id} (from DATABRICKS_CLUSTER_ID).",
-                        hint="Fix DATABRICKS_CLUSTER_ID, or search by name with --name.",
-                        cluster_id=cluster_id) from None
-    except Exception as err:
-        raise map_sdk_error(err, action="look up the cluster") from None
-    return response("Found", f"Cluster {found['cluster_name']!r} (DATABRICKS_CLUSTER_ID) is {found['state']}.",
-                    **found, hint=_cluster_hint(found))
-
-
-def _cluster_hint(cluster):
-    if not cluster["all_purpose"]:
-        return "This is not an all-purpose cluster; execution contexts need one."
-    if cluster["startable"]:
-        return ("The cluster is not running. Ask the user whether to start it (3-8 minutes); with their "
-                f"consent: {cli_hint('create')} --cluster-id {cluster['cluster_id']} --session-name NAME "
-                "--start-cluster")
-    if cluster["state"] not in RUNNABLE_CLUSTER_STATES:
-        return "The cluster is not running: ask the user to start it, then create the session."
-    return f"Create a session: {cli_hint('create')} --cluster-id {cluster['cluster_id']} --session-name NAME"
-
-
-# ---------------------------------------------------------------------------------------------------
-# 9. Argument parsing and the entry point
-# ---------------------------------------------------------------------------------------------------
-
-class JsonArgumentParser(argparse.ArgumentParser):
-    """argparse that reports usage errors as the one JSON response instead of text on stderr."""
-
-    def error(self, message):
-        raise ReplError("UsageError", f"{self.prog}: {message}", exit_code=EXIT_USAGE,
-                        hint=f"Run {self.prog} --help for the options.")
-
-    def exit(self, status=0, message=None):
-        if status:
-            raise ReplError("UsageError", (message or "").strip() or "invalid arguments", exit_code=EXIT_USAGE)
-        sys.exit(status)
-
-
-def profile_name(text):
-    """--profile: an empty value means no profile, as in the SDK (`--profile ""` from a template)."""
-    return text.strip() or None
-
-
-def env_cluster_id():
-    """DATABRICKS_CLUSTER_ID, the SDK's variable for a cluster id (Config.cluster_id), or None."""
-    return (os.environ.get("DATABRICKS_CLUSTER_ID") or "").strip() or None
-
-
-def add_profile(parser):
-    parser.add_argument("--profile", type=profile_name, default=None,
-                        help="Profile in ~/.databrickscfg; empty or absent: the SDK's default auth")
-    parser.add_argument("--debug", action="store_true", help="Print SDK debug information to stderr")
-
-
-def add_common(parser):
-    parser.add_argument("--project-dir", default=".", help="Directory holding session.json and repl_outputs/")
-    add_profile(parser)
-
-
-def add_wait_options(parser):
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
-                        help="Seconds to wait before answering Running (the command keeps running)")
-    parser.add_argument("--max-output-bytes", type=int, default=DEFAULT_MAX_OUTPUT_BYTES,
-                        help="Cap on the output fetched into the stdout file")
-
-
-def build_parser():
-    parser = JsonArgumentParser(prog=Invocation.program, description=__doc__.split("\n\n")[0])
-    parser.add_argument("--version", action="version", version=VERSION)
-    sub = parser.add_subparsers(dest="subcommand", parser_class=JsonArgumentParser)
-
-    p = sub.add_parser("create", help="Create a session: an execution context with the helpers installed")
-    add_common(p)
-    p.add_argument("--cluster-id", default=env_cluster_id(), help="Default: $DATABRICKS_CLUSTER_ID")
-    p.add_argument("--session-name", required=True)
-    p.add_argument("--llm-endpoint", default=None, help=f"Default sub_llm endpoint (env {ENV_LLM_ENDPOINT})")
-    p.add_argument("--llm-max-calls", type=int, default=None, help="Budget: sub_llm calls in this session")
-    p.add_argument("--llm-max-tokens", type=int, default=None, help="Budget: sub_llm tokens in this session")
-    p.add_argument("--start-cluster", action="store_true",
-                   help="Start the cluster if it is TERMINATED (only with the user's consent) and wait for it")
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
-                   help="With --start-cluster: seconds to wait for RUNNING before answering ClusterStarting")
-    p.set_defaults(handler=cmd_create)
-
-    p = sub.add_parser("exec", help="Run code as the next step and wait for it")
-    add_common(p)
-    code = p.add_mutually_exclusive_group(required=True)
-    code.add_argument("--command", default=None, help="Python code, @file.py, or - for stdin")
-    code.add_argument("--sql", default=None, help="Instead of --command: SQL, @file.sql, or - for stdin; runs as "
-                                               "spark.sql in the same context, the result goes to a table file")
-    p.add_argument("--tag", required=True, help="Label of the step (used in file names)")
-    add_wait_options(p)
-    p.set_defaults(handler=cmd_exec)
-
-    p = sub.add_parser("await", help="Keep waiting for the running command")
-    add_common(p)
-    add_wait_options(p)
-    p.add_argument("--follow", action="store_true", help="Stream the step's progress (output tail, Spark tasks) "
-                                                         "to stderr while waiting")
-    p.set_defaults(handler=cmd_await)
-
-    p = sub.add_parser("cancel", help="Cancel the running command")
-    add_common(p)
-    p.add_argument("--run-id", default=None, help="Command id to cancel (default: the active command)")
-    p.add_argument("--max-output-bytes", type=int, default=DEFAULT_MAX_OUTPUT_BYTES, help=argparse.SUPPRESS)
-    p.set_defaults(handler=cmd_cancel)
-
-    p = sub.add_parser("destroy", help="Destroy the execution context; keep the step log")
-    add_common(p)
-    p.set_defaults(handler=cmd_destroy)
-
-    p = sub.add_parser("status", help="Summarise the session and probe its cluster, context and command")
-    add_common(p)
-    p.set_defaults(handler=cmd_status)
-
-    p = sub.add_parser("replay", help="Re-run recorded steps in the current context (after an eviction)")
-    add_common(p)
-    p.add_argument("--steps", default=None, help="Step numbers, e.g. 1,2,5 or 3-7")
-    p.add_argument("--from", dest="from_step", type=int, default=None, help="First step of a range")
-    p.add_argument("--to", dest="to_step", type=int, default=None, help="Last step of a range")
-    p.add_argument("--skip-failed", action="store_true", help="Leave out steps that did not finish")
-    p.add_argument("--all", action="store_true", help="Every step that finished, instead of the dependency plan")
-    p.add_argument("--plan", action="store_true", help="Show the plan (written to repl_outputs/replay_plan.json) "
-                                                       "without running it")
-    add_wait_options(p)
-    p.set_defaults(handler=cmd_replay)
-
-    p = sub.add_parser("export", help="Write the session as one clean Python script")
-    add_common(p)
-    p.add_argument("--output", default=None, help="Script path (relative to the working directory; default "
-                                                   "<session>_export.py in the project dir)")
-    p.add_argument("--steps", default=None, help="Export these steps (e.g. 1,2,5 or 3-7) instead of the default")
-    p.add_argument("--exclude-tags", default=None, help="Leave out steps with these tags (comma-separated)")
-    p.add_argument("--verify", action="store_true", help="Run the script in a fresh execution context and "
-                                                         "report the result")
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="With --verify: seconds the run may take")
-    p.set_defaults(handler=cmd_export)
-
-    for name, handler, positionals, purpose in (
-            ("put", cmd_put, ("local", "remote"), "Copy a local file to the driver"),
-            ("get", cmd_get, ("remote", "local"), "Copy a driver file to a local path (as cp would)")):
-        p = sub.add_parser(name, help=purpose)
-        add_common(p)
-        for positional in positionals:
-            p.add_argument(positional)
-        p.add_argument("--max-bytes", type=int, default=DEFAULT_TRANSFER_CAP, help="Size cap of the file")
-        p.set_defaults(handler=handler)
-
-    p = sub.add_parser("sync", help="Mirror a local package or folder to the driver and make it importable")
-    add_common(p)
-    p.add_argument("dir", help="The local folder (a package with __init__.py, or a folder of modules)")
-    p.add_argument("--max-bytes", type=int, default=DEFAULT_SYNC_CAP, help="Size cap of the folder's files")
-    p.set_defaults(handler=cmd_sync)
-
-    p = sub.add_parser("smoke", help="End-to-end check: create, exec, (sub_llm), destroy in a temp dir")
-    add_profile(p)
-    p.add_argument("--cluster-id", default=None, help="Default: $DATABRICKS_CLUSTER_ID")
-    p.add_argument("--cluster-name", default=None)
-    p.add_argument("--llm-endpoint", default=None)
-    p.add_argument("--timeout", type=float, default=120.0)
-    p.set_defaults(handler=cmd_smoke)
-
-    p = sub.add_parser("find-cluster", help="Find clusters whose name contains a string")
-    add_common(p)
-    p.add_argument("--name", default=None, help="Part of the cluster's name (default: the cluster "
-                                                "$DATABRICKS_CLUSTER_ID names)")
-    p.set_defaults(handler=cmd_find_cluster)
-    return parser
-
-
-def main(argv=None):
-    if argv is None:  # the command line: through the warm client when it can (section 10)
-        return WarmClient.main(sys.argv[1:])
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
-    os.umask(os.umask(0o077) | 0o077)  # session and output files: owner only, or stricter
-    signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        Project.current = None
-        Invocation.program = invoked_program(sys.argv[0])
-        args = build_parser().parse_args(argv)
-        Invocation.profile = getattr(args, "profile", None)
-        Invocation.timeout = getattr(args, "timeout", None) if args.subcommand in WAITING_SUBCOMMANDS else None
-        if not getattr(args, "handler", None):
-            raise ReplError("UsageError", "No subcommand given.", exit_code=EXIT_USAGE,
-                            hint=f"Run {Invocation.program} --help for the subcommands.")
-        if getattr(args, "max_output_bytes", 1) <= 0:
-            raise ReplError("UsageError", "--max-output-bytes must be positive.", exit_code=EXIT_USAGE,
-                            hint=f"Leave it out for the default ({DEFAULT_MAX_OUTPUT_BYTES} bytes).")
-        body = args.handler(args)
-    except ReplError as err:
-        body = err.response()
-    except KeyboardInterrupt:
-        body = response("Interrupted", "Interrupted before any command was submitted or cancelled.",
-                        exit_code=EXIT_INTERRUPTED)
-    except Terminated:
-        body = response("Terminated", "Stopped by SIGTERM before any command was submitted or cancelled.",
-                        exit_code=EXIT_FAILED)
-    except Exception as err:  # the agent never gets a traceback unless it asks for one
-        if debug:
-            import traceback
-            traceback.print_exc(file=sys.stderr)
-        body = map_sdk_error(err).response() if _SDK.loaded else response(
-            "UnexpectedError", f"{type(err).__name__}: {scrub(str(err))}",
-            hint="Rerun with --debug for the traceback.", exit_code=EXIT_FAILED)
-    return emit(body)
-
-
-def _console_main():
-    sys.exit(main())
-
-
-# ---------------------------------------------------------------------------------------------------
-# 10. Warm client: a per-project process that keeps the SDK imported between calls
-# ---------------------------------------------------------------------------------------------------
-# A cold call spends most of its time importing the SDK (requests, the auth stack, ~600 modules).
-# The warm client is a background process per project that has done that import once. A call that
-# finds it connects to its Unix socket (in a private runtime dir) and sends argv, working directory,
-# environment and umask; the warm process forks a child (the import is kept: fork copies it) that
-# runs `main` exactly as the call would have, with that environment, and sends back the one JSON
-# line and the exit code.
-# Each call is still its own process: its own main thread, signal handlers, lock and session.json
-# reads, and a workspace client built from the call's own environment and config file, so a change
-# of credentials or profile takes effect on the next call. Ctrl+C and SIGTERM on the calling process
-# are forwarded to the child's main thread; if the caller dies, the child exits at once, as the
-# caller's own process would have.
-#
-# The warm process starts in the background after a cold call that used the SDK in a project with an
-# active session, exits after WARM_IDLE_SECONDS without calls, on `destroy`, when its socket is
-# removed or taken over, and when this file or the SDK changes on disk. Anything wrong with it (no
-# answer, refused, a stale socket) makes the call run in-process as before, so it never costs more
-# than one cold call. DBX_REPL_WARM=0 turns it off.
-
-ENV_WARM = "DBX_REPL_WARM"
-ENV_WARM_IDLE = "DBX_REPL_WARM_IDLE"
-WARM_IDLE_SECONDS = 600.0
-WARM_SOCKET_MAX_BYTES = 100                # AF_UNIX paths: 104 bytes on macOS, 108 on Linux
-WARM_SERVE_ARG = "__warm_serve__"          # argv[1] of the warm process itself
-WARM_START_SECONDS = 3.0                   # the warm process must fork a child within this
-WARM_SUBCOMMANDS = ("exec", "await", "cancel", "status", "replay", "export", "put", "get", "create",
-                    "destroy")
-
-
-class WarmClient:
-    """Both ends of the warm client: `run` in the caller's process, `serve` in the warm process."""
-
-    @staticmethod
-    def enabled():
-        return (os.environ.get(ENV_WARM, "1").strip() not in ("0", "false", "no", "off")
-                and hasattr(os, "fork") and hasattr(signal, "pthread_kill"))
-
-    @staticmethod
-    def key():
-        """What the warm process must share with the caller to run its call: this file, the
-        interpreter and what decides which SDK is imported. Credentials are not in it: each call
-        builds its client from its own environment."""
-        path = os.path.realpath(__file__)
-        stat = os.stat(path)
-        return [VERSION, path, stat.st_mtime_ns, stat.st_size, sys.executable, sys.prefix,
-                os.environ.get("PYTHONPATH"), os.environ.get("DBX_REPL_SDK_IMPORT")]
-
-    @staticmethod
-    def socket_path(root):
-        """The project's socket: <runtime dir>/dbx_repl-<uid>/<hash of the project path>.sock, in an
-        owner-only directory ($XDG_RUNTIME_DIR, else the temp dir). Not in the project dir: a socket
-        there trips tools that read every file (grep -r, tar, a sync), and long paths do not fit
-        AF_UNIX. None when no such directory can be made."""
-        import stat as kinds
-        name = hashlib.sha256(os.fsencode(root)).hexdigest()[:24] + ".sock"
-        for base in (os.environ.get("XDG_RUNTIME_DIR"), tempfile.gettempdir(), "/tmp"):
-            if not base:
-                continue
-            directory = os.path.join(base, f"dbx_repl-{os.getuid()}")
-            path = os.path.join(directory, name)
-            if len(os.fsencode(path)) + 12 > WARM_SOCKET_MAX_BYTES:   # room for the .<pid> rename
-                continue
-            with contextlib.suppress(OSError):
-                os.makedirs(directory, mode=0o700, exist_ok=True)
-                stat = os.lstat(directory)
-                if kinds.S_ISDIR(stat.st_mode) and stat.st_uid == os.getuid() and not stat.st_mode & 0o077:
-                    return path
-        return None
-
-    # -- the caller's side --------------------------------------------------------------------------
-
-    @classmethod
-    def main(cls, argv):
-        """The command line's entry: the warm process itself, or one call."""
-        if argv[:1] == [WARM_SERVE_ARG] and len(argv) == 3:
-            return cls.serve(argv[1], argv[2])
-        return cls.run(argv)
-
-    @classmethod
-    def run(cls, argv):
-        """Run one command-line call: through the warm process when it answers, else in this process
-        (then start a warm process for the next call). Returns the exit code."""
-        try:
-            plan = cls._plan(argv)
-        except KeyboardInterrupt:
-            return emit(response("Interrupted", "Interrupted before any command was submitted or cancelled.",
-                                 exit_code=EXIT_INTERRUPTED))
-        if plan is None:
-            return main(argv)
-        root, path, stdin = plan
-        if argv[0] == "destroy" and not cls.enabled():
-            cls._send_stop(path)          # a destroyed session keeps no warm process, even unused
-        elif cls.enabled():
-            code = cls._call(path, argv, stdin)
-            if code is not None:
-                return code
-        if stdin is not None:
-            sys.stdin = io.TextIOWrapper(io.BytesIO(stdin), encoding=sys.stdin.encoding or "utf-8")
-        code = main(argv)
-        if cls.enabled() and argv[0] != "destroy" and _SDK.loaded and cls._session_active(root):
-            cls._start(path, root)
-        return code
-
-    @staticmethod
-    def _plan(argv):
-        """(project root, socket path, stdin bytes or None) for a call the warm process can run, or
-        None: other subcommands, --help/--version, --debug (its log goes to this stderr), bad usage
-        (answered in-process, without the SDK), no usable socket path, and a wait that shows progress
-        on this stderr as it goes (await --follow; exec/await/create on a terminal), which the warm
-        child could only hand back at the end."""
-        if not hasattr(os, "fork") or not argv or argv[0] not in WARM_SUBCOMMANDS or "--debug" in argv or \
-                any(a in ("-h", "--help", "--version") for a in argv):
-            return None
-        if "--follow" in argv or (argv[0] in ("exec", "await", "replay", "create") and sys.stderr.isatty()):
-            return None
-        try:
-            args = build_parser().parse_args(argv)
-        except (ReplError, SystemExit):
-            return None
-        root = os.path.abspath(args.project_dir or ".")
-        if not os.path.isdir(root):
-            return None
-        path = WarmClient.socket_path(root)
-        if path is None:
-            return None
-        stdin = sys.stdin.buffer.read() if getattr(args, "command", None) == "-" else None
-        return root, path, stdin
-
-    @staticmethod
-    def _session_active(root):
-        try:
-            with open(os.path.join(root, SESSION_FILE), "rb") as f:
-                return json.loads(f.read().decode("utf-8")).get("status") == "active"
-        except (OSError, ValueError, AttributeError):
-            return False
-
-    @staticmethod
-    def _connect(path):
-        import socket
-        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            client.connect(path)
-        except OSError:                   # no warm process (refused, no file): run in-process
-            client.close()
-            return None
-        return client
-
-    @classmethod
-    def _send_stop(cls, path):
-        client = cls._connect(path)
-        if client is not None:
-            with contextlib.closing(client):
-                with contextlib.suppress(OSError):
-                    client.sendall(json.dumps({"stop": True}).encode() + b"\n")
-                    client.recv(1)
-
-    @classmethod
-    def _call(cls, path, argv, stdin):
-        """The call through the warm process: its exit code, or None when it must run in-process
-        (no warm process, a refusal, no child within WARM_START_SECONDS: nothing ran)."""
-        client = cls._connect(path)
-        if client is None:
-            return None
-        pending, child = [], {}
-
-        def forward(signum, frame):        # Ctrl+C / SIGTERM: to the child's main thread
-            if child:
-                with contextlib.suppress(OSError):
-                    client.sendall(json.dumps({"signal": signum}).encode() + b"\n")
-            else:
-                pending.append(signum)
-
-        previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
-        reader = _LineReader(client)
-        try:
-            request = {"key": cls.key(), "argv": argv, "argv0": sys.argv[0], "cwd": os.getcwd(),
-                       "started": PROCESS_STARTED,   # CLOCK_MONOTONIC is one clock for every process
-                       "env": dict(os.environ), "umask": _current_umask(),
-                       "stdin": base64.b64encode(stdin).decode("ascii") if stdin is not None else None}
-            try:
-                client.settimeout(WARM_START_SECONDS)
-                client.sendall(json.dumps(request).encode("utf-8") + b"\n")
-                hello = reader.message()
-                if not hello or "pid" not in hello:
-                    return None           # refused (stale) or gone: nothing ran
-                client.sendall(b'{"go": true}\n')
-            except (OSError, ValueError):
-                return None               # no child in time: closing the socket stops it unstarted
-            client.settimeout(None)
-            child["pid"] = hello["pid"]
-            for signum in pending:
-                forward(signum, None)
-            try:
-                answer = reader.message()
-            except (OSError, ValueError):
-                answer = None
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
-            client.close()
-        if not answer or "exit" not in answer:
-            return emit(response(
-                "WarmClientLost", "The warm client process running this call stopped before answering.",
-                hint="Run status: session.json is the record (await collects a submitted command). "
-                     f"Set {ENV_WARM}=0 to run every call in-process.", exit_code=EXIT_FAILED))
-        sys.stderr.write(answer.get("stderr") or "")
-        sys.stderr.flush()
-        # The warm child printed for its own stdout: re-fit each JSON line to this console.
-        sys.stdout.write("".join(for_console(line.rstrip("\n")) + "\n" if line.strip() else line
-                                 for line in (answer.get("stdout") or "").splitlines(True)))
-        sys.stdout.flush()
-        return answer["exit"]
-
-    @staticmethod
-    def _start(path, root):
-        """Start the project's warm process, detached: its own session, no inherited descriptors."""
-        import subprocess
-        with contextlib.suppress(OSError):
-            subprocess.Popen([sys.executable, os.path.realpath(__file__), WARM_SERVE_ARG, path, root],
-                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             cwd="/", start_new_session=True, close_fds=True)
-
-    # -- the warm process ---------------------------------------------------------------------------
-
-    @classmethod
-    def serve(cls, path, root):
-        """The warm process: import the SDK, listen on `path`, fork a child per call. Returns when
-        idle, stopped, replaced or stale."""
-        import select
-        import socket
-        key = cls.key()                   # of the code this process loaded, before anything else
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        staging = f"{path}.{os.getpid()}"
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(staging)
-        listener.bind(staging)            # bound aside, then renamed: a racing start replaces it whole
-        os.chmod(staging, 0o600)
-        listener.listen(16)
-        os.replace(staging, path)         # listening before the import: a call made meanwhile waits
-        mine = os.stat(path)              # for it (within WARM_START_SECONDS) instead of importing too
-        _SDK.get()
-        cls._preload()
-        sdk_file = sys.modules["databricks.sdk.config"].__file__
-        sdk_mtime = os.stat(sdk_file).st_mtime_ns
-        idle = _env_number(ENV_WARM_IDLE, WARM_IDLE_SECONDS)
-        stopped = []
-        signal.signal(signal.SIGTERM, lambda signum, frame: stopped.append(signum))
-        children, last_call, session_seen = set(), time.monotonic(), {}
-        try:
-            while not stopped:
-                children = {pid for pid in children if not _reaped(pid)}
-                try:
-                    current = os.stat(path)
-                    ours = (current.st_ino, current.st_dev) == (mine.st_ino, mine.st_dev)
-                except OSError:
-                    ours = False
-                if not ours or not cls._session_still_active(root, session_seen) or \
-                        (not children and time.monotonic() - last_call > idle):
-                    break
-                if not select.select([listener], [], [], 1.0)[0]:
-                    continue
-                connection, _ = listener.accept()
-                last_call = time.monotonic()
-                with contextlib.closing(connection):
-                    request = cls._request(connection)
-                    if request is None:
-                        continue
-                    if request.get("stop"):
-                        stopped.append("stop")
-                        with contextlib.suppress(OSError):
-                            connection.sendall(b'{"stopped": true}\n')
-                        continue
-                    stale = request.get("key") != key or os.stat(sdk_file).st_mtime_ns != sdk_mtime
-                    if stale:
-                        with contextlib.suppress(OSError):
-                            connection.sendall(b'{"refused": "stale"}\n')
-                        break
-                    pid = os.fork()
-                    if pid == 0:
-                        try:
-                            listener.close()
-                            cls._child(connection, request)
-                        finally:
-                            os._exit(0)   # never back into the accept loop
-                    children.add(pid)
-                    if request["argv"][:1] == ["destroy"]:
-                        break             # the session ends with this call: so does the warm process
-        finally:
-            listener.close()
-            with contextlib.suppress(OSError):
-                current = os.stat(path)
-                if (current.st_ino, current.st_dev) == (mine.st_ino, mine.st_dev):
-                    os.unlink(path)
-        return 0
-
-    @classmethod
-    def _session_still_active(cls, root, seen):
-        """Whether the project's session is still active (read again only when session.json changed):
-        a destroy by any route, or a removed project, ends the warm process."""
-        try:
-            stat = os.stat(os.path.join(root, SESSION_FILE))
-        except OSError:
-            return False
-        version = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
-        if seen.get("version") != version:
-            seen.update(version=version, active=cls._session_active(root))
-        return seen["active"]
-
-    @staticmethod
-    def _preload():
-        """Modules a call imports after the SDK: imported once here instead of in every child."""
-        import importlib
-        for name in ("requests", "urllib3", "shlex", "shutil", "subprocess", "socket", "select",
-                     "threading", "fcntl", "logging", "traceback", "stat"):
-            with contextlib.suppress(ImportError):
-                importlib.import_module(name)
-
-    @staticmethod
-    def _request(connection):
-        """The caller's request (a dict), read within WARM_START_SECONDS from a same-user peer."""
-        import socket
-        if hasattr(socket, "SO_PEERCRED"):
-            import struct
-            credentials = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            if struct.unpack("3i", credentials)[1] != os.getuid():
-                return None
-        connection.settimeout(WARM_START_SECONDS)
-        try:
-            request = _LineReader(connection).message()
-        except (OSError, ValueError):
-            return None
-        if not isinstance(request, dict) or request.get("stop"):
-            return request if isinstance(request, dict) else None
-        shapes = {"argv": list, "argv0": str, "cwd": str, "env": dict, "umask": int}
-        return request if all(isinstance(request.get(k), kind) for k, kind in shapes.items()) else None
-
-    @staticmethod
-    def _child(connection, request):
-        """One call in a forked child: the caller's state, then `main`, then the answer."""
-        import threading
-        connection.settimeout(None)
-        reader = _LineReader(connection)
-        try:
-            connection.sendall(json.dumps({"pid": os.getpid()}).encode() + b"\n")
-            if not (reader.message() or {}).get("go"):
-                return 0                  # the caller gave up: run nothing
-        except (OSError, ValueError):
-            return 0
-        os.environ.clear()
-        os.environ.update(request["env"])
-        global PROCESS_STARTED            # await's --timeout counts from the caller's start, not the fork's
-        PROCESS_STARTED = float(request.get("started") or time.monotonic())
-        tempfile.tempdir = None           # recomputed from this call's TMPDIR
-        os.umask(request["umask"])
-        os.chdir(request["cwd"])
-        sys.argv = [request["argv0"], *request["argv"]]
-        stdin = base64.b64decode(request["stdin"]) if request.get("stdin") is not None else b""
-        sys.stdin = io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8")
-        sys.stdout, sys.stderr = io.StringIO(), io.StringIO()
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
-            signal.signal(signum, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        main_thread = threading.get_ident()
-
-        def relay():
-            # Signals are aimed at the main thread, which may hold them (signals_deferred); this
-            # thread blocks them so that none is ever handled here.
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-            try:
-                while True:
-                    message = reader.message()
-                    if message is None:
-                        break
-                    if message.get("signal") in (signal.SIGINT, signal.SIGTERM):
-                        signal.pthread_kill(main_thread, message["signal"])
-            except (OSError, ValueError):
-                pass
-            os._exit(EXIT_INTERRUPTED)    # the caller is gone: stop here, as its process would
-
-        threading.Thread(target=relay, daemon=True).start()
-        try:
-            code = main(request["argv"])
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else EXIT_FAILED
-        answer = {"exit": code, "stdout": sys.stdout.getvalue(), "stderr": sys.stderr.getvalue()}
-        try:
-            connection.sendall(json.dumps(answer).encode("utf-8") + b"\n")
-        except OSError:
-            pass
-        return 0
-
-
-class _LineReader:
-    """JSON messages, one per line, from a socket."""
-
-    def __init__(self, connection):
-        self.connection, self.buffer = connection, bytearray()
-
-    def message(self):
-        """The next message, or None at end of stream. Raises OSError (e.g. a timeout) or ValueError."""
-        searched = 0                      # a large message (stdin) arrives in many pieces
-        while (end := self.buffer.find(b"\n", searched)) < 0:
-            searched = len(self.buffer)
-            data = self.connection.recv(65536)
-            if not data:
-                return None
-            self.buffer += data
-        line = bytes(self.buffer[:end])
-        del self.buffer[:end + 1]
-        return json.loads(line.decode("utf-8"))
-
-
-def _current_umask():
-    mask = os.umask(0o077)
-    os.umask(mask)
-    return mask
-
-
-def _reaped(pid):
-    try:
-        return os.waitpid(pid, os.WNOHANG)[0] == pid
-    except ChildProcessError:
-        return True
 
 
 if __name__ == "__main__":

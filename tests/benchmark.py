@@ -6,6 +6,7 @@
     python tests/benchmark.py --repeat 30  # more samples for the short rows
     python tests/benchmark.py --only scale # exec in a new session and in one of 10,000 steps (time, RSS)
     python tests/benchmark.py --only status # status of a running step, read through the sidecar context
+    python tests/benchmark.py --per-call-only  # exec print(1) at 0 and 50 ms latency: time, requests, connections
 
 It starts a LocalWorkspace itself (the real service's 50,000-character output limit), runs the CLI
 as an agent does (one process per call, `sys.executable dbx_repl.py ...`) and prints a Markdown
@@ -131,7 +132,9 @@ class Table:
     def __init__(self):
         self.rows = []
 
-    def add(self, metric, samples, floor=None, target="", met=None, note=""):
+    def add(self, metric, samples, floor=None, goal=None, note=""):
+        """A row: median and p95 of `samples`, the floor beside it, `goal` = (target text, met or not)."""
+        target, met = goal or ("", None)
         med = statistics.median(samples) if samples else None
         row = [metric, fmt(med), fmt(p95(samples)) if samples else "-", str(len(samples)),
                floor if isinstance(floor, str) else fmt(floor), target,
@@ -362,7 +365,7 @@ def scale_rows(cli, table, n):
             more = results[label][1] - results["small (a few steps)"][1]
             note += "; +%s and +%.0f MB over the small session" % (fmt(slower), more)
             table.add("exec print(1), session of %s" % label, [w for w, _ in samples],
-                      target="<= small +500 ms, +100 MB", met=slower <= 0.5 and more <= 100, note=note)
+                      goal=("<= small +500 ms, +100 MB", slower <= 0.5 and more <= 100), note=note)
         else:
             table.add("exec print(1), session of %s" % label, [w for w, _ in samples], note=note)
 
@@ -406,95 +409,81 @@ print(json.dumps(status["results"]))
 '''
 
 
-# -- the warm client ---------------------------------------------------------------------------------
+# -- per call: process start to JSON, in-process, requests and connections -------------------------
 
-def bare_request(workspace, n):
-    """One authenticated GET from this process, connection included: the round trip's own cost."""
+def stdlib_exec(workspace, context_id, n):
+    """The floor of an exec: a stdlib-only process (urllib) making execute + status polls."""
     samples = []
     for _ in range(n):
-        request = urllib.request.Request(workspace.host + "/api/2.1/clusters/get?cluster_id=" + RUNNING_CLUSTER_ID,
-                                         headers={"Authorization": "Bearer " + workspace.token})
         started = time.perf_counter()
-        with urllib.request.urlopen(request, timeout=60) as answer:
-            answer.read()
+        subprocess.run([sys.executable, "-c", FLOOR_EXEC_SCRIPT, workspace.host, workspace.token,
+                        RUNNING_CLUSTER_ID, context_id], check=True, capture_output=True)
         samples.append(time.perf_counter() - started)
-    return statistics.median(samples)
+    return samples
 
 
-def warm_socket(cli):
-    """The project's warm-client socket, as the CLI computes it (same environment)."""
+def exec_in_process(cli, code, tag):
+    """Wall seconds of one exec run by dbx_repl.main in this process (the interpreter started and
+    the SDK imported already): the call's own work."""
+    import contextlib
+    import io
+    import signal
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
     import dbx_repl
-    return dbx_repl.WarmClient.socket_path(os.path.abspath(cli.project))
-
-
-def stop_warm_process(cli):
-    """Ask the project's warm process to exit, and wait until its socket is gone."""
-    import socket
-    path = warm_socket(cli)
+    saved_env, saved_term, saved_umask = dict(os.environ), signal.getsignal(signal.SIGTERM), os.umask(0o077)
+    os.environ.clear()
+    os.environ.update(cli.env)
+    out = io.StringIO()
     try:
-        with socket.socket(socket.AF_UNIX) as client:
-            client.connect(path)
-            client.sendall(b'{"stop": true}\n')
-            client.recv(64)
-    except OSError:
-        pass
-    deadline = time.monotonic() + 10
-    while os.path.exists(path) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.3)                       # and its exit is not on the next call's CPU
+        started = time.perf_counter()
+        with contextlib.redirect_stdout(out):
+            dbx_repl.main(["exec", "--project-dir", cli.project, "--command", code, "--tag", tag])
+        wall = time.perf_counter() - started
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        signal.signal(signal.SIGTERM, saved_term)
+        os.umask(saved_umask)
+    body = json.loads(out.getvalue())
+    if body.get("status") != "Finished":
+        raise RuntimeError("in-process exec %s: %s" % (tag, json.dumps(body)[:2000]))
+    return wall
 
 
-def wait_warm_process(cli):
-    path = warm_socket(cli)
-    deadline = time.monotonic() + 10
-    while not os.path.exists(path) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.5)                       # it listens first, then imports the SDK: let it finish
-
-
-def warm_client_rows(cli, workspace, table, n, py):
-    """exec print(1) warm, cold (DBX_REPL_WARM=0) and first-after-no-warm-process, at 0 and 50 ms
-    latency, with the requests each trivial exec makes."""
-    cold_env = {"DBX_REPL_WARM": "0"}
+def per_call_rows(cli, table, n, py):
+    """exec print(1) at 0 and 50 ms latency: process start to JSON; the same call in-process (its own
+    work, without the interpreter's start and the SDK's import); the requests and connections each
+    call makes, as the local workspace counts them; beside them the floors: `python -c pass` and a
+    stdlib-only process making the same requests."""
+    workspace = cli.workspace
+    context_id = cli.session()["context_id"]
+    exec_in_process(cli, "print(1)", "p")                 # imports the SDK here once, untimed
     for latency in (0, 50):
         workspace.configure(latency_ms=latency)
         try:
-            floor = py + bare_request(workspace, n)
-            floor_text = "%s (python + 1 bare request)" % fmt(floor)
-            wait_warm_process(cli)
-            warm, cold, counts, seen = [], [], [], []
-            for _ in range(n):                       # interleaved: the machine's load hits both alike
-                before = len(workspace.requests())
-                wall, _, body = cli.exec("print(1)", "p")
-                made = workspace.requests()[before:]
-                counts.append(len(made))
-                seen.append(len([r for r in made if r["path"] != "/.well-known/databricks-config"]))
-                warm.append(wall)
-                cold.append(cli.exec("print(1)", "p", env=cold_env)[0])
-            first, paired = [], []
-            for _ in range(n):
-                stop_warm_process(cli)
-                first.append(cli.exec("print(1)", "p")[0])
-                wait_warm_process(cli)
-                paired.append(cli.exec("print(1)", "p", env=cold_env)[0])
-            target = 0.15 if latency == 0 else 0.30
             label = "%d ms latency" % latency
-            table.add("exec print(1) warm, %s" % label, warm, floor=floor_text, target="<= %s" % fmt(target),
-                      met=statistics.median(warm) <= target)
-            table.add("exec print(1) cold (DBX_REPL_WARM=0), %s" % label, cold, floor=floor_text,
-                      note="every call in-process, as before the warm client")
-            table.add("exec print(1), first call, no warm process, %s" % label, first, floor=floor_text,
-                      target="<= cold + 10%", met=statistics.median(first) <= statistics.median(paired) * 1.1,
-                      note="in-process, then starts the warm process; cold beside it: %s"
-                           % fmt(statistics.median(paired)))
-            without_probe = statistics.median(seen)
-            print("  requests per trivial exec, %s: median %d (%d without the host-metadata probe)"
-                  % (label, statistics.median(counts), without_probe), flush=True)
-            table.rows.append(["requests per exec print(1), %s" % label, "%d" % statistics.median(counts), "-",
-                               str(len(counts)), "-", "<= 2", "yes" if without_probe <= 2 else "NO",
-                               "%d without the SDK's /.well-known/databricks-config probe" % without_probe])
+            walls, own, requests, connections = [], [], [], []
+            for _ in range(n):                           # interleaved: the machine's load hits both alike
+                before, opened = len(workspace.requests()), workspace.connections()
+                wall, _, body = cli.exec("print(1)", "p")
+                assert body["stdout_preview"] == "1\n", body
+                walls.append(wall)
+                requests.append(len(workspace.requests()) - before)
+                connections.append(workspace.connections() - opened)
+                own.append(exec_in_process(cli, "print(1)", "p"))
+            floor = "%s (stdlib process), %s (python -c pass)" % (
+                fmt(statistics.median(stdlib_exec(workspace, context_id, n))), fmt(py))
+            allowed = py + 0.25 + 2 * latency / 1000
+            table.add("exec print(1), process start to JSON, %s" % label, walls, floor=floor,
+                      goal=("<= python + %s" % fmt(allowed - py), statistics.median(walls) <= allowed))
+            table.add("exec print(1), in-process (imports done), %s" % label, own, floor=floor,
+                      note="the call's own work; process start to JSON minus this = start + imports")
+            table.rows.append(["requests / connections per exec print(1), %s" % label,
+                               "%d / %d" % (statistics.median(requests), statistics.median(connections)), "-",
+                               str(n), "-", "<= 2 / 1", "yes" if max(requests) <= 2 and max(connections) <= 1
+                               else "NO", "max %d / %d" % (max(requests), max(connections))])
+            print("  " + " | ".join(table.rows[-1]), flush=True)
         finally:
             workspace.configure(latency_ms=0)
 
@@ -523,7 +512,7 @@ def status_rows(cli, table, n):
 # -- the benchmark ----------------------------------------------------------------------------------
 
 def finish(cli, table, began):
-    """Destroy the session (which also stops its warm process) and print the table."""
+    """Destroy the session and print the table."""
     cli.run("destroy")
     print()
     print(table.render())
@@ -539,8 +528,8 @@ def main(argv=None):
     parser.add_argument("--only", choices=("scale", "status"), default=None, help="run one section only")
     parser.add_argument("--local-workspace-only", action="store_true",
                         help="only the rows of the local workspace itself (memory, context, Spark)")
-    parser.add_argument("--warm-only", action="store_true", help="only the per-call rows (warm client, cold, "
-                                                                  "latency, requests per exec)")
+    parser.add_argument("--per-call-only", action="store_true", help="only the per-call rows (exec print(1) at "
+                                                                      "0 and 50 ms latency, requests, connections)")
     args = parser.parse_args(argv)
     n = args.repeat or (5 if args.quick else 15)
     heavy = max(2, n // 5) if args.quick else max(3, n // 5)
@@ -603,23 +592,9 @@ def main(argv=None):
             floor_destroy.append(time.perf_counter() - started)
         context_id = cli.session()["context_id"]
 
-        # 1. exec print(1), end to end
-        exec_samples, floor_exec = [], []
-        for i in range(n):
-            wall, _, body = cli.exec("print(1)", "p")
-            assert body["stdout_preview"] == "1\n", body
-            exec_samples.append(wall)
-        for _ in range(n):
-            started = time.perf_counter()
-            subprocess.run([sys.executable, "-c", FLOOR_EXEC_SCRIPT, workspace.host, workspace.token,
-                            RUNNING_CLUSTER_ID, context_id], check=True, capture_output=True)
-            floor_exec.append(time.perf_counter() - started)
-        med = statistics.median(exec_samples)
-        table.add("exec print(1), process start to JSON (warm client)", exec_samples,
-                  floor="%s (stdlib process)" % fmt(statistics.median(floor_exec)),
-                  target="<= 150 ms", met=med <= 0.15)
-        warm_client_rows(cli, workspace, table, n, py)
-        if args.warm_only:
+        # 1. exec print(1): process start to JSON, in-process, requests and connections, at 0 and 50 ms
+        per_call_rows(cli, table, n, py)
+        if args.per_call_only:
             return finish(cli, table, began)
 
         # 2. completion lag
@@ -638,8 +613,8 @@ def main(argv=None):
             allowed = 0.15 if duration < 2 else max(0.15, 0.05 * duration)
             med = statistics.median(lags)
             table.add("lag, command end -> CLI exit, %gs command" % duration, lags,
-                      floor=statistics.median(floor_lags), target="<= %s" % fmt(allowed),
-                      met=med <= allowed, note="floor: urllib polling every 10 ms")
+                      floor=statistics.median(floor_lags), goal=("<= %s" % fmt(allowed), med <= allowed),
+                      note="floor: urllib polling every 10 ms")
 
         # 3 (printed here, after the floors of the same run)
         table.add("create (new context + bootstrap)", create,
@@ -676,7 +651,7 @@ def main(argv=None):
         note = "%.1f MB landed, zlib ratio %.1fx, %d fetch round trips" % (landed / 1e6, ratio, rounds)
         table.add("20 MB text: command end -> file on disk", transfers,
                   floor="%.1f MB/s (stdlib fetch)" % statistics.median(floor_rates),
-                  target=">= 10 MB/s", met=med_rate >= 10,
+                  goal=(">= 10 MB/s", med_rate >= 10),
                   note="%.1f MB/s median; %s" % (med_rate, note))
         table.add("20 MB text: exec end to end (incl. generating it)", walls, note="generation ~1-2 s on the driver")
 
@@ -727,8 +702,7 @@ def main(argv=None):
                 med = statistics.median(samples)
                 table.add("sub_llm_batch 64 x 50 ms, max_workers=%d" % workers, samples,
                           floor="%s ideal, %s bare pool" % (fmt(ideal), fmt(statistics.median(bare))),
-                          target="<= %s (+20%%)" % fmt(ideal * 1.2),
-                          met=med <= ideal * 1.2, note="%.0f%% of ideal throughput" % (100 * ideal / med))
+                          goal=("<= %s (+20%%)" % fmt(ideal * 1.2), med <= ideal * 1.2), note="%.0f%% of ideal throughput" % (100 * ideal / med))
         finally:
             workspace.configure(llm_latency=0.0)
 

@@ -46,9 +46,7 @@ def cli_env(workspace, home, extra=None):
     """A clean environment: the local workspace's host and token, an empty HOME, no stray profile."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABRICKS_", "DBX_REPL_"))}
     env.update(HOME=str(home), DATABRICKS_HOST=workspace.host, DATABRICKS_TOKEN=workspace.token,
-               DBX_REPL_RETRY_TIMEOUT="10", PYTHONDONTWRITEBYTECODE="1",
-               DBX_REPL_WARM=os.environ.get("DBX_REPL_WARM", "1"),
-               DBX_REPL_WARM_IDLE="20")  # a test that ends with a live session leaves no warm process for long
+               DBX_REPL_RETRY_TIMEOUT="10", PYTHONDONTWRITEBYTECODE="1")
     env.update(extra or {})
     return env
 

@@ -144,6 +144,24 @@ def test_profile_from_databrickscfg_is_used_and_remembered(repl):
     assert repl.run("destroy", env=env).status == "Destroyed"
 
 
+def test_a_change_of_credentials_counts_on_the_next_call(workspace, session, tmp_path):
+    assert session.exec("print(1)", "env_token").status == "Finished"
+    wrong = session.exec("print(2)", "wrong_token", env={"DATABRICKS_TOKEN": "not-the-token"})
+    assert wrong.status == "AuthError" and wrong.code == 1, wrong
+    # Credentials from a config file instead of the environment; then the file changes.
+    config = tmp_path / "databrickscfg"
+    config.write_text(f"[DEFAULT]\nhost = {workspace.host}\ntoken = {workspace.token}\n\n"
+                      f"[other]\nhost = {workspace.host}\ntoken = {workspace.token}\n")
+    session.env = {k: v for k, v in session.env.items() if k not in ("DATABRICKS_HOST", "DATABRICKS_TOKEN")}
+    session.env["DATABRICKS_CONFIG_FILE"] = str(config)
+    assert session.exec("print(3)", "file_token").status == "Finished"
+    config.write_text(f"[DEFAULT]\nhost = {workspace.host}\ntoken = stale-token\n\n"
+                      f"[other]\nhost = {workspace.host}\ntoken = {workspace.token}\n")
+    assert session.exec("print(4)", "stale_file_token").status == "AuthError"
+    by_profile = session.exec("print(5)", "other_profile", "--profile", "other")
+    assert by_profile.status == "Finished" and by_profile["stdout_preview"] == "5\n"
+
+
 # -- exec ----------------------------------------------------------------------------------------------
 
 def test_state_persists_across_execs_and_steps_are_logged(session):
@@ -176,6 +194,13 @@ def test_command_from_file_and_from_stdin(session, tmp_path):
     assert session.exec(f"@{script}", "file")["stdout_preview"] == "from file\n"
     call = session.run("exec", "--command", "-", "--tag", "stdin", stdin="print('from stdin')\n")
     assert call["stdout_preview"] == "from stdin\n"
+
+
+def test_a_large_command_on_stdin_arrives_whole(session):
+    code = "data = %r\nprint(len(data), data[-3:])" % ("x" * 3_000_000 + "end")
+    call = session.run("exec", "--command", "-", "--tag", "big_stdin", stdin=code)
+    assert call.status == "Finished" and call["stdout_preview"] == "3000003 end\n", call
+    assert session.read(call["outputs"][0]["path"]) == code
 
 
 def test_ctrl_c_cancels_the_remote_command_and_records_the_step(session):

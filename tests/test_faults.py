@@ -12,6 +12,7 @@ import time
 import pytest
 
 from local_workspace import RUNNING_CLUSTER_ID
+import repl_harness
 from repl_harness import Repl, wait_for
 
 EXECUTE = "/api/1.2/commands/execute"
@@ -188,6 +189,41 @@ def test_ctrl_c_during_await_cancels_the_command(session):
     assert call.status == "Cancelled" and call.code == 130, call
     assert session.session()["steps"][-1]["status"] == "Cancelled"
     assert session.exec("print('usable')", "after").status == "Finished"
+
+
+def cli_processes(repl):
+    """Live processes (zombies left out) running this CLI for this project: its path and the project
+    dir in their argv, with their parent pid (1 for an orphan; Linux /proc)."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                state, ppid = f.read().rsplit(b")", 1)[1].split()[:2]
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+        except (OSError, IndexError, ValueError):
+            continue
+        if state != b"Z" and repl_harness.CLI in argv and any(repl.project_dir in a for a in argv):
+            found.append((int(name), int(ppid), argv))
+    return found
+
+
+def test_no_process_of_the_cli_outlives_its_call(session):
+    assert session.exec("print(1)", "one").status == "Finished"
+    assert session.exec("import time\ntime.sleep(30)", "slow", "--timeout", "0.5").status == "Running"
+    assert session.run("status").status == "Busy"                 # progress read through the sidecar
+    for sig, answer in ((signal.SIGTERM, "Running"), (signal.SIGINT, "Cancelled")):
+        polls = len([r for r in session.workspace.requests() if r["path"] == STATUS])
+        proc = session.popen("await", "--timeout", "60")
+        assert wait_for(lambda before=polls: len([r for r in session.workspace.requests()
+                                                  if r["path"] == STATUS]) > before, 15)
+        proc.send_signal(sig)
+        assert session.finish(proc, timeout=30).status == answer
+    assert session.run("destroy").status == "Destroyed"
+    time.sleep(1)                                  # time for a detached process to show itself
+    assert cli_processes(session) == []
 
 
 # -- concurrency ------------------------------------------------------------------------------------------

@@ -257,7 +257,7 @@ def _state_message(state):
             "RESIZING": "Resizing cluster"}.get(state, "")
 
 
-def _cluster(cluster_id, name, state, source, mode, single_user=None, num_workers=2,
+def _cluster(cluster_id, name, state, source, mode, single_user=None, num_workers=2,  # noqa: PLR0913 - a cluster record's fields
              autotermination=120):
     now = _now_ms()
     details = {

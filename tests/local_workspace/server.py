@@ -35,7 +35,7 @@ from .wire import HttpServer, Wire
 class LocalWorkspace:
     """The local workspace server. ``start()``, use ``host``/``token``, ``stop()``."""
 
-    def __init__(self, token="local-token", output_limit=50_000, context_limit=145,
+    def __init__(self, token="local-token", output_limit=50_000, context_limit=145,  # noqa: PLR0913 - the settings
                  idle_ttl=None, cancel_mode="cancelled", not_running_mode="error",
                  start_delay=2.0, llm_latency=0.0, image_inline_limit=512 * 1024, secrets=None,
                  isolation="auto", **settings):

@@ -205,7 +205,7 @@ class Wire:
 
     # ----- faults and the log
 
-    def inject(self, path, method="POST", count=1, status=503, retry_after=1, body=None,
+    def inject(self, path, method="POST", count=1, status=503, retry_after=1, body=None,  # noqa: PLR0913 - a fault rule's fields
                mode="respond"):
         if mode not in ("respond", "drop_before", "drop_after"):
             raise ValueError("mode must be respond, drop_before or drop_after")
@@ -422,7 +422,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             self.send_response(status)
             self.send_header("Content-Type", content_type)
-            if "Content-Length" not in headers:
+            if "Content-Length" not in headers and status != 204:  # a 204 has no body, no length
                 self.send_header("Content-Length", str(len(data)))
             for key, value in headers.items():
                 self.send_header(key, str(value))
