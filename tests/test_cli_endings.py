@@ -264,13 +264,17 @@ def test_a_logging_handler_from_an_earlier_step_lands_in_error_and_table_steps(s
     assert session.read(big["stdout_file"]) == "start\n" + "x" * 60000 + "\nend\n"
 
 
-def test_the_notebook_exit_value_and_display_html_follow_the_printed_text(session):
+def test_the_notebook_exit_value_is_its_own_field_and_display_html_follows_the_printed_text(session):
     exited = session.exec("print('before exit')\ndbutils.notebook.exit('the value')", "exit_value")
     assert exited.status == "Finished", exited
-    assert session.read(exited["stdout_file"]) == "before exit\nthe value"
+    assert exited["exit_value"] == "the value" and exited["truncated"] is False
+    assert session.read(exited["stdout_file"]) == "before exit\n"
+    # printed text that contains the exit value does not swallow it
+    same = session.exec("print('42')\ndbutils.notebook.exit('42')", "exit_same")
+    assert same["exit_value"] == "42" and session.read(same["stdout_file"]) == "42\n"
     html = session.exec("print('report')\ndisplayHTML('<b>bold</b>')", "html")
     assert html.status == "Finished"
-    assert session.read(html["stdout_file"]) == "report\n<b>bold</b>"
+    assert session.read(html["stdout_file"]) == "report\n<b>bold</b>\n"
 
 
 def test_a_magic_step_keeps_its_output_even_when_cancelled(session):

@@ -415,15 +415,18 @@ def test_full_output_still_arrives_when_the_repl_cannot_display_tables(workspace
     assert executes() - before >= 1 + 1 + 4   # the step, one cut table-mode try, several text chunks
 
 
-def test_the_end_marker_decides_completeness_and_tolerates_untee_d_extra_text():
+def test_the_frame_carries_the_record_and_a_checked_inline_copy():
+    import hashlib
     import dbx_repl
-    marker = dbx_repl.END_MARKER
-    assert dbx_repl.split_end_marker("hi\n" + marker + "001_a 3", "001_a") == ("hi\n", True)
-    # a logging handler made before the command writes past the tee: more text is still complete
-    assert dbx_repl.split_end_marker("WARN x\nhi\n" + marker + "001_a 3", "001_a") == ("WARN x\nhi\n", True)
-    assert dbx_repl.split_end_marker("hi\n" + marker + "002_b 3", "001_a")[1] is False
-    assert dbx_repl.split_end_marker("h" + marker + "001_a 3", "001_a")[1] is False
-    assert dbx_repl.split_end_marker("hi\nno marker: the service cut the end", "001_a")[1] is False
+    copy = "hi\n"
+    record = {"key": "001_a", "bytes": 3, "sha256": hashlib.sha256(copy.encode()).hexdigest(), "inline": True}
+    frame = dbx_repl.FRAME + json.dumps(record) + "\n" + copy + dbx_repl.FRAME_END
+    assert dbx_repl.read_frame(frame, "001_a") == ("", record, copy)
+    # text the REPL showed beside the frame (a handler bound before the session) is kept apart
+    assert dbx_repl.read_frame("WARN x\n" + frame, "001_a") == ("WARN x\n", record, copy)
+    assert dbx_repl.read_frame(frame, "002_b") == (frame, None, None)          # another step's frame
+    assert dbx_repl.read_frame(frame[:-5], "001_a") == ("", record, None)       # the service cut the end
+    assert dbx_repl.read_frame("no frame at all", "001_a") == ("no frame at all", None, None)
 
 
 def test_a_failed_output_fetch_keeps_the_step_and_names_the_get_for_the_driver_copy(workspace, session):

@@ -416,7 +416,7 @@ def test_no_token_appears_in_any_output_file_or_session_json(workspace, llm):
     assert "During handling" not in stderr and "<locals>" not in stderr
     assert calls[0]["stdout_preview"].startswith("HI\n['[ERROR] SubLLMError: HTTP 500")
     assert calls[0]["stdout_preview"].endswith("', '2', '3']\n")
-    assert "'total_tokens'" in calls[1]["stdout_preview"]
+    assert "'total_tokens'" in llm.read(calls[1]["stdout_file"])
     assert workspace.token not in json.dumps(llm.session())
     assert_token_nowhere(llm, *calls)
 
