@@ -40,6 +40,7 @@ import json
 import os
 import posixpath
 import re
+import shlex
 import signal
 import sys
 import tempfile
@@ -1350,21 +1351,23 @@ class Workspace:
             if offset >= size or written >= max_bytes or not payload:
                 return written, size, first
 
-    def put_file(self, target, remote, blocks):
+    def put_file(self, target, remote, blocks, name=None):
         """Write `blocks` (an iterable of bytes) to the driver file `remote`, one zlib-compressed chunk
-        per command; an empty iterable still creates the file. Returns (sha256 object, chunks sent)."""
+        per command; an empty iterable still creates the file. An existing driver folder receives the
+        file as `name`, as cp does. Returns (sha256 object, chunks sent, the driver path written)."""
         digest, offset, chunks = hashlib.sha256(), 0, 0
         for block in itertools.chain(blocks, [b""]):
             if not block and offset:
                 break
             digest.update(block)
             packed = base64.b64encode(zlib.compress(block, 6)).decode("ascii")
-            self.driver_call(target, "put", remote, offset, packed, about=f"Writing {remote}")
+            written = self.driver_call(target, "put", remote, offset, packed, name, about=f"Writing {remote}")
+            remote = written.get("path") or remote
             offset += len(block)
             chunks += 1
             if not block:
                 break
-        return digest, chunks
+        return digest, chunks, remote
 
     def read_dbfs(self, path):
         """A whole DBFS file (large plots come back as FileStore paths), or None if it cannot be read."""
@@ -2080,6 +2083,7 @@ def recover_context(ws, project, failed=None, lost=None):
         return settled_elsewhere(project, project.load(), mine)
     session = project.load()
     salvaged = failed.salvage_output(Target.of(session)) if failed else None
+    earlier = previous_steps(project, session, old_context)
     return response(
         "ContextLost" if lost else "ContextEvicted",
         " ".join(filter(None, [lost or "The execution context was evicted.",
@@ -2089,13 +2093,32 @@ def recover_context(ws, project, failed=None, lost=None):
         replay_plan=summary,
         tip={"replay": cli_hint("replay", project), "plan": f"{cli_hint('replay', project)} --plan"}
         if plan or session.get("syncs") else None,
-        synced_folders=sorted(session.get("syncs") or {}) or None,
+        synced_folders=sorted(session.get("syncs") or {}) or None, **earlier,
         hint="replay runs the plan (the steps whose definitions the failed step needs; see "
              "references/eviction-replay.md"
              + ("; it first syncs the synced_folders again" if session.get("syncs") else "") + "), then "
              + ("change the failed step before running it again: it took its context down." if lost
                 else "exec the failed step again."),
         exit_code=EXIT_FAILED)
+
+
+PREVIOUS_STEPS_SHOWN = 6                   # ContextEvicted: the evicted context's last steps in the answer
+PREVIOUS_STEPS_FILE = "previous_steps.json"   # under OUTPUT_DIR: all of them
+
+
+def previous_steps(project, session, context_id):
+    """The evicted context's steps, in order, as the original skill's ContextEvicted listed them
+    ({"step", "tag", "command_file"}): the last PREVIOUS_STEPS_SHOWN in the answer, all in
+    repl_outputs/previous_steps.json. Returns the answer's fields."""
+    rows = [{"step": s["step"], "tag": s["tag"],
+             "command_file": project.show(os.path.join(project.root, s.get("command_file") or ""))}
+            for s in session["steps"] if s.get("context_id") == context_id and s.get("command_file")]
+    if not rows:
+        return {}
+    path = project.output_path(PREVIOUS_STEPS_FILE)
+    write_atomic(path, json.dumps({"context_id": context_id, "previous_steps": rows}, indent=1, ensure_ascii=False))
+    return {"previous_steps": rows[-PREVIOUS_STEPS_SHOWN:], "previous_steps_count": len(rows),
+            "previous_steps_file": project.show(path)}
 
 
 def settled_elsewhere(project, session, failed):
@@ -2369,6 +2392,10 @@ class StepRun:
             return self.status_unknown(unavailable)
         except ContextGone:
             return self.recover()
+        except Exception as err:
+            if error_kind(err) != AUTH:
+                raise
+            return self.status_unknown(StatusUnavailable(err, 0.0))   # a refused credential: the step lives on
         if status is None:
             body = self.running()
             body["progress"] = self.progress(RUNNING_PROGRESS_SECONDS)
@@ -2444,6 +2471,7 @@ class StepRun:
                 if body["status"] == "Cancelled":
                     body["message"] = "Command interrupted by user. " + body["message"]
                     body["_exit"] = EXIT_INTERRUPTED
+                    self.note_left_running(body)
                 return body
             elapsed = elapsed_since(self.active)
             self.record("Cancelled", elapsed=elapsed)
@@ -2481,7 +2509,26 @@ class StepRun:
             body["message"] = "The command had already finished before the cancel; its output was saved."
         elif body["status"] == "Cancelled":
             body["command_id"], body["_exit"] = command_id, EXIT_OK  # the cancel succeeded
+            self.note_left_running(body)
         return body
+
+    def note_left_running(self, body):
+        """After a cancel: streaming queries the step started keep running on the cluster (a cancel
+        stops the command, not them). Name them in the answer, with the command that stops them."""
+        try:
+            with self.ws.deadline_within(PROGRESS_READ_SECONDS):
+                left = self.ws.driver_call(self.target, "streams_left", self.files.key)
+        except Exception:   # the answer stands without it; the cancel itself succeeded
+            return
+        started = left.get("started_by_step") or []
+        if not started:
+            return
+        stop = ", ".join(repr(q["id"]) for q in started[:5])
+        body["still_running"] = {"streaming_queries": started[:5], "count": len(started)}
+        body["message"] += (f" {len(started)} streaming quer{'y' if len(started) == 1 else 'ies'} the step started "
+                            "still run on the cluster: a cancel stops the command, not its streams.")
+        body["tip"] = {"stop_streams": cli_hint("exec", self.project) + " --tag stop_streams --command "
+                       + shlex.quote(f"[q.stop() for q in spark.streams.active if q.id in ({stop},)]")}
 
     def last_status(self, budget=2.0):
         """One quick status read of the command (its status dict if it has ended, else None)."""
@@ -2506,17 +2553,65 @@ class StepRun:
                  "do not exec again until it is done.")
 
     def status_unknown(self, unavailable):
-        """The wait ended and the command's status could not be read: say so, with the error."""
+        """The wait ended and the command's status could not be read: say so, with the error. When the
+        workspace refused the credentials, say that: the step may still be running, and await finds
+        it once they are fixed."""
         error = map_sdk_error(unavailable.error, action="read the command's status").message
+        if error_kind(unavailable.error) == AUTH:
+            message = (f"Step {self.files.key} may still be running: the workspace refused the credentials while "
+                       f"the CLI waited for it. {error}")
+            hint = ("Fix the credentials (a new token, databricks auth login, or the --profile), then run tip.await "
+                    "to collect the step; tip.cancel stops it. Nothing is lost: the step stays in session.json.")
+        else:
+            message = (f"The state of step {self.files.key} is unknown: its status calls have failed for "
+                       f"{unavailable.failing_for:.0f}s. {error}")
+            hint = ("The command may still be running. await tries again; cancel asks the service to stop it and "
+                    "frees the session even if the service cannot confirm; destroy ends the session.")
         return response(
-            "StatusUnknown", f"The state of step {self.files.key} is unknown: its status calls have failed for "
-            f"{unavailable.failing_for:.0f}s. {error}",
-            exit_code=EXIT_RUNNING, cmd_id=self.files.key, command_id=self.active.get("command_id"),
+            "StatusUnknown", message, exit_code=EXIT_RUNNING, cmd_id=self.files.key,
+            command_id=self.active.get("command_id"), context_id=self.target.context_id,
             elapsed_seconds=round(elapsed_since(self.active), 3), status_error=error[:500],
-            tip={"await": cli_hint("await", self.project), "cancel": cli_hint("cancel", self.project),
-                 "destroy": cli_hint("destroy", self.project)},
-            hint="The command may still be running. await tries again; cancel asks the service to stop it and "
-                 "frees the session even if the service cannot confirm; destroy ends the session.")
+            credentials_refused=True if error_kind(unavailable.error) == AUTH else None,
+            tip={"await": cli_hint("await", self.project, timeout=self.timeout),
+                 "cancel": cli_hint("cancel", self.project), "destroy": cli_hint("destroy", self.project)},
+            hint=hint)
+
+    @classmethod
+    def settle_earlier(cls, ws, project, session):
+        """Before a new step runs: the step still marked active is checked, never assumed to run.
+        Returns None when there is none; the earlier step's answer when it had ended (its output is
+        collected and it is recorded); raises CommandRunning when the service says it still runs, and
+        answers StatusUnknown (raised as a ReplError) when the service cannot say."""
+        busy = session.get("active_command")
+        if not busy:
+            return None
+        key = step_key(busy["step"], busy["tag"])
+        if not busy.get("command_id"):    # another call is submitting it right now: nothing to ask yet
+            raise cls.still_running(project, busy, f"Step {key} is being submitted by another call.")
+        run = cls(ws, project, session, busy).bound(0.0, DEFAULT_MAX_OUTPUT_BYTES)
+        try:
+            status = run.poll()
+        except ContextGone:
+            return run.recover()
+        except (KeyboardInterrupt, Terminated):
+            raise
+        except Exception as err:
+            body = run.status_unknown(err if isinstance(err, StatusUnavailable) else StatusUnavailable(err, 0.0))
+            exit_code = body.pop("_exit")
+            raise ReplError(body.pop("status"), body.pop("message"), hint=body.pop("hint", None),
+                            exit_code=exit_code, **body) from None
+        if status is None:
+            raise cls.still_running(project, busy, f"Step {key} is still running in this session (the service says "
+                                                   "so).")
+        return run.finish(status)
+
+    @staticmethod
+    def still_running(project, busy, message):
+        return ReplError("CommandRunning", message, exit_code=EXIT_FAILED, cmd_id=step_key(busy["step"], busy["tag"]),
+                         command_id=busy.get("command_id"),
+                         hint="The context runs one command at a time: wait for it (tip.await) or stop it "
+                              "(tip.cancel), then exec again.",
+                         tip={"await": cli_hint("await", project), "cancel": cli_hint("cancel", project)})
 
     def cancelling(self, message=None):
         return response("Cancelling", " ".join(filter(None, [message, "Cancel was requested but the command has "
@@ -3649,7 +3744,15 @@ def cmd_exec(args):
     project = Project(args.project_dir).check()
     session = require_active(project, project.load())
     ws = Workspace(args.profile or session.get("profile"), args.debug)
-    return StepRun.reserve(ws, project, code, tag).bound(timeout, args.max_output_bytes).run()
+    earlier = StepRun.settle_earlier(ws, project, session)
+    if earlier is not None and earlier["status"] not in ("Finished", "Error", "Cancelled"):
+        return earlier      # the context was lost under it (or another ending to act on first): say that alone
+    body = StepRun.reserve(ws, project, code, tag).bound(timeout, args.max_output_bytes).run()
+    if earlier is not None:
+        body["earlier_step"] = {k: earlier.get(k) for k in ("cmd_id", "status", "stdout_file", "error") if earlier.get(k)}
+        body["message"] = (f"Step {earlier['cmd_id']} had ended ({earlier['status']}) and was collected first. "
+                           + body["message"])
+    return body
 
 
 def cmd_await(args):
@@ -3863,6 +3966,7 @@ def record_transfer(project, entry):
 
 def cmd_put(args):
     project = Project(args.project_dir).check()
+    remote_path = driver_path(args.remote)
     try:
         size = os.path.getsize(args.local)
         if os.path.isdir(args.local):
@@ -3877,43 +3981,44 @@ def cmd_put(args):
     target, started = Target.of(session), time.monotonic()
     try:
         with open(args.local, "rb") as f:
-            digest, chunks = ws.put_file(target, args.remote, iter(lambda: f.read(PUT_CHUNK_BYTES), b""))
-        remote = ws.driver_call(target, "stat", args.remote, about=f"{args.remote} on the driver")
+            digest, chunks, remote_path = ws.put_file(target, remote_path, iter(lambda: f.read(PUT_CHUNK_BYTES), b""),
+                                                      os.path.basename(args.local))
+        remote = ws.driver_call(target, "stat", remote_path, about=f"{remote_path} on the driver")
     except ReplError:
         raise
     except Exception as err:
         raise map_sdk_error(err, action="upload the file") from None
     if remote["sha256"] != digest.hexdigest() or remote["size"] != size:
-        raise ReplError("ChecksumMismatch", f"{args.remote} on the driver does not match {args.local}.",
+        raise ReplError("ChecksumMismatch", f"{remote_path} on the driver does not match {args.local}.",
                         hint="Retry the put.", local_sha256=digest.hexdigest(), remote_sha256=remote["sha256"])
-    record_transfer(project, {"direction": "put", "local": args.local, "remote": args.remote, "bytes": size,
+    record_transfer(project, {"direction": "put", "local": args.local, "remote": remote["source"], "bytes": size,
                               "sha256": remote["sha256"], "at": now_iso()})
-    return response("Uploaded", f"Copied {size} bytes to {args.remote} on the driver.", local=args.local,
-                    remote=args.remote, bytes=size, sha256=remote["sha256"], chunks=chunks,
+    return response("Uploaded", f"Copied {size} bytes to {remote['source']} on the driver.", local=args.local,
+                    remote=remote["source"], bytes=size, sha256=remote["sha256"], chunks=chunks,
                     elapsed_seconds=round(time.monotonic() - started, 3),
                     hint="Open it from your code on the cluster by that path.")
 
 
 def cmd_get(args):
     project = Project(args.project_dir).check()
-    local = explicit_path(args.local, os.path.basename(args.remote.rstrip("/")) or "download")
+    remote_path = driver_path(args.remote)
+    local = explicit_path(args.local, posixpath.basename(remote_path) or "download")
     session, ws = idle_session(project, args)
     target, started = Target.of(session), time.monotonic()
     try:
-        remote = ws.driver_call(target, "stat", args.remote, about=f"{args.remote} on the driver")
+        remote = ws.driver_call(target, "stat", remote_path, True, about=f"{remote_path} on the driver")
         if remote["size"] > args.max_bytes:
-            raise ReplError("TooLarge", f"{args.remote} is {remote['size']} bytes, over the {args.max_bytes}-byte cap.",
-                            hint="Raise --max-bytes, or write a smaller extract on the cluster.")
+            raise ReplError("TooLarge", f"{remote_path} is {remote['size']} bytes, over the {args.max_bytes}-byte "
+                            "cap.", hint="Raise --max-bytes, or write a smaller extract on the cluster.")
         os.makedirs(os.path.dirname(local), exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".get-", dir=os.path.dirname(local))
         try:
-            with os.fdopen(fd, "wb") as sink:
-                written, size, _ = ws.fetch_file(target, sink, args.max_bytes, "fetch", args.remote)
-            with open(tmp, "rb") as f:
-                local_sha = hashlib.file_digest(f, "sha256").hexdigest() if hasattr(hashlib, "file_digest") \
-                    else hashlib.sha256(f.read()).hexdigest()
-            if size != remote["size"] or written != size or local_sha != remote["sha256"]:
-                raise ReplError("ChecksumMismatch", f"The copy of {args.remote} does not match the driver's file "
+            with os.fdopen(fd, "wb") as f:
+                sink = _Digesting(f)
+                # `source` is the file itself, or a copy with the secret values it holds redacted
+                written, size, _ = ws.fetch_file(target, sink, args.max_bytes, "fetch", remote["source"])
+            if size != remote["size"] or written != size or sink.digest.hexdigest() != remote["sha256"]:
+                raise ReplError("ChecksumMismatch", f"The copy of {remote_path} does not match the driver's file "
                                 "(it may have changed during the transfer).", hint="Retry the get.")
             os.replace(tmp, local)
         finally:
@@ -3923,12 +4028,15 @@ def cmd_get(args):
         raise
     except Exception as err:
         raise map_sdk_error(err, action="download the file") from None
-    record_transfer(project, {"direction": "get", "local": project.stored(local), "remote": args.remote,
+    record_transfer(project, {"direction": "get", "local": project.stored(local), "remote": remote_path,
                               "bytes": remote["size"], "sha256": remote["sha256"], "at": now_iso()})
-    return response("Downloaded", f"Copied {remote['size']} bytes from {args.remote} on the driver.",
-                    local=project.show(local), remote=args.remote, bytes=remote["size"],
-                    sha256=remote["sha256"], elapsed_seconds=round(time.monotonic() - started, 3),
-                    hint="Read the local file selectively.")
+    redacted = remote.get("redacted") or 0
+    return response("Downloaded", f"Copied {remote['size']} bytes from {remote_path} on the driver."
+                    + (f" {redacted} secret value(s) read in this session were redacted in the copy." if redacted
+                       else ""),
+                    local=project.show(local), remote=remote_path, bytes=remote["size"],
+                    sha256=remote["sha256"], redacted=redacted or None,
+                    elapsed_seconds=round(time.monotonic() - started, 3), hint="Read the local file selectively.")
 
 
 # -- sync: a local folder mirrored on the driver and importable in the context ---------------------
@@ -4003,18 +4111,22 @@ def local_tree(root, max_bytes):
     return found
 
 
-def sync_folder(ws, session, name, local, max_bytes):
-    """Mirror LOCAL to the driver as NAME, sending what changed since the session's record of its last
-    sync (if any). Returns the new record for session.json and what changed: (record, sent, reloaded,
-    removed). Raises ReplError (InvalidPath, TooLarge, RemoteFileError, TransferFailed)."""
+def sync_folder(ws, session, mirror, max_bytes):
+    """Mirror a local folder to the driver: `mirror` is {"name", "local", "remote"} (remote: the driver
+    folder, None for the session's own). Sends what changed since the session's record of the name's
+    last sync (if any). Returns the new record for session.json and what changed: (record, sent,
+    reloaded, removed). Raises ReplError (InvalidPath, TooLarge, RemoteFileError, TransferFailed)."""
     import tarfile
+    name, local = mirror["name"], mirror["local"]
     previous = (session.get("syncs") or {}).get(name)
     if not os.path.isdir(local):
         raise ReplError("InvalidPath", f"{local} is not a folder.", exit_code=EXIT_USAGE,
                         hint="Name a local package or folder of modules.")
     tree = local_tree(local, max_bytes)
     target = Target.of(session)
-    remote = f"{DRIVER_OUTPUT_DIR}/dbx_repl_{session['session_id']}/sync/{name}"
+    remote = mirror.get("remote") or f"{DRIVER_OUTPUT_DIR}/dbx_repl_{session['session_id']}/sync/{name}"
+    if previous and previous.get("remote") != remote:
+        previous = None                 # another place on the driver: everything is sent
     path_entry = remote.rsplit("/", 1)[0] if "__init__.py" in tree else remote
     manifest = {relative: digest for relative, (digest, _) in tree.items()}
     known = (previous or {}).get("files") or {}
@@ -4039,7 +4151,8 @@ def sync_folder(ws, session, name, local, max_bytes):
     else:
         raise ReplError("TransferFailed", f"{len(applied['missing'])} file(s) did not arrive whole on the driver.",
                         hint="Retry the sync.", missing=applied["missing"][:10])
-    record = {"local": local, "remote": remote, "path": path_entry, "files": manifest, "max_bytes": max_bytes,
+    record = {"local": local, "remote": remote, "root": applied.get("root", remote),
+              "path": applied.get("path", path_entry), "files": manifest, "max_bytes": max_bytes,
               "bytes": sum(size for _, size in tree.values()), "synced_at": now_iso()}
     return record, sent, applied["reloaded"] + applied["dropped"], applied["removed"]
 
@@ -4069,20 +4182,22 @@ def cmd_sync(args):
     if not os.path.isdir(local):
         raise ReplError("InvalidPath", f"{args.dir} is not a folder.", exit_code=EXIT_USAGE,
                         hint="Name a local package or folder of modules.")
+    remote = driver_path(args.to) if args.to else None
     local_tree(local, args.max_bytes)       # too large: refused before the session is touched
     session, ws = idle_session(project, args)
     started = time.monotonic()
     try:
-        record, sent, reloaded, removed = sync_folder(ws, session, name, local, args.max_bytes)
+        record, sent, reloaded, removed = sync_folder(ws, session, {"name": name, "local": local, "remote": remote},
+                                                      args.max_bytes)
     except ReplError:
         raise
     except Exception as err:
         raise map_sdk_error(err, action="sync the folder") from None
     record_sync(project, name, record)
-    importable = name if record["path"] != record["remote"] else "its modules"
-    return response("Synced", f"{local} is on the driver at {record['remote']}: {len(sent)} of "
+    importable = name if record["path"] != record["root"] else "its modules"
+    return response("Synced", f"{local} is on the driver at {record['root']}: {len(sent)} of "
                     f"{len(record['files'])} file(s) sent, {removed} removed.",
-                    name=name, remote=record["remote"], sys_path=record["path"], files=len(record["files"]),
+                    name=name, remote=record["root"], sys_path=record["path"], files=len(record["files"]),
                     bytes=record["bytes"], sent=sent[:20], sent_count=len(sent), removed=removed,
                     reloaded=reloaded[:20], elapsed_seconds=round(time.monotonic() - started, 3),
                     hint=f"Import {importable} in your steps; sync again after editing (only changes are sent, "
@@ -4095,7 +4210,7 @@ def restore_syncs(ws, project, session):
     restored, failed = [], []
     for name, previous in sorted((session.get("syncs") or {}).items()):
         try:
-            record, _, _, _ = sync_folder(ws, session, name, previous["local"],
+            record, _, _, _ = sync_folder(ws, session, dict(previous, name=name),
                                           previous.get("max_bytes") or DEFAULT_SYNC_CAP)
         except ReplError as err:
             failed.append({"name": name, "error": f"{err.status}: {err.message}"[:200]})
@@ -4626,6 +4741,8 @@ def build_parser():
     p = sub.add_parser("sync", help="Mirror a local package or folder to the driver and make it importable")
     add_common(p)
     p.add_argument("dir", help="The local folder (a package with __init__.py, or a folder of modules)")
+    p.add_argument("--to", default=None, help="The driver folder to mirror it to (/Volumes/..., /Workspace/..., "
+                                              "dbfs:/..., or relative); default: the session's own folder")
     p.add_argument("--max-bytes", type=int, default=DEFAULT_SYNC_CAP, help="Size cap of the folder's files")
     p.set_defaults(handler=cmd_sync)
 
@@ -5578,19 +5695,21 @@ class DriverRepl(object):
             raise ValueError("not a file of step %s: %r" % (key, name))
         self.fetch(os.path.join(self.out_dir, name), offset, mode)
 
-    def stat(self, path):
-        """Size and sha256 of a driver file, as JSON; for `get`, "source" is the file to fetch: a
-        redacted copy when the file holds a secret value this context read ("redacted": how many)."""
+    def stat(self, path, redact=False):
+        """Size and sha256 of a driver file, as JSON, with "source": the file's absolute path. With
+        `redact` (get), a file that holds a secret value this context read is answered by a redacted
+        copy ("source" names it, "redacted" says how many values were replaced)."""
         digest, size, found = hashlib.sha256(), 0, 0
-        forms = [f.encode("utf-8") for f in self.redactor.forms]
+        forms = [f.encode("utf-8") for f in self.redactor.forms] if redact else []
         tail, overlap = b"", max([len(f) for f in forms] or [1]) - 1
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
                 size += len(block)
-                window = tail + block
-                found += sum(window.count(form) for form in forms)
-                tail = window[-overlap:] if overlap else b""
+                if forms:
+                    window = tail + block
+                    found += sum(window.count(form) for form in forms)
+                    tail = window[-overlap:] if overlap else b""
         answer = {"size": size, "sha256": digest.hexdigest(), "source": os.path.abspath(path), "redacted": 0}
         if found:
             answer.update(self.redacted_copy(path, forms))
@@ -5632,7 +5751,7 @@ class DriverRepl(object):
         files whose content does not match, "reloaded", "dropped", "removed"}."""
         import importlib
         import tarfile
-        root = os.path.realpath(root)
+        root, path_entry = os.path.realpath(root), os.path.realpath(path_entry)
         os.makedirs(root, mode=0o700, exist_ok=True)
         if archive:
             with tarfile.open(archive, "r:gz") as tar:
@@ -5675,7 +5794,8 @@ class DriverRepl(object):
             except Exception:
                 sys.modules.pop(name, None)
                 dropped.append(name)
-        driver_answer({"missing": missing, "reloaded": reloaded, "dropped": dropped, "removed": len(removed)})
+        driver_answer({"missing": missing, "reloaded": reloaded, "dropped": dropped, "removed": len(removed),
+                       "root": root, "path": path_entry})
 
 
 class DriverSubLLMError(RuntimeError):
