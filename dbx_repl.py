@@ -4818,14 +4818,14 @@ def _console_main():
 # `dbutils` (secret values are remembered, to be redacted; notebook.exit values are recorded).
 #
 # What a step prints has ONE source of truth: the step's driver copy, NNN_tag.out. File descriptors 1
-# and 2 of the REPL's Python become one pipe, read by one thread, the only writer of driver copies;
-# sys.stdout and sys.stderr write into the same pipe. So print(), logging, threads, subprocesses and
-# forked children all land in one ordered stream, redacted before it reaches a file. The start and the
-# end of a step travel through the pipe as markers, so the switch from one file to the next falls
-# exactly between what was printed before it and after it. Between steps, output goes to the previous
-# step's NNN_tag.late file, which the next step's record names. A finished step's record carries the
-# copy's size and sha256, and a small copy travels inline in the command's own result, so the CLI
-# either shows that its file is the driver copy, byte for byte, or says it could not.
+# and 2 of the REPL's Python become one pipe, and sys.stdout and sys.stderr one stream object; both
+# reach the current file through one lock, redacted, the pipe drained before every write so that
+# print(), logging, threads, subprocesses and forked children land in the order they wrote. A step's
+# start and end switch the file under the same lock, so each file holds exactly what was written
+# between them. Between steps, output goes to the previous step's NNN_tag.late file, which the next
+# step's record names. A finished step's record carries the copy's size and sha256, and a small copy
+# travels inline in the command's own result, so the CLI either shows that its file is the driver
+# copy, byte for byte, or says it could not.
 
 import base64  # noqa: E402, F811 - the section stands alone when sent: it imports what it uses
 import codecs  # noqa: E402, F811
@@ -4839,10 +4839,8 @@ import time  # noqa: E402, F811
 import zlib  # noqa: E402, F811
 
 DRIVER_REDACTED = "[REDACTED]"
-DRIVER_MARK_OPEN, DRIVER_MARK_CLOSE = b"\x00\x1fdbx-repl:", b"\x1f\x00"   # a switch marker in the pipe
 DRIVER_FRAME, DRIVER_FRAME_END = "\x1edbx-repl ", "\x1edbx-repl-end"       # around a step's result text
 DRIVER_INLINE_BYTES = 32_000         # a copy up to this size travels in the result (the service keeps 50,000 chars)
-DRIVER_SYNC_SECONDS = 10.0           # a step's end waits this long for the pipe to be drained
 DRIVER_FIRST_GAP = "000_bootstrap"   # the gap before the first step: its late output's name
 
 
@@ -4899,25 +4897,6 @@ class DriverRedactor:
         return longest
 
 
-def driver_marker_split(data):
-    """(text bytes, marker number or None, rest) of pipe data: the bytes before the first complete
-    marker, its number, and what follows it; without a complete marker, (the bytes that cannot be part
-    of one, None, the bytes that may begin one)."""
-    at = data.find(DRIVER_MARK_OPEN)
-    if at >= 0:
-        close = data.find(DRIVER_MARK_CLOSE, at + len(DRIVER_MARK_OPEN))
-        if close >= 0 and data[at + len(DRIVER_MARK_OPEN):close].isdigit():
-            return data[:at], int(data[at + len(DRIVER_MARK_OPEN):close]), data[close + len(DRIVER_MARK_CLOSE):]
-        if close < 0:
-            return data[:at], None, data[at:]
-    keep = 0
-    for size in range(min(len(DRIVER_MARK_OPEN) - 1, len(data)), 0, -1):
-        if data.endswith(DRIVER_MARK_OPEN[:size]):
-            keep = size
-            break
-    return data[:len(data) - keep], None, data[len(data) - keep:]
-
-
 class DriverFile(object):
     """One file the output thread writes: its size and sha256 are known when it closes."""
 
@@ -4940,17 +4919,20 @@ class DriverFile(object):
 
 
 class DriverOutput(object):
-    """The context's output: one pipe in place of fds 1 and 2 (`fds`), sys.stdout and sys.stderr
-    writing into it, and one thread that redacts what arrives and appends it to the current file.
+    """The context's output: one pipe in place of fds 1 and 2 (`fds`) and one current file.
 
-    `post(action)` sends a marker through the pipe; the thread applies the action when it reaches
-    the marker, so it lands exactly between what was written before and after: ("step", key, path)
-    starts a step's copy, ("gap", key, path) ends it and starts its late file, ("sync",) only
-    confirms. Each marker's outcome is in `done[number]` once `event` is set."""
+    Everything reaches the file through `lock`, redacted: text written to sys.stdout/sys.stderr
+    directly (so a line printed before a crash is on disk), and what subprocesses and forked children
+    write to fds 1 and 2, drained from the pipe before every write of ours and by a thread when
+    nothing else writes. Draining first keeps the order in which things were written: a
+    subprocess's output waits in the pipe until the next write from Python, which drains it before
+    its own text. `switch` drains, closes the current file (its size and sha256) and opens the next,
+    so each file holds exactly what was written between two switches."""
 
     def __init__(self, redactor, fds=(1, 2)):
         self.redactor = redactor
         self.read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
         self.saved = {}
         for fd in fds:
             try:
@@ -4958,47 +4940,42 @@ class DriverOutput(object):
                 os.dup2(self.write_fd, fd)
             except OSError:     # not open in this process: nothing to capture there
                 self.saved.pop(fd, None)
-        self.lock = threading.Lock()          # the text buffer of sys.stdout/sys.stderr, and the pipe's writes
-        self.changed = threading.Condition(threading.Lock())   # `actions` and `done`, shared with the thread
-        self.buffer, self.actions, self.done, self.numbers = [], {}, {}, 0
-        self.file, self.pending, self.decoder = None, "", codecs.getincrementaldecoder("utf-8")("replace")
-        self.late = None                      # {"after", "file", "bytes", "sha256"} of the last closed gap
-        self.thread = threading.Thread(target=self.drain, name="dbx-repl-output", daemon=True)
+        self.lock = threading.Lock()
+        self.file, self.held = None, {"text": "", "fds": ""}   # per source: an end that may begin a secret
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.child, self.closed = False, False
+        self.thread = threading.Thread(target=self.watch, name="dbx-repl-output", daemon=True)
         self.thread.start()
-        if hasattr(os, "register_at_fork"):   # a forked child writes into the same pipe: fresh locks
+        if hasattr(os, "register_at_fork"):
             os.register_at_fork(after_in_child=self.after_fork)
 
     def after_fork(self):
-        self.lock, self.changed = threading.Lock(), threading.Condition(threading.Lock())
-        self.buffer = []
+        """A forked child writes into the pipe, which the parent drains in order with its own output."""
+        self.lock, self.child = threading.Lock(), True
 
     def close(self):
-        """Give fds 1 and 2 back and end the thread (it drains what is left, then sees the end)."""
-        self.flush_text()
+        """Give fds 1 and 2 back, write what the pipe still holds, and stop the thread."""
         for fd, saved in self.saved.items():
             os.dup2(saved, fd)
             os.close(saved)
         self.saved = {}
+        with self.lock:
+            self.drain()
+            self.closed = True
         os.close(self.write_fd)
-        self.thread.join(DRIVER_SYNC_SECONDS)
+        self.thread.join(5.0)
 
-    # -- writers: any thread or forked child ----------------------------------------------------------
+    # -- writing -------------------------------------------------------------------------------------
     def write_text(self, text):
-        """sys.stdout/sys.stderr: text goes into the pipe a line at a time (at once on \\n or \\r)."""
+        """sys.stdout/sys.stderr: the pipe's waiting bytes first, then the text, into the current file."""
+        if self.child:
+            self.write_pipe(text.encode("utf-8", "replace"))
+            return
         with self.lock:
-            self.buffer.append(text)
-            if "\n" in text or "\r" in text or sum(len(t) for t in self.buffer) > 8192:
-                self._send_buffer()
+            self.drain()
+            self.append("text", text)
 
-    def flush_text(self):
-        with self.lock:
-            self._send_buffer()
-
-    def _send_buffer(self):
-        data, self.buffer = "".join(self.buffer).encode("utf-8", "replace"), []
-        self._write_all(data)
-
-    def _write_all(self, data):
+    def write_pipe(self, data):
         view = memoryview(data)
         while view:
             try:
@@ -5006,103 +4983,68 @@ class DriverOutput(object):
             except InterruptedError:
                 continue
 
-    def post(self, action, wait=None):
-        """Send a marker for `action`; with `wait`, block up to that many seconds for its outcome
-        (None if it did not come)."""
-        with self.lock:
-            with self.changed:
-                self.numbers += 1
-                number = self.numbers
-                self.actions[number] = action
-            self._send_buffer()
-            self._write_all(DRIVER_MARK_OPEN + str(number).encode() + DRIVER_MARK_CLOSE)
-        if wait is None:
-            return None
-        deadline = time.monotonic() + wait
-        with self.changed:
-            while number not in self.done:
-                left = deadline - time.monotonic()
-                if left <= 0 or not self.thread.is_alive():
-                    return None
-                self.changed.wait(left)
-            return self.done.pop(number)
-
-    # -- the output thread: the only writer of driver copies ----------------------------------------
     def drain(self):
-        carry = b""
+        """Move what the pipe holds into the current file (the caller holds `lock`)."""
         while True:
             try:
-                chunk = os.read(self.read_fd, 65536)
-            except InterruptedError:
-                continue
-            except OSError:
-                chunk = b""
-            if not chunk:                 # every write end closed: only `close` does that
-                self.close_file()
+                data = os.read(self.read_fd, 65536)
+            except (BlockingIOError, InterruptedError):
                 return
-            data = carry + chunk
-            while True:
-                try:
-                    text, number, data = driver_marker_split(data)
-                    self.append(self.decoder.decode(text))
-                    if number is None:
-                        carry = data
-                        break
-                    self.apply(number)
-                except Exception:   # never stop draining: a stopped reader would block every print
-                    carry = b""
-                    break
+            except OSError:
+                return
+            if not data:
+                return
+            self.append("fds", self.decoder.decode(data))
 
-    def append(self, text):
+    def append(self, source, text):
         if not text:
             return
-        text, self.pending = self.redactor.stream(self.pending, text)
+        ready, self.held[source] = self.redactor.stream(self.held[source], text)
+        self.put(ready)
+
+    def put(self, text):
         if text and self.file is not None:
             try:
                 self.file.write(text.encode("utf-8", "replace"))
             except OSError:
                 self.file = None        # a full or removed /tmp: the step goes on, its copy is short
 
-    def close_file(self):
-        """Close the current file with what it still holds back; its size and sha256 (or None)."""
-        if self.pending:
-            held, self.pending = self.pending, ""
-            if self.file is not None:
-                with_suppressed(self.file.write, held.encode("utf-8", "replace"))
-        current, self.file = self.file, None
+    def watch(self):
+        """Drain the pipe whenever it has bytes and nothing else does (a subprocess writing while
+        Python computes, output between steps), so a writer never blocks on a full pipe."""
+        import select
+        while not self.closed:
+            try:
+                ready, _, _ = select.select([self.read_fd], [], [], 1.0)
+            except (OSError, ValueError):
+                return
+            except InterruptedError:
+                continue
+            if ready:
+                with self.lock:
+                    if not self.closed:
+                        self.drain()
+
+    def switch(self, path):
+        """Close the current file with what is written up to now (its {"path", "bytes", "sha256"}, or
+        None) and make `path` the current one (None: no file)."""
+        with self.lock:
+            self.drain()
+            for source in self.held:
+                held, self.held[source] = self.held[source], ""
+                self.put(held)
+            current, self.file = self.file, None
+            if path is not None:
+                try:
+                    self.file = DriverFile(path)
+                except OSError:
+                    self.file = None
         if current is None:
             return None
         try:
             return dict(current.close(), path=current.path)
         except OSError:
             return None
-
-    def open_file(self, path):
-        try:
-            self.file = DriverFile(path)
-        except OSError:
-            self.file = None
-
-    def apply(self, number):
-        with self.changed:
-            action = self.actions.pop(number, ("sync",))
-        outcome = None
-        if action[0] != "sync":
-            outcome = self.close_file()
-            if action[0] == "step":         # the gap before this step ends: its late output, if any
-                self.late = None
-                if outcome is not None and outcome["path"].endswith(".late"):
-                    if outcome["bytes"]:
-                        name = os.path.basename(outcome["path"])
-                        self.late = {"after": name[:-len(".late")], "file": name, "bytes": outcome["bytes"],
-                                     "sha256": outcome["sha256"]}
-                    else:
-                        with_suppressed(os.unlink, outcome["path"])
-            if action[0] in ("step", "gap"):
-                self.open_file(action[2])
-        with self.changed:
-            self.done[number] = outcome
-            self.changed.notify_all()
 
 
 def with_suppressed(function, *args):
@@ -5133,7 +5075,7 @@ class DriverStream(object):
             self.write(line)
 
     def flush(self):
-        self._output.flush_text()
+        pass                    # every write is in the file already
 
     def isatty(self):
         return False
@@ -5278,7 +5220,7 @@ class DriverRepl(object):
         self.config, self.namespace = config, namespace
         self.out_dir = os.path.join(config.get("out_dir") or "/tmp", "dbx_repl_" + config["session_id"])
         self.copies_bytes = int(config.get("copies_bytes") or 256 * 1024 * 1024)
-        self.key, self.ending, self.images, self.exit_value = None, None, [], None
+        self.key, self.ending, self.images, self.exit_value, self.late = None, None, [], None, None
         self.streams_before = {}
         self.make_dir()
         # One output per Python process: a reinstall (the helpers lost, the interpreter alive) keeps
@@ -5287,7 +5229,7 @@ class DriverRepl(object):
         self.redactor = existing.redactor if existing is not None else DriverRedactor()
         if existing is None:
             existing = DriverOutput(self.redactor, tuple(config.get("capture_fds", (1, 2))))
-            existing.post(("gap", DRIVER_FIRST_GAP, self.out_path(DRIVER_FIRST_GAP, ".late")))
+            existing.switch(self.out_path(DRIVER_FIRST_GAP, ".late"))
             sys._dbx_repl_output = existing
         self.output = existing
         streams = getattr(previous, "streams", None)
@@ -5328,7 +5270,7 @@ class DriverRepl(object):
                 stream._stream = current
                 setattr(sys, name, stream)
         self.repl_stream = self.streams["stdout"]._stream
-        self.output.post(("step", key, self.out_path(key)))
+        self.late = self.gap_ended(self.output.switch(self.out_path(key)))
         self.note_streams(key)
         plt = sys.modules.get("matplotlib.pyplot")
         if plt is not None:
@@ -5347,13 +5289,13 @@ class DriverRepl(object):
         except Exception as error:
             sys.stderr.write("[dbx-repl: open figures could not be saved: %s]\n" % driver_str(error))
         key = self.key
-        written = self.output.post(("gap", key, self.out_path(key, ".late")), wait=DRIVER_SYNC_SECONDS)
+        written = self.output.switch(self.out_path(key, ".late"))
         ending = self.ending or {"kind": "finished"}
         if self.exit_value is not None:
             ending = {"kind": "exit", "value": self.exit_value}
         record = {"key": key, "ending": ending, "images": [os.path.basename(p) for p in self.images],
-                  "late": self.output.late, "complete": written is not None}
-        if written is not None:
+                  "late": self.late}
+        if written is not None and written["path"] == self.out_path(key):
             record.update(bytes=written["bytes"], sha256=written["sha256"])
         with_suppressed(driver_write_private, self.out_path(key, ".end"), json.dumps(record))
         for name, stream in self.streams.items():   # the REPL's own streams again, e.g. for a cell magic
@@ -5361,6 +5303,18 @@ class DriverRepl(object):
                 setattr(sys, name, stream._stream)
         self.key = None
         return record
+
+    @staticmethod
+    def gap_ended(closed):
+        """The record of what was printed between two steps (the late file a step's start closed), or
+        None when nothing was (its empty file is removed)."""
+        if closed is None or not closed["path"].endswith(".late"):
+            return None
+        if not closed["bytes"]:
+            with_suppressed(os.unlink, closed["path"])
+            return None
+        name = os.path.basename(closed["path"])
+        return {"after": name[:-len(".late")], "file": name, "bytes": closed["bytes"], "sha256": closed["sha256"]}
 
     def parse(self, source, filename):
         """The step's syntax tree. A uniformly indented cell runs, as the service's IPython dedents
@@ -5414,7 +5368,7 @@ class DriverRepl(object):
         """The step's result text: the record as one JSON line, then the copy when it is small and
         whole, then the end mark. The CLI checks the inline copy against the record's sha256."""
         content = ""
-        if record["complete"] and record["bytes"] <= DRIVER_INLINE_BYTES:
+        if record.get("bytes") is not None and record["bytes"] <= DRIVER_INLINE_BYTES:
             try:
                 with open(self.out_path(record["key"]), "rb") as f:
                     data = f.read(DRIVER_INLINE_BYTES + 1)
@@ -5592,7 +5546,7 @@ class DriverRepl(object):
         """Remove the oldest steps' copies until the session's copies fit in copies_bytes (the
         file being written is never one of them)."""
         entries = []
-        current = self.output.file.path if self.output.file is not None else None
+        current = getattr(self.output.file, "path", None)
         for name in os.listdir(self.out_dir):
             path = os.path.join(self.out_dir, name)
             info = with_suppressed(os.stat, path)
@@ -5609,7 +5563,7 @@ class DriverRepl(object):
         """Delete a session's driver copies (this one's by default); prints how many files went."""
         import shutil
         if session_id is None:
-            self.output.post(("stop",), wait=DRIVER_SYNC_SECONDS)
+            self.output.switch(None)
             target = self.out_dir
         else:
             if not session_id or not all(c in "0123456789abcdef" for c in str(session_id)):
