@@ -4,8 +4,9 @@ The part of the local workspace that the 1.2 API's contexts and commands live in
 running cluster's driver (``driver.py``: the one JVM its contexts share, started on the first
 context), spawns the context workers (``worker.py``), feeds each one its queue of commands,
 cancels (the command's Spark job group, then an interrupt), evicts and reaps. Every cluster
-process runs on the runtime's Python (``runtime.py``), with its temp dir under the cluster's state
-dir, started through ``sandbox.wrap_command``. ``server.LocalWorkspace`` mixes it in; ``_route``
+process runs on its cluster's runtime's Python (``runtime.py``: from the cluster's spark_version,
+built on first use, meanwhile the context is Pending), with its temp dir under the cluster's
+state dir, started through ``sandbox.wrap_command``. ``server.LocalWorkspace`` mixes it in; ``_route``
 maps the 1.2 endpoints onto its methods.
 """
 
@@ -24,7 +25,6 @@ from . import driver as _driver
 from . import sandbox
 from .errors import ApiError, context_gone as _context_gone, param_error as _param_error
 from .paths import cluster_dir, driver_dir
-from .runtime import runtime_spec
 
 TESTS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,7 +48,6 @@ MAX_NON_TABLE_BYTES = 20 * 1024 * 1024
 CANCEL_FIRST_SIGNAL_DELAY = 0.1
 CANCEL_RESEND_INTERVAL = 0.25
 CANCEL_KILL_AFTER = 10.0
-RUNTIME_VERSION = runtime_spec().version
 CANCEL_MODES = ("cancelled", "finished_error")
 WORKSPACE_ID = "1234567890123456"
 OWNER = "analyst@example.com"
@@ -187,10 +186,12 @@ class ExecutionContexts:
                 "user": cluster.get("single_user_name") or OWNER,
                 "state_dir": self._tmpdir,
                 "secrets": self._secrets,
-                "runtime_site": self._runtime.site_packages,
                 "context_env": os.path.join(cluster_dir(self._tmpdir, cluster_id), "contexts",
                                             context_id),
             }
+        if self._runtime_of(cluster_id) is None:  # Pending while its runtime builds (runtime.py)
+            self._with_runtime(cluster_id, lambda env: self._start_pending_context(ctx, init))
+            return {"id": context_id}
         try:
             init["driver_socket"] = self._driver_for(cluster_id).socket_path
             self._spawn(ctx, init)
@@ -199,6 +200,24 @@ class ExecutionContexts:
                 self._contexts.pop(context_id, None)
             raise
         return {"id": context_id}
+
+    def _start_pending_context(self, ctx, init):
+        """Start a context that waited for its cluster's runtime: it ends ``Error`` when the
+        driver does not start, and is never started once closed (destroyed, cluster stopped)."""
+        with self._lock:
+            if ctx.closed:
+                return
+        try:
+            init["driver_socket"] = self._driver_for(ctx.cluster_id).socket_path
+            self._spawn(ctx, init)
+        except Exception:
+            with self._lock:
+                ctx.status, ctx.dead = "Error", True
+            return
+        with self._lock:
+            gone = ctx.closed
+        if gone:  # closed while its process started
+            self._reap(ctx.proc, grace=0)
 
     # ----- the cluster's driver (one per running cluster)
 
@@ -211,11 +230,12 @@ class ExecutionContexts:
                              "PYSPARK_GATEWAY_PORT", "PYSPARK_GATEWAY_SECRET")}
         tmp = os.path.join(cluster_dir(self._tmpdir, cluster_id), "tmp")
         os.makedirs(tmp, exist_ok=True)
-        runtime_bin = os.path.dirname(self._runtime.python)
-        env.update({"DATABRICKS_RUNTIME_VERSION": self._runtime.version, "MPLBACKEND": "Agg",
+        runtime = self._runtime_of(cluster_id)
+        runtime_bin = os.path.dirname(runtime.python)
+        env.update({"DATABRICKS_RUNTIME_VERSION": runtime.version, "MPLBACKEND": "Agg",
                     "PYTHONIOENCODING": "utf-8", "TMPDIR": tmp,
-                    "PYSPARK_PYTHON": self._runtime.python,
-                    "PYSPARK_DRIVER_PYTHON": self._runtime.python,
+                    "PYSPARK_PYTHON": runtime.python,
+                    "PYSPARK_DRIVER_PYTHON": runtime.python,
                     # Every JVM (spark-submit's launcher too): no /tmp/hsperfdata_<user>, and
                     # its temp files in the cluster's tmp.
                     "JAVA_TOOL_OPTIONS": "-XX:-UsePerfData -Djava.io.tmpdir=%s" % tmp,
@@ -233,9 +253,9 @@ class ExecutionContexts:
             home = cluster_dir(self._tmpdir, cluster_id)
             os.makedirs(home, exist_ok=True)
             socket_path = os.path.join(home, "driver.sock")
-            argv = sandbox.wrap_command([self._runtime.python, "-c", DRIVER_BOOT, self._tmpdir,
-                                         cluster_id, socket_path], self._tmpdir, cluster_id,
-                                        self._isolation)
+            python = self._runtime_of(cluster_id).python
+            argv = sandbox.wrap_command([python, "-c", DRIVER_BOOT, self._tmpdir, cluster_id,
+                                         socket_path], self._tmpdir, cluster_id, self._isolation)
             with open(os.path.join(home, "driver.log"), "ab") as log:
                 proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                         env=self._cluster_env(cluster_id), cwd=home,
@@ -294,8 +314,9 @@ class ExecutionContexts:
         log_path = os.path.join(cluster_dir(self._tmpdir, ctx.cluster_id),
                                 "context-%s.log" % ctx.id)
         try:
+            python = self._runtime_of(ctx.cluster_id).python
             argv = sandbox.wrap_command(
-                [self._runtime.python, "-c", WORKER_BOOT, str(req_r), str(res_w), str(cancel_r)],
+                [python, "-c", WORKER_BOOT, str(req_r), str(res_w), str(cancel_r)],
                 self._tmpdir, ctx.cluster_id, self._isolation)
             with open(log_path, "ab") as log:
                 proc = subprocess.Popen(

@@ -26,19 +26,20 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from . import paths, sandbox
-from .cluster import (CANCEL_MODES, OWNER, RUNNABLE_STATES, RUNTIME_VERSION,
-                      ExecutionContexts)
+from .cluster import CANCEL_MODES, OWNER, RUNNABLE_STATES, ExecutionContexts
 from .errors import ApiError, param_error as _param_error
 from .files import RawBody, WorkspaceFiles, parse_multipart
-from .runtime import ensure_runtime
+from .runtime import ClusterRuntimes, runtime_version, spark_version_of
 from .serving import ModelServing, chat_answer  # noqa: F401  (chat_answer is re-exported)
 
 RUNNING_CLUSTER_ID = "0101-000001-devrun01"
 TERMINATED_CLUSTER_ID = "0101-000002-prodoff2"
 JOB_CLUSTER_ID = "0101-000003-jobrun03"
 SHARED_CLUSTER_ID = "0101-000004-shared04"
+DEDICATED_CLUSTER_ID = "0101-000005-dedic173"  # 17.3 LTS, dedicated access mode
+STANDARD_CLUSTER_ID = "0101-000006-stand173"  # 17.3 LTS, standard access mode
 
-SPARK_VERSION = RUNTIME_VERSION + ".x-scala2.12"
+SPARK_VERSION = spark_version_of("15.4")  # RUNNING_CLUSTER_ID's
 
 CLUSTER_STATES = ("PENDING", "RUNNING", "RESTARTING", "RESIZING", "TERMINATING", "TERMINATED",
                   "ERROR", "UNKNOWN")
@@ -162,7 +163,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 # ------------------------------------------------------------------ the workspace
 
-class LocalWorkspace(ExecutionContexts, ModelServing, WorkspaceFiles):
+class LocalWorkspace(ExecutionContexts, ModelServing, WorkspaceFiles, ClusterRuntimes):
     """The local workspace server. ``start()``, use ``host``/``token``, ``stop()``."""
 
     def __init__(self, token="local-token", output_limit=50_000, context_limit=145,
@@ -189,7 +190,8 @@ class LocalWorkspace(ExecutionContexts, ModelServing, WorkspaceFiles):
         self._contexts = {}
         self._drivers = {}  # cluster id -> cluster._Driver (one Spark driver per running cluster)
         self._driver_lock = threading.Lock()
-        self._runtime = None
+        self._runtime_threads = []  # runtime.ClusterRuntimes: builds under way
+        self._runtime_locks = {}
         self._clusters = _default_clusters()
         self._injections = []
         self._requests = []
@@ -218,8 +220,7 @@ class LocalWorkspace(ExecutionContexts, ModelServing, WorkspaceFiles):
     # ----- lifecycle
 
     def start(self, port=0):
-        # Every cluster process runs on the Databricks Runtime's Python (built once, cached).
-        self._runtime = ensure_runtime()
+        # Each cluster's runtime is built on its first start, not here (runtime.py).
         self._tmpdir = tempfile.mkdtemp(prefix="local-workspace-")
         # Plots live in the FileStore of the DBFS root, as on a workspace (S24).
         self.plots_dir = paths.host_path(self._tmpdir, None, "dbfs:/FileStore/plots")
@@ -249,6 +250,7 @@ class LocalWorkspace(ExecutionContexts, ModelServing, WorkspaceFiles):
             timers, self._timers = self._timers, []
         for timer in timers:
             timer.cancel()
+        self._end_runtime_builds()
         self._close_contexts(list(self._contexts), grace=0.5)
         self._stop_drivers()
         if self._janitor is not None:
@@ -303,7 +305,9 @@ class LocalWorkspace(ExecutionContexts, ModelServing, WorkspaceFiles):
         self._close_contexts(ids)
         return ids
 
-    def set_cluster_state(self, cluster_id, state, message=None):
+    def set_cluster_state(self, cluster_id, state, message=None, reason=None):
+        """``reason``: a TERMINATED cluster's ``termination_reason`` (default: a user's
+        request)."""
         if state not in CLUSTER_STATES:
             raise ValueError("unknown cluster state %r" % state)
         with self._lock:
@@ -315,8 +319,8 @@ class LocalWorkspace(ExecutionContexts, ModelServing, WorkspaceFiles):
             now = _now_ms()
             if state == "TERMINATED":
                 cluster["terminated_time"] = now
-                cluster["termination_reason"] = {"code": "USER_REQUEST", "type": "SUCCESS",
-                                                 "parameters": {"username": OWNER}}
+                cluster["termination_reason"] = reason or {
+                    "code": "USER_REQUEST", "type": "SUCCESS", "parameters": {"username": OWNER}}
             elif state == "RUNNING":
                 cluster.pop("termination_reason", None)
                 cluster["last_restarted_time"] = now
@@ -605,11 +609,16 @@ class LocalWorkspace(ExecutionContexts, ModelServing, WorkspaceFiles):
             self._timers.append(timer)
         timer.start()
 
-    def _cluster_started(self, cluster_id, from_state="PENDING"):
+    def _cluster_started(self, cluster_id, from_state="PENDING", runtime_ready=False):
         with self._lock:
             cluster = self._clusters.get(cluster_id)
             if cluster is None or cluster["state"] != from_state or self._stopping.is_set():
                 return
+        if not runtime_ready and self._runtime_of(cluster_id) is None:
+            # Its runtime's first start on this machine builds it: still starting till then.
+            self._install_runtime_then(
+                cluster_id, lambda: self._cluster_started(cluster_id, from_state, True))
+            return
         self.set_cluster_state(cluster_id, "RUNNING")
 
     def _cluster_events(self, body):
@@ -751,8 +760,11 @@ def _state_message(state):
             "RESIZING": "Resizing cluster"}.get(state, "")
 
 
-def _cluster(cluster_id, name, state, source, mode, single_user=None, num_workers=2,
-             autotermination=120):
+def _cluster(cluster_id, name, state, runtime, shape):
+    """A cluster's details; ``runtime``: its Databricks Runtime ("15.4"); ``shape``: source,
+    mode (access mode) and optionally single_user, num_workers, autotermination."""
+    source, mode, single_user = shape["source"], shape["mode"], shape.get("single_user")
+    num_workers, autotermination = shape.get("num_workers", 2), shape.get("autotermination", 120)
     now = _now_ms()
     details = {
         "cluster_id": cluster_id,
@@ -761,7 +773,7 @@ def _cluster(cluster_id, name, state, source, mode, single_user=None, num_worker
         "state_message": _state_message(state),
         "cluster_source": source,
         "data_security_mode": mode,
-        "spark_version": SPARK_VERSION,
+        "spark_version": spark_version_of(runtime),
         "node_type_id": "i3.xlarge",
         "driver_node_type_id": "i3.xlarge",
         "num_workers": num_workers,
@@ -787,15 +799,22 @@ def _cluster(cluster_id, name, state, source, mode, single_user=None, num_worker
 
 
 def _default_clusters():
+    """The clusters every local workspace starts with; their runtimes are built on first use."""
     clusters = [
-        _cluster(RUNNING_CLUSTER_ID, "analytics-dev", "RUNNING", "UI", "SINGLE_USER",
-                 single_user=OWNER),
-        _cluster(TERMINATED_CLUSTER_ID, "analytics-prod", "TERMINATED", "UI",
-                 "DATA_SECURITY_MODE_DEDICATED", single_user=OWNER, num_workers=8),
-        _cluster(JOB_CLUSTER_ID, "job-20250101-run-42", "RUNNING", "JOB", "SINGLE_USER",
-                 single_user=OWNER, num_workers=1, autotermination=0),
-        _cluster(SHARED_CLUSTER_ID, "shared-analytics", "RUNNING", "UI", "USER_ISOLATION",
-                 num_workers=4),
+        _cluster(RUNNING_CLUSTER_ID, "analytics-dev", "RUNNING", "15.4",
+                 dict(source="UI", mode="SINGLE_USER", single_user=OWNER)),
+        _cluster(TERMINATED_CLUSTER_ID, "analytics-prod", "TERMINATED", "15.4",
+                 dict(source="UI", mode="DATA_SECURITY_MODE_DEDICATED", single_user=OWNER,
+                      num_workers=8)),
+        _cluster(JOB_CLUSTER_ID, "job-20250101-run-42", "RUNNING", "15.4",
+                 dict(source="JOB", mode="SINGLE_USER", single_user=OWNER, num_workers=1,
+                      autotermination=0)),
+        _cluster(SHARED_CLUSTER_ID, "shared-analytics", "RUNNING", "15.4",
+                 dict(source="UI", mode="USER_ISOLATION", num_workers=4)),
+        _cluster(DEDICATED_CLUSTER_ID, "ml-dedicated-17", "RUNNING", "17.3",
+                 dict(source="UI", mode="DATA_SECURITY_MODE_DEDICATED", single_user=OWNER)),
+        _cluster(STANDARD_CLUSTER_ID, "bi-standard-17", "RUNNING", "17.3",
+                 dict(source="UI", mode="DATA_SECURITY_MODE_STANDARD", num_workers=4)),
     ]
     return collections.OrderedDict((c["cluster_id"], c) for c in clusters)
 
@@ -847,9 +866,16 @@ def main(argv=None):
                        help='JSON {"scope": {"key": "value"}} for dbutils.secrets')
     serve.add_argument("--latency-ms", type=int, default=0, metavar="N",
                        help="delay every API answer by N ms, as a real round trip does")
-    sub.add_parser("runtime", help="build (or check) the Databricks Runtime Python environment")
-    args = parser.parse_args(argv)
+    sub.add_parser("runtime", add_help=False,
+                   help="build (or check) Databricks Runtime environments (--version V, --all)")
+    args, rest = parser.parse_known_args(argv)
     if args.command == "runtime":
         from .runtime import main as runtime_main
-        return runtime_main()
-    return _serve(args)
+        return runtime_main(rest, default_versions=default_runtimes())
+    return _serve(parser.parse_args(argv))
+
+
+def default_runtimes():
+    """The runtimes of the default clusters (what ``runtime`` builds by default), oldest first."""
+    versions = {runtime_version(c["spark_version"]) for c in _default_clusters().values()}
+    return sorted(versions, key=lambda v: tuple(map(int, v.split("."))))

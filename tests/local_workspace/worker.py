@@ -6,8 +6,8 @@ The protocol never touches fd 0/1/2 (user code may write to fd 1 through
 ``os.system`` or a subprocess); it runs on three inherited pipes:
 
 * REQ_FD (server -> worker): JSON lines. First ``{"type": "init", ...}`` with the
-  host, token and cluster facts (and the cluster driver's socket, the runtime's site dir and
-  the context's own venv dir), then ``{"type": "exec", "id", "code", "language", ...}``
+  host, token and cluster facts (and the cluster driver's socket and the context's own venv
+  dir), then ``{"type": "exec", "id", "code", "language", ...}``
   (``language``: "python" or "sql").
 * RES_FD (worker -> server): JSON lines. ``{"type": "ready", "pid"}`` after the
   init, then one ``{"type": "result", "id", "results", "cancelled"}`` per exec.
@@ -534,6 +534,7 @@ def _pip(args):
 
 def _context_env():
     """The context's own venv (made once, kept across a Python restart): its python."""
+    import sysconfig
     import venv
 
     root = STATE["init"]["context_env"]
@@ -541,7 +542,7 @@ def _context_env():
     if not os.path.exists(python):
         venv.EnvBuilder(with_pip=False, symlinks=True).create(root)
         with open(os.path.join(_context_site(), "runtime.pth"), "w") as f:
-            f.write(STATE["init"]["runtime_site"] + "\n")
+            f.write(sysconfig.get_paths()["purelib"] + "\n")  # this runtime's own site dir
         pip = os.path.join(root, "bin", "pip")
         with open(pip, "w") as f:
             f.write('#!/bin/sh\nexec "%s" -m pip "$@"\n' % python)
