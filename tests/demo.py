@@ -44,8 +44,8 @@ STEPS = [
     ("dbx_repl.py", ["exec", "--tag", "slow", "--timeout", "1", "--command", "import time\ntime.sleep(30)"],
      "Running"),
     ("dbx_repl.py", ["cancel"], "Cancelled"),
-    ("dbx_repl.py", ["status"], "STATUS"),
-    ("dbx_repl.py", ["export"], "EXPORT"),
+    ("dbx_repl.py", ["status"], "Active"),
+    ("dbx_repl.py", ["export"], "Exported"),
     ("dbx_repl.py", ["destroy"], "Destroyed"),
 ]
 
