@@ -391,9 +391,12 @@ print(json.dumps({"out": out, "java": java, "ended": t._all_end(tree),
 
 
 # An empty /tmp (tmpfs) in a mount namespace, with the host's /tmp entries the child needs bound
-# back at their paths (from the old /tmp, still the shell's working directory), then the command.
+# back at their paths, then the command. The old /tmp is still the shell's working directory, so
+# "./x" names the host's /tmp/x (--no-canonicalize: mount would turn it into the new /tmp/x).
 PRIVATE_TMP = """cd /tmp && mount -t tmpfs tmpfs /tmp || exit 1
-while [ "$1" != -- ]; do mkdir -p "$1" && mount --bind "./${1#/tmp/}" "$1" || exit 1; shift; done
+while [ "$1" != -- ]; do
+  mkdir -p "$1" && mount --no-canonicalize --bind "./${1#/tmp/}" "$1" || exit 1; shift
+done
 shift; cd / && exec "$@"
 """
 
