@@ -39,7 +39,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 Runtime = collections.namedtuple(
-    "Runtime", "version python spark scala notes_url build_requires optional left_out")
+    "Runtime", "version python spark scala notes_url build_first optional left_out")
 RuntimeEnv = collections.namedtuple(
     "RuntimeEnv", "version python spark_version site_packages python_version")
 
@@ -55,14 +55,14 @@ _NEEDS_LIBPQ = ("psycopg2",)
 # Their libraries: runtimes/<version>.txt. See references/local-workspace.md, "Runtime and Spark".
 RUNTIMES = collections.OrderedDict((r.version, r) for r in (
     Runtime("15.4", python="3.11", spark="3.5.0", scala="2.12", notes_url=_NOTES % "15.4",
-            build_requires=(), optional=_NEEDS_LIBPQ, left_out=_OS_PACKAGES),
+            build_first=(), optional=_NEEDS_LIBPQ, left_out=_OS_PACKAGES),
     Runtime("16.4", python="3.12", spark="3.5.2", scala="2.12", notes_url=_NOTES % "16.4",
             # pandas 1.5.3 has no wheel for 3.12 and its sdist only builds with these (then
             # without pip's build isolation, whose newest setuptools lacks pkg_resources).
-            build_requires=("setuptools<70", "Cython<3", "wheel", "numpy==1.26.4"),
+            build_first=(("pandas", ("setuptools<70", "Cython<3", "wheel", "numpy==1.26.4")),),
             optional=_NEEDS_LIBPQ, left_out=_OS_PACKAGES),
     Runtime("17.3", python="3.12", spark="4.0.0", scala="2.13", notes_url=_NOTES % "17.3",
-            build_requires=(), optional=_NEEDS_LIBPQ, left_out=_OS_PACKAGES),
+            build_first=(), optional=_NEEDS_LIBPQ, left_out=_OS_PACKAGES),
 ))
 MARKER = "databricks-repl-runtime.json"
 PYTHONS_ENV = "LOCAL_WORKSPACE_PYTHONS"  # dirs searched for python3.X instead of pyenv and PATH
@@ -206,7 +206,8 @@ def _marker(runtime):
     with open(requirements_path(runtime), "rb") as f:
         pins = hashlib.sha256(f.read()).hexdigest()
     return {"version": runtime.version, "python": runtime.python, "spark": runtime.spark,
-            "requirements_sha256": pins, "build_requires": list(runtime.build_requires)}
+            "requirements_sha256": pins,
+            "build_first": [[name, list(tools)] for name, tools in runtime.build_first]}
 
 
 def _is_current(path, runtime):
@@ -313,29 +314,8 @@ def _build(runtime, interpreter, final, watch):
         python = os.path.join(building, "bin", "python")
         pip = ([python, "-m", "pip", "install", "--disable-pip-version-check", "--no-input",
                 "--no-warn-script-location"] + ([] if tty else ["--progress-bar", "off"]))
-        isolation = []
-        if runtime.build_requires:
-            _say(progress, "step 2/4: pip install %s (to build what has no wheel)"
-                 % " ".join(runtime.build_requires))
-            run(pip + list(runtime.build_requires), tty=tty)
-            isolation = ["--no-build-isolation"]
-        pins = requirements(runtime)
-        optional = [p for p in pins if _name(p) in {_name(o + "==") for o in runtime.optional}]
-        required = os.path.join(scratch, "requirements.txt")
-        with open(required, "w", encoding="utf-8") as f:
-            f.write("\n".join(p for p in pins if p not in optional) + "\n")
-        _say(progress, "step 2/4: pip install -r %s (%d pins)"
-             % (requirements_path(runtime), len(pins) - len(optional)))
-        run(pip + isolation + ["-r", required], tty=tty)
-        missing = []
-        for line in optional:
-            _say(progress, "step 3/4: pip install %s (needs the OS's development files)" % line)
-            try:
-                run(pip + isolation + ["--no-deps", line], tty=tty)
-            except RuntimeBuildError:
-                missing.append(line)
-                _say(progress, "left out %s: it does not build on this machine (see %s)"
-                     % (line, log_path))
+        missing = _install_pins(runtime, lambda args: run(pip + args, tty=tty), scratch,
+                                progress)
         _say(progress, "step 4/4: checking the install")
         run([python, "-c", "import pyspark, pandas, numpy, pyarrow, sklearn, scipy, matplotlib, "
                            "joblib, cloudpickle; assert pyspark.__version__ == %r, "
@@ -351,6 +331,36 @@ def _build(runtime, interpreter, final, watch):
         shutil.rmtree(building, ignore_errors=True)
         shutil.rmtree(scratch, ignore_errors=True)
     _say(progress, "runtime %s ready in %.0f s" % (runtime.version, time.monotonic() - started))
+
+
+def _install_pins(runtime, pip, scratch, progress):
+    """pip install the runtime's pins (``pip(args)``): first what must be built against older
+    tools (``build_first``, without build isolation), then the whole list in one go (pip only
+    checks that the exact pins fit), then the optional ones one by one. Returns the optional
+    pins that did not build (left out)."""
+    pins = requirements(runtime)
+    for name, tools in runtime.build_first:
+        line = next(p for p in pins if _name(p) == _name(name + "=="))
+        _say(progress, "step 2/4: building %s first, with %s" % (line, " ".join(tools)))
+        pip(list(tools))
+        pip(["--no-build-isolation", "--no-deps", line])
+    optional = [p for p in pins if _name(p) in {_name(o + "==") for o in runtime.optional}]
+    required = os.path.join(scratch, "requirements.txt")
+    with open(required, "w", encoding="utf-8") as f:
+        f.write("\n".join(p for p in pins if p not in optional) + "\n")
+    _say(progress, "step 2/4: pip install -r %s (%d pins)"
+         % (requirements_path(runtime), len(pins) - len(optional)))
+    pip(["-r", required])
+    missing = []
+    for line in optional:
+        _say(progress, "step 3/4: pip install %s (needs the OS's development files)" % line)
+        try:
+            pip(["--no-deps", line])
+        except RuntimeBuildError:
+            missing.append(line)
+            _say(progress, "left out %s: it does not build on this machine (see the build log)"
+                 % line)
+    return missing
 
 
 class _Runner:
