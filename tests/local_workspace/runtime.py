@@ -444,7 +444,7 @@ class ClusterRuntimes:
         thread = threading.Thread(target=self._build_then, args=(cluster_id, then),
                                   name="runtime-%s" % cluster_id, daemon=True)
         with self._lock:
-            self._runtime_threads.append(thread)
+            self._runtime_threads = [t for t in self._runtime_threads if t.is_alive()] + [thread]
         thread.start()
         return False
 
@@ -472,9 +472,10 @@ class ClusterRuntimes:
                                            ", ".join(map(spark_version_of, RUNTIMES))))
             with serial:  # one build per runtime in this process; others then find it built
                 env = ensure_runtime(version, cancel=self._stopping)
-        except RuntimeBuildError as e:
+        except Exception as e:  # the cluster fails to start; the server goes on
             if not self._stopping.is_set():
-                self._runtime_failed(cluster_id, e)
+                self._runtime_failed(cluster_id, e if isinstance(e, RuntimeBuildError) else
+                                     RuntimeBuildError("%s: %s" % (type(e).__name__, e)))
             return
         if not self._stopping.is_set():
             then(env)
