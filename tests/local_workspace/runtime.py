@@ -67,7 +67,7 @@ RUNTIMES = collections.OrderedDict((r.version, r) for r in (
 MARKER = "databricks-repl-runtime.json"
 PYTHONS_ENV = "LOCAL_WORKSPACE_PYTHONS"  # dirs searched for python3.X instead of pyenv and PATH
 LOCK_REPORT_EVERY = 10.0  # seconds between "still waiting" lines
-BUILD_TIMEOUT = 30 * 60.0  # a build (or a wait for another's) that takes longer is given up
+BUILD_TIMEOUT = 60 * 60.0  # a build (or a wait for another's) that takes longer is given up
 
 
 class RuntimeBuildError(Exception):
