@@ -20,8 +20,9 @@ from databricks.sdk.service.compute import (CommandStatus, ContextStatus, Langua
                                             State)
 from databricks.sdk.service.serving import ChatMessage, ChatMessageRole
 
-from local_workspace import (JOB_CLUSTER_ID, RUNNING_CLUSTER_ID, SHARED_CLUSTER_ID,
-                             TERMINATED_CLUSTER_ID, LocalWorkspace)
+from local_workspace import (DEDICATED_CLUSTER_ID, JOB_CLUSTER_ID, RUNNING_CLUSTER_ID,
+                             SHARED_CLUSTER_ID, STANDARD_CLUSTER_ID, TERMINATED_CLUSTER_ID,
+                             LocalWorkspace)
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 DONE = (CommandStatus.FINISHED, CommandStatus.ERROR, CommandStatus.CANCELLED)
@@ -520,9 +521,10 @@ def test_missing_token_is_401_and_a_wrong_token_is_403(workspace):
 def test_clusters_list_pages_through_every_cluster(sdk_client, workspace):
     clusters = list(sdk_client.clusters.list())
     assert [c.cluster_id for c in clusters] == [RUNNING_CLUSTER_ID, TERMINATED_CLUSTER_ID,
-                                                JOB_CLUSTER_ID, SHARED_CLUSTER_ID]
+                                                JOB_CLUSTER_ID, SHARED_CLUSTER_ID,
+                                                DEDICATED_CLUSTER_ID, STANDARD_CLUSTER_ID]
     lists = [r for r in workspace.requests() if r["path"] == "/api/2.1/clusters/list"]
-    assert len(lists) == 2 and "page_token" in lists[1]["query"]
+    assert len(lists) == 3 and "page_token" in lists[2]["query"]
     names = {c.cluster_name for c in clusters}
     assert [n for n in names if "analytics" in n.lower()] and \
         [n for n in names if "prod" in n.lower()] == ["analytics-prod"]
@@ -530,7 +532,8 @@ def test_clusters_list_pages_through_every_cluster(sdk_client, workspace):
     running = list(sdk_client.clusters.list(
         filter_by=ListClustersFilterBy(cluster_states=[State.RUNNING]), page_size=1))
     assert {c.cluster_id for c in running} == {RUNNING_CLUSTER_ID, JOB_CLUSTER_ID,
-                                               SHARED_CLUSTER_ID}
+                                               SHARED_CLUSTER_ID, DEDICATED_CLUSTER_ID,
+                                               STANDARD_CLUSTER_ID}
 
 
 def test_clusters_get_describes_each_default_cluster(sdk_client):
@@ -541,6 +544,15 @@ def test_clusters_get_describes_each_default_cluster(sdk_client):
     assert job.cluster_source.value == "JOB"
     dev = sdk_client.clusters.get(RUNNING_CLUSTER_ID)
     assert dev.single_user_name and dev.cluster_source.value == "UI"
+    assert dev.spark_version == "15.4.x-scala2.12"  # the oldest LTS
+    dedicated = sdk_client.clusters.get(DEDICATED_CLUSTER_ID)
+    assert dedicated.state == State.RUNNING and dedicated.spark_version == "17.3.x-scala2.13"
+    assert dedicated.data_security_mode.value == "DATA_SECURITY_MODE_DEDICATED"
+    assert dedicated.single_user_name
+    standard = sdk_client.clusters.get(STANDARD_CLUSTER_ID)
+    assert standard.state == State.RUNNING and standard.spark_version == "17.3.x-scala2.13"
+    assert standard.data_security_mode.value == "DATA_SECURITY_MODE_STANDARD"
+    assert not standard.single_user_name
     with pytest.raises(ResourceDoesNotExist, match="does not exist"):
         sdk_client.clusters.get("0000-000000-nothere0")
 

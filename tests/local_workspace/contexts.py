@@ -1,7 +1,8 @@
 """Execution contexts and commands: the backend behind the Command Execution API 1.2.
 
 Every execution context is a real Python process (``worker.py``) on its cluster's runtime
-(``runtime.py``), fed its queue of commands one at a time over pipes. Each running cluster has one
+(``runtime.py``: from the cluster's spark_version, built on the cluster's first start; meanwhile
+a context is ``Pending``), fed its queue of commands one at a time over pipes. Each running cluster has one
 driver (``driver.py``: the JVM its contexts share, started with the cluster's first context).
 Cancel asks the driver to cancel the command's Spark job group, then interrupts the context.
 Contexts are evicted (least recently used idle first at the limit, or after ``idle_ttl``),
@@ -28,7 +29,7 @@ from .config import OWNER, WORKSPACE_ID
 from .errors import (ClusterNotReady, CommandNotFound, ContextDisconnected, InvalidParameter,
                      InvalidState, TooManyContexts, UnsupportedLanguage)
 from .paths import cluster_dir, driver_dir
-from .runtime import ensure_runtime
+from .runtime import ready_runtime
 
 TESTS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -137,7 +138,6 @@ class Contexts:
         self._driver_lock = threading.Lock()
         self._pids = []
         self._shutdown_commands = {}  # command id -> command aborted by its context's shutdown
-        self._runtime = None
         self._tmpdir = None
         self.plots_dir = None
         self._host = None
@@ -155,7 +155,6 @@ class Contexts:
         # Plots live in the FileStore of the DBFS root, as on a workspace (S24).
         self.plots_dir = paths.host_path(state_dir, None, PLOTS_PATH)
         os.makedirs(self.plots_dir, exist_ok=True)
-        self._runtime = ensure_runtime()  # built once, cached; see runtime_for
         self._janitor = threading.Thread(target=self._janitor_loop, name="local-workspace-janitor",
                                          daemon=True)
         self._janitor.start()
@@ -169,8 +168,10 @@ class Contexts:
 
     def runtime_for(self, cluster_id):
         """The runtime environment every process of the cluster runs on (its driver and its
-        contexts): the one place a cluster gets its runtime."""
-        return self._runtime
+        contexts): the one place a cluster's processes get their runtime. Its cluster's start
+        built it (``Clusters.when_runtimes_ready``); None while it is not built."""
+        version = self._clusters.runtime_of(cluster_id)
+        return ready_runtime(version) if version else None
 
     def _cluster_changed(self, cluster_id, state):
         """A cluster that stops running loses its contexts, and its driver (with its JVM)."""
@@ -243,7 +244,6 @@ class Contexts:
             self._contexts[context_id] = ctx
             if self._fails_at_creation(ctx):
                 return context_id
-        runtime = self.runtime_for(cluster_id)
         init = {
             "type": "init",
             "host": self._host,
@@ -257,10 +257,12 @@ class Contexts:
             "user": cluster.get("single_user_name") or OWNER,
             "state_dir": self._tmpdir,
             "secrets": self._secrets,
-            "runtime_site": runtime.site_packages,
             "context_env": os.path.join(cluster_dir(self._tmpdir, cluster_id), "contexts",
                                         context_id),
         }
+        if not self._clusters.runtimes_ready(cluster_id):  # Pending while it builds
+            self._clusters.when_runtimes_ready(cluster_id, lambda: self._start_pending(ctx, init))
+            return context_id
         try:
             init["driver_socket"] = self._driver_for(cluster_id).socket_path
             self._spawn(ctx, init)
@@ -269,6 +271,24 @@ class Contexts:
                 self._contexts.pop(context_id, None)
             raise
         return context_id
+
+    def _start_pending(self, ctx, init):
+        """Start a context that waited for its cluster's runtime: it ends ``Error`` when the
+        driver does not start, and is never started once closed (destroyed, cluster stopped)."""
+        with self._lock:
+            if ctx.closed:
+                return
+        try:
+            init["driver_socket"] = self._driver_for(ctx.cluster_id).socket_path
+            self._spawn(ctx, init)
+        except Exception:
+            with self._lock:
+                ctx.status, ctx.dead = "Error", True
+            return
+        with self._lock:
+            gone = ctx.closed
+        if gone:  # closed while its process started
+            self._reap(ctx.proc, grace=0)
 
     def status(self, cluster_id, context_id):
         """contexts/status: {id, status}."""
@@ -386,9 +406,9 @@ class Contexts:
             home = cluster_dir(self._tmpdir, cluster_id)
             os.makedirs(home, exist_ok=True)
             socket_path = os.path.join(home, "driver.sock")
-            argv = sandbox.wrap_command([self.runtime_for(cluster_id).python, "-c", DRIVER_BOOT, self._tmpdir,
-                                         cluster_id, socket_path], self._tmpdir, cluster_id,
-                                        self._isolation)
+            python = self.runtime_for(cluster_id).python
+            argv = sandbox.wrap_command([python, "-c", DRIVER_BOOT, self._tmpdir, cluster_id,
+                                         socket_path], self._tmpdir, cluster_id, self._isolation)
             with open(os.path.join(home, "driver.log"), "ab") as log:
                 proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                         env=self._cluster_env(cluster_id), cwd=home,
@@ -446,8 +466,9 @@ class Contexts:
         log_path = os.path.join(cluster_dir(self._tmpdir, ctx.cluster_id),
                                 "context-%s.log" % ctx.id)
         try:
+            python = self.runtime_for(ctx.cluster_id).python
             argv = sandbox.wrap_command(
-                [self.runtime_for(ctx.cluster_id).python, "-c", WORKER_BOOT, str(req_r), str(res_w), str(cancel_r)],
+                [python, "-c", WORKER_BOOT, str(req_r), str(res_w), str(cancel_r)],
                 self._tmpdir, ctx.cluster_id, self._isolation)
             with open(log_path, "ab") as log:
                 proc = subprocess.Popen(

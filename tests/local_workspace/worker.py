@@ -6,8 +6,8 @@ The protocol never touches fd 0/1/2 (user code may write to fd 1 through
 ``os.system`` or a subprocess); it runs on three inherited pipes:
 
 * REQ_FD (server -> worker): JSON lines. First ``{"type": "init", ...}`` with the
-  host, token and cluster facts (and the cluster driver's socket, the runtime's site dir and
-  the context's own venv dir), then ``{"type": "exec", "id", "code", "language", "limits"}``
+  host, token and cluster facts (and the cluster driver's socket and the context's own venv
+  dir), then ``{"type": "exec", "id", "code", "language", "limits"}``
   (``language``: "python" or "sql").
 * RES_FD (worker -> server): JSON lines. ``{"type": "ready", "pid"}`` after the
   init, then one ``{"type": "result", "id", "results", "cancelled", "restart"}`` per exec.
