@@ -196,8 +196,16 @@ def test_a_syntax_error_is_an_error_result(sdk_client):
     assert "def broken(:" in ANSI.sub("", results.cause)
 
 
-def test_long_output_is_truncated_at_the_configured_limit(sdk_client, workspace):
+def test_text_past_the_15_4_limit_is_discarded_or_cut_as_configured(sdk_client, workspace):
     ctx = new_context(sdk_client)
+    # DBR <= 16.4, by default: output over 50,000 characters is discarded (current docs).
+    results = run(sdk_client, ctx, "print('x' * 60000)")
+    assert results.data == "*** WARNING: max output size exceeded, skipping output. ***"
+    assert not results.truncated
+    at_limit = run(sdk_client, ctx, "print('x' * 50000)")
+    assert at_limit.data == "x" * 50_000 and not at_limit.truncated
+    # ... or cut to its head, as older docs and clients saw it.
+    workspace.configure(output_overflow="truncate")
     results = run(sdk_client, ctx, "print('x' * 60000)")
     assert len(results.data) == 50_000 and results.truncated is True
     workspace.configure(output_limit=100)
@@ -206,6 +214,19 @@ def test_long_output_is_truncated_at_the_configured_limit(sdk_client, workspace)
     assert results.truncated is True
     short = run(sdk_client, ctx, "print('short')")
     assert short.data == "short" and not short.truncated
+
+
+def test_a_17_3_cell_keeps_up_to_its_output_size_in_mb(sdk_client, workspace):
+    ctx = new_context(sdk_client, DEDICATED_CLUSTER_ID)
+    # DBR >= 17.0: 10 MB of output by default, far past 15.4's 50,000 characters ...
+    wide = run(sdk_client, ctx, "print('x' * 60000)", DEDICATED_CLUSTER_ID)
+    assert wide.data == "x" * 60_000 and not wide.truncated
+    # ... and past the limit (1 to 20 MB) the output is cut, not discarded.
+    workspace.configure(cell_output_mb=1)
+    cut = run(sdk_client, ctx, "print('é' * 600000)", DEDICATED_CLUSTER_ID)
+    assert cut.truncated is True and cut.data == "é" * (1024 * 1024 // 2)
+    with pytest.raises(ValueError, match="between 1 and 20"):
+        workspace.configure(cell_output_mb=21)
 
 
 def test_dbutils_notebook_exit_ends_the_command_with_its_value(sdk_client):
@@ -594,7 +615,22 @@ def test_dbutils_spark_conf_and_dbruntime_answer_like_a_cluster(sdk_client, work
     assert "not started" in lines[5]  # reading the conf did not start Spark
 
 
-def test_the_shared_cluster_blocks_getcontext_but_not_dbruntime(sdk_client, workspace):
+def test_the_shared_cluster_refuses_the_py4j_context_but_not_dbruntime(sdk_client, workspace):
+    ctx = new_context(sdk_client, SHARED_CLUSTER_ID)
+    # By default getContext() answers and its methods are refused (S30: tags()) ...
+    assert text(sdk_client, ctx, "c = dbutils.notebook.entry_point.getDbutils().notebook()"
+                                 ".getContext()\nprint(type(c).__name__)", SHARED_CLUSTER_ID) \
+        == "_CommandContext"
+    for method, returns in (("tags", "scala.collection.immutable.Map"),
+                            ("apiToken", "scala.Option")):
+        refused = run(sdk_client, ctx, "c.%s()" % method, SHARED_CLUSTER_ID)
+        assert refused.result_type == ResultType.ERROR
+        assert ("py4j.security.Py4JSecurityException: Method public %s "
+                "com.databricks.backend.common.rpc.CommandContext.%s() is not whitelisted on "
+                "class class com.databricks.backend.common.rpc.CommandContext"
+                % (returns, method)) in refused.cause
+    # ... or, switched, getContext() itself is.
+    workspace.configure(standard_py4j="get_context")
     ctx = new_context(sdk_client, SHARED_CLUSTER_ID)
     blocked = run(sdk_client, ctx, "dbutils.notebook.entry_point.getDbutils().notebook()"
                                    ".getContext().apiToken().get()", SHARED_CLUSTER_ID)
@@ -606,6 +642,11 @@ def test_the_shared_cluster_blocks_getcontext_but_not_dbruntime(sdk_client, work
     assert text(sdk_client, ctx, "from dbruntime.databricks_repl_context import get_context\n"
                                  "get_context().apiToken", SHARED_CLUSTER_ID) \
         == "Out[2]: %r" % workspace.token
+    # A dedicated cluster's context answers.
+    own = new_context(sdk_client)
+    assert text(sdk_client, own, "dbutils.notebook.entry_point.getDbutils().notebook()"
+                                 ".getContext().tags().get('clusterId').get()") \
+        == "Out[1]: %r" % RUNNING_CLUSTER_ID
 
 
 def test_the_context_env_looks_like_a_cluster_without_databricks_credentials(

@@ -24,7 +24,7 @@ import time
 
 from .config import OWNER
 from .errors import ClusterNotFound, ClusterNotReady, InvalidParameter, InvalidState
-from .runtime import Builds, runtime_version, spark_version_of
+from .runtime import CONNECT_RUNTIME, Builds, runtime_version, spark_version_of
 
 RUNNING_CLUSTER_ID = "0101-000001-devrun01"
 TERMINATED_CLUSTER_ID = "0101-000002-prodoff2"
@@ -278,8 +278,17 @@ class Clusters:
 
 def _runtimes_needed(cluster):
     """The runtimes a cluster's processes run on: the one its ``spark_version`` names (None
-    when the local workspace has no such runtime)."""
-    return [runtime_version(cluster["spark_version"])]
+    when the local workspace has no such runtime), and on a standard access mode cluster the
+    one whose Spark runs its Spark Connect server (``Contexts.runtime_for``)."""
+    own = runtime_version(cluster["spark_version"])
+    if is_standard(cluster) and own != CONNECT_RUNTIME:
+        return [own, CONNECT_RUNTIME]
+    return [own]
+
+
+def is_standard(cluster):
+    """Standard (formerly shared) access mode: Python's ``spark`` is a Spark Connect session."""
+    return cluster["data_security_mode"] in SHARED_MODES
 
 
 def _unexpected_state(cluster):

@@ -24,12 +24,12 @@ import uuid
 
 from . import driver as _driver
 from . import paths, sandbox
-from .clusters import RUNNABLE_STATES, SHARED_MODES
+from .clusters import RUNNABLE_STATES, is_standard
 from .config import OWNER, WORKSPACE_ID
 from .errors import (ClusterNotReady, CommandNotFound, ContextDisconnected, InvalidParameter,
                      InvalidState, TooManyContexts, UnsupportedLanguage)
 from .paths import cluster_dir, driver_dir
-from .runtime import ready_runtime
+from .runtime import CONNECT_RUNTIME, SESSION_TIME_ZONE, at_least, ready_runtime, spark_defaults
 
 TESTS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,6 +52,9 @@ CANCEL_FIRST_SIGNAL_DELAY = 0.1
 CANCEL_RESEND_INTERVAL = 0.25
 CANCEL_KILL_AFTER = 10.0
 PLOTS_PATH = "dbfs:/FileStore/plots"
+# What a DBR <= 16.4 notebook shows instead of output over its limit (quoted in
+# DeNederlandscheBank/name_matching #22; see _over_the_text_limit).
+OUTPUT_DISCARDED = "*** WARNING: max output size exceeded, skipping output. ***"
 
 CANCELLED_CAUSE = (
     "com.databricks.backend.common.rpc.CommandCancelledException\n"
@@ -166,11 +169,16 @@ class Contexts:
         if self._janitor is not None:
             self._janitor.join(5)
 
-    def runtime_for(self, cluster_id):
-        """The runtime environment every process of the cluster runs on (its driver and its
-        contexts): the one place a cluster's processes get their runtime. Its cluster's start
-        built it (``Clusters.when_runtimes_ready``); None while it is not built."""
+    def runtime_for(self, cluster_id, driver=False):
+        """The runtime environment a process of the cluster runs on: the one place a cluster's
+        processes get their runtime. Its contexts (and a dedicated cluster's driver) run the
+        runtime the cluster's ``spark_version`` names; a standard access mode cluster's
+        driver (``driver=True``), whose JVM is a Spark Connect server, runs CONNECT_RUNTIME's
+        Spark whatever the cluster's runtime (pyspark 3.5 ships no Connect server). The
+        cluster's start built them (``Clusters.when_runtimes_ready``); None while not built."""
         version = self._clusters.runtime_of(cluster_id)
+        if driver and version and is_standard(self._clusters.get(cluster_id)):
+            version = CONNECT_RUNTIME
         return ready_runtime(version) if version else None
 
     def _cluster_changed(self, cluster_id, state):
@@ -253,7 +261,9 @@ class Contexts:
             "cluster_id": cluster_id,
             "cluster_name": cluster["cluster_name"],
             "spark_version": cluster["spark_version"],
-            "shared": cluster["data_security_mode"] in SHARED_MODES,
+            "shared": is_standard(cluster),
+            "spark_connect": is_standard(cluster),
+            "standard_py4j": self._config["standard_py4j"],
             "user": cluster.get("single_user_name") or OWNER,
             "state_dir": self._tmpdir,
             "secrets": self._secrets,
@@ -386,7 +396,7 @@ class Contexts:
         runtime = self.runtime_for(cluster_id)
         runtime_bin = os.path.dirname(runtime.python)
         env.update({"DATABRICKS_RUNTIME_VERSION": runtime.version, "MPLBACKEND": "Agg",
-                    "PYTHONIOENCODING": "utf-8", "TMPDIR": tmp,
+                    "PYTHONIOENCODING": "utf-8", "TMPDIR": tmp, "TZ": SESSION_TIME_ZONE,
                     "PYSPARK_PYTHON": runtime.python,
                     "PYSPARK_DRIVER_PYTHON": runtime.python,
                     # Every JVM (spark-submit's launcher too): no /tmp/hsperfdata_<user>, and
@@ -406,9 +416,11 @@ class Contexts:
             home = cluster_dir(self._tmpdir, cluster_id)
             os.makedirs(home, exist_ok=True)
             socket_path = os.path.join(home, "driver.sock")
-            python = self.runtime_for(cluster_id).python
+            python = self.runtime_for(cluster_id, driver=True).python
+            settings = json.dumps(self._spark_settings(cluster_id))
             argv = sandbox.wrap_command([python, "-c", DRIVER_BOOT, self._tmpdir, cluster_id,
-                                         socket_path], self._tmpdir, cluster_id, self._isolation)
+                                         socket_path, settings], self._tmpdir, cluster_id,
+                                        self._isolation)
             with open(os.path.join(home, "driver.log"), "ab") as log:
                 proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                         env=self._cluster_env(cluster_id), cwd=home,
@@ -429,6 +441,21 @@ class Contexts:
                                               "did not start (see %s)"
                                               % (cluster_id, os.path.join(home, "driver.log")))
                     time.sleep(0.05)
+
+    def _spark_settings(self, cluster_id):
+        """The driver's settings (``driver.py``): the Spark configuration of the cluster's
+        runtime (``runtime.spark_defaults``) and its tags, and whether its Spark is a Spark
+        Connect server (standard access mode). A 15.4 standard cluster's server runs on
+        Spark 4.0 with 15.4's settings (ANSI off)."""
+        cluster = self._clusters.get(cluster_id)
+        conf = spark_defaults(self._clusters.runtime_of(cluster_id))
+        conf.update({
+            "spark.databricks.clusterUsageTags.clusterId": cluster_id,
+            "spark.databricks.clusterUsageTags.clusterName": cluster["cluster_name"],
+            "spark.databricks.clusterUsageTags.sparkVersion": cluster["spark_version"],
+            "spark.databricks.workspaceUrl": self._host.split("://", 1)[-1],
+        })
+        return {"conf": conf, "connect": is_standard(cluster)}
 
     def _stop_driver(self, cluster_id):
         """Kill the cluster's driver and its JVM (one process group)."""
@@ -574,7 +601,8 @@ class Contexts:
                         self._apply_cancel(cmd)
                     else:
                         cmd.status = "Finished"
-                        cmd.results = self._shape_results(reply.get("results"))
+                        cmd.results = self._shape_results(reply.get("results"),
+                                                          self._clusters.runtime_of(ctx.cluster_id))
                 if reply.get("restart"):
                     return self._restart_python(ctx, init)
         except (OSError, ValueError):
@@ -609,14 +637,14 @@ class Contexts:
             ctx.queue.clear()
         self._reap(ctx.proc, grace=0)
 
-    def _shape_results(self, results):
+    def _shape_results(self, results, version):
+        """A command's results as the cluster's runtime returns them: text past the output
+        limit of ``version``'s runtime (``_over_the_text_limit``), anything but a table past
+        the 20 MB RPC limit an error."""
         if not isinstance(results, dict):
             return results
-        limit = min(self._config["output_limit"], MAX_NON_TABLE_BYTES)
         if results.get("resultType") == "text":
-            data = results.get("data") or ""
-            if len(data) > limit:
-                results = dict(results, data=data[:limit], truncated=True)
+            results = self._over_the_text_limit(results, version)
         elif results.get("resultType") != "table":
             size = len(json.dumps(results))
             if size > MAX_NON_TABLE_BYTES:
@@ -627,6 +655,32 @@ class Contexts:
                            "cause": "org.apache.spark.SparkException: rpc response (of %d bytes) "
                                     "exceeds limit of %d bytes" % (size, MAX_NON_TABLE_BYTES)}
         return results
+
+    def _over_the_text_limit(self, results, version):
+        """Text output past the runtime's limit (notebook-limitations, S16):
+
+        * DBR 17.0 and above: a cell's output is cut at ``cell_output_mb`` MB (default 10,
+          ``%set_cell_max_output_size_in_mb`` takes 1 to 20), "truncated to fit within the
+          limit"; here its head is kept, with ``truncated: true`` (how a real cut keeps "as much
+          useful output as possible", and whether it sets the flag, is UNVERIFIED);
+        * DBR 16.4 and below: text results of at most ``output_limit`` characters (default
+          50,000, ``spark.databricks.driver.maxReplOutputLength``). The current docs say output
+          over the limit is "completely discarded" (``output_overflow="discard"``, the default:
+          the text is replaced by the warning a notebook shows); older docs and clients saw it
+          cut (``"truncate"``: the head, ``truncated: true``)."""
+        data = results.get("data") or ""
+        if version and at_least(version, "17.0"):
+            limit = min(self._config["cell_output_mb"] * 1024 * 1024, MAX_NON_TABLE_BYTES)
+            encoded = data.encode("utf-8")
+            if len(encoded) <= limit:
+                return results
+            return dict(results, data=encoded[:limit].decode("utf-8", "ignore"), truncated=True)
+        limit = min(self._config["output_limit"], MAX_NON_TABLE_BYTES)
+        if len(data) <= limit:
+            return results
+        if self._config["output_overflow"] == "discard":
+            return {"resultType": "text", "data": OUTPUT_DISCARDED}
+        return dict(results, data=data[:limit], truncated=True)
 
     def _close_contexts(self, context_ids, grace=0.0):
         """Evict/destroy: forget the contexts (and their commands), kill the processes."""

@@ -126,6 +126,31 @@ def _name(line):
     return re.sub(r"[-_.]+", "-", line.split("==", 1)[0]).lower()
 
 
+# ------------------------------------------------------------------ what a runtime sets
+
+# The runtime whose Apache Spark serves Spark Connect for a standard access mode cluster of any
+# runtime: pyspark 4.0.0's package ships a Connect server (jars/spark-connect_2.13-4.0.0.jar),
+# pyspark 3.5's does not, and nothing offline provides one.
+CONNECT_RUNTIME = "17.3"
+# The time zone a cluster runs in: its session time zone and its processes' clock (TZ).
+SESSION_TIME_ZONE = "Etc/UTC"
+
+
+def at_least(version, minimum):
+    """Is the runtime ``version`` ("15.4") ``minimum`` ("17.0") or newer?"""
+    return tuple(map(int, version.split("."))) >= tuple(map(int, minimum.split(".")))
+
+
+def spark_defaults(version):
+    """The Spark configuration a Databricks Runtime sets that code depends on, beyond Apache
+    Spark's own defaults (sources: references/local-workspace.md, "Runtime defaults"):
+    Arrow-based conversion between pandas and Spark, the UTC session time zone, and ANSI mode
+    as the runtime has it (on from DBR 17.0 with Spark 4.0, off before)."""
+    return {"spark.sql.execution.arrow.pyspark.enabled": "true",
+            "spark.sql.session.timeZone": SESSION_TIME_ZONE,
+            "spark.sql.ansi.enabled": "true" if at_least(version, "17.0") else "false"}
+
+
 # ------------------------------------------------------------------ where things are
 
 def cache_root():
