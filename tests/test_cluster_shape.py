@@ -90,6 +90,19 @@ def test_every_context_has_the_notebook_names(spark_client, two_contexts):
     assert out == "True 1 2 2 True True True\nfrom-system\nTrue"
 
 
+def test_the_runtime_s_spark_defaults_are_set(spark_client, two_contexts):
+    first, _ = two_contexts
+    out = _text(spark_client, first,
+                "import time\n"
+                "print(spark.conf.get('spark.sql.execution.arrow.pyspark.enabled'),\n"
+                "      spark.conf.get('spark.sql.session.timeZone'),\n"
+                "      spark.conf.get('spark.sql.ansi.enabled'),\n"
+                "      spark.sql('SELECT 1 / 0 AS q').first().q, time.strftime('%Z'),\n"
+                "      sc.getConf().get('spark.databricks.clusterUsageTags.clusterId'))")
+    # 15.4 (Spark 3.5): Arrow on, UTC, ANSI off (a division by zero is NULL).
+    assert out.split() == ["true", "Etc/UTC", "false", "None", "UTC", RUNNING_CLUSTER_ID]
+
+
 def test_every_context_shares_one_spark_application(spark_client, two_contexts):
     first, second = two_contexts
     apps = {_text(spark_client, ctx, "print(sc.applicationId)") for ctx in (first, second)}

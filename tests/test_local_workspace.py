@@ -196,24 +196,24 @@ def test_a_syntax_error_is_an_error_result(sdk_client):
     assert "def broken(:" in ANSI.sub("", results.cause)
 
 
-def test_text_past_the_15_4_limit_is_discarded_or_cut_as_configured(sdk_client, workspace):
+def test_text_past_the_15_4_limit_is_cut_or_discarded_as_configured(sdk_client, workspace):
     ctx = new_context(sdk_client)
-    # DBR <= 16.4, by default: output over 50,000 characters is discarded (current docs).
-    results = run(sdk_client, ctx, "print('x' * 60000)")
-    assert results.data == "*** WARNING: max output size exceeded, skipping output. ***"
-    assert not results.truncated
-    at_limit = run(sdk_client, ctx, "print('x' * 50000)")
-    assert at_limit.data == "x" * 50_000 and not at_limit.truncated
-    # ... or cut to its head, as older docs and clients saw it.
-    workspace.configure(output_overflow="truncate")
+    # DBR <= 16.4, by default: text results of at most 50,000 characters, cut to their head.
     results = run(sdk_client, ctx, "print('x' * 60000)")
     assert len(results.data) == 50_000 and results.truncated is True
+    at_limit = run(sdk_client, ctx, "print('x' * 50000)")
+    assert at_limit.data == "x" * 50_000 and not at_limit.truncated
     workspace.configure(output_limit=100)
     results = run(sdk_client, ctx, "for i in range(100): print(i)")
     assert results.data == "".join("%d\n" % i for i in range(100))[:100]
     assert results.truncated is True
     short = run(sdk_client, ctx, "print('short')")
     assert short.data == "short" and not short.truncated
+    # ... or discarded, as the current docs say of a notebook's output over its limit.
+    workspace.configure(output_overflow="discard")
+    results = run(sdk_client, ctx, "for i in range(100): print(i)")
+    assert results.data == "*** WARNING: max output size exceeded, skipping output. ***"
+    assert not results.truncated
 
 
 def test_a_17_3_cell_keeps_up_to_its_output_size_in_mb(sdk_client, workspace):

@@ -67,6 +67,12 @@ def test_spark_on_a_17_3_cluster_is_apache_spark_4(client_17):
                   DEDICATED_CLUSTER_ID, timeout=180)
     assert results.result_type == ResultType.TEXT, results
     assert results.data == "4.0.0 10"
+    # DBR 17.0 and above, with Spark 4.0: ANSI mode is on, so a division by zero fails.
+    assert text(client_17, context, "print(spark.conf.get('spark.sql.ansi.enabled'))",
+                DEDICATED_CLUSTER_ID) == "true"
+    divided = run(client_17, context, "spark.sql('SELECT 1 / 0 AS q').collect()",
+                  DEDICATED_CLUSTER_ID)
+    assert divided.result_type == ResultType.ERROR and "DIVIDE_BY_ZERO" in divided.summary
 
 
 def test_a_15_4_context_imports_the_release_notes_libraries(sdk_client):

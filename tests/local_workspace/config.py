@@ -22,7 +22,7 @@ DEFAULTS = {
     # DBR <= 16.4 text results in characters and what happens past them; DBR >= 17.0 a cell's
     # output in MB.
     "output_limit": 50_000,
-    "output_overflow": "discard",
+    "output_overflow": "truncate",
     "cell_output_mb": 10,
     "context_limit": 145,
     "idle_ttl": None,

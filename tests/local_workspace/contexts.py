@@ -225,6 +225,18 @@ class Contexts:
         with self._lock:
             return {cluster_id: d.proc.pid for cluster_id, d in self._drivers.items()}
 
+    def spark_jobs(self, cluster_id):
+        """The ids of the Spark jobs running on the cluster now; None while its Spark has not
+        started (or it has no driver)."""
+        with self._lock:
+            driver = self._drivers.get(cluster_id)
+        if driver is None:
+            return None
+        try:
+            return _driver.request(driver.socket_path, {"op": "jobs"}, DRIVER_CANCEL_TIMEOUT)["jobs"]
+        except (OSError, ValueError, KeyError):
+            return None
+
     # ----- the 1.2 calls
 
     def create(self, cluster_id, language="python"):
@@ -664,10 +676,11 @@ class Contexts:
           limit"; here its head is kept, with ``truncated: true`` (how a real cut keeps "as much
           useful output as possible", and whether it sets the flag, is UNVERIFIED);
         * DBR 16.4 and below: text results of at most ``output_limit`` characters (default
-          50,000, ``spark.databricks.driver.maxReplOutputLength``). The current docs say output
-          over the limit is "completely discarded" (``output_overflow="discard"``, the default:
-          the text is replaced by the warning a notebook shows); older docs and clients saw it
-          cut (``"truncate"``: the head, ``truncated: true``)."""
+          50,000, ``spark.databricks.driver.maxReplOutputLength``), cut to their head with
+          ``truncated: true`` (``output_overflow="truncate"``, the default: "text results
+          return a maximum of 50,000 characters" in the docs old and new); the current docs
+          also say a notebook's output over its limit is "completely discarded"
+          (``"discard"``: the text is replaced by the warning a notebook shows)."""
         data = results.get("data") or ""
         if version and at_least(version, "17.0"):
             limit = min(self._config["cell_output_mb"] * 1024 * 1024, MAX_NON_TABLE_BYTES)

@@ -15,6 +15,8 @@ JSON-line requests, one per connection:
 * ``{"op": "cancel", "group": "<command id>"}`` -> ``{"cancelled": bool}``: cancel that command's
   Spark job group (``False`` while Spark has not started, and on a Connect driver, where a
   context interrupts its own operations by their tag);
+* ``{"op": "jobs"}`` -> ``{"jobs": [ids]}``: the Spark jobs running now (``None`` while Spark
+  has not started), in either access mode;
 * ``{"op": "ping"}`` -> ``{"spark": bool}``.
 
 Everything the JVM writes (spark.local.dir, java.io.tmpdir, the warehouse, the Derby metastore,
@@ -140,6 +142,9 @@ def _answer(request, state_dir, cluster_id):
         return {"error": "this cluster's Spark is %s, not %s" % (
             "a Spark Connect server (standard access mode)" if connect else
             "classic (dedicated access mode)", op)}
+    if op == "jobs":
+        sc = STATE["sc"]
+        return {"jobs": None if sc is None else sorted(sc.statusTracker().getActiveJobsIds())}
     if op == "cancel":
         sc = STATE["sc"]
         if sc is None or connect:

@@ -166,6 +166,11 @@ class LocalWorkspace:
         """{cluster id: pid} of the running clusters' drivers."""
         return self.contexts.driver_pids()
 
+    def spark_jobs(self, cluster_id):
+        """The ids of the Spark jobs running on the cluster now (its driver's status tracker);
+        None while its Spark has not started."""
+        return self.contexts.spark_jobs(cluster_id)
+
     # tests/benchmark.py reads the drivers this way (cluster_rss); driver_pids() is the API.
     @property
     def _lock(self):
