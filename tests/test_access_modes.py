@@ -65,6 +65,22 @@ def test_the_15_4_settings_hold_on_the_connect_server(client, two_contexts):
     assert out.split() == ["false", "Etc/UTC", CLUSTER, "None"]
 
 
+def test_python_udfs_run_on_the_cluster_s_python(client, two_contexts):
+    first, _ = two_contexts
+    out = text(client, first, "import pandas as pd\n"
+                              "from pyspark.sql.functions import pandas_udf, udf\n"
+                              "@udf('string')\n"
+                              "def version(x):\n"
+                              "    import sys\n"
+                              "    return '%d.%d' % sys.version_info[:2]\n"
+                              "@pandas_udf('long')\n"
+                              "def plus(s: pd.Series) -> pd.Series:\n"
+                              "    return s + 1\n"
+                              "row = spark.range(1).select(version('id'), plus('id')).first()\n"
+                              "print(row[0], row[1])", CLUSTER)
+    assert out == "3.11 1"
+
+
 def test_temp_views_are_per_context_and_tables_are_shared(client, two_contexts):
     first, second = two_contexts
     text(client, first, "spark.range(4).createOrReplaceTempView('mine')\n"
