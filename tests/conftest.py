@@ -10,6 +10,21 @@ if TESTS_DIR not in sys.path:
     sys.path.insert(0, TESTS_DIR)
 
 from local_workspace import LocalWorkspace  # noqa: E402
+from local_workspace.runtime import RuntimeBuildError, ensure_runtime  # noqa: E402
+from local_workspace.clusters import default_runtimes  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _default_clusters_runtimes():
+    """The default clusters' Databricks Runtimes (15.4 and 17.3), built before the first test
+    when missing (once, cached; minutes each, progress on stderr): a cluster builds its runtime
+    lazily, and no test waits that long for a context. One that cannot be built here is said
+    on stderr; the tests on its clusters then fail with their cluster's state message."""
+    for version in default_runtimes():
+        try:
+            ensure_runtime(version)
+        except RuntimeBuildError as e:
+            sys.stderr.write("[local workspace] runtime %s: %s\n" % (version, e))
 
 
 def _pid_alive(pid):

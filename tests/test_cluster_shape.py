@@ -20,7 +20,8 @@ from databricks.sdk.service.compute import Language
 
 from local_workspace import RUNNING_CLUSTER_ID
 from local_workspace.paths import host_path
-from local_workspace.runtime import ensure_runtime, runtime_spec
+from local_workspace.runtime import RUNTIMES, cache_root, ensure_runtime, pin
+from local_workspace.sandbox import HOST_ALIASES
 from repl_harness import Repl, process_tree
 
 CANCEL_DEADLINE = 2.0  # a cancelled command must end within this (the behaviour under test)
@@ -89,6 +90,19 @@ def test_every_context_has_the_notebook_names(spark_client, two_contexts):
     assert out == "True 1 2 2 True True True\nfrom-system\nTrue"
 
 
+def test_the_runtime_s_spark_defaults_are_set(spark_client, two_contexts):
+    first, _ = two_contexts
+    out = _text(spark_client, first,
+                "import time\n"
+                "print(spark.conf.get('spark.sql.execution.arrow.pyspark.enabled'),\n"
+                "      spark.conf.get('spark.sql.session.timeZone'),\n"
+                "      spark.conf.get('spark.sql.ansi.enabled'),\n"
+                "      spark.sql('SELECT 1 / 0 AS q').first().q, time.strftime('%Z'),\n"
+                "      sc.getConf().get('spark.databricks.clusterUsageTags.clusterId'))")
+    # 15.4 (Spark 3.5): Arrow on, UTC, ANSI off (a division by zero is NULL).
+    assert out.split() == ["true", "Etc/UTC", "false", "None", "UTC", RUNNING_CLUSTER_ID]
+
+
 def test_every_context_shares_one_spark_application(spark_client, two_contexts):
     first, second = two_contexts
     apps = {_text(spark_client, ctx, "print(sc.applicationId)") for ctx in (first, second)}
@@ -106,19 +120,25 @@ def test_every_context_shares_one_spark_application(spark_client, two_contexts):
 
 # -- the Databricks Runtime's Python ---------------------------------------------------------------
 
+def _seen_from_a_context(host_path):
+    """The paths a context may see ``host_path`` at: its own, or its alias where a driver path
+    (the cluster's /tmp) hides it (sandbox.py)."""
+    return (host_path, HOST_ALIASES + host_path)
+
+
 def test_spark_version_is_the_pinned_runtime_s(spark_client, spark_workspace, two_contexts):
-    spec = runtime_spec()
+    runtime = RUNTIMES["15.4"]  # RUNNING_CLUSTER_ID's
     first, _ = two_contexts
     out = _text(spark_client, first,
                 "import os, sys, pandas\n"
                 "print(spark.version, os.environ['DATABRICKS_RUNTIME_VERSION'], pandas.__version__)\n"
                 "print(sys.executable)")
     versions, executable = out.splitlines()
-    pandas_pin = [p for p in spec.pins if p.startswith("pandas==")][0].split("==")[1]
-    assert versions.split() == [spec.spark_version, spec.version, pandas_pin]
-    assert executable == ensure_runtime(progress=None).python != sys.executable
+    assert versions.split() == [runtime.spark, runtime.version, pin(runtime, "pandas")]
+    assert executable in _seen_from_a_context(ensure_runtime("15.4", progress=None).python)
+    assert executable != sys.executable
     cluster = spark_client.clusters.get(RUNNING_CLUSTER_ID)
-    assert cluster.spark_version.startswith(spec.version + ".x-")
+    assert cluster.spark_version == "15.4.x-scala2.12"
 
 
 def test_create_dataframe_from_pandas_with_string_columns(spark_client, two_contexts):
@@ -198,8 +218,8 @@ def test_pip_install_stays_in_its_own_context(spark_client, spark_workspace):
     assert "Successfully installed %s-0.1" % name.replace("_", "-") in out
     where = out.strip().splitlines()[-1]
     assert where.startswith(spark_workspace._tmpdir)  # the context's own environment
-    runtime = ensure_runtime(progress=None)
-    assert not where.startswith(runtime.site_packages)
+    runtime = ensure_runtime("15.4", progress=None)
+    assert not where.startswith(_seen_from_a_context(runtime.site_packages))
     assert not os.path.exists(os.path.join(runtime.site_packages, name))
     missing = _run(spark_client, other, "import %s" % name)
     assert missing.result_type.value == "error" and "ModuleNotFoundError" in missing.summary
@@ -210,7 +230,7 @@ def test_pip_install_stays_in_its_own_context(spark_client, spark_workspace):
     assert os.path.dirname(where).startswith(prefix + os.sep)
     # pip saw the runtime's packages: nothing of the runtime was installed a second time
     assert _text(spark_client, installer, "import pandas, os\nprint(pandas.__file__)") \
-        .startswith(runtime.site_packages)
+        .startswith(_seen_from_a_context(runtime.site_packages))
 
 
 # -- SQL contexts ----------------------------------------------------------------------------------
@@ -383,14 +403,30 @@ print(json.dumps({"out": out, "java": java, "ended": t._all_end(tree),
 """
 
 
-def _private_tmp_prefix():
+# An empty /tmp (tmpfs) in a mount namespace, with the host's /tmp entries the child needs bound
+# back at their paths, then the command. The old /tmp is still the shell's working directory, so
+# "./x" names the host's /tmp/x (--no-canonicalize: mount would turn it into the new /tmp/x).
+PRIVATE_TMP = """cd /tmp && mount -t tmpfs tmpfs /tmp || exit 1
+while [ "$1" != -- ]; do
+  mkdir -p "$1" && mount --no-canonicalize --bind "./${1#/tmp/}" "$1" || exit 1; shift
+done
+shift; cd / && exec "$@"
+"""
+
+
+def _private_tmp_prefix(keep):
     """``unshare`` argv that gives a child an empty /tmp of its own (so only its own litter
-    shows), or [] where mount namespaces are not allowed (then the host's /tmp is compared)."""
-    probe = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-             "mount -t tmpfs tmpfs /tmp"]
+    shows) but for the paths in ``keep`` (a checkout, a venv or a cache that lives under the
+    host's /tmp), or [] where mount namespaces are not allowed (then the host's /tmp is
+    compared)."""
+    prefix = ["unshare", "--mount", "--propagation", "private", "sh", "-c", PRIVATE_TMP, "sh"]
+    under_tmp = sorted({os.path.abspath(p) for p in keep if os.path.abspath(p).startswith("/tmp/")})
+    outermost = [p for p in under_tmp if not any(p.startswith(q + "/") for q in under_tmp)]
     try:
-        if subprocess.run(probe, capture_output=True, timeout=10).returncode == 0:
-            return probe[:-1] + ['mount -t tmpfs tmpfs /tmp && exec "$0" "$@"']
+        probe = subprocess.run(prefix + outermost + ["--", "true"], capture_output=True,
+                               timeout=10)
+        if probe.returncode == 0:
+            return prefix + outermost + ["--"]
     except (OSError, subprocess.TimeoutExpired):
         pass
     return []
@@ -399,7 +435,9 @@ def _private_tmp_prefix():
 def test_a_workspace_that_used_spark_leaves_no_process_and_nothing_in_tmp():
     tests_dir = os.path.dirname(os.path.abspath(__file__))
     code = WORKSPACE_LIFETIME % {"tests": tests_dir}
-    proc = subprocess.run(_private_tmp_prefix() + [sys.executable, "-c", code],
+    os.makedirs(cache_root(), exist_ok=True)  # where the runtimes are (bound back if under /tmp)
+    keep = [os.path.dirname(tests_dir), sys.prefix, sys.base_prefix, cache_root()]
+    proc = subprocess.run(_private_tmp_prefix(keep) + [sys.executable, "-c", code],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -20,8 +20,9 @@ from databricks.sdk.service.compute import (CommandStatus, ContextStatus, Langua
                                             State)
 from databricks.sdk.service.serving import ChatMessage, ChatMessageRole
 
-from local_workspace import (JOB_CLUSTER_ID, RUNNING_CLUSTER_ID, SHARED_CLUSTER_ID,
-                             TERMINATED_CLUSTER_ID, LocalWorkspace)
+from local_workspace import (DEDICATED_CLUSTER_ID, JOB_CLUSTER_ID, RUNNING_CLUSTER_ID,
+                             SHARED_CLUSTER_ID, STANDARD_CLUSTER_ID, TERMINATED_CLUSTER_ID,
+                             LocalWorkspace)
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 DONE = (CommandStatus.FINISHED, CommandStatus.ERROR, CommandStatus.CANCELLED)
@@ -195,16 +196,37 @@ def test_a_syntax_error_is_an_error_result(sdk_client):
     assert "def broken(:" in ANSI.sub("", results.cause)
 
 
-def test_long_output_is_truncated_at_the_configured_limit(sdk_client, workspace):
+def test_text_past_the_15_4_limit_is_cut_or_discarded_as_configured(sdk_client, workspace):
     ctx = new_context(sdk_client)
+    # DBR <= 16.4, by default: text results of at most 50,000 characters, cut to their head.
     results = run(sdk_client, ctx, "print('x' * 60000)")
     assert len(results.data) == 50_000 and results.truncated is True
+    at_limit = run(sdk_client, ctx, "print('x' * 50000)")
+    assert at_limit.data == "x" * 50_000 and not at_limit.truncated
     workspace.configure(output_limit=100)
     results = run(sdk_client, ctx, "for i in range(100): print(i)")
     assert results.data == "".join("%d\n" % i for i in range(100))[:100]
     assert results.truncated is True
     short = run(sdk_client, ctx, "print('short')")
     assert short.data == "short" and not short.truncated
+    # ... or discarded, as the current docs say of a notebook's output over its limit.
+    workspace.configure(output_overflow="discard")
+    results = run(sdk_client, ctx, "for i in range(100): print(i)")
+    assert results.data == "*** WARNING: max output size exceeded, skipping output. ***"
+    assert not results.truncated
+
+
+def test_a_17_3_cell_keeps_up_to_its_output_size_in_mb(sdk_client, workspace):
+    ctx = new_context(sdk_client, DEDICATED_CLUSTER_ID)
+    # DBR >= 17.0: 10 MB of output by default, far past 15.4's 50,000 characters ...
+    wide = run(sdk_client, ctx, "print('x' * 60000)", DEDICATED_CLUSTER_ID)
+    assert wide.data == "x" * 60_000 and not wide.truncated
+    # ... and past the limit (1 to 20 MB) the output is cut, not discarded.
+    workspace.configure(cell_output_mb=1)
+    cut = run(sdk_client, ctx, "print('é' * 600000)", DEDICATED_CLUSTER_ID)
+    assert cut.truncated is True and cut.data == "é" * (1024 * 1024 // 2)
+    with pytest.raises(ValueError, match="between 1 and 20"):
+        workspace.configure(cell_output_mb=21)
 
 
 def test_dbutils_notebook_exit_ends_the_command_with_its_value(sdk_client):
@@ -520,9 +542,10 @@ def test_missing_token_is_401_and_a_wrong_token_is_403(workspace):
 def test_clusters_list_pages_through_every_cluster(sdk_client, workspace):
     clusters = list(sdk_client.clusters.list())
     assert [c.cluster_id for c in clusters] == [RUNNING_CLUSTER_ID, TERMINATED_CLUSTER_ID,
-                                                JOB_CLUSTER_ID, SHARED_CLUSTER_ID]
+                                                JOB_CLUSTER_ID, SHARED_CLUSTER_ID,
+                                                DEDICATED_CLUSTER_ID, STANDARD_CLUSTER_ID]
     lists = [r for r in workspace.requests() if r["path"] == "/api/2.1/clusters/list"]
-    assert len(lists) == 2 and "page_token" in lists[1]["query"]
+    assert len(lists) == 3 and "page_token" in lists[2]["query"]
     names = {c.cluster_name for c in clusters}
     assert [n for n in names if "analytics" in n.lower()] and \
         [n for n in names if "prod" in n.lower()] == ["analytics-prod"]
@@ -530,7 +553,8 @@ def test_clusters_list_pages_through_every_cluster(sdk_client, workspace):
     running = list(sdk_client.clusters.list(
         filter_by=ListClustersFilterBy(cluster_states=[State.RUNNING]), page_size=1))
     assert {c.cluster_id for c in running} == {RUNNING_CLUSTER_ID, JOB_CLUSTER_ID,
-                                               SHARED_CLUSTER_ID}
+                                               SHARED_CLUSTER_ID, DEDICATED_CLUSTER_ID,
+                                               STANDARD_CLUSTER_ID}
 
 
 def test_clusters_get_describes_each_default_cluster(sdk_client):
@@ -541,6 +565,15 @@ def test_clusters_get_describes_each_default_cluster(sdk_client):
     assert job.cluster_source.value == "JOB"
     dev = sdk_client.clusters.get(RUNNING_CLUSTER_ID)
     assert dev.single_user_name and dev.cluster_source.value == "UI"
+    assert dev.spark_version == "15.4.x-scala2.12"  # the oldest LTS
+    dedicated = sdk_client.clusters.get(DEDICATED_CLUSTER_ID)
+    assert dedicated.state == State.RUNNING and dedicated.spark_version == "17.3.x-scala2.13"
+    assert dedicated.data_security_mode.value == "DATA_SECURITY_MODE_DEDICATED"
+    assert dedicated.single_user_name
+    standard = sdk_client.clusters.get(STANDARD_CLUSTER_ID)
+    assert standard.state == State.RUNNING and standard.spark_version == "17.3.x-scala2.13"
+    assert standard.data_security_mode.value == "DATA_SECURITY_MODE_STANDARD"
+    assert not standard.single_user_name
     with pytest.raises(ResourceDoesNotExist, match="does not exist"):
         sdk_client.clusters.get("0000-000000-nothere0")
 
@@ -582,7 +615,22 @@ def test_dbutils_spark_conf_and_dbruntime_answer_like_a_cluster(sdk_client, work
     assert "not started" in lines[5]  # reading the conf did not start Spark
 
 
-def test_the_shared_cluster_blocks_getcontext_but_not_dbruntime(sdk_client, workspace):
+def test_the_shared_cluster_refuses_the_py4j_context_but_not_dbruntime(sdk_client, workspace):
+    ctx = new_context(sdk_client, SHARED_CLUSTER_ID)
+    # By default getContext() answers and its methods are refused (S30: tags()) ...
+    assert text(sdk_client, ctx, "c = dbutils.notebook.entry_point.getDbutils().notebook()"
+                                 ".getContext()\nprint(type(c).__name__)", SHARED_CLUSTER_ID) \
+        == "_CommandContext"
+    for method, returns in (("tags", "scala.collection.immutable.Map"),
+                            ("apiToken", "scala.Option")):
+        refused = run(sdk_client, ctx, "c.%s()" % method, SHARED_CLUSTER_ID)
+        assert refused.result_type == ResultType.ERROR
+        assert ("py4j.security.Py4JSecurityException: Method public %s "
+                "com.databricks.backend.common.rpc.CommandContext.%s() is not whitelisted on "
+                "class class com.databricks.backend.common.rpc.CommandContext"
+                % (returns, method)) in refused.cause
+    # ... or, switched, getContext() itself is.
+    workspace.configure(standard_py4j="get_context")
     ctx = new_context(sdk_client, SHARED_CLUSTER_ID)
     blocked = run(sdk_client, ctx, "dbutils.notebook.entry_point.getDbutils().notebook()"
                                    ".getContext().apiToken().get()", SHARED_CLUSTER_ID)
@@ -594,6 +642,11 @@ def test_the_shared_cluster_blocks_getcontext_but_not_dbruntime(sdk_client, work
     assert text(sdk_client, ctx, "from dbruntime.databricks_repl_context import get_context\n"
                                  "get_context().apiToken", SHARED_CLUSTER_ID) \
         == "Out[2]: %r" % workspace.token
+    # A dedicated cluster's context answers.
+    own = new_context(sdk_client)
+    assert text(sdk_client, own, "dbutils.notebook.entry_point.getDbutils().notebook()"
+                                 ".getContext().tags().get('clusterId').get()") \
+        == "Out[1]: %r" % RUNNING_CLUSTER_ID
 
 
 def test_the_context_env_looks_like_a_cluster_without_databricks_credentials(

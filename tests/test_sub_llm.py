@@ -374,7 +374,7 @@ def test_shared_cluster_uses_the_runtime_context_and_says_what_it_tried_when_not
     code = """import json, os, sys
 seen = {"answer": sub_llm("upper: shared ok"), "auth": sub_llm_usage()["auth"]}
 try:
-    dbutils.notebook.entry_point.getDbutils().notebook().getContext()
+    dbutils.notebook.entry_point.getDbutils().notebook().getContext().apiToken()
 except Exception as error:
     seen["getContext"] = type(error).__name__
 sys.modules["dbruntime.databricks_repl_context"] = None   # as if the runtime had no REPL context

@@ -16,7 +16,7 @@ the backends (each with its own state and lock, all reading one ``config.Config`
 the processes of a cluster:
 
 * ``driver``   - a cluster's driver: the one JVM/SparkContext its contexts share;
-* ``runtime``  - the Databricks Runtime's Python environment every cluster process runs on;
+* ``runtime``  - the Databricks Runtimes (per cluster, from its spark_version), built lazily;
 * ``worker``   - one execution context: the pipe protocol and main loop of a Python REPL process,
   with ``cell`` (running a Python command), ``capture`` (stdout/stderr), ``display`` (tables,
   images), ``magics`` (%pip, %sh, !), ``sql`` (SQL commands), ``dbutils`` (dbutils, the notebook
@@ -24,13 +24,15 @@ the processes of a cluster:
 * ``server``   - ``LocalWorkspace``, which puts it all together, and the ``serve`` command.
 
     python tests/local_workspace serve [--port N] [--token T] [--latency-ms N] [--secrets FILE]
-    python tests/local_workspace runtime      # build the runtime environment (once; cached)
+    python tests/local_workspace runtime [--version V | --all]   # build runtimes (once; cached)
 
 See ``references/local-workspace.md``.
 """
 
-from .server import (JOB_CLUSTER_ID, RUNNING_CLUSTER_ID, SHARED_CLUSTER_ID, SPARK_VERSION,
-                     TERMINATED_CLUSTER_ID, LocalWorkspace, chat_answer, main)
+from .server import (DEDICATED_CLUSTER_ID, JOB_CLUSTER_ID, RUNNING_CLUSTER_ID, SHARED_CLUSTER_ID,
+                     SPARK_VERSION, STANDARD_CLUSTER_ID, TERMINATED_CLUSTER_ID, LocalWorkspace,
+                     chat_answer, main)
 
-__all__ = ["JOB_CLUSTER_ID", "RUNNING_CLUSTER_ID", "SHARED_CLUSTER_ID", "SPARK_VERSION",
-           "TERMINATED_CLUSTER_ID", "LocalWorkspace", "chat_answer", "main"]
+__all__ = ["DEDICATED_CLUSTER_ID", "JOB_CLUSTER_ID", "RUNNING_CLUSTER_ID", "SHARED_CLUSTER_ID",
+           "SPARK_VERSION", "STANDARD_CLUSTER_ID", "TERMINATED_CLUSTER_ID", "LocalWorkspace",
+           "chat_answer", "main"]

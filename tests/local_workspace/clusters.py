@@ -6,6 +6,13 @@ The backend behind clusters list/get/start/restart/events. It owns the cluster r
 serves the 1.2 API again (``ready_delay`` after it reaches RUNNING). Whoever needs to know when a
 cluster changes state (the contexts backend: a cluster that stops running loses its contexts and
 its driver) subscribes with ``on_state_change``.
+
+Each cluster runs the Databricks Runtime its ``spark_version`` names (``runtime.py``), built on
+the cluster's first start on this machine: meanwhile a starting cluster stays PENDING (its
+``state_message`` says what it installs) and the contexts of a cluster already RUNNING stay
+``Pending``. When the runtime cannot be had (no interpreter, pip failed), the cluster fails to
+start: TERMINATED with a ``termination_reason`` and the reason as its ``state_message``, as a
+cluster with a bad configuration does.
 """
 
 import base64
@@ -17,15 +24,16 @@ import time
 
 from .config import OWNER
 from .errors import ClusterNotFound, ClusterNotReady, InvalidParameter, InvalidState
-from .runtime import runtime_spec
+from .runtime import CONNECT_RUNTIME, Builds, runtime_version, spark_version_of
 
 RUNNING_CLUSTER_ID = "0101-000001-devrun01"
 TERMINATED_CLUSTER_ID = "0101-000002-prodoff2"
 JOB_CLUSTER_ID = "0101-000003-jobrun03"
 SHARED_CLUSTER_ID = "0101-000004-shared04"
+DEDICATED_CLUSTER_ID = "0101-000005-dedic173"  # 17.3 LTS, dedicated access mode
+STANDARD_CLUSTER_ID = "0101-000006-stand173"  # 17.3 LTS, standard access mode
 
-RUNTIME_VERSION = runtime_spec().version
-SPARK_VERSION = RUNTIME_VERSION + ".x-scala2.12"
+SPARK_VERSION = spark_version_of("15.4")  # RUNNING_CLUSTER_ID's
 
 CLUSTER_STATES = ("PENDING", "RUNNING", "RESTARTING", "RESIZING", "TERMINATING", "TERMINATED",
                   "ERROR", "UNKNOWN")
@@ -53,6 +61,7 @@ class Clusters:
         self._timers = []
         self._listeners = []
         self._stopping = threading.Event()
+        self._builds = Builds()
         for cluster in self._clusters.values():  # each default cluster's history so far
             history = ["CREATING", "RUNNING"] + (["TERMINATING"] if cluster["state"] == "TERMINATED"
                                                  else [])
@@ -71,6 +80,7 @@ class Clusters:
             timers, self._timers = self._timers, []
         for timer in timers:
             timer.cancel()
+        self._builds.stop()
 
     # ----- reading
 
@@ -153,6 +163,35 @@ class Clusters:
         if state in STARTING_STATES or warming:
             raise ClusterNotReady(cluster_id, state)
 
+    # ----- runtimes
+
+    def runtime_of(self, cluster_id):
+        """The Databricks Runtime the cluster's ``spark_version`` names ("15.4"), or None when
+        the local workspace has no such runtime."""
+        with self._lock:
+            return runtime_version(self._record(cluster_id)["spark_version"])
+
+    def runtimes_ready(self, cluster_id):
+        """Is every runtime the cluster needs built here? (never builds)"""
+        with self._lock:
+            return self._builds.ready(_runtimes_needed(self._record(cluster_id)))
+
+    def when_runtimes_ready(self, cluster_id, then):
+        """Build the runtimes the cluster needs in the background, then ``then()``. When one
+        cannot be had, the cluster fails to start (TERMINATED, the reason in its
+        ``state_message`` and ``termination_reason``) and ``then`` is never called."""
+        with self._lock:
+            needed = _runtimes_needed(self._record(cluster_id))
+        self._builds.then(needed, then, lambda error: self._runtime_failed(cluster_id, error))
+
+    def _runtime_failed(self, cluster_id, error):
+        with self._lock:
+            spark_version = self._record(cluster_id)["spark_version"]
+        message = "The Databricks Runtime %s cannot start here: %s" % (spark_version, error)
+        self.set_state(cluster_id, "TERMINATED", message,
+                       reason={"code": error.code, "type": "CLIENT_ERROR",
+                               "parameters": {"databricks_error_message": message}})
+
     # ----- lifecycle
 
     def start(self, cluster_id):
@@ -177,8 +216,9 @@ class Clusters:
         self.set_state(cluster_id, "RESTARTING")
         self._after_start_delay(cluster_id, "RESTARTING")
 
-    def set_state(self, cluster_id, state, message=None):
-        """Any state; ValueError for an unknown state, ClusterNotFound for an unknown cluster."""
+    def set_state(self, cluster_id, state, message=None, reason=None):
+        """Any state; ValueError for an unknown state, ClusterNotFound for an unknown cluster.
+        ``reason``: a TERMINATED cluster's ``termination_reason`` (default: a user's request)."""
         if state not in CLUSTER_STATES:
             raise ValueError("unknown cluster state %r" % state)
         with self._lock:
@@ -188,8 +228,8 @@ class Clusters:
             now = _now_ms()
             if state == "TERMINATED":
                 cluster["terminated_time"] = now
-                cluster["termination_reason"] = {"code": "USER_REQUEST", "type": "SUCCESS",
-                                                 "parameters": {"username": OWNER}}
+                cluster["termination_reason"] = reason or {
+                    "code": "USER_REQUEST", "type": "SUCCESS", "parameters": {"username": OWNER}}
             elif state == "RUNNING":
                 cluster.pop("termination_reason", None)
                 cluster["last_restarted_time"] = now
@@ -218,6 +258,15 @@ class Clusters:
             cluster = self._clusters.get(cluster_id)
             if cluster is None or cluster["state"] != from_state or self._stopping.is_set():
                 return
+            ready = self._builds.ready(_runtimes_needed(cluster))
+            if not ready:
+                # Its runtime's first start on this machine builds it: still starting till then.
+                cluster["state_message"] = (
+                    "Installing the Databricks Runtime %s LTS environment (its first start on "
+                    "this machine takes a few minutes)" % runtime_version(cluster["spark_version"]))
+        if not ready:
+            self.when_runtimes_ready(cluster_id, lambda: self._started(cluster_id, from_state))
+            return
         self.set_state(cluster_id, "RUNNING")
 
     def _record_event(self, cluster_id, event_type, details, timestamp=None):
@@ -225,6 +274,21 @@ class Clusters:
             self._events.append({"cluster_id": cluster_id,
                                  "timestamp": _now_ms() if timestamp is None else timestamp,
                                  "type": event_type, "details": details})
+
+
+def _runtimes_needed(cluster):
+    """The runtimes a cluster's processes run on: the one its ``spark_version`` names (None
+    when the local workspace has no such runtime), and on a standard access mode cluster the
+    one whose Spark runs its Spark Connect server (``Contexts.runtime_for``)."""
+    own = runtime_version(cluster["spark_version"])
+    if is_standard(cluster) and own != CONNECT_RUNTIME:
+        return [own, CONNECT_RUNTIME]
+    return [own]
+
+
+def is_standard(cluster):
+    """Standard (formerly shared) access mode: Python's ``spark`` is a Spark Connect session."""
+    return cluster["data_security_mode"] in SHARED_MODES
 
 
 def _unexpected_state(cluster):
@@ -257,8 +321,11 @@ def _state_message(state):
             "RESIZING": "Resizing cluster"}.get(state, "")
 
 
-def _cluster(cluster_id, name, state, source, mode, single_user=None, num_workers=2,  # noqa: PLR0913 - a cluster record's fields
-             autotermination=120):
+def _cluster(cluster_id, name, state, runtime, shape):
+    """A cluster's details; ``runtime``: its Databricks Runtime ("15.4"); ``shape``: source,
+    mode (access mode) and optionally single_user, num_workers, autotermination."""
+    source, mode, single_user = shape["source"], shape["mode"], shape.get("single_user")
+    num_workers, autotermination = shape.get("num_workers", 2), shape.get("autotermination", 120)
     now = _now_ms()
     details = {
         "cluster_id": cluster_id,
@@ -267,7 +334,7 @@ def _cluster(cluster_id, name, state, source, mode, single_user=None, num_worker
         "state_message": _state_message(state),
         "cluster_source": source,
         "data_security_mode": mode,
-        "spark_version": SPARK_VERSION,
+        "spark_version": spark_version_of(runtime),
         "node_type_id": "i3.xlarge",
         "driver_node_type_id": "i3.xlarge",
         "num_workers": num_workers,
@@ -293,14 +360,27 @@ def _cluster(cluster_id, name, state, source, mode, single_user=None, num_worker
 
 
 def _default_clusters():
+    """The clusters every local workspace starts with; their runtimes are built on first use."""
     clusters = [
-        _cluster(RUNNING_CLUSTER_ID, "analytics-dev", "RUNNING", "UI", "SINGLE_USER",
-                 single_user=OWNER),
-        _cluster(TERMINATED_CLUSTER_ID, "analytics-prod", "TERMINATED", "UI",
-                 "DATA_SECURITY_MODE_DEDICATED", single_user=OWNER, num_workers=8),
-        _cluster(JOB_CLUSTER_ID, "job-20250101-run-42", "RUNNING", "JOB", "SINGLE_USER",
-                 single_user=OWNER, num_workers=1, autotermination=0),
-        _cluster(SHARED_CLUSTER_ID, "shared-analytics", "RUNNING", "UI", "USER_ISOLATION",
-                 num_workers=4),
+        _cluster(RUNNING_CLUSTER_ID, "analytics-dev", "RUNNING", "15.4",
+                 dict(source="UI", mode="SINGLE_USER", single_user=OWNER)),
+        _cluster(TERMINATED_CLUSTER_ID, "analytics-prod", "TERMINATED", "15.4",
+                 dict(source="UI", mode="DATA_SECURITY_MODE_DEDICATED", single_user=OWNER,
+                      num_workers=8)),
+        _cluster(JOB_CLUSTER_ID, "job-20250101-run-42", "RUNNING", "15.4",
+                 dict(source="JOB", mode="SINGLE_USER", single_user=OWNER, num_workers=1,
+                      autotermination=0)),
+        _cluster(SHARED_CLUSTER_ID, "shared-analytics", "RUNNING", "15.4",
+                 dict(source="UI", mode="USER_ISOLATION", num_workers=4)),
+        _cluster(DEDICATED_CLUSTER_ID, "ml-dedicated-17", "RUNNING", "17.3",
+                 dict(source="UI", mode="DATA_SECURITY_MODE_DEDICATED", single_user=OWNER)),
+        _cluster(STANDARD_CLUSTER_ID, "bi-standard-17", "RUNNING", "17.3",
+                 dict(source="UI", mode="DATA_SECURITY_MODE_STANDARD", num_workers=4)),
     ]
     return collections.OrderedDict((c["cluster_id"], c) for c in clusters)
+
+
+def default_runtimes():
+    """The runtimes of the default clusters (what ``runtime`` builds by default), oldest first."""
+    versions = {runtime_version(c["spark_version"]) for c in _default_clusters().values()}
+    return sorted(versions, key=lambda v: tuple(map(int, v.split("."))))

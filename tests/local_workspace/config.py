@@ -14,9 +14,16 @@ WORKSPACE_ID = "1234567890123456"
 CANCEL_MODES = ("cancelled", "finished_error")
 NOT_RUNNING_MODES = ("error", "not_ready")
 PLOTS_MODES = ("repr", "images")
+OUTPUT_OVERFLOWS = ("discard", "truncate")
+STANDARD_PY4J_MODES = ("context_methods", "get_context")
 
 DEFAULTS = {
+    # Output limits follow each cluster's runtime (contexts.Contexts._over_the_text_limit):
+    # DBR <= 16.4 text results in characters and what happens past them; DBR >= 17.0 a cell's
+    # output in MB.
     "output_limit": 50_000,
+    "output_overflow": "truncate",
+    "cell_output_mb": 10,
     "context_limit": 145,
     "idle_ttl": None,
     "cancel_mode": "cancelled",
@@ -33,12 +40,17 @@ DEFAULTS = {
     "shutdown_aborts_commands": True,
     "context_error_next": 0,
     "latency_ms": 0,
+    # Standard access mode: which py4j call into the notebook context is refused as not
+    # whitelisted (dbutils.py): "context_methods" (getContext() answers, its methods raise:
+    # tags() in S30) or "get_context" (getContext() itself raises).
+    "standard_py4j": "context_methods",
 }
 _CHOICES = {"cancel_mode": CANCEL_MODES, "not_running_mode": NOT_RUNNING_MODES,
-            "plots_mode": PLOTS_MODES}
+            "plots_mode": PLOTS_MODES, "output_overflow": OUTPUT_OVERFLOWS,
+            "standard_py4j": STANDARD_PY4J_MODES}
 _BOOLEANS = ("pip_restarts", "idle_context_tracking", "shutdown_aborts_commands")
-_COUNTS = ("output_limit", "context_limit", "image_inline_limit", "context_error_next",
-           "latency_ms")
+_COUNTS = ("output_limit", "cell_output_mb", "context_limit", "image_inline_limit",
+           "context_error_next", "latency_ms")
 _SECONDS = ("idle_ttl", "start_delay", "llm_latency", "restart_window", "ready_delay")
 
 
@@ -57,6 +69,9 @@ def validated(settings):
     for key in _COUNTS:
         if key in out and (not isinstance(out[key], int) or out[key] < 0):
             raise ValueError("%s must be a non-negative integer" % key)
+    if "cell_output_mb" in out and not 1 <= out["cell_output_mb"] <= 20:
+        raise ValueError("cell_output_mb must be between 1 and 20 (as "
+                         "%set_cell_max_output_size_in_mb takes)")
     for key in _SECONDS:
         if key in out and out[key] is not None:
             out[key] = float(out[key])

@@ -1,7 +1,8 @@
 """Execution contexts and commands: the backend behind the Command Execution API 1.2.
 
 Every execution context is a real Python process (``worker.py``) on its cluster's runtime
-(``runtime.py``), fed its queue of commands one at a time over pipes. Each running cluster has one
+(``runtime.py``: from the cluster's spark_version, built on the cluster's first start; meanwhile
+a context is ``Pending``), fed its queue of commands one at a time over pipes. Each running cluster has one
 driver (``driver.py``: the JVM its contexts share, started with the cluster's first context).
 Cancel asks the driver to cancel the command's Spark job group, then interrupts the context.
 Contexts are evicted (least recently used idle first at the limit, or after ``idle_ttl``),
@@ -23,12 +24,12 @@ import uuid
 
 from . import driver as _driver
 from . import paths, sandbox
-from .clusters import RUNNABLE_STATES, SHARED_MODES
+from .clusters import RUNNABLE_STATES, is_standard
 from .config import OWNER, WORKSPACE_ID
 from .errors import (ClusterNotReady, CommandNotFound, ContextDisconnected, InvalidParameter,
                      InvalidState, TooManyContexts, UnsupportedLanguage)
 from .paths import cluster_dir, driver_dir
-from .runtime import ensure_runtime
+from .runtime import CONNECT_RUNTIME, SESSION_TIME_ZONE, at_least, ready_runtime, spark_defaults
 
 TESTS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,6 +52,9 @@ CANCEL_FIRST_SIGNAL_DELAY = 0.1
 CANCEL_RESEND_INTERVAL = 0.25
 CANCEL_KILL_AFTER = 10.0
 PLOTS_PATH = "dbfs:/FileStore/plots"
+# What a DBR <= 16.4 notebook shows instead of output over its limit (quoted in
+# DeNederlandscheBank/name_matching #22; see _over_the_text_limit).
+OUTPUT_DISCARDED = "*** WARNING: max output size exceeded, skipping output. ***"
 
 CANCELLED_CAUSE = (
     "com.databricks.backend.common.rpc.CommandCancelledException\n"
@@ -137,7 +141,6 @@ class Contexts:
         self._driver_lock = threading.Lock()
         self._pids = []
         self._shutdown_commands = {}  # command id -> command aborted by its context's shutdown
-        self._runtime = None
         self._tmpdir = None
         self.plots_dir = None
         self._host = None
@@ -155,7 +158,6 @@ class Contexts:
         # Plots live in the FileStore of the DBFS root, as on a workspace (S24).
         self.plots_dir = paths.host_path(state_dir, None, PLOTS_PATH)
         os.makedirs(self.plots_dir, exist_ok=True)
-        self._runtime = ensure_runtime()  # built once, cached; see runtime_for
         self._janitor = threading.Thread(target=self._janitor_loop, name="local-workspace-janitor",
                                          daemon=True)
         self._janitor.start()
@@ -167,10 +169,17 @@ class Contexts:
         if self._janitor is not None:
             self._janitor.join(5)
 
-    def runtime_for(self, cluster_id):
-        """The runtime environment every process of the cluster runs on (its driver and its
-        contexts): the one place a cluster gets its runtime."""
-        return self._runtime
+    def runtime_for(self, cluster_id, driver=False):
+        """The runtime environment a process of the cluster runs on: the one place a cluster's
+        processes get their runtime. Its contexts (and a dedicated cluster's driver) run the
+        runtime the cluster's ``spark_version`` names; a standard access mode cluster's
+        driver (``driver=True``), whose JVM is a Spark Connect server, runs CONNECT_RUNTIME's
+        Spark whatever the cluster's runtime (pyspark 3.5 ships no Connect server). The
+        cluster's start built them (``Clusters.when_runtimes_ready``); None while not built."""
+        version = self._clusters.runtime_of(cluster_id)
+        if driver and version and is_standard(self._clusters.get(cluster_id)):
+            version = CONNECT_RUNTIME
+        return ready_runtime(version) if version else None
 
     def _cluster_changed(self, cluster_id, state):
         """A cluster that stops running loses its contexts, and its driver (with its JVM)."""
@@ -216,6 +225,18 @@ class Contexts:
         with self._lock:
             return {cluster_id: d.proc.pid for cluster_id, d in self._drivers.items()}
 
+    def spark_jobs(self, cluster_id):
+        """The ids of the Spark jobs running on the cluster now; None while its Spark has not
+        started (or it has no driver)."""
+        with self._lock:
+            driver = self._drivers.get(cluster_id)
+        if driver is None:
+            return None
+        try:
+            return _driver.request(driver.socket_path, {"op": "jobs"}, DRIVER_CANCEL_TIMEOUT)["jobs"]
+        except (OSError, ValueError, KeyError):
+            return None
+
     # ----- the 1.2 calls
 
     def create(self, cluster_id, language="python"):
@@ -243,7 +264,6 @@ class Contexts:
             self._contexts[context_id] = ctx
             if self._fails_at_creation(ctx):
                 return context_id
-        runtime = self.runtime_for(cluster_id)
         init = {
             "type": "init",
             "host": self._host,
@@ -253,14 +273,18 @@ class Contexts:
             "cluster_id": cluster_id,
             "cluster_name": cluster["cluster_name"],
             "spark_version": cluster["spark_version"],
-            "shared": cluster["data_security_mode"] in SHARED_MODES,
+            "shared": is_standard(cluster),
+            "spark_connect": is_standard(cluster),
+            "standard_py4j": self._config["standard_py4j"],
             "user": cluster.get("single_user_name") or OWNER,
             "state_dir": self._tmpdir,
             "secrets": self._secrets,
-            "runtime_site": runtime.site_packages,
             "context_env": os.path.join(cluster_dir(self._tmpdir, cluster_id), "contexts",
                                         context_id),
         }
+        if not self._clusters.runtimes_ready(cluster_id):  # Pending while it builds
+            self._clusters.when_runtimes_ready(cluster_id, lambda: self._start_pending(ctx, init))
+            return context_id
         try:
             init["driver_socket"] = self._driver_for(cluster_id).socket_path
             self._spawn(ctx, init)
@@ -269,6 +293,24 @@ class Contexts:
                 self._contexts.pop(context_id, None)
             raise
         return context_id
+
+    def _start_pending(self, ctx, init):
+        """Start a context that waited for its cluster's runtime: it ends ``Error`` when the
+        driver does not start, and is never started once closed (destroyed, cluster stopped)."""
+        with self._lock:
+            if ctx.closed:
+                return
+        try:
+            init["driver_socket"] = self._driver_for(ctx.cluster_id).socket_path
+            self._spawn(ctx, init)
+        except Exception:
+            with self._lock:
+                ctx.status, ctx.dead = "Error", True
+            return
+        with self._lock:
+            gone = ctx.closed
+        if gone:  # closed while its process started
+            self._reap(ctx.proc, grace=0)
 
     def status(self, cluster_id, context_id):
         """contexts/status: {id, status}."""
@@ -366,7 +408,7 @@ class Contexts:
         runtime = self.runtime_for(cluster_id)
         runtime_bin = os.path.dirname(runtime.python)
         env.update({"DATABRICKS_RUNTIME_VERSION": runtime.version, "MPLBACKEND": "Agg",
-                    "PYTHONIOENCODING": "utf-8", "TMPDIR": tmp,
+                    "PYTHONIOENCODING": "utf-8", "TMPDIR": tmp, "TZ": SESSION_TIME_ZONE,
                     "PYSPARK_PYTHON": runtime.python,
                     "PYSPARK_DRIVER_PYTHON": runtime.python,
                     # Every JVM (spark-submit's launcher too): no /tmp/hsperfdata_<user>, and
@@ -386,8 +428,10 @@ class Contexts:
             home = cluster_dir(self._tmpdir, cluster_id)
             os.makedirs(home, exist_ok=True)
             socket_path = os.path.join(home, "driver.sock")
-            argv = sandbox.wrap_command([self.runtime_for(cluster_id).python, "-c", DRIVER_BOOT, self._tmpdir,
-                                         cluster_id, socket_path], self._tmpdir, cluster_id,
+            python = self.runtime_for(cluster_id, driver=True).python
+            settings = json.dumps(self._spark_settings(cluster_id))
+            argv = sandbox.wrap_command([python, "-c", DRIVER_BOOT, self._tmpdir, cluster_id,
+                                         socket_path, settings], self._tmpdir, cluster_id,
                                         self._isolation)
             with open(os.path.join(home, "driver.log"), "ab") as log:
                 proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
@@ -409,6 +453,21 @@ class Contexts:
                                               "did not start (see %s)"
                                               % (cluster_id, os.path.join(home, "driver.log")))
                     time.sleep(0.05)
+
+    def _spark_settings(self, cluster_id):
+        """The driver's settings (``driver.py``): the Spark configuration of the cluster's
+        runtime (``runtime.spark_defaults``) and its tags, and whether its Spark is a Spark
+        Connect server (standard access mode). A 15.4 standard cluster's server runs on
+        Spark 4.0 with 15.4's settings (ANSI off)."""
+        cluster = self._clusters.get(cluster_id)
+        conf = spark_defaults(self._clusters.runtime_of(cluster_id))
+        conf.update({
+            "spark.databricks.clusterUsageTags.clusterId": cluster_id,
+            "spark.databricks.clusterUsageTags.clusterName": cluster["cluster_name"],
+            "spark.databricks.clusterUsageTags.sparkVersion": cluster["spark_version"],
+            "spark.databricks.workspaceUrl": self._host.split("://", 1)[-1],
+        })
+        return {"conf": conf, "connect": is_standard(cluster)}
 
     def _stop_driver(self, cluster_id):
         """Kill the cluster's driver and its JVM (one process group)."""
@@ -446,8 +505,9 @@ class Contexts:
         log_path = os.path.join(cluster_dir(self._tmpdir, ctx.cluster_id),
                                 "context-%s.log" % ctx.id)
         try:
+            python = self.runtime_for(ctx.cluster_id).python
             argv = sandbox.wrap_command(
-                [self.runtime_for(ctx.cluster_id).python, "-c", WORKER_BOOT, str(req_r), str(res_w), str(cancel_r)],
+                [python, "-c", WORKER_BOOT, str(req_r), str(res_w), str(cancel_r)],
                 self._tmpdir, ctx.cluster_id, self._isolation)
             with open(log_path, "ab") as log:
                 proc = subprocess.Popen(
@@ -553,7 +613,8 @@ class Contexts:
                         self._apply_cancel(cmd)
                     else:
                         cmd.status = "Finished"
-                        cmd.results = self._shape_results(reply.get("results"))
+                        cmd.results = self._shape_results(reply.get("results"),
+                                                          self._clusters.runtime_of(ctx.cluster_id))
                 if reply.get("restart"):
                     return self._restart_python(ctx, init)
         except (OSError, ValueError):
@@ -588,14 +649,14 @@ class Contexts:
             ctx.queue.clear()
         self._reap(ctx.proc, grace=0)
 
-    def _shape_results(self, results):
+    def _shape_results(self, results, version):
+        """A command's results as the cluster's runtime returns them: text past the output
+        limit of ``version``'s runtime (``_over_the_text_limit``), anything but a table past
+        the 20 MB RPC limit an error."""
         if not isinstance(results, dict):
             return results
-        limit = min(self._config["output_limit"], MAX_NON_TABLE_BYTES)
         if results.get("resultType") == "text":
-            data = results.get("data") or ""
-            if len(data) > limit:
-                results = dict(results, data=data[:limit], truncated=True)
+            results = self._over_the_text_limit(results, version)
         elif results.get("resultType") != "table":
             size = len(json.dumps(results))
             if size > MAX_NON_TABLE_BYTES:
@@ -606,6 +667,33 @@ class Contexts:
                            "cause": "org.apache.spark.SparkException: rpc response (of %d bytes) "
                                     "exceeds limit of %d bytes" % (size, MAX_NON_TABLE_BYTES)}
         return results
+
+    def _over_the_text_limit(self, results, version):
+        """Text output past the runtime's limit (notebook-limitations, S16):
+
+        * DBR 17.0 and above: a cell's output is cut at ``cell_output_mb`` MB (default 10,
+          ``%set_cell_max_output_size_in_mb`` takes 1 to 20), "truncated to fit within the
+          limit"; here its head is kept, with ``truncated: true`` (how a real cut keeps "as much
+          useful output as possible", and whether it sets the flag, is UNVERIFIED);
+        * DBR 16.4 and below: text results of at most ``output_limit`` characters (default
+          50,000, ``spark.databricks.driver.maxReplOutputLength``), cut to their head with
+          ``truncated: true`` (``output_overflow="truncate"``, the default: "text results
+          return a maximum of 50,000 characters" in the docs old and new); the current docs
+          also say a notebook's output over its limit is "completely discarded"
+          (``"discard"``: the text is replaced by the warning a notebook shows)."""
+        data = results.get("data") or ""
+        if version and at_least(version, "17.0"):
+            limit = min(self._config["cell_output_mb"] * 1024 * 1024, MAX_NON_TABLE_BYTES)
+            encoded = data.encode("utf-8")
+            if len(encoded) <= limit:
+                return results
+            return dict(results, data=encoded[:limit].decode("utf-8", "ignore"), truncated=True)
+        limit = min(self._config["output_limit"], MAX_NON_TABLE_BYTES)
+        if len(data) <= limit:
+            return results
+        if self._config["output_overflow"] == "discard":
+            return {"resultType": "text", "data": OUTPUT_DISCARDED}
+        return dict(results, data=data[:limit], truncated=True)
 
     def _close_contexts(self, context_ids, grace=0.0):
         """Evict/destroy: forget the contexts (and their commands), kill the processes."""

@@ -471,28 +471,48 @@ class _ScalaMap:
 
 
 class _CommandContext:
+    """The notebook's command context (``getContext()``). On a standard access mode cluster
+    (``standard_py4j="context_methods"``, the default) every method of it is refused as not
+    whitelisted: ``tags()`` as real users report it (S30), the others by the same whitelist."""
+
     def __init__(self, init):
         self._init = init
+        self._refused = (init.get("shared")
+                         and init.get("standard_py4j", "context_methods") == "context_methods")
+
+    def _allowed(self, method, returns):
+        if self._refused:
+            raise _not_whitelisted(
+                "o413.%s" % method,
+                "%s com.databricks.backend.common.rpc.CommandContext.%s()" % (returns, method),
+                "com.databricks.backend.common.rpc.CommandContext")
 
     def apiToken(self):
+        self._allowed("apiToken", "scala.Option")
         return _Option(self._init["token"])
 
     def apiUrl(self):
+        self._allowed("apiUrl", "scala.Option")
         return _Option(self._init["host"])
 
     def browserHostName(self):
+        self._allowed("browserHostName", "scala.Option")
         return _Option(self._init["workspace_url"].split(":")[0])
 
     def workspaceId(self):
+        self._allowed("workspaceId", "scala.Option")
         return _Option(self._init["workspace_id"])
 
     def clusterId(self):
+        self._allowed("clusterId", "scala.Option")
         return _Option(self._init["cluster_id"])
 
     def notebookPath(self):
+        self._allowed("notebookPath", "scala.Option")
         return _Option(None)
 
     def tags(self):
+        self._allowed("tags", "scala.collection.immutable.Map")
         return _ScalaMap(self._tags())
 
     def _tags(self):
@@ -505,6 +525,7 @@ class _CommandContext:
         }
 
     def toJson(self):
+        self._allowed("toJson", "java.lang.String")
         return json.dumps({"tags": self._tags(), "extraContext": {"api_url": self._init["host"]}})
 
 
@@ -520,18 +541,26 @@ class _NotebookUtils:
         self._init = init
 
     def getContext(self):
-        if self._init.get("shared"):
-            raise Py4JError(
-                "An error occurred while calling o412.getContext. Trace:\n"
-                "py4j.security.Py4JSecurityException: Method public "
-                "com.databricks.backend.common.rpc.CommandContext "
-                "com.databricks.dbutils_v1.impl.NotebookUtilsImpl.getContext() is not "
-                "whitelisted on class class com.databricks.dbutils_v1.impl.NotebookUtilsImpl\n"
-                "\tat py4j.security.WhitelistingPy4JSecurityManager.checkCall"
-                "(WhitelistingPy4JSecurityManager.java:473)\n"
-                "\tat py4j.Gateway.invoke(Gateway.java:305)\n"
-            )
+        """Standard access mode refuses py4j calls into the notebook context as not
+        whitelisted: by default at its methods (``_CommandContext``); with
+        ``standard_py4j="get_context"`` at this call already."""
+        if self._init.get("shared") and self._init.get("standard_py4j") == "get_context":
+            raise _not_whitelisted(
+                "o412.getContext", "com.databricks.backend.common.rpc.CommandContext "
+                "com.databricks.dbutils_v1.impl.NotebookUtilsImpl.getContext()",
+                "com.databricks.dbutils_v1.impl.NotebookUtilsImpl")
         return _CommandContext(self._init)
+
+
+def _not_whitelisted(call, method, cls):
+    """The Py4JError a standard access mode cluster raises for a py4j call it does not allow."""
+    return Py4JError(
+        "An error occurred while calling %s. Trace:\n"
+        "py4j.security.Py4JSecurityException: Method public %s is not whitelisted on class "
+        "class %s\n"
+        "\tat py4j.security.WhitelistingPy4JSecurityManager.checkCall"
+        "(WhitelistingPy4JSecurityManager.java:473)\n"
+        "\tat py4j.Gateway.invoke(Gateway.java:305)\n" % (call, method, cls))
 
 
 class _DbutilsJvm:

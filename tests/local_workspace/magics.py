@@ -61,6 +61,7 @@ def _pip(args):
 
 def context_env():
     """The context's own venv (made once, kept across a Python restart): its python."""
+    import sysconfig
     import venv
 
     root = _STATE["init"]["context_env"]
@@ -68,7 +69,7 @@ def context_env():
     if not os.path.exists(python):
         venv.EnvBuilder(with_pip=False, symlinks=True).create(root)
         with open(os.path.join(context_site(), "runtime.pth"), "w") as f:
-            f.write(_STATE["init"]["runtime_site"] + "\n")
+            f.write(sysconfig.get_paths()["purelib"] + "\n")  # this runtime's own site dir
         pip = os.path.join(root, "bin", "pip")
         with open(pip, "w") as f:
             f.write('#!/bin/sh\nexec "%s" -m pip "$@"\n' % python)

@@ -9,6 +9,10 @@ and ``/databricks/driver`` (the working directory, as on a driver). So Python fi
 and Spark's JVM all land in the state directory, and nothing reaches the host's own ``/Volumes``
 or ``/tmp``.
 
+What a cluster process needs where a driver path hides it (a checkout or a runtime cache under
+the host's ``/tmp``) is bound under ``HOST_ALIASES`` and named there in its argv and environment,
+so the cluster's ``/tmp`` shows nothing of the host's (``_hidden_needs``).
+
 The mounts live only in the namespace (``/`` is made private first, so nothing propagates back):
 they go away when its last process exits, and from the host the mount points are empty
 directories, so ``shutil.rmtree(state_dir)`` never follows one into the host's files.
@@ -30,6 +34,8 @@ import sys
 
 # Set by the setup stage in the process it starts: "isolated", or "none: <why>".
 SANDBOX_ENV = "LOCAL_WORKSPACE_SANDBOX"
+# Where host paths that a driver path hides are seen inside the view (see _hidden_needs).
+HOST_ALIASES = "/databricks/.host"
 ISOLATION_ENV = "LOCAL_WORKSPACE_ISOLATION"
 ISOLATION_MODES = ("auto", "none")
 
@@ -59,20 +65,37 @@ def wrap_command(argv, state_dir, cluster_id, isolation="auto"):
     pairs = []
     for target, source in mounts(state_dir, cluster_id):
         pairs += [target, source]
-    # The interpreter, this package and the workspace's own state (the cluster's driver socket,
-    # each context's venv, Spark's dirs) stay visible where a driver path hides them (a venv, a
-    # checkout or the state dir under the host's /tmp): bound at their own paths, after the
-    # driver paths.
-    hidden = {target.strip("/").split("/")[0] for target in pairs[0::2]}
-    needed = [sys.prefix, sys.base_prefix, os.path.dirname(os.path.dirname(_SCRIPT)), state_dir]
-    if os.path.isabs(argv[0]):
-        needed.append(os.path.dirname(argv[0]))
-    for path in dict.fromkeys(os.path.realpath(p) for p in needed):
-        if path.strip("/").split("/")[0] in hidden:
-            pairs += [path, path]
+    aliases = []
+    for path, aliased in _hidden_needs(argv, state_dir, {t.strip("/").split("/")[0]
+                                                          for t in pairs[0::2]}):
+        target = HOST_ALIASES + path if aliased else path
+        pairs += [target, os.path.realpath(path)]
+        if aliased:
+            aliases += [path, target]
     root = os.path.join(cluster_dir(state_dir, cluster_id), "root")
     return ([sys.executable, "-S", "-I", _SCRIPT, root, DRIVER_DIR, str(len(pairs) // 2)]
-            + pairs + ["--"] + list(argv))
+            + pairs + [str(len(aliases) // 2)] + aliases + ["--"] + list(argv))
+
+
+def _hidden_needs(argv, state_dir, hidden_tops):
+    """``[(host path, aliased)]``: what a cluster process needs that a driver path hides (a
+    checkout, a cache or the state dir under the host's /tmp).
+
+    This package and the runtime's venv are bound under HOST_ALIASES (``aliased``), and the
+    process's argv and environment name them there, so the cluster's ``/tmp`` shows nothing of
+    the host's. The workspace's own state dir (sockets, context venvs, Spark's dirs) and the
+    runtime's base interpreter (which the venv names by absolute path) keep their own paths."""
+    python = argv[0] if os.path.isabs(argv[0]) else None
+    needs = [(state_dir, False), (os.path.dirname(os.path.dirname(_SCRIPT)), True)]
+    if python:
+        base = os.path.dirname(os.path.dirname(os.path.realpath(python)))
+        needs += [(os.path.dirname(os.path.dirname(python)), True), (base, False)]
+    found = []
+    for path, aliased in needs:
+        path = os.path.abspath(path)
+        if path.strip("/").split("/")[0] in hidden_tops and path not in {p for p, _ in found}:
+            found.append((path, aliased))
+    return found
 
 
 def isolated():
@@ -268,10 +291,13 @@ def _run_unisolated(argv, why):
 
 
 def _main(args):
-    """``args``: ROOT CWD N TARGET1 SOURCE1 ... TARGETN SOURCEN -- ARGV..."""
+    """``args``: ROOT CWD N TARGET1 SOURCE1 ... TARGETN SOURCEN M HOST1 ALIAS1 ... HOSTM ALIASM
+    -- ARGV..."""
     root, cwd, count = args[0], args[1], int(args[2])
     pairs = args[3:3 + 2 * count]
-    argv = args[3 + 2 * count + 1:]
+    rest = args[3 + 2 * count:]
+    aliases = rest[1:1 + 2 * int(rest[0])]
+    argv = rest[1 + 2 * int(rest[0]) + 1:]
     mapped = dict(zip(pairs[0::2], pairs[1::2]))
     try:
         if not sys.platform.startswith("linux"):
@@ -286,9 +312,28 @@ def _main(args):
     except OSError as e:  # still the host's view: the namespace is private and not entered
         _run_unisolated(argv, e)
     os.chdir(cwd)
+    argv = _use_aliases(argv, dict(zip(aliases[0::2], aliases[1::2])))
     os.environ[SANDBOX_ENV] = "isolated"
     os.environ["PWD"] = os.getcwd()
     os.execvp(argv[0], argv)
+
+
+def _use_aliases(argv, aliases):
+    """Name each aliased host path by its alias, in ``argv`` (the returned copy) and in this
+    process's environment (which the exec'd process inherits)."""
+    import re
+
+    if not aliases:
+        return argv
+    hosts = sorted(aliases, key=len, reverse=True)
+    pattern = re.compile("(%s)(?=/|$|[^\\w.-])" % "|".join(re.escape(h) for h in hosts))
+
+    def swap(text):
+        return pattern.sub(lambda m: aliases[m.group(1)], text)
+
+    for key, value in list(os.environ.items()):
+        os.environ[key] = swap(value)
+    return [swap(a) for a in argv]
 
 
 if __name__ == "__main__":

@@ -22,8 +22,9 @@ import tempfile
 import threading
 
 from . import paths, sandbox
-from .clusters import (JOB_CLUSTER_ID, RUNNING_CLUSTER_ID,  # noqa: F401  (re-exported)
-                       SHARED_CLUSTER_ID, SPARK_VERSION, TERMINATED_CLUSTER_ID, Clusters)
+from .clusters import (DEDICATED_CLUSTER_ID, JOB_CLUSTER_ID,  # noqa: F401  (re-exported)
+                       RUNNING_CLUSTER_ID, SHARED_CLUSTER_ID, SPARK_VERSION, STANDARD_CLUSTER_ID,
+                       TERMINATED_CLUSTER_ID, Clusters, default_runtimes)
 from .config import Config
 from .contexts import Contexts
 from .files import Files
@@ -76,7 +77,7 @@ class LocalWorkspace:
         try:
             self.files.start(self._tmpdir)
             self.contexts.start(self._tmpdir, self.host, self.token)
-        except BaseException:  # no runtime: nothing of this start stays behind
+        except BaseException:  # nothing of a failed start stays behind
             self._server.server_close()
             self._server = None
             shutil.rmtree(self._tmpdir, ignore_errors=True)
@@ -124,9 +125,10 @@ class LocalWorkspace:
         """Close one context or all of them; the ids evicted."""
         return self.contexts.evict(context_id)
 
-    def set_cluster_state(self, cluster_id, state, message=None):
-        """Any cluster state; leaving RUNNING/RESIZING ends its contexts and its driver."""
-        self.clusters.set_state(cluster_id, state, message)
+    def set_cluster_state(self, cluster_id, state, message=None, reason=None):
+        """Any cluster state; leaving RUNNING/RESIZING ends its contexts and its driver.
+        ``reason``: a TERMINATED cluster's ``termination_reason`` (default: a user's request)."""
+        self.clusters.set_state(cluster_id, state, message, reason)
 
     def inject(self, path, **rule):
         """An injected fault: see ``wire.Wire.inject`` (method, count, status, retry_after,
@@ -163,6 +165,11 @@ class LocalWorkspace:
     def driver_pids(self):
         """{cluster id: pid} of the running clusters' drivers."""
         return self.contexts.driver_pids()
+
+    def spark_jobs(self, cluster_id):
+        """The ids of the Spark jobs running on the cluster now (its driver's status tracker);
+        None while its Spark has not started."""
+        return self.contexts.spark_jobs(cluster_id)
 
     # tests/benchmark.py reads the drivers this way (cluster_rss); driver_pids() is the API.
     @property
@@ -219,9 +226,10 @@ def main(argv=None):
                        help='JSON {"scope": {"key": "value"}} for dbutils.secrets')
     serve.add_argument("--latency-ms", type=int, default=0, metavar="N",
                        help="delay every API answer by N ms, as a real round trip does")
-    sub.add_parser("runtime", help="build (or check) the Databricks Runtime Python environment")
-    args = parser.parse_args(argv)
+    sub.add_parser("runtime", add_help=False,
+                   help="build (or check) Databricks Runtime environments (--version V, --all)")
+    args, rest = parser.parse_known_args(argv)
     if args.command == "runtime":
         from .runtime import main as runtime_main
-        return runtime_main()
-    return _serve(args)
+        return runtime_main(rest, default_versions=default_runtimes())
+    return _serve(parser.parse_args(argv))

@@ -1,16 +1,22 @@
 """``spark``, ``sc``, ``sqlContext`` in a context: its own SparkSession on the cluster's shared Spark.
 
-As on a Databricks driver, every execution context of a cluster attaches to the cluster's one JVM
-(``driver.py``, started lazily on the first use of Spark by any context): it wraps the shared
-JavaSparkContext and gets its own ``newSession()`` of the cluster's root session, so temp views
-and SQL settings are per context while tables, the metastore and ``global_temp`` are shared.
-Nothing starts until the context first uses ``spark``/``sc``/``sqlContext``.
+As on a Databricks driver, every execution context of a cluster uses the cluster's one JVM
+(``driver.py``, started lazily on the first use of Spark by any context), and gets its own
+session there, so temp views and SQL settings are per context while tables, the metastore and
+``global_temp`` are shared. Nothing starts until the context first uses ``spark``.
 
-Each command runs in its own Spark job group (the command id), so a cancel cancels its jobs.
+* Dedicated access mode: the context wraps the shared JavaSparkContext over py4j and gets its
+  own ``newSession()`` of the cluster's root session; ``sc`` and ``sqlContext`` exist. Each
+  command runs in its own Spark job group (the command id), so a cancel cancels its jobs.
+* Standard access mode: ``spark`` is a Spark Connect session to the cluster's own Spark (its
+  driver's Connect server); there is no ``sc`` or ``sqlContext``, ``spark.sparkContext`` raises
+  pyspark's own error, and ``SparkContext()`` is refused (``SPARK_CONNECT_MODE_ENABLED``). Each
+  command's operations carry its id as their operation tag; a cancel interrupts them by tag.
 """
 
 import os
 import signal
+import threading
 
 from . import driver as _driver
 
@@ -58,10 +64,14 @@ class _LazySpark:
 
     def __init__(self, init):
         self._init = init
+        self._connect = bool(init.get("spark_connect"))
         self._session = None
         self._sc = None
         self._command = None
         self.conf = _LazyConf(self)
+        if self._connect:
+            # pyspark's own switch: its functions build Connect columns, SparkContext() refuses.
+            os.environ["SPARK_CONNECT_MODE_ENABLED"] = "1"
 
     # ----- the worker's hooks
 
@@ -69,13 +79,29 @@ class _LazySpark:
         return self._session is not None
 
     def begin_command(self, command_id):
-        """Run the command's Spark jobs in its own job group (before the user's code runs)."""
+        """Run the command's Spark jobs in its own job group, or tag its Spark Connect
+        operations with its id (before the user's code runs)."""
         self._command = command_id
-        if self._sc is not None:
-            self._set_job_group()
+        if self._session is not None:
+            self._mark_command()
 
-    def _set_job_group(self):
-        self._sc.setJobGroup(self._command, "command %s" % self._command, interruptOnCancel=True)
+    def _mark_command(self):
+        if self._connect:
+            self._session.clearTags()
+            self._session.addTag(self._command)
+        else:
+            self._sc.setJobGroup(self._command, "command %s" % self._command,
+                                 interruptOnCancel=True)
+
+    def interrupt_command(self):
+        """Standard access mode: interrupt the running command's Spark Connect operations by
+        their tag, from a thread (the blocked call then ends with an error). Dedicated access
+        mode: nothing here (the cluster cancels the command's job group)."""
+        if not self._connect or self._session is None or self._command is None:
+            return
+        session, tag = self._session, self._command
+        threading.Thread(target=_interrupt_tag, args=(session, tag), name="interrupt-tag",
+                         daemon=True).start()
 
     def patch_builder(self, session_module):
         """Make ``SparkSession.builder.getOrCreate()`` attach to the cluster's Spark first (it
@@ -85,8 +111,10 @@ class _LazySpark:
         lazy = self
 
         def getOrCreate(self):
-            lazy._get_session()
-            return original(self)
+            session = lazy._get_session()
+            # Dedicated: the builder now finds the context's session on the cluster's
+            # SparkContext. Standard: the context's Connect session itself.
+            return session if lazy._connect else original(self)
 
         getOrCreate.__doc__ = original.__doc__
         builder.getOrCreate = getOrCreate
@@ -94,7 +122,7 @@ class _LazySpark:
     def reset_gateway_connection(self):
         """Drop this thread's py4j connection after an interrupt cut a call short (its answer
         would otherwise be read by the next call)."""
-        if self._sc is None:
+        if self._sc is None or self._connect:
             return
         client = self._sc._gateway._gateway_client
         connection = client.get_thread_connection()
@@ -109,17 +137,33 @@ class _LazySpark:
                 import pyspark  # noqa: F401
             except ImportError:
                 raise ModuleNotFoundError(SPARK_MISSING, name="pyspark") from None
-            self._attach()
+            if self._connect:
+                self._attach_connect()
+            else:
+                self._attach()
+            if self._command is not None:
+                self._mark_command()
         return self._session
 
-    def _attach(self):
+    def _ask_driver(self, op):
         try:
-            answer = _driver.request(self._init["driver_socket"], {"op": "gateway"},
-                                     GATEWAY_TIMEOUT)
+            answer = _driver.request(self._init["driver_socket"], {"op": op}, GATEWAY_TIMEOUT)
         except (OSError, ValueError) as e:
             raise SparkUnavailable("the cluster's Spark driver is not reachable: %s" % e) from None
         if "error" in answer:
             raise SparkUnavailable("the cluster's Spark failed to start: %s" % answer["error"])
+        return answer
+
+    def _attach_connect(self):
+        """This context's own Spark Connect session on the cluster's Connect server."""
+        url = self._ask_driver("connect")["url"]
+        os.environ["SPARK_REMOTE"] = url  # SparkSession.builder in user code finds it there
+        from pyspark.sql.connect.session import SparkSession as ConnectSession
+
+        self._session = ConnectSession.builder.remote(url).getOrCreate()
+
+    def _attach(self):
+        answer = self._ask_driver("gateway")
         os.environ["PYSPARK_GATEWAY_PORT"] = str(answer["port"])
         os.environ["PYSPARK_GATEWAY_SECRET"] = answer["secret"]
         from pyspark import SparkConf, SparkContext
@@ -140,8 +184,6 @@ class _LazySpark:
         root = jvm.org.apache.spark.sql.SparkSession.getDefaultSession().get()
         self._session = SparkSession(sc, jsparkSession=root.newSession())
         self._sc = sc
-        if self._command is not None:
-            self._set_job_group()
 
     def __getattr__(self, name):
         if name.startswith("__"):
@@ -152,6 +194,13 @@ class _LazySpark:
         if self._session is None:
             return "<local SparkSession (not started yet)>"
         return repr(self._session)
+
+
+def _interrupt_tag(session, tag):
+    try:
+        session.interruptTag(tag)
+    except Exception:  # the session is gone or the server stopped: the interrupt follows
+        pass
 
 
 class _LazyProxy:
@@ -180,7 +229,8 @@ class _LazyProxy:
 
 
 def notebook_names(init):
-    """The Spark names a notebook has: ``spark``, ``sc``, ``sqlContext``, ``sql``, ``table``."""
+    """The Spark names a notebook has: ``spark``, ``sql``, ``table``, and on a dedicated
+    access mode cluster ``sc`` and ``sqlContext`` (standard access mode has neither: S29)."""
     spark = _LazySpark(init)
 
     def make_sql_context():
@@ -199,10 +249,10 @@ def notebook_names(init):
     def table(tableName):
         return spark.table(tableName)
 
-    return {
-        "spark": spark,
-        "sc": _LazyProxy(lambda: spark._get_session().sparkContext, "SparkContext", spark),
-        "sqlContext": _LazyProxy(make_sql_context, "SQLContext", spark),
-        "sql": sql,
-        "table": table,
-    }
+    names = {"spark": spark, "sql": sql, "table": table}
+    if not spark._connect:
+        names.update({
+            "sc": _LazyProxy(lambda: spark._get_session().sparkContext, "SparkContext", spark),
+            "sqlContext": _LazyProxy(make_sql_context, "SQLContext", spark),
+        })
+    return names

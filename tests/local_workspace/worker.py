@@ -6,8 +6,8 @@ The protocol never touches fd 0/1/2 (user code may write to fd 1 through
 ``os.system`` or a subprocess); it runs on three inherited pipes:
 
 * REQ_FD (server -> worker): JSON lines. First ``{"type": "init", ...}`` with the
-  host, token and cluster facts (and the cluster driver's socket, the runtime's site dir and
-  the context's own venv dir), then ``{"type": "exec", "id", "code", "language", "limits"}``
+  host, token and cluster facts (and the cluster driver's socket and the context's own venv
+  dir), then ``{"type": "exec", "id", "code", "language", "limits"}``
   (``language``: "python" or "sql").
 * RES_FD (worker -> server): JSON lines. ``{"type": "ready", "pid"}`` after the
   init, then one ``{"type": "result", "id", "results", "cancelled", "restart"}`` per exec.
@@ -38,9 +38,11 @@ _STATE = {
     "cancelled": set(),  # ids whose cancel was asked for
     "first_signal": None,  # monotonic time of the running command's first cancel signal
     "py4j_cut": False,  # an interrupt cut a py4j call short: its connection is out of step
+    "on_cancel": None,  # called at a command's first cancel signal (Spark Connect: interrupt)
 }
-# While a py4j call (Spark) is in flight, a cancel first waits this long for the cancelled job
-# group to end the call; only then does it interrupt the call itself.
+# While a Spark call (py4j, or Spark Connect's gRPC) is in flight, a cancel first waits this
+# long for the cancelled job group (or the interrupted operations) to end the call; only then
+# does it interrupt the call itself.
 PY4J_INTERRUPT_GRACE = 1.2
 
 
@@ -59,20 +61,27 @@ def _drain_cancel_pipe(fd):
             _STATE["cancelled"].add(line)
 
 
-def _in_py4j_call(frame):
+def _in_spark_call(frame):
+    """``"py4j"``, ``"connect"`` (a Spark Connect call: gRPC) or None."""
+    connect = os.sep.join(("pyspark", "sql", "connect", ""))
     while frame is not None:
-        if os.sep + "py4j" + os.sep in frame.f_code.co_filename:
-            return True
+        filename = frame.f_code.co_filename
+        if os.sep + "py4j" + os.sep in filename:
+            return "py4j"
+        if os.sep + "grpc" + os.sep in filename or connect in filename:
+            return "connect"
         frame = frame.f_back
-    return False
+    return None
 
 
 def _make_sigint_handler(cancel_fd):
     """The worker's SIGINT handler: interrupt the running command only if its cancel was asked.
 
-    Spark's jobs are cancelled by the cluster (the command's job group), which ends a blocked
-    py4j call with an error; an interrupt inside that call would leave the py4j connection out of
-    step, so it comes only when the call has not ended within PY4J_INTERRUPT_GRACE."""
+    Spark's jobs are cancelled by the cluster (the command's job group), or on standard access
+    mode by the context itself (its Spark Connect operations, by their tag: ``on_cancel``),
+    which ends a blocked Spark call with an error; an interrupt inside a py4j call would leave
+    the py4j connection out of step, so it comes only when the call has not ended within
+    PY4J_INTERRUPT_GRACE."""
     import time
 
     def handler(signum, frame):
@@ -83,10 +92,13 @@ def _make_sigint_handler(cancel_fd):
         now = time.monotonic()
         if _STATE["first_signal"] is None:
             _STATE["first_signal"] = now
-        if _in_py4j_call(frame):
+            if _STATE["on_cancel"] is not None:
+                _STATE["on_cancel"]()
+        call = _in_spark_call(frame)
+        if call:
             if now - _STATE["first_signal"] < PY4J_INTERRUPT_GRACE:
                 return
-            _STATE["py4j_cut"] = True
+            _STATE["py4j_cut"] = call == "py4j"
         raise KeyboardInterrupt
 
     return handler
@@ -242,6 +254,7 @@ def main(argv):
     init = json.loads(req.readline())
     namespace = _setup(init)
     dbutils, spark = namespace["dbutils"], namespace["spark"]
+    _STATE["on_cancel"] = spark.interrupt_command
     real_out, real_err = sys.stdout, sys.stderr
     _send(res, {"type": "ready", "pid": os.getpid()})
 
