@@ -15,12 +15,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from local_workspace import RUNNING_CLUSTER_ID
-from repl_harness import files_under, wait_for
+from repl_harness import command_status, files_under, wait_for
 
 EXECUTE = "/api/1.2/commands/execute"
 STATUS = "/api/1.2/commands/status"
 CREATE = "/api/1.2/contexts/create"
 CONTEXT_STATUS = "/api/1.2/contexts/status"
+CANCEL = "/api/1.2/commands/cancel"
 DEFAULT_BUDGET = {"DBX_REPL_RETRY_TIMEOUT": ""}     # the CLI's own default, not the harness's 10 s
 
 
@@ -235,28 +236,17 @@ def test_destroy_during_a_waiting_exec_records_the_step_once_and_leaves_no_conte
 
 # -- 4. signals and uncertain submits -------------------------------------------------------------------
 
-def command_state(workspace, session):
-    import urllib.request
-    active = session.session()
-    step = active["steps"][-1]
-    query = "clusterId=%s&contextId=%s&commandId=%s" % (active["cluster_id"], step["context_id"], step["command_id"])
-    request = urllib.request.Request(workspace.host + STATUS + "?" + query,
-                                     headers={"Authorization": "Bearer " + workspace.token})
-    with urllib.request.urlopen(request, timeout=10) as answer:
-        return json.load(answer)["status"]
-
-
 def test_sigint_then_sigterm_answers_what_the_service_did(workspace, session):
     proc = session.popen("exec", "--command", "import time\ntime.sleep(30)", "--tag", "stop")
     assert wait_for(lambda: (session.session().get("active_command") or {}).get("command_id"), 15)
     proc.send_signal(signal.SIGINT)
-    time.sleep(0.2)
+    assert wait_for(lambda: requests_to(workspace, CANCEL), 15)   # the cancel is under way
     proc.send_signal(signal.SIGTERM)
     call = session.finish(proc, timeout=30)
     assert call.status in ("Cancelled", "Cancelling"), call
     if call.status == "Cancelled":
         assert session.session()["steps"][-1]["status"] == "Cancelled"
-        assert command_state(workspace, session) == "Cancelled"
+        assert command_status(session, session.session()["steps"][-1]) == "Cancelled"
     else:
         assert session.run("await", "--timeout", "30").status == "Cancelled"
 

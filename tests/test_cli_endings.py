@@ -8,12 +8,11 @@ The outputs table in references/outputs.md lists the same endings.
 import os
 import signal
 import stat
-import time
 
 import pytest
 
 from local_workspace.paths import host_path
-from repl_harness import wait_for
+from repl_harness import printed_so_far, wait_for
 
 RESTART_TEXT = ("java.lang.IllegalStateException: jupyter client is not available because the python kernel "
                 "is not defined. The kernel may be restarting or the repl may have been shut down.")
@@ -83,8 +82,7 @@ def test_a_cancel_keeps_what_the_step_printed_before_it(workspace, session, mode
     workspace.configure(cancel_mode=mode)
     waiting = session.popen("exec", "--command", "import time\nprint('started', flush=True)\ntime.sleep(60)",
                             "--tag", "nap")
-    assert wait_for(lambda: active_command_id(session), 15)
-    time.sleep(0.5)
+    assert wait_for(lambda: printed_so_far(session, "001_nap") == "started\n", 15)
     cancel = session.run("cancel")
     assert cancel.status == "Cancelled" and cancel.code == 0, cancel
     call = session.finish(waiting)
@@ -98,7 +96,7 @@ def test_a_cancel_from_another_client_is_a_cancel_with_the_output_kept(session, 
     waiting = session.popen("exec", "--command", "import time\nprint('step one', flush=True)\ntime.sleep(60)",
                             "--tag", "elsewhere")
     command_id = wait_for(lambda: active_command_id(session), 15)
-    time.sleep(0.5)
+    assert wait_for(lambda: printed_so_far(session, "001_elsewhere") == "step one\n", 15)
     log = session.session()
     sdk_client.api_client.do("POST", "/api/1.2/commands/cancel", body={
         "clusterId": log["cluster_id"], "contextId": log["context_id"], "commandId": command_id})
@@ -149,8 +147,7 @@ def test_a_crash_that_also_took_the_driver_copy_says_the_output_is_lost(session)
 def test_ctrl_c_during_exec_cancels_and_keeps_what_was_printed(session):
     waiting = session.popen("exec", "--command", "import time\nprint('begun', flush=True)\ntime.sleep(60)",
                             "--tag", "interrupted")
-    assert wait_for(lambda: active_command_id(session), 15)
-    time.sleep(0.5)
+    assert wait_for(lambda: printed_so_far(session, "001_interrupted") == "begun\n", 15)
     waiting.send_signal(signal.SIGINT)
     call = session.finish(waiting)
     assert call.status == "Cancelled" and call.code == 130, call
@@ -181,8 +178,7 @@ def test_a_step_that_removed_the_helpers_still_reports_its_own_error(session):
 def test_an_eviction_under_a_running_step_salvages_its_printed_lines(workspace, session):
     waiting = session.popen("exec", "--command", "import time\nprint('halfway', flush=True)\ntime.sleep(60)",
                             "--tag", "doomed")
-    assert wait_for(lambda: active_command_id(session), 15)
-    time.sleep(0.5)
+    assert wait_for(lambda: printed_so_far(session, "001_doomed") == "halfway\n", 15)
     workspace.evict()
     call = session.finish(waiting)
     assert call.status == "ContextEvicted", call
@@ -282,8 +278,7 @@ def test_a_magic_step_keeps_its_output_even_when_cancelled(session):
     assert done.status == "Finished"
     assert session.read(done["stdout_file"]).rstrip("\n") == "hello from the shell"
     waiting = session.popen("exec", "--command", "!echo first\n!sleep 60", "--tag", "slow_shell")
-    assert wait_for(lambda: active_command_id(session), 15)
-    time.sleep(1.0)
+    assert wait_for(lambda: printed_so_far(session, "002_slow_shell") == "first\n", 15)
     assert session.run("cancel").status == "Cancelled"
     call = session.finish(waiting)
     assert call.status == "Cancelled"

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 from local_workspace import JOB_CLUSTER_ID, RUNNING_CLUSTER_ID, TERMINATED_CLUSTER_ID
+from repl_harness import command_status, wait_for
 
 
 # -- status ------------------------------------------------------------------------------------------
@@ -205,8 +206,7 @@ def test_replay_right_after_an_eviction_starts_a_fresh_context_first(workspace, 
 def test_status_says_when_a_timed_out_step_has_ended_and_await_collects_it(session):
     running = session.exec("import time\ntime.sleep(1.5)\nprint('late')", "late", "--timeout", "0.3")
     assert running.status == "Running"
-    import time
-    time.sleep(2)
+    assert wait_for(lambda: command_status(session) == "Finished", 15)
     call = session.run("status")
     assert call.status == "Busy" and call["active_command"]["remote_status"] == "Finished"
     assert "await" in call["hint"] and "not collected" in call["message"]

@@ -11,13 +11,12 @@ import os
 import random
 import re
 import struct
-import time
 import zlib
 
 import pytest
 
 from local_workspace import LocalWorkspace
-from repl_harness import Repl, wait_for
+from repl_harness import Repl, printed_so_far, wait_for
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 OMITTED = re.compile(r"\[\.\.\. (\d+) bytes omitted \.\.\.\]")
@@ -351,9 +350,9 @@ def test_error_messages_are_unescaped_and_long_tracebacks_keep_their_last_lines(
 
 def test_a_cancel_that_finishes_as_an_error_is_reported_as_cancelled(workspace, session):
     workspace.configure(cancel_mode="finished_error")
-    waiting = session.popen("exec", "--command", "import time\nprint('started')\ntime.sleep(60)", "--tag", "nap")
-    assert wait_for(lambda: (session.session().get("active_command") or {}).get("command_id"), 15)
-    time.sleep(0.3)
+    waiting = session.popen("exec", "--command", "import time\nprint('started', flush=True)\ntime.sleep(60)",
+                            "--tag", "nap")
+    assert wait_for(lambda: printed_so_far(session, "001_nap") == "started\n", 15)
     cancel = session.run("cancel")
     assert cancel.status == "Cancelled", cancel
     call = session.finish(waiting)

@@ -311,7 +311,7 @@ def test_cancel_of_a_blocking_spark_call_that_is_no_job_keeps_spark_usable(spark
         cluster_id=RUNNING_CLUSTER_ID, context_id=context,
         command="sc._jvm.java.lang.Thread.sleep(60000)", language=Language.PYTHON).command_id
     _wait_running(spark_client, context, command_id)
-    time.sleep(0.5)
+    _wait_for_jvm_sleep(spark_client)
     spark_client.command_execution.cancel(cluster_id=RUNNING_CLUSTER_ID, context_id=context,
                                           command_id=command_id)
     ended = _wait_terminal(spark_client, context, command_id, time.monotonic() + CANCEL_DEADLINE)
@@ -327,6 +327,25 @@ def _wait_running(client, context, command_id, timeout=30):
             command_id=command_id).status.value != "Running":
         assert time.monotonic() < deadline, "the command never started"
         time.sleep(0.05)
+
+
+JVM_SLEEPING_FOR_PY4J = """
+threads = sc._jvm.java.lang.Thread.getAllStackTraces()
+print(sum(1 for t in threads.keySet()
+          if any(f.getMethodName() == 'sleep' for f in list(threads.get(t))[:3])
+          and any(f.getClassName().startswith('py4j.') for f in threads.get(t))))
+"""
+
+
+def _wait_for_jvm_sleep(client, timeout=30):
+    """Until a JVM thread serving a py4j call sleeps in Thread.sleep (the blocking call has begun)."""
+    probe = _context(client)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _text(client, probe, JVM_SLEEPING_FOR_PY4J) != "0\n":
+            return
+        time.sleep(0.1)
+    raise AssertionError("the blocking JVM call never started")
 
 
 def _wait_for_spark_job(client, context, timeout=60):

@@ -13,7 +13,7 @@ import pytest
 
 from local_workspace import RUNNING_CLUSTER_ID
 import repl_harness
-from repl_harness import Repl, wait_for
+from repl_harness import Repl, in_timed_sleep, wait_for
 
 EXECUTE = "/api/1.2/commands/execute"
 STATUS = "/api/1.2/commands/status"
@@ -166,7 +166,7 @@ def test_a_signal_while_the_service_declines_the_submit_runs_nothing_and_records
     workspace.inject(EXECUTE, method="POST", count=1, status=503, retry_after=2)
     proc = session.popen("exec", "--command", "import time\ntime.sleep(30)", "--tag", "held")
     assert wait_for(lambda: any(r["status"] == 503 for r in executes(workspace)), 15)
-    time.sleep(0.5)                                           # the CLI has read the 503: it waits to retry
+    assert wait_for(lambda: in_timed_sleep(proc.pid), 15)    # the CLI has read the 503: it waits to retry
     proc.send_signal(sig)
     call = session.finish(proc)
     assert call.status == expected and call.code == code, call

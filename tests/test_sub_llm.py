@@ -251,8 +251,7 @@ def test_cancelling_a_batch_stops_it_promptly_and_the_helpers_keep_working(works
     running = llm.popen("exec", "--command",
                             "out = sub_llm_batch(['[slow:1] upper: s%d' % i for i in range(40)], max_workers=2)",
                             "--tag", "long-batch")
-    assert wait_for(lambda: (llm.session().get("active_command") or {}).get("command_id"), 15)
-    time.sleep(0.5)  # the batch is under way
+    assert wait_for(lambda: invocations(workspace), 15)   # the batch is under way
     started = time.monotonic()
     cancel = llm.run("cancel")
     assert cancel.status == "Cancelled", cancel
