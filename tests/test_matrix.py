@@ -109,7 +109,8 @@ def test_exec_runs_spark_on_the_cell_s_runtime_and_sql_sees_its_temp_views(cell)
     sql = cell.repl.run("exec", "--sql", "SELECT sum(sq) AS total, count(*) AS n FROM squares",
                         "--tag", "total", "--timeout", SPARK_TIMEOUT)
     assert sql.status == "Finished", sql
-    assert sql["table"]["rows"] == 1 and sql["table"]["column_names"] == ["total bigint", "n bigint"]
+    assert sql["table"]["rows"] == 1 and sql["table"]["column_names"] == ["total", "n"]
+    assert sql["table"]["column_types"] == ["bigint", "bigint"]
     assert cell.repl.read(sql["table"]["file"]).splitlines() == ["total,n", "30,5"]
 
 
