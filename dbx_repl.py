@@ -4746,7 +4746,7 @@ class JsonArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         raise ReplError("UsageError", f"{self.prog}: {message}", exit_code=EXIT_USAGE,
                         hint="See the options with tip.help.",
-                        tip={"help": " ".join([Invocation.program, *self.prog.split()[1:], "--help"])})
+                        tip={"help": f"{self.prog} --help"})   # prog: the program as invoked, the subcommand
 
     def exit(self, status=0, message=None):
         if status:

@@ -134,7 +134,7 @@ def test_an_agent_works_through_the_ten_tasks_and_exports_a_script_that_runs(wor
     planned_tags = [by_tag[n] for n in _numbers(plan["steps"])]
     assert planned_tags == ["primes", "iris_load", "iris_model", "iris_train", "iris_evaluate", "report"]
     assert [by_tag[n] for n in plan["partial"]] == ["report"]
-    assert evicted["tip"]["replay"].endswith(f"replay --project-dir {repl.project_dir} --timeout 600")
+    assert evicted["tip"]["replay"].endswith(f"replay --project-dir {repl.project_dir} --timeout 90")  # TIP_TIMEOUT
     assert run(repl, "replay", "--plan")["replay_plan"]["steps"] == plan["steps"]
     replayed = run(repl, "replay", "--timeout", "300", timeout=400)
     assert replayed.status == "Replayed", replayed
@@ -415,8 +415,8 @@ def test_databricks_cluster_id_is_an_id_for_create_smoke_and_find_cluster(repl):
                           env={**repl.env, **env}, timeout=60)
     found = json.loads(proc.stdout)
     assert found["status"] == "Found" and found["cluster_id"] == RUNNING_CLUSTER_ID
-    assert found["hint"].endswith(f"create --cluster-id {RUNNING_CLUSTER_ID} --session-name NAME")
-    assert "dbx_repl.py create" in found["hint"]
+    assert found["tip"]["create"].endswith(f"create --cluster-id {RUNNING_CLUSTER_ID} --session-name <session-name>")
+    assert "dbx_repl.py create" in found["tip"]["create"]
 
 
 # -- packaging and SKILL.md -----------------------------------------------------------------------------
