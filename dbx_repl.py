@@ -48,7 +48,7 @@ import time
 import zlib
 
 
-VERSION = "0.2.0"
+VERSION = "0.3.0"
 
 PROCESS_STARTED = time.monotonic()     # await's --timeout counts from here, the SDK import included
 
