@@ -132,17 +132,9 @@ def test_a_plot_lands_as_a_png(cell):
 
 # -- the full output past the service's limit ---------------------------------------------------------
 
-DISCARD = pytest.mark.xfail(
-    strict=True, reason="dbx_repl appends the text a DBR <= 16.4 service returns in place of "
-                        "discarded output ('*** WARNING: max output size exceeded, skipping "
-                        "output. ***') to the full stdout it fetched from the driver")
-
-
 @pytest.mark.parametrize("overflow", ["truncate", "discard"])
-def test_the_full_output_arrives_past_the_service_s_limit(cell, overflow, request):
+def test_the_full_output_arrives_past_the_service_s_limit(cell, overflow):
     workspace = cell.repl.workspace
-    if overflow == "discard" and cell.runtime == "15.4":
-        request.applymarker(DISCARD)
     # 15.4: past 50,000 characters the service cuts (or discards) the text; 17.3: past the
     # cell's output size (here its smallest, 1 MB) it cuts it, whatever the DBR <= 16.4 switch.
     size = 60_000 if cell.runtime == "15.4" else 1_200_000
@@ -189,11 +181,6 @@ def slow(x):
     return x
 print(spark.range(0, 400, 1, 8).select(slow('id').alias('x')).selectExpr('sum(x) AS s').first().s)
 """
-STANDARD_PROGRESS = pytest.mark.xfail(
-    strict=True, reason="dbx_repl's progress helper reads Spark's status tracker through `sc`, "
-                        "which a standard access mode context does not have: its progress answer "
-                        "does not yet say that Spark progress is unavailable there")
-
 
 def _status_while_running(cell):
     status = cell.repl.run("status")
@@ -203,9 +190,7 @@ def _status_while_running(cell):
     return status if "collecting slowly" in progress.get("output_tail", "") else None
 
 
-def test_status_shows_progress_while_a_spark_job_runs(cell, request):
-    if cell.standard:
-        request.applymarker(STANDARD_PROGRESS)
+def test_status_shows_progress_while_a_spark_job_runs(cell):
     running = cell.repl.exec(SLOW_SPARK_STEP, "slow", "--timeout", "1")
     assert running.status == "Running", running
     try:

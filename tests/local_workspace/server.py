@@ -36,25 +36,18 @@ from .wire import HttpServer, Wire
 class LocalWorkspace:
     """The local workspace server. ``start()``, use ``host``/``token``, ``stop()``."""
 
-    def __init__(self, token="local-token", output_limit=50_000, context_limit=145,  # noqa: PLR0913 - the settings
-                 idle_ttl=None, cancel_mode="cancelled", not_running_mode="error",
-                 start_delay=2.0, llm_latency=0.0, image_inline_limit=512 * 1024, secrets=None,
-                 isolation="auto", **settings):
+    def __init__(self, token="local-token", secrets=None, isolation="auto", **settings):
         """``secrets``: ``{"scope": {"key": "value"}}`` for dbutils.secrets. ``isolation``:
         "auto" (each cluster's processes in their own file system view where the OS allows) or
         "none" (the host's view; driver paths refused); see sandbox.py. Any other keyword is a
-        ``configure`` setting."""
+        ``configure`` setting (config.DEFAULTS: output_limit, context_limit, cancel_mode, ...)."""
         if isolation not in sandbox.ISOLATION_MODES:
             raise ValueError("isolation must be one of %s" % (sandbox.ISOLATION_MODES,))
         self.token = token
         self.host = None
         self.port = None
         self._tmpdir = None
-        self._config = Config(output_limit=output_limit, context_limit=context_limit,
-                              idle_ttl=idle_ttl, cancel_mode=cancel_mode,
-                              not_running_mode=not_running_mode, start_delay=start_delay,
-                              llm_latency=llm_latency, image_inline_limit=image_inline_limit,
-                              **settings)
+        self._config = Config(**settings)
         secrets = {str(scope): {str(k): str(v) for k, v in keys.items()}
                    for scope, keys in (secrets or {}).items()}
         self.clusters = Clusters(self._config)
