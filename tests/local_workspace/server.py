@@ -190,10 +190,17 @@ def _serve(args):
     def on_signal(signum, frame):
         stop.set()
 
+    evictions = threading.Event()
+
+    def on_evict(signum, frame):
+        evictions.set()
+
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGUSR1, on_evict)
     ws.start(port=args.port)
     print("# Local Databricks workspace on %s (Ctrl+C to stop)" % ws.host)
+    print("# kill -USR1 %d evicts every execution context, as a cluster does with idle ones" % os.getpid())
     print("export DATABRICKS_HOST=%s" % ws.host)
     print("export DATABRICKS_TOKEN=%s" % ws.token)
     for c in ws.clusters.all():
@@ -201,8 +208,11 @@ def _serve(args):
                                                    c["cluster_source"], c["data_security_mode"]))
     print("export DATABRICKS_CLUSTER_ID=%s" % RUNNING_CLUSTER_ID, flush=True)
     try:
-        while not stop.wait(0.5):
-            pass
+        while not stop.wait(0.2):
+            if evictions.is_set():
+                evictions.clear()
+                ws.evict()
+                print("# evicted every execution context", flush=True)
     finally:
         ws.stop()
         print("# stopped", flush=True)
