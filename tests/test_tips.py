@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 from local_workspace import RUNNING_CLUSTER_ID, TERMINATED_CLUSTER_ID
-from repl_harness import PLACEHOLDER, Call, wait_for
+from repl_harness import PLACEHOLDER, Call
 
 
 def follow(repl, call, name, **fill):
