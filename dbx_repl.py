@@ -98,7 +98,7 @@ SUBMIT_GRACE_SECONDS = 1.5                 # a submit may end this long after --
 # Poll schedule for commands: the next poll comes after 2.5% of the time already waited, at least
 # 30 ms and at most 5 s. A command of up to 2 s is seen within 50 ms of finishing, a long one within
 # 2.5% of its run time, and a 10-minute wait costs ~330 status calls (well under the service's rate
-# limits). See references/benchmark.md for the measured lag.
+# limits). See docs/benchmark.md for the measured lag.
 POLL_MIN_SECONDS = 0.03
 POLL_FRACTION = 0.025
 POLL_MAX_SECONDS = 5.0
@@ -1008,7 +1008,7 @@ def _call_alarm(seconds):
 
 # Answers that say the service did not take the request and asks to come back: the SDK's own list of
 # transient messages (a cluster still starting, the RPC rate limiter) plus REQUEST_LIMIT_EXCEEDED,
-# which the service also sends as a 400/500 without Retry-After (references/local-workspace.md).
+# which the service also sends as a 400/500 without Retry-After (tests/local_workspace/README.md).
 TRANSIENT_MESSAGES = ("ClusterNotReadyException", "RPC token bucket limit has been exceeded",
                       "Please try again later", "does not have any associated worker environments",
                       "Unknown worker environment")

@@ -195,3 +195,40 @@ def process_tree(pids):
                 found.add(child)
                 todo.append(child)
     return found
+
+
+STATUS_WORD = re.compile(r"[A-Z][a-z]+(?:[A-Z][a-z]*)*")
+
+
+def statuses_in_the_cli():
+    """Every status word dbx_repl.py can answer or record, read from its source: the first argument of
+    each `response(...)` and `ReplError(...)` (every branch of a conditional), a driver call's `failed=`
+    status, the "status" of a dict literal (verify, smoke phases, a replay's failed step), the status of
+    a step record (`step_entry`, `record`), and a step's ending as `failed_ending` returns it."""
+    import ast
+    with open(CLI, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+
+    def words(node):
+        return {n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+                and STATUS_WORD.fullmatch(n.value)}
+
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+            position = {"response": 0, "ReplError": 0, "record": 0, "step_entry": 2}.get(name)
+            if position is not None and len(node.args) > position:
+                found |= words(node.args[position])
+            found |= set().union(*(words(k.value) for k in node.keywords if k.arg == "failed"))
+        elif isinstance(node, ast.FunctionDef):
+            named = node.args.args[len(node.args.args) - len(node.args.defaults):] + node.args.kwonlyargs
+            defaults = node.args.defaults + node.args.kw_defaults
+            found |= set().union(*(words(d) for a, d in zip(named, defaults) if a.arg == "failed" and d))
+            if node.name == "failed_ending":
+                found |= set().union(*(words(r.value) for r in ast.walk(node) if isinstance(r, ast.Return)
+                                       and r.value is not None))
+        elif isinstance(node, ast.Dict):
+            found |= set().union(*(words(v) for k, v in zip(node.keys, node.values)
+                                   if isinstance(k, ast.Constant) and k.value == "status"))
+    return found

@@ -9,7 +9,7 @@ import sys
 
 from local_workspace import RUNNING_CLUSTER_ID, TERMINATED_CLUSTER_ID
 from local_workspace.paths import host_path
-from repl_harness import CLI, ROOT, Call, Repl
+from repl_harness import CLI, ROOT, Call, Repl, statuses_in_the_cli
 
 MAX_ANSWER_BYTES = 2048
 
@@ -462,29 +462,8 @@ def test_the_evals_follow_the_skill_creator_format_and_cover_the_workflow():
                   "sub_llm_batch"):
         assert topic in text, topic
     named = set(re.findall(r"\b[A-Z][a-z]+(?:[A-Z][a-z]+)+\b", text)) - {"KeyError", "NameError"}
-    assert named and named <= _statuses_in_the_cli() | {"Finished", "Error"}, named - _statuses_in_the_cli()
+    assert named and named <= statuses_in_the_cli(), named - statuses_in_the_cli()
     import dbx_repl
     parser = dbx_repl.build_parser()
     for argv in (["replay", "--plan"], ["export", "--verify"], ["cancel"], ["await", "--timeout", "5"]):
         assert parser.parse_args(argv).handler                   # every command the evals name exists
-
-
-def _statuses_in_the_cli():
-    with open(CLI, encoding="utf-8") as f:
-        source = f.read()
-    found = set(re.findall(r'(?:ReplError|response)\(\s*"([A-Z][A-Za-z]+)"', source))
-    found |= set(re.findall(r'return "([A-Z][A-Za-z]+)", \{', source))
-    for first, second in re.findall(r'response\(\s*"([A-Z][A-Za-z]+)" if [^\n]* else "([A-Z][A-Za-z]+)"', source):
-        found |= {first, second}
-    return found
-
-
-def test_skill_md_documents_every_status_stays_short_and_never_passes_an_empty_profile():
-    _, text = _skill_frontmatter()
-    assert len(text.splitlines()) < 500
-    missing = sorted(s for s in _statuses_in_the_cli() if f"`{s}`" not in text)
-    assert not missing, missing
-    assert "--profile $0" not in text                          # breaks when the profile argument is empty
-    assert text.count('--profile="$0"') >= 2                    # an empty value means the default auth
-    for status in ("Passed", "Failed", "TimedOut"):              # export --verify's verify.status
-        assert status in text

@@ -10,7 +10,7 @@ An HTTP server on 127.0.0.1 that speaks the REST endpoints databricks-repl uses.
   commands, their processes and the clusters' drivers), ``files.Files`` (DBFS, Files, Workspace,
   libraries, the current user) and ``serving.Serving`` (model serving).
 
-``LocalWorkspace`` is the Python control API tests use. See ``references/local-workspace.md``.
+``LocalWorkspace`` is the Python control API tests use. See ``tests/local_workspace/README.md``.
 """
 
 import argparse
