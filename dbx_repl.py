@@ -3586,6 +3586,10 @@ def export_selection(project, session, steps=None, exclude_tags=()):
         for entry in list(chosen.values()):
             for needed in needed_steps(timeline, entry["uses"], entry["origin"]):
                 chosen.setdefault(needed["origin"], needed)
+        named = {row["step"] for row in left_out}
+        left_out += [{"step": e["origin"], "tag": e["tag"], "why": f"status {e.get('status')}"} for e in timeline
+                     if e["origin"] not in chosen and e["origin"] not in named and e.get("status") != "Finished"
+                     and e["tag"] not in last_per_tag]   # a step that never ran to the end, and no later run did
     for origin, entry in sorted(chosen.items()):
         if entry["tag"] in exclude_tags:
             left_out.append({"step": origin, "tag": entry["tag"], "why": "--exclude-tags"})

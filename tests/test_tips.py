@@ -125,3 +125,13 @@ def test_export_names_the_steps_with_side_effects_and_verifies_without_them_on_r
     assert verified.status == "Exported" and "step(s) 2 again" in verified["message"]
     assert "skipped_steps" not in verified["verify"]
     assert session.exec(written, "count").get("stdout_preview") == "2\n"
+
+
+def test_export_names_a_cancelled_step_it_leaves_out(session):
+    session.exec("x = 1", "load")
+    running = session.exec("import time\ntime.sleep(60)", "stuck", "--timeout", "0.3")
+    assert running.status == "Running"
+    assert session.run("cancel").status == "Cancelled"
+    exported = session.run("export")
+    assert exported.status == "Exported" and exported["steps"] == [1]
+    assert exported["left_out"] == [{"step": 2, "tag": "stuck", "why": "status Cancelled"}]
