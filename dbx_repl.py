@@ -3464,8 +3464,8 @@ def dependency_plan(project, session, target=None):
 
 
 MISSING_NAME = re.compile(r"name '([A-Za-z_][A-Za-z0-9_]*)' is not defined")
-MISSING_RELATION = re.compile(r"(?:table or view|view|table) [`'\"]?([A-Za-z0-9_.`]+?)[`'\"]? (?:cannot be found|not found)",
-                              re.IGNORECASE)
+MISSING_RELATION = re.compile(r"(?:table or view|view|table) [`'\"]?([A-Za-z0-9_.`]+?)[`'\"]? (?:cannot be found|not found)"
+                              r"|table or view not found: [`'\"]?([A-Za-z0-9_.`]+)", re.IGNORECASE)
 
 
 def missing_name(error_type, message):
@@ -3474,8 +3474,8 @@ def missing_name(error_type, message):
     found = MISSING_NAME.search(message or "") if error_type in ("NameError", "UnboundLocalError") else None
     if found:
         return found.group(1)
-    found = MISSING_RELATION.search(message or "") if "Exception" in error_type or "Error" in error_type else None
-    return sql_name(found.group(1).rsplit(".", 1)[-1]) if found else None
+    found = MISSING_RELATION.search(message or "")
+    return sql_name((found.group(1) or found.group(2)).rsplit(".", 1)[-1]) if found else None
 
 
 def left_out_definer(project, session, name, before):

@@ -135,3 +135,16 @@ def test_export_names_a_cancelled_step_it_leaves_out(session):
     exported = session.run("export")
     assert exported.status == "Exported" and exported["steps"] == [1]
     assert exported["left_out"] == [{"step": 2, "tag": "stuck", "why": "status Cancelled"}]
+
+
+@pytest.mark.parametrize("error_type, message, name", [
+    ("NameError", "name 'rates' is not defined", "rates"),
+    ("UnboundLocalError", "cannot access local variable 'n' where it is not associated with a value", None),
+    ("AnalysisException", "[TABLE_OR_VIEW_NOT_FOUND] The table or view `orders` cannot be found. Verify the "
+                          "spelling and correctness of the schema and catalog.", "sql:orders"),
+    ("AnalysisException", "Table or view not found: main.sales.Orders; line 1 pos 14", "sql:orders"),
+    ("KeyError", "'discount'", None),
+])
+def test_the_missing_name_of_a_failed_step_is_read_from_its_error(error_type, message, name):
+    import dbx_repl
+    assert dbx_repl.missing_name(error_type, message) == name
