@@ -5409,6 +5409,7 @@ class DriverRepl(object):
         self.repl_stream = self.streams["stdout"]._stream
         self.late = self.gap_ended(self.output.switch(self.out_path(key)))
         self.note_streams(key)
+        with_suppressed(self.watch_connect_progress)
         plt = sys.modules.get("matplotlib.pyplot")
         if plt is not None:
             self.patch_pyplot(plt)
@@ -5530,6 +5531,27 @@ class DriverRepl(object):
         except Exception:
             text = "%s: %s\n" % (self.ending["type"], self.ending["message"])
         with_suppressed(driver_write_private, self.out_path(self.key, ".err"), self.redactor.redact(text))
+
+    # -- Spark Connect progress (standard access mode): no status tracker, the server reports it -----
+    def watch_connect_progress(self):
+        """On a Spark Connect session that reports progress (Spark 4), keep the running step's latest
+        report in <key>.progress for the sidecar's progress read (`_dbx_repl_progress`)."""
+        spark = self.namespace.get("spark")
+        register = getattr(spark, "registerProgressHandler", None)
+        if register is None or getattr(self, "connect_progress_of", None) is spark:
+            return
+        register(self.on_connect_progress)
+        self.connect_progress_of = spark
+
+    def on_connect_progress(self, stages=None, inflight_tasks=0, operation_id=None, done=False):
+        key = self.key
+        if key is None:
+            return
+        report = {"operation_id": operation_id, "done": bool(done), "inflight_tasks": int(inflight_tasks or 0),
+                  "stages": [[s.stage_id, s.num_tasks, s.num_completed_tasks, bool(s.done)] for s in stages or []]}
+        path = self.out_path(key, ".progress")
+        with_suppressed(driver_write_private, path + ".tmp", json.dumps(report))
+        with_suppressed(os.replace, path + ".tmp", path)
 
     # -- streaming queries a step leaves running ---------------------------------------------------------
     def active_streams(self):
@@ -6317,8 +6339,24 @@ def _dbx_repl_progress(path, group, tail_lines, tail_bytes, with_spark):
         pass
     context = globals().get("sc") if with_spark else None
     if with_spark and context is None:
-        found["spark_error"] = ("Spark progress is unavailable: this context has no SparkContext (standard access "
-                                "mode runs Spark Connect, which has no status tracker); the output tail still shows")
+        # Spark Connect (standard access mode): no SparkContext, no status tracker; the latest report
+        # the server sent the step's session (DriverRepl.on_connect_progress), when it sends them.
+        try:
+            with open(os.path.splitext(path)[0] + ".progress", encoding="utf-8") as f:
+                report = json.load(f)
+            stages = report.get("stages") or []
+            found["spark_jobs"] = [{
+                "job": (report.get("operation_id") or "")[:8],
+                "status": "SUCCEEDED" if report.get("done") else "RUNNING",
+                "description": "Spark Connect operation %s" % report.get("operation_id"),
+                "stages": [s[0] for s in stages],
+                "tasks": "%d/%d" % (sum(s[2] for s in stages), sum(s[1] for s in stages)),
+                "active_tasks": report.get("inflight_tasks", 0)}]
+        except (OSError, ValueError):
+            found["spark_error"] = (
+                "Spark progress is unavailable: this context has no SparkContext (standard access mode runs "
+                "Spark Connect) and its Spark Connect session has reported no progress for this step (Spark 4 "
+                "reports it); the output tail still shows")
     if context is not None:
         try:
             tracker = context.statusTracker()
