@@ -19,7 +19,8 @@ import os
 import pytest
 
 from local_workspace import (DEDICATED_CLUSTER_ID, RUNNING_CLUSTER_ID, SHARED_CLUSTER_ID,
-                             STANDARD_CLUSTER_ID, LocalWorkspace)
+                             STANDARD_CLUSTER_ID)
+from conftest import _running_workspace
 from repl_harness import Repl, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.spark]
@@ -52,20 +53,7 @@ class Cell:
 
 @pytest.fixture(scope="module")
 def workspace():
-    ws = LocalWorkspace()
-    ws.start()
-    try:
-        yield ws
-    finally:
-        ws.stop()
-        alive = []
-        for pid in ws.all_pids():
-            try:
-                os.kill(pid, 0)
-                alive.append(pid)
-            except ProcessLookupError:
-                pass
-        assert not alive, "cluster processes still alive after stop(): %s" % alive
+    yield from _running_workspace()
 
 
 @pytest.fixture(scope="module", params=CELLS, ids=["%s-%s" % c[:2] for c in CELLS])
