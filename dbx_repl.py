@@ -48,7 +48,7 @@ import time
 import zlib
 
 
-VERSION = "0.2.0"
+VERSION = "0.3.0"
 
 PROCESS_STARTED = time.monotonic()     # await's --timeout counts from here, the SDK import included
 
@@ -68,6 +68,7 @@ RESPONSES_DIR = "responses"                # under OUTPUT_DIR: fields moved out 
 REPLAY_PLAN_FILE = "replay_plan.json"      # under OUTPUT_DIR: the full plan behind a summary
 
 DEFAULT_TIMEOUT = 600.0
+TIP_TIMEOUT = 90.0                         # a tip's --timeout when the caller gave none: within a 2-minute tool limit
 DEFAULT_MAX_OUTPUT_BYTES = 64 * 1024 * 1024
 PREVIEW_CHARS = 1000                       # head + tail of a preview, marker included
 TABLE_PREVIEW_ROWS = 20
@@ -97,11 +98,13 @@ SUBMIT_GRACE_SECONDS = 1.5                 # a submit may end this long after --
 # Poll schedule for commands: the next poll comes after 2.5% of the time already waited, at least
 # 30 ms and at most 5 s. A command of up to 2 s is seen within 50 ms of finishing, a long one within
 # 2.5% of its run time, and a 10-minute wait costs ~330 status calls (well under the service's rate
-# limits). See references/benchmark.md for the measured lag.
+# limits). See docs/benchmark.md for the measured lag.
 POLL_MIN_SECONDS = 0.03
 POLL_FRACTION = 0.025
 POLL_MAX_SECONDS = 5.0
-CANCEL_WAIT_SECONDS = 10.0
+CANCEL_WAIT_SECONDS = 10.0                 # cancel waits this long for the command to stop, else: Cancelling
+CANCELLING_MESSAGE = (f"Cancel was requested; the command had not stopped when the CLI stopped waiting (after at "
+                      f"most {CANCEL_WAIT_SECONDS:g}s).")
 HELPER_SECONDS = 120.0                     # a helper command of the CLI (a fetch, a stat) may take this
 CONTEXT_START_TIMEOUT = 300.0
 
@@ -169,7 +172,7 @@ def scrub(text):
     return text
 
 
-KEPT_FIELDS = ("status", "message", "hint")
+KEPT_FIELDS = ("status", "message", "hint", "tip")   # never moved out of an answer; a tip is never cut
 
 
 def emit(body):
@@ -212,7 +215,8 @@ def fit_response(body):
     """The response cut to MAX_RESPONSE_BYTES. Long texts (top-level, or one level down such as
     error.message) are cut to a head and tail first, longest first; then whole fields move, largest
     first. Every changed field is kept whole in a JSON file under repl_outputs/responses/, named in
-    `details_file` and listed in `moved_fields`. status and hint are never moved."""
+    `details_file` and listed in `moved_fields`. status, hint and tip are never moved, and a tip's
+    command lines are never cut."""
     if _size(body) <= MAX_RESPONSE_BYTES:
         return body
     moved, body = {}, dict(body)
@@ -222,7 +226,7 @@ def fit_response(body):
         if _size(body) + reserve <= MAX_RESPONSE_BYTES:
             break
         texts = [(len(v), k, None) for k, v in body.items() if k != "status" and isinstance(v, str)]
-        texts += [(len(v), k, inner) for k, d in body.items() if isinstance(d, dict)
+        texts += [(len(v), k, inner) for k, d in body.items() if isinstance(d, dict) and k not in KEPT_FIELDS
                   for inner, v in d.items() if isinstance(v, str)]
         length, key, inner = max(texts, default=(0, None, None))
         if length > 160:
@@ -381,19 +385,30 @@ def invoked_program(argv0, executable=None):
     return name if shutil.which(name) == argv0 or not directory else shlex.quote(argv0)
 
 
-def cli_hint(subcommand, project=None, timeout=None):
+def cli_hint(subcommand, project=None):
     """The command line an agent should run next: the program as invoked, the subcommand, the project
-    dir it used, its --profile, and (for the subcommands that wait) its --timeout."""
+    dir it used, its --profile, and (for the subcommands that wait) its --timeout, or TIP_TIMEOUT when
+    the caller gave none, so that the tip answers within an agent's tool limit."""
     import shlex
     parts = [Invocation.program, subcommand]
     if project is not None:
         parts += ["--project-dir", shlex.quote(project.display_root)]
     if Invocation.profile:
         parts += ["--profile", shlex.quote(Invocation.profile)]
-    timeout = timeout if timeout is not None else Invocation.timeout
-    if timeout is not None and subcommand in WAITING_SUBCOMMANDS:
-        parts += ["--timeout", f"{timeout:g}"]
+    if subcommand in WAITING_SUBCOMMANDS:
+        parts += ["--timeout", f"{Invocation.timeout or TIP_TIMEOUT:g}"]
     return " ".join(parts)
+
+
+def create_tip(project=None, cluster_id=None):
+    """The create command line for a new session: on the given cluster (a placeholder when unknown)
+    and a session name the agent chooses."""
+    import shlex
+    cluster = shlex.quote(cluster_id) if cluster_id else "<cluster-id>"
+    return f"{cli_hint('create', project)} --cluster-id {cluster} --session-name <session-name>"
+
+
+EXEC_TIP = " --tag <tag> --command <code>"   # after cli_hint("exec", ...): the next step, written by the agent
 
 
 # == 3. Session store: session.json, the lock, step records, the step's files ======================
@@ -495,7 +510,7 @@ class Project:
         except FileNotFoundError:
             if required:
                 raise ReplError("NoSession", f"No {SESSION_FILE} in project dir {self.display_root!r}.",
-                                hint=f"Run {cli_hint('create', self)} --cluster-id ID --session-name NAME")
+                                hint="Start a session with tip.create.", tip={"create": create_tip(self)})
             return None
         except OSError as err:  # a directory, or unreadable
             raw, problem = None, f"cannot be read ({err.strerror})"
@@ -621,11 +636,12 @@ def _is_step_record(entry):
 def require_active(project, session):
     if session.get("status") == "creating":
         raise ReplError("NoSession", f"No session in project dir {project.display_root!r}: a create was "
-                        "interrupted before it finished.",
-                        hint=f"Run {cli_hint('create', project)} --cluster-id ID --session-name NAME")
+                        "interrupted before it finished.", hint="Start a session with tip.create.",
+                        tip={"create": create_tip(project, session.get("cluster_id"))})
     if session.get("status") != "active":
         raise ReplError("SessionDestroyed", f"The session in project dir {project.display_root!r} was destroyed.",
-                        hint=f"Run {cli_hint('create', project)} --cluster-id ID --session-name NAME")
+                        hint="Start a new session with tip.create (its steps stay in session.json and "
+                             "repl_outputs/).", tip={"create": create_tip(project, session.get("cluster_id"))})
     return session
 
 
@@ -992,7 +1008,7 @@ def _call_alarm(seconds):
 
 # Answers that say the service did not take the request and asks to come back: the SDK's own list of
 # transient messages (a cluster still starting, the RPC rate limiter) plus REQUEST_LIMIT_EXCEEDED,
-# which the service also sends as a 400/500 without Retry-After (references/local-workspace.md).
+# which the service also sends as a 400/500 without Retry-After (tests/local_workspace/README.md).
 TRANSIENT_MESSAGES = ("ClusterNotReadyException", "RPC token bucket limit has been exceeded",
                       "Please try again later", "does not have any associated worker environments",
                       "Unknown worker environment")
@@ -1865,17 +1881,20 @@ def is_all_purpose(cluster):
     return cluster.get("cluster_source") not in NOT_ALL_PURPOSE_SOURCES
 
 
-def cluster_not_running(cluster_id, cluster, startable=False):
-    """ClusterNotRunning. With `startable` (create), a TERMINATED cluster's hint names --start-cluster."""
+def cluster_not_running(cluster_id, cluster, start=None):
+    """ClusterNotRunning. `start` (create): the create command line that starts a TERMINATED cluster."""
     state = cluster.get("state", "UNKNOWN")
     detail = f" ({cluster['state_message']})" if cluster.get("state_message") else ""
-    hint = ("Start the cluster (Databricks UI, or `databricks clusters start ID`), wait for RUNNING "
-            "(3-8 minutes), then retry.")
-    if startable and state in STARTABLE_CLUSTER_STATES:
-        hint = ("Ask the user whether to start it (it costs money, 3-8 minutes); with their consent run create "
-                "again with --start-cluster.")
+    if start and state in STARTABLE_CLUSTER_STATES:
+        hint = ("Ask the user whether to start it (it costs money, 3-8 minutes); with their consent run "
+                "tip.start.")
+        tip = {"start": start}
+    else:
+        hint = ("Ask the user to start the cluster (Databricks UI, or `databricks clusters start ID`); it takes "
+                "3-8 minutes. Retry once tip.find shows it RUNNING.")
+        tip = {"find": f"{cli_hint('find-cluster')} --cluster-id {shlex.quote(cluster_id)}"}
     return ReplError("ClusterNotRunning", f"Cluster {cluster_id} is {state}{detail}, not RUNNING.",
-                     hint=hint, cluster_id=cluster_id, cluster_state=state)
+                     hint=hint, tip=tip, cluster_id=cluster_id, cluster_state=state)
 
 
 def create_again_hint(args):
@@ -2091,8 +2110,7 @@ def recover_context(ws, project, failed=None, lost=None):
         old_context_id=old_context, new_context_id=new_context,
         failed_step=step_key(mine["step"], mine["tag"]) if mine else None,
         replay_plan=summary,
-        tip={"replay": cli_hint("replay", project), "plan": f"{cli_hint('replay', project)} --plan"}
-        if plan or session.get("syncs") else None,
+        tip=recovery_tips(project, plan or session.get("syncs"), None if lost else failed),
         synced_folders=sorted(session.get("syncs") or {}) or None, **earlier,
         hint="replay runs the plan (the steps whose definitions the failed step needs; see "
              "references/eviction-replay.md"
@@ -2100,6 +2118,16 @@ def recover_context(ws, project, failed=None, lost=None):
              + ("change the failed step before running it again: it took its context down." if lost
                 else "exec the failed step again."),
         exit_code=EXIT_FAILED)
+
+
+def recovery_tips(project, replay, failed=None):
+    """After a context is gone: the replay (when there is something to replay) and its plan, then the
+    failed step (a StepRun) run again from its command file, in that order."""
+    tips = {"replay": cli_hint("replay", project), "plan": f"{cli_hint('replay', project)} --plan"} if replay else {}
+    if failed is not None:
+        tips["retry"] = (f"{cli_hint('exec', project)} --tag {shlex.quote(failed.active['tag'])} --command "
+                         + shlex.quote("@" + project.show(failed.files.command)))
+    return tips or None
 
 
 PREVIOUS_STEPS_SHOWN = 6                   # ContextEvicted: the evicted context's last steps in the answer
@@ -2131,7 +2159,8 @@ def settled_elsewhere(project, session, failed):
                         f"{step_key(failed['step'], failed['tag']) if failed else ''} was running; it is recorded "
                         f"as {status or 'not run'}.", exit_code=EXIT_FAILED,
                         cmd_id=step_key(failed["step"], failed["tag"]) if failed else None, step_status=status,
-                        hint=f"Run {cli_hint('create', project)} --cluster-id ID --session-name NAME to start again.")
+                        hint="Start a new session with tip.create.",
+                        tip={"create": create_tip(project, session.get("cluster_id"))})
     return response(status or "Cancelled", f"Step {step_key(failed['step'], failed['tag'])} was settled by another "
                     f"call ({status}).", exit_code=EXIT_FAILED, cmd_id=step_key(failed["step"], failed["tag"]),
                     hint="Continue with exec.")
@@ -2547,7 +2576,7 @@ class StepRun:
             "Running", f"Command still running after {self.timeout:g}s client-side timeout.{queued}",
             exit_code=EXIT_RUNNING, cmd_id=self.files.key, command_id=self.active.get("command_id"),
             elapsed_seconds=round(elapsed_since(self.active), 3),
-            tip={"await": cli_hint("await", self.project, timeout=self.timeout),
+            tip={"await": cli_hint("await", self.project),
                  "cancel": cli_hint("cancel", self.project)},
             hint="The command keeps running on the cluster. Use await to keep waiting or cancel to stop it; "
                  "do not exec again until it is done.")
@@ -2572,7 +2601,7 @@ class StepRun:
             command_id=self.active.get("command_id"), context_id=self.target.context_id,
             elapsed_seconds=round(elapsed_since(self.active), 3), status_error=error[:500],
             credentials_refused=True if error_kind(unavailable.error) == AUTH else None,
-            tip={"await": cli_hint("await", self.project, timeout=self.timeout),
+            tip={"await": cli_hint("await", self.project),
                  "cancel": cli_hint("cancel", self.project), "destroy": cli_hint("destroy", self.project)},
             hint=hint)
 
@@ -2614,11 +2643,10 @@ class StepRun:
                          tip={"await": cli_hint("await", project), "cancel": cli_hint("cancel", project)})
 
     def cancelling(self, message=None):
-        return response("Cancelling", " ".join(filter(None, [message, "Cancel was requested but the command has "
-                                                                      "not stopped yet."])),
+        return response("Cancelling", " ".join(filter(None, [message, CANCELLING_MESSAGE])),
                         exit_code=EXIT_FAILED, cmd_id=self.files.key, command_id=self.active.get("command_id"),
-                        hint=f"Wait for it with {cli_hint('await', self.project)}, or check "
-                             f"{cli_hint('status', self.project)}.")
+                        tip={"await": cli_hint("await", self.project), "status": cli_hint("status", self.project)},
+                        hint="It may still stop (or end on its own): tip.await collects its ending.")
 
     # -- finishing: the results into the step's files and the answer -------------------------------------
     def finish(self, status):
@@ -2700,7 +2728,8 @@ class StepRun:
         if failed and self.active.get("restarted_after_magic"):
             notes.append("Python restarted after this step ran (as %pip can do): the helpers were installed again, "
                          "and variables and imports are gone; replay the steps you need.")
-            fields["hint"] = f"Run {cli_hint('replay', self.project)} --steps N,... for the state you need."
+            fields["hint"] = "Replay the steps you need with tip.replay (--steps names them, e.g. 1,2,5)."
+            fields["tip"] = {"replay": f"{cli_hint('replay', self.project)} --steps <steps>"}
         elif failed:
             step_status = self.failed_ending(status, {"end": record, "traceback": output["traceback"]}, fields, notes)
         fields["message"] = " ".join(n for n in notes if n) or None
@@ -2878,10 +2907,11 @@ class StepRun:
         rendering = render_table(columns, head)
         if schema["total_rows"] > len(head):
             rendering += f"... {schema['total_rows'] - len(head)} more rows in {show(csv_path)}\n"
-        shown = [f"{printable(n)[:60]} {printable(t)[:30]}" for n, t in columns[:20]]
+        shown = columns[:20]
         return {"rows": schema["rows"], "total_rows": schema["total_rows"], "columns": len(columns),
                 "truncated": schema["truncated"], "file": show(csv_path), "schema_file": show(schema_path),
-                "column_names": shown}, rendering
+                "column_names": [printable(n)[:60] for n, _ in shown],
+                "column_types": [printable(t)[:30] for _, t in shown]}, rendering
 
     def save_images(self, results):
         """Images the service returned itself (data URLs, or FileStore paths read through DBFS)."""
@@ -2943,7 +2973,23 @@ class StepRun:
         shown = printable(message)
         fields["error"] = {"type": printable(error_type)[:200],
                            "message": shown if len(shown) <= 500 else shown[:497] + "..."}
+        self.name_left_out(missing_name(error_type, message), fields, notes)
         return "Error"
+
+    def name_left_out(self, name, fields, notes):
+        """The eviction's aftermath: the step failed on a name (or a table or view) that a step of an
+        evicted context defined and no replay restored. Say so, with the replay and the retry."""
+        definer = left_out_definer(self.project, self.session, name, self.active["step"]) if name else None
+        if definer is None:
+            return
+        shown = name[len("sql:"):] if name.startswith("sql:") else name
+        notes.append(f"{shown!r} was defined by step {definer['origin']} ({definer['tag']}), which ran in an "
+                     "earlier execution context and was not replayed into this one (the context was evicted).")
+        fields["left_out_step"] = definer["origin"]
+        fields["hint"] = "Replay the step that defines it with tip.replay, then run this step again with tip.retry."
+        fields["tip"] = {"replay": f"{cli_hint('replay', self.project)} --steps {definer['origin']}",
+                         "retry": (f"{cli_hint('exec', self.project)} --tag {shlex.quote(self.active['tag'])} "
+                                   f"--command {shlex.quote('@' + self.project.show(self.files.command))}")}
 
     def record(self, status, **extra):
         """Record the step in session.json with `status` (after its files exist); the session saved."""
@@ -2978,6 +3024,8 @@ class StepRun:
         body["outputs"] = files.outputs()
         if exit_code is None:
             exit_code = EXIT_OK if step_status == "Finished" else EXIT_FAILED
+        if step_status == "Error" and error and message:   # the error first, then what the notes add
+            message = f"{default_messages['Error']} {message}"
         message = " ".join(filter(None, [message or default_messages.get(step_status, step_status), note]))
         return response(step_status, message, hint=hint or hints.get(step_status), exit_code=exit_code, **body)
 
@@ -3415,6 +3463,34 @@ def dependency_plan(project, session, target=None):
     return [chosen[o] for o in sorted(chosen)], target
 
 
+MISSING_NAME = re.compile(r"name '([A-Za-z_][A-Za-z0-9_]*)' is not defined")
+MISSING_RELATION = re.compile(r"(?:table or view|view|table) [`'\"]?([A-Za-z0-9_.`]+?)[`'\"]? (?:cannot be found|not found)"
+                              r"|table or view not found: [`'\"]?([A-Za-z0-9_.`]+)", re.IGNORECASE)
+
+
+def missing_name(error_type, message):
+    """The planner's name of what a failed step could not find: a Python name (NameError) or a table
+    or view (sql:name, from an AnalysisException such as TABLE_OR_VIEW_NOT_FOUND), else None."""
+    found = MISSING_NAME.search(message or "") if error_type in ("NameError", "UnboundLocalError") else None
+    if found:
+        return found.group(1)
+    found = MISSING_RELATION.search(message or "")
+    return sql_name((found.group(1) or found.group(2)).rsplit(".", 1)[-1]) if found else None
+
+
+def left_out_definer(project, session, name, before):
+    """The step (a timeline entry) that defined `name` before step `before`, when it never ran in the
+    session's current execution context: a step an eviction lost and no replay restored. None when
+    the name is not the session's, or its definer ran in this context."""
+    timeline = step_timeline(project, session)
+    definer = next((e for e in reversed(timeline) if e["origin"] < before and name in e["defines"]), None)
+    if definer is None:
+        return None
+    ran_here = any((s.get("replay_of") or s["step"]) == definer["origin"] and s.get("status") == "Finished"
+                   and s.get("context_id") == session.get("context_id") for s in session["steps"])
+    return None if ran_here else definer
+
+
 def plan_rows(project, plan):
     """The full plan as JSON-ready rows (what the plan file holds)."""
     return [{"step": e["origin"], "tag": e["tag"], "status": e.get("status"),
@@ -3473,6 +3549,7 @@ def parse_step_list(text):
 
 
 EXPLORATION_FLAGS = ("sleep", "big_output")
+SIDE_EFFECT_FLAGS = ("writes", "sub_llm")   # a step that changes the world outside its context, or costs
 
 
 def export_selection(project, session, steps=None, exclude_tags=()):
@@ -3490,7 +3567,7 @@ def export_selection(project, session, steps=None, exclude_tags=()):
         missing = [n for n in steps if n not in by_origin]
         if missing:
             raise ReplError("UnknownStep", f"No recorded step {missing[0]} in this session.", exit_code=EXIT_USAGE,
-                            hint=f"See the steps with {cli_hint('replay', project)} --plan --all.")
+                            hint="See the steps with tip.plan.", tip={"plan": f"{cli_hint('replay', project)} --plan --all"})
         chosen = {n: by_origin[n] for n in steps}
     else:
         last_per_tag = {}
@@ -3509,6 +3586,10 @@ def export_selection(project, session, steps=None, exclude_tags=()):
         for entry in list(chosen.values()):
             for needed in needed_steps(timeline, entry["uses"], entry["origin"]):
                 chosen.setdefault(needed["origin"], needed)
+        named = {row["step"] for row in left_out}
+        left_out += [{"step": e["origin"], "tag": e["tag"], "why": f"status {e.get('status')}"} for e in timeline
+                     if e["origin"] not in chosen and e["origin"] not in named and e.get("status") != "Finished"
+                     and e["tag"] not in last_per_tag]   # a step that never ran to the end, and no later run did
     for origin, entry in sorted(chosen.items()):
         if entry["tag"] in exclude_tags:
             left_out.append({"step": origin, "tag": entry["tag"], "why": "--exclude-tags"})
@@ -3664,7 +3745,8 @@ def cmd_create(args):
     if existing and existing.get("status") == "active":
         raise ReplError("SessionExists",
                         f"Session {existing.get('session_name')!r} is already active in {project.display_root}.",
-                        hint="Reuse it with exec, or destroy it first to start a new one.",
+                        hint="Reuse it with tip.exec, or destroy it first (tip.destroy) to start a new one.",
+                        tip={"exec": cli_hint("exec", project) + EXEC_TIP, "destroy": cli_hint("destroy", project)},
                         session_name=existing.get("session_name"), context_id=existing.get("context_id"),
                         cluster_id=existing.get("cluster_id"))
     ws = Workspace(args.profile, args.debug)
@@ -3683,7 +3765,7 @@ def cmd_create(args):
                         cluster_id=cluster_id)
     if cluster.get("state") not in RUNNABLE_CLUSTER_STATES:
         if not args.start_cluster:
-            raise cluster_not_running(cluster_id, cluster, startable=True)
+            raise cluster_not_running(cluster_id, cluster, start=create_again_hint(args))
         cluster = start_and_wait(ws, cluster_id, cluster, positive_timeout(args.timeout), create_again_hint(args))
     session = {
         "format": SESSION_FORMAT, "status": "active", "session_name": name,
@@ -3732,7 +3814,8 @@ def cmd_create(args):
                     session_name=name, possible_orphans=len(orphans) if orphans else None, cluster_id=cluster_id, cluster_name=cluster.get("cluster_name"),
                     context_id=session["context_id"], session_file=project.show(project.session_path),
                     llm_endpoint=session["llm_endpoint"],
-                    hint=f"Run code with {cli_hint('exec', project)} --command \"...\" --tag NAME")
+                    tip={"exec": cli_hint("exec", project) + EXEC_TIP},
+                    hint="Run code with tip.exec: a short --tag names the step's files.")
 
 
 # -- exec, await, cancel ---------------------------------------------------------------------------
@@ -3810,8 +3893,9 @@ def cancel_untracked(ws, project, session, command_id):
     except Exception as err:
         raise map_sdk_error(err, action="cancel the command") from None
     if status is None:  # still stopping
-        return response("Cancelling", "Cancel was requested but the command has not stopped yet.",
-                        hint=f"Wait for it with {cli_hint('await', project)}, or check {cli_hint('status', project)}.",
+        return response("Cancelling", CANCELLING_MESSAGE,
+                        tip={"await": cli_hint("await", project), "status": cli_hint("status", project)},
+                        hint="It may still stop (or end on its own): tip.await collects its ending.",
                         exit_code=EXIT_FAILED, command_id=command_id)
     if not is_cancellation(status.get("status"), status.get("results")):
         return response("NothingToCancel", f"Command {command_id} had already finished.",
@@ -3866,7 +3950,8 @@ def cmd_destroy(args):
     return response("Destroyed", f"Session {session.get('session_name')!r} destroyed. {note}",
                     session_name=session.get("session_name"), context_id=session.get("context_id"),
                     context_destroyed=context_destroyed, steps=len(session["steps"]),
-                    hint="Its steps stay in session.json and repl_outputs/; create starts a new session.")
+                    tip={"create": create_tip(project, session.get("cluster_id"))},
+                    hint="Its steps stay in session.json and repl_outputs/; tip.create starts a new session.")
 
 
 # -- status ----------------------------------------------------------------------------------------
@@ -3897,7 +3982,8 @@ def cmd_status(args):
     }
     if session.get("status") != "active":
         return response("Destroyed", f"Session {session.get('session_name')!r} was destroyed; no live probe.",
-                        hint=f"Run {cli_hint('create', project)} to start a new session.", **summary)
+                        tip={"create": create_tip(project, session.get("cluster_id"))},
+                        hint="Start a new session with tip.create.", **summary)
     ws = Workspace(args.profile or session.get("profile"), args.debug)
     try:
         cluster = ws.cluster(session["cluster_id"])
@@ -3915,8 +4001,10 @@ def cmd_status(args):
     if summary["cluster_state"] not in RUNNABLE_CLUSTER_STATES:
         return response("ClusterNotRunning", f"Cluster {session['cluster_id']} is {summary['cluster_state']}; "
                         "the session's context is gone with it.", exit_code=EXIT_FAILED,
-                        hint="Start the cluster, then exec: a fresh context is created and the steps to "
-                             "replay are listed.", **summary)
+                        tip={"status": cli_hint("status", project)},
+                        hint="Ask the user to start the cluster (Databricks UI, or `databricks clusters start "
+                             "ID`); once tip.status shows it RUNNING, exec creates a fresh context and lists "
+                             "the steps to replay.", **summary)
     if not summary["context_alive"]:
         plan, target = dependency_plan(project, session)
         return response("ContextLost", "The execution context is gone (evicted or restarted); variables "
@@ -3928,7 +4016,8 @@ def cmd_status(args):
         remote = summary["active_command"].get("remote_status")
         if remote in DONE_COMMAND_STATES:
             return response("Busy", f"Step {summary['active_command']['cmd_id']} has ended ({remote}) but its "
-                            "output is not collected yet.", hint=f"Run {cli_hint('await', project)} to collect it.",
+                            "output is not collected yet.", hint="Collect it with tip.await.",
+                            tip={"await": cli_hint("await", project)},
                             **summary)
         progress = StepRun(ws, project, session, active).progress() if active.get("command_id") else None
         return response("Busy", f"Step {summary['active_command']['cmd_id']} is running.",
@@ -3936,7 +4025,8 @@ def cmd_status(args):
                         hint="Use await to wait for it (--follow streams its progress) or cancel to stop it.",
                         progress=progress, **summary)
     return response("Active", f"Session {session.get('session_name')!r} is alive with {len(steps)} step(s).",
-                    hint="Run exec for the next step.", **summary)
+                    tip={"exec": cli_hint("exec", project) + EXEC_TIP}, hint="Run the next step with tip.exec.",
+                    **summary)
 
 
 def _count_by(values):
@@ -4237,7 +4327,8 @@ def chosen_replay(project, session, args):
         missing = [n for n in numbers if n not in by_origin]
         if missing:
             raise ReplError("UnknownStep", f"No recorded step {missing[0]} in this session.",
-                            exit_code=EXIT_USAGE, hint=f"See the step numbers with {cli_hint('replay', project)} --plan.")
+                            exit_code=EXIT_USAGE, hint="See the step numbers with tip.plan.",
+                            tip={"plan": f"{cli_hint('replay', project)} --plan --all"})
         return [by_origin[n] for n in numbers], None
     chosen = [e for e in timeline if (args.from_step is None or e["origin"] >= args.from_step)
               and (args.to_step is None or e["origin"] <= args.to_step)]
@@ -4292,11 +4383,13 @@ def _replay_report(project, restored, failure, not_run, syncs):
     fields = {"restored": restored, "failed": failure, "not_run": [e["origin"] for e in not_run], **syncs}
     if failure is None:
         return response("Replayed", f"Re-ran {len(restored)} step(s) in the current context.",
-                        hint="State is restored; continue with exec.", **fields)
+                        tip={"exec": cli_hint("exec", project) + EXEC_TIP},
+                        hint="State is restored; continue with tip.exec.", **fields)
     return response("ReplayFailed", f"Replay stopped at step {failure['step']} ({failure['status']}).",
                     exit_code=EXIT_RUNNING if failure["status"] == "Running" else EXIT_FAILED,
+                    tip={"replay": f"{cli_hint('replay', project)} --steps <steps>"},
                     hint="Read the failed step's files, fix the cause, then replay the remaining steps "
-                         f"with {cli_hint('replay', project)} --steps N,M.", **fields)
+                         "(not_run) with tip.replay.", **fields)
 
 
 # -- export ----------------------------------------------------------------------------------------
@@ -4409,11 +4502,19 @@ def cmd_export(args):
     script, requires = export_script(session, chosen)
     os.makedirs(os.path.dirname(target), exist_ok=True)
     write_atomic(target, script)
+    effects = [{"step": e["origin"], "tag": e["tag"], "flags": [f for f in e["flags"] if f in SIDE_EFFECT_FLAGS]}
+               for e in chosen if set(e["flags"]) & set(SIDE_EFFECT_FLAGS)]
     fields = {"output_file": project.show(target), "steps": [e["origin"] for e in chosen],
-              "left_out": left_out or None, "bytes": len(script.encode("utf-8"))}
+              "left_out": left_out or None, "bytes": len(script.encode("utf-8")), "side_effects": effects or None}
     if not args.verify:
         return response("Exported", f"Wrote {len(chosen)} step(s) to {project.show(target)}.", **fields,
-                        hint="Review the script, or check that it runs with --verify (a fresh context).")
+                        tip=export_tips(project, args, effects),
+                        hint="Review the script, or check that it runs in a fresh context with tip.verify"
+                             + (" (it runs the side_effects steps again: writes and sub_llm calls; "
+                                "tip.verify_without_side_effects leaves them out)." if effects else "."))
+    skipped = [row["step"] for row in effects] if args.skip_side_effects else []
+    if skipped:
+        script, requires = export_script(session, [e for e in chosen if e["origin"] not in skipped])
     ws = Workspace(args.profile or session.get("profile"), args.debug)
     try:
         fields["verify"] = verify_script(ws, project, session, (script, requires), timeout)
@@ -4421,13 +4522,33 @@ def cmd_export(args):
         raise
     except Exception as err:
         raise map_sdk_error(err, action="verify the script in a fresh context") from None
+    if skipped:
+        fields["verify"]["skipped_steps"] = skipped
+    ran = [row["step"] for row in effects if row["step"] not in skipped]
+    effects_note = (f" The verify ran step(s) {', '.join(map(str, ran))} again, which write files or tables or "
+                    "call sub_llm (side_effects)." if ran else
+                    f" It ran without step(s) {', '.join(map(str, skipped))} (side_effects)." if skipped else "")
     if fields["verify"]["status"] == "Passed":
         return response("Exported", f"Wrote {len(chosen)} step(s) to {project.show(target)}; it ran top to "
-                        "bottom in a fresh context.", **fields, hint="The script is ready to commit.")
+                        "bottom in a fresh context." + effects_note, **fields, hint="The script is ready to commit.")
     return response("VerifyFailed", f"Wrote {project.show(target)}, but it did not run in a fresh context "
-                    f"({fields['verify']['status']}).", exit_code=EXIT_FAILED, **fields,
+                    f"({fields['verify']['status']})." + effects_note, exit_code=EXIT_FAILED, **fields,
                     hint="Read verify.output_file; fix the session (exec the missing step) and export again, "
-                         "or choose steps with --steps.")
+                         "or choose steps with --steps" + (" (a skipped step may define what a later one needs)."
+                                                           if skipped else "."))
+
+
+def export_tips(project, args, effects):
+    """The export command lines that verify the script: as this call chose its steps, with --verify,
+    and, when steps have side effects, with --skip-side-effects too."""
+    line = cli_hint("export", project)
+    for flag, value in (("--output", args.output), ("--steps", args.steps), ("--exclude-tags", args.exclude_tags)):
+        if value:
+            line += f" {flag} {shlex.quote(value)}"
+    tips = {"verify": f"{line} --verify"}
+    if effects:
+        tips["verify_without_side_effects"] = f"{line} --verify --skip-side-effects"
+    return tips
 
 
 # -- find-cluster ----------------------------------------------------------------------------------
@@ -4458,6 +4579,8 @@ def find_clusters(clusters, name):
 
 def cmd_find_cluster(args):
     name = (args.name or "").strip()
+    if args.cluster_id is not None and args.name is None:
+        return find_cluster_by_id(args, args.cluster_id.strip())
     if not name and args.name is None and env_cluster_id():
         return find_cluster_by_id(args, env_cluster_id())
     if not name:
@@ -4476,7 +4599,7 @@ def cmd_find_cluster(args):
                         available=sorted(c.get("cluster_name") or "" for c in clusters)[:50])
     if len(matches) == 1:
         return response("Found", f"Cluster {matches[0]['cluster_name']!r} is {matches[0]['state']}.",
-                        **matches[0], hint=_cluster_hint(matches[0]))
+                        **matches[0], **cluster_next(matches[0]))
     return response("Ambiguous", f"{len(matches)} clusters match {name!r}; ask the user which one.",
                     matches=matches, hint="Pick one cluster_id (an all_purpose, RUNNING one can host a session).")
 
@@ -4488,24 +4611,29 @@ def find_cluster_by_id(args, cluster_id):
         found = cluster_summary(ws.cluster(cluster_id))
     except Exception as err:
         if error_kind(err) == NOT_FOUND:
-            raise ReplError("ClusterNotFound", f"No cluster with id {cluster_id} (from DATABRICKS_CLUSTER_ID).",
+            raise ReplError("ClusterNotFound", f"No cluster with id {cluster_id}"
+                            f"{'' if args.cluster_id else ' (from DATABRICKS_CLUSTER_ID)'}.",
                             hint="Fix DATABRICKS_CLUSTER_ID, or search by name with --name.",
                             cluster_id=cluster_id) from None
         raise map_sdk_error(err, action="look up the cluster") from None
-    return response("Found", f"Cluster {found['cluster_name']!r} (DATABRICKS_CLUSTER_ID) is {found['state']}.",
-                    **found, hint=_cluster_hint(found))
+    source = "" if args.cluster_id else " (DATABRICKS_CLUSTER_ID)"
+    return response("Found", f"Cluster {found['cluster_name']!r}{source} is {found['state']}.",
+                    **found, **cluster_next(found))
 
 
-def _cluster_hint(cluster):
+def cluster_next(cluster):
+    """What to do with a cluster find-cluster found: the answer's hint and tip fields."""
+    cluster_id = cluster["cluster_id"]
     if not cluster["all_purpose"]:
-        return "This is not an all-purpose cluster; execution contexts need one."
+        return {"hint": "This is not an all-purpose cluster; execution contexts need one."}
     if cluster["startable"]:
-        return ("The cluster is not running. Ask the user whether to start it (3-8 minutes); with their "
-                f"consent: {cli_hint('create')} --cluster-id {cluster['cluster_id']} --session-name NAME "
-                "--start-cluster")
+        return {"hint": "The cluster is not running. Ask the user whether to start it (it costs money, 3-8 "
+                        "minutes); with their consent run tip.start.",
+                "tip": {"start": f"{create_tip(cluster_id=cluster_id)} --start-cluster --timeout 600"}}
     if cluster["state"] not in RUNNABLE_CLUSTER_STATES:
-        return "The cluster is not running: ask the user to start it, then create the session."
-    return f"Create a session: {cli_hint('create')} --cluster-id {cluster['cluster_id']} --session-name NAME"
+        return {"hint": "The cluster is not running: ask the user to start it; tip.find shows its state.",
+                "tip": {"find": f"{cli_hint('find-cluster')} --cluster-id {shlex.quote(cluster_id)}"}}
+    return {"hint": "Create a session with tip.create.", "tip": {"create": create_tip(cluster_id=cluster_id)}}
 
 
 # -- smoke -----------------------------------------------------------------------------------------
@@ -4621,7 +4749,8 @@ class JsonArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise ReplError("UsageError", f"{self.prog}: {message}", exit_code=EXIT_USAGE,
-                        hint=f"Run {self.prog} --help for the options.")
+                        hint="See the options with tip.help.",
+                        tip={"help": f"{self.prog} --help"})   # prog: the program as invoked, the subcommand
 
     def exit(self, status=0, message=None):
         if status:
@@ -4651,8 +4780,9 @@ def add_common(parser):
 
 
 def add_wait_options(parser):
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
-                        help="Seconds to wait before answering Running (the command keeps running)")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help=f"Seconds to wait before answering Running (the command keeps running; default "
+                             f"{DEFAULT_TIMEOUT:g})")
     parser.add_argument("--max-output-bytes", type=int, default=DEFAULT_MAX_OUTPUT_BYTES,
                         help="Cap on the output fetched into the stdout file")
 
@@ -4671,7 +4801,7 @@ def build_parser():
     p.add_argument("--llm-max-tokens", type=int, default=None, help="Budget: sub_llm tokens in this session")
     p.add_argument("--start-cluster", action="store_true",
                    help="Start the cluster if it is TERMINATED (only with the user's consent) and wait for it")
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+    p.add_argument("--timeout", type=float, default=None,
                    help="With --start-cluster: seconds to wait for RUNNING before answering ClusterStarting")
     p.set_defaults(handler=cmd_create)
 
@@ -4725,7 +4855,10 @@ def build_parser():
     p.add_argument("--exclude-tags", default=None, help="Leave out steps with these tags (comma-separated)")
     p.add_argument("--verify", action="store_true", help="Run the script in a fresh execution context and "
                                                          "report the result")
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="With --verify: seconds the run may take")
+    p.add_argument("--timeout", type=float, default=None, help="With --verify: seconds the run may take")
+    p.add_argument("--skip-side-effects", action="store_true",
+                   help="With --verify: run the script without the steps that write files or tables or call "
+                        "sub_llm (the written script keeps them)")
     p.set_defaults(handler=cmd_export)
 
     for name, handler, positionals, purpose in (
@@ -4758,6 +4891,7 @@ def build_parser():
     add_profile(p)
     p.add_argument("--name", default=None, help="Part of the cluster's name (default: the cluster "
                                                 "$DATABRICKS_CLUSTER_ID names)")
+    p.add_argument("--cluster-id", default=None, help="A cluster's id: its state and whether it can host a session")
     p.set_defaults(handler=cmd_find_cluster)
     return parser
 
@@ -4768,10 +4902,14 @@ def parse_command_line(argv):
     args = build_parser().parse_args(argv)
     if not getattr(args, "handler", None):
         raise ReplError("UsageError", "No subcommand given.", exit_code=EXIT_USAGE,
-                        hint=f"Run {Invocation.program} --help for the subcommands.")
+                        hint="See the subcommands with tip.help.", tip={"help": f"{Invocation.program} --help"})
     if getattr(args, "max_output_bytes", 1) <= 0:
         raise ReplError("UsageError", "--max-output-bytes must be positive.", exit_code=EXIT_USAGE,
                         hint=f"Leave it out for the default ({DEFAULT_MAX_OUTPUT_BYTES} bytes).")
+    if getattr(args, "timeout", 0) is None:   # not given: the default, and tips use TIP_TIMEOUT
+        args.timeout = DEFAULT_TIMEOUT
+    elif args.subcommand in WAITING_SUBCOMMANDS:
+        Invocation.timeout = args.timeout
     return args
 
 
@@ -4782,10 +4920,9 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         Project.current = None
-        Invocation.program = invoked_program(sys.argv[0])
+        Invocation.program, Invocation.timeout = invoked_program(sys.argv[0]), None
         args = parse_command_line(argv)
         Invocation.profile = getattr(args, "profile", None)
-        Invocation.timeout = getattr(args, "timeout", None) if args.subcommand in WAITING_SUBCOMMANDS else None
         body = args.handler(args)
     except ReplError as err:
         body = err.response()
@@ -5272,6 +5409,7 @@ class DriverRepl(object):
         self.repl_stream = self.streams["stdout"]._stream
         self.late = self.gap_ended(self.output.switch(self.out_path(key)))
         self.note_streams(key)
+        with_suppressed(self.watch_connect_progress)
         plt = sys.modules.get("matplotlib.pyplot")
         if plt is not None:
             self.patch_pyplot(plt)
@@ -5393,6 +5531,27 @@ class DriverRepl(object):
         except Exception:
             text = "%s: %s\n" % (self.ending["type"], self.ending["message"])
         with_suppressed(driver_write_private, self.out_path(self.key, ".err"), self.redactor.redact(text))
+
+    # -- Spark Connect progress (standard access mode): no status tracker, the server reports it -----
+    def watch_connect_progress(self):
+        """On a Spark Connect session that reports progress (Spark 4), keep the running step's latest
+        report in <key>.progress for the sidecar's progress read (`_dbx_repl_progress`)."""
+        spark = self.namespace.get("spark")
+        register = getattr(spark, "registerProgressHandler", None)
+        if register is None or getattr(self, "connect_progress_of", None) is spark:
+            return
+        register(self.on_connect_progress)
+        self.connect_progress_of = spark
+
+    def on_connect_progress(self, stages=None, inflight_tasks=0, operation_id=None, done=False):
+        key = self.key
+        if key is None:
+            return
+        report = {"operation_id": operation_id, "done": bool(done), "inflight_tasks": int(inflight_tasks or 0),
+                  "stages": [[s.stage_id, s.num_tasks, s.num_completed_tasks, bool(s.done)] for s in stages or []]}
+        path = self.out_path(key, ".progress")
+        with_suppressed(driver_write_private, path + ".tmp", json.dumps(report))
+        with_suppressed(os.replace, path + ".tmp", path)
 
     # -- streaming queries a step leaves running ---------------------------------------------------------
     def active_streams(self):
@@ -6180,8 +6339,24 @@ def _dbx_repl_progress(path, group, tail_lines, tail_bytes, with_spark):
         pass
     context = globals().get("sc") if with_spark else None
     if with_spark and context is None:
-        found["spark_error"] = ("Spark progress is unavailable: this context has no SparkContext (standard access "
-                                "mode runs Spark Connect, which has no status tracker); the output tail still shows")
+        # Spark Connect (standard access mode): no SparkContext, no status tracker; the latest report
+        # the server sent the step's session (DriverRepl.on_connect_progress), when it sends them.
+        try:
+            with open(os.path.splitext(path)[0] + ".progress", encoding="utf-8") as f:
+                report = json.load(f)
+            stages = report.get("stages") or []
+            found["spark_jobs"] = [{
+                "job": (report.get("operation_id") or "")[:8],
+                "status": "SUCCEEDED" if report.get("done") else "RUNNING",
+                "description": "Spark Connect operation %s" % report.get("operation_id"),
+                "stages": [s[0] for s in stages],
+                "tasks": "%d/%d" % (sum(s[2] for s in stages), sum(s[1] for s in stages)),
+                "active_tasks": report.get("inflight_tasks", 0)}]
+        except (OSError, ValueError):
+            found["spark_error"] = (
+                "Spark progress is unavailable: this context has no SparkContext (standard access mode runs "
+                "Spark Connect) and its Spark Connect session has reported no progress for this step (Spark 4 "
+                "reports it); the output tail still shows")
     if context is not None:
         try:
             tracker = context.statusTracker()

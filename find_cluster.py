@@ -2,6 +2,7 @@
 """Resolve a Databricks cluster name (or part of it) to cluster ids, as one JSON object on stdout.
 
     python find_cluster.py [--profile PROFILE] --name SUBSTRING
+    python find_cluster.py [--profile PROFILE] --cluster-id ID   # one cluster, by id
     python find_cluster.py [--profile PROFILE]          # the cluster whose id is $DATABRICKS_CLUSTER_ID
 
 One match answers {"status": "Found", "cluster_id", "cluster_name", "state", "all_purpose",

@@ -18,7 +18,7 @@ table of median and p95 wall times. Beside every row it prints a floor measured 
 
 So `floor = python -c pass + stdlib` is what a CLI with zero overhead of its own would take.
 Times come from one machine clock: a command records `time.time()` at its end in its output, and
-the lag is the time the CLI process exits minus that. Read references/benchmark.md for the numbers.
+the lag is the time the CLI process exits minus that. Read docs/benchmark.md for the numbers.
 """
 
 import argparse

@@ -37,9 +37,10 @@ def _pid_alive(pid):
     return True
 
 
-def _running_workspace():
-    """Start a LocalWorkspace, yield it, stop it, and check that none of its processes survive."""
-    ws = LocalWorkspace()
+def _running_workspace(**options):
+    """Start a LocalWorkspace(**options), yield it, stop it, and check that none of its processes
+    survive."""
+    ws = LocalWorkspace(**options)
     ws.start()
     try:
         yield ws

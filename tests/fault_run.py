@@ -7,7 +7,7 @@
 Each row runs the CLI as an agent does (a subprocess per call) against a fresh LocalWorkspace and
 counts what held and what broke: steps lost or recorded twice, commands run twice, contexts left
 alive, calls that answered late, answers that were not one JSON object. It prints a Markdown table;
-references/guarantees.md quotes it.
+docs/benchmark.md ("Fault run") quotes it.
 """
 
 import argparse

@@ -6,6 +6,8 @@ and a `message`, no traceback on stderr) and returns a `Call` with the parsed bo
 
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -27,6 +29,8 @@ class Call:
         assert isinstance(self.body.get("message"), str) and self.body["message"], self.body
         if "--debug" not in args:
             assert "Traceback" not in stderr, stderr
+        for name, line in tips_of(self.body).items():
+            check_tip(line, f"tip.{name} of {self.body['status']}")
 
     @property
     def status(self):
@@ -40,6 +44,54 @@ class Call:
 
     def __repr__(self):
         return f"Call({self.args!r}, code={self.code}, body={self.body!r})"
+
+
+# -- tips: every next command an answer offers runs as written --------------------------------------
+
+PLACEHOLDER = re.compile(r"<[a-z][a-z-]*>")
+PLACEHOLDER_VALUES = {"<session-name>": "next-session", "<cluster-id>": "0000-000000-placeholder",
+                      "<tag>": "next", "<code>": "print(1)", "<steps>": "1"}
+TIPS_SEEN = []      # (status, name, line): every tip the suite's CLI calls offered
+
+
+def tips_of(body):
+    tip = body.get("tip")
+    if tip is None:
+        return {}
+    assert isinstance(tip, dict) and tip, f"tip must be a non-empty object of command lines: {body!r}"
+    return tip
+
+
+def tip_argv(line):
+    """A tip's command line as the shell splits it, placeholders filled, without the program: the
+    arguments after dbx_repl.py (or the dbx-repl console script)."""
+    filled = PLACEHOLDER.sub(lambda m: PLACEHOLDER_VALUES[m.group(0)], line)
+    words = shlex.split(filled)
+    for index, word in enumerate(words):
+        if os.path.basename(word) in ("dbx_repl.py", "dbx-repl"):
+            return words[:index + 1], words[index + 1:]
+    raise AssertionError(f"a tip must start with the program: {line!r}")
+
+
+def check_tip(line, where):
+    """A tip runs as written: its program is this CLI, its placeholders are only <...> the agent
+    fills, and the CLI's own parser accepts it (no usage error)."""
+    import dbx_repl
+    unknown = set(PLACEHOLDER.findall(line)) - set(PLACEHOLDER_VALUES)
+    assert not unknown, f"{where}: unknown placeholder(s) {unknown} in {line!r}"
+    assert not re.search(r"\b(ID|NAME|N,\.\.\.|N,M)\b", line), f"{where}: a bare placeholder in {line!r}"
+    program, argv = tip_argv(line)
+    assert program[-1] == "dbx-repl" or os.path.exists(program[-1]), f"{where}: no program at {program}"
+    try:
+        args = dbx_repl.parse_command_line(argv)
+    except dbx_repl.ReplError as err:
+        raise AssertionError(f"{where}: {line!r} is a usage error: {err.message}") from None
+    except SystemExit as exit_:     # --help: argparse prints the help and exits 0
+        assert exit_.code == 0 and "--help" in argv, f"{where}: {line!r} exits {exit_.code}"
+        args = None
+    if args is not None and args.subcommand in dbx_repl.WAITING_SUBCOMMANDS:
+        assert "--timeout" in argv, f"{where}: {line!r} waits with no --timeout"
+    TIPS_SEEN.append((where, line))
 
 
 def cli_env(workspace, home, extra=None):
@@ -184,4 +236,41 @@ def process_tree(pids):
             if child not in found:
                 found.add(child)
                 todo.append(child)
+    return found
+
+
+STATUS_WORD = re.compile(r"[A-Z][a-z]+(?:[A-Z][a-z]*)*")
+
+
+def statuses_in_the_cli():
+    """Every status word dbx_repl.py can answer or record, read from its source: the first argument of
+    each `response(...)` and `ReplError(...)` (every branch of a conditional), a driver call's `failed=`
+    status, the "status" of a dict literal (verify, smoke phases, a replay's failed step), the status of
+    a step record (`step_entry`, `record`), and a step's ending as `failed_ending` returns it."""
+    import ast
+    with open(CLI, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+
+    def words(node):
+        return {n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+                and STATUS_WORD.fullmatch(n.value)}
+
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+            position = {"response": 0, "ReplError": 0, "record": 0, "step_entry": 2}.get(name)
+            if position is not None and len(node.args) > position:
+                found |= words(node.args[position])
+            found |= set().union(*(words(k.value) for k in node.keywords if k.arg == "failed"))
+        elif isinstance(node, ast.FunctionDef):
+            named = node.args.args[len(node.args.args) - len(node.args.defaults):] + node.args.kwonlyargs
+            defaults = node.args.defaults + node.args.kw_defaults
+            found |= set().union(*(words(d) for a, d in zip(named, defaults) if a.arg == "failed" and d))
+            if node.name == "failed_ending":
+                found |= set().union(*(words(r.value) for r in ast.walk(node) if isinstance(r, ast.Return)
+                                       and r.value is not None))
+        elif isinstance(node, ast.Dict):
+            found |= set().union(*(words(v) for k, v in zip(node.keys, node.values)
+                                   if isinstance(k, ast.Constant) and k.value == "status"))
     return found

@@ -77,6 +77,8 @@ def test_a_sql_step_writes_every_row_of_its_result_with_the_schema(session):
     assert [(c["name"], c["type"]) for c in schema["columns"]] == [("id", "bigint"), ("twice", "bigint"),
                                                                    ("label", "string")]
     assert "id" in queried["stdout_preview"] and "| twice" in queried["stdout_preview"]
+    assert table["column_names"] == ["id", "twice", "label"]        # plain names, as the CSV's header
+    assert table["column_types"] == ["bigint", "bigint", "string"]
 
 
 def test_a_failing_sql_step_names_the_spark_exception(session):

@@ -2,7 +2,7 @@
 
 Each test drives the CLI as a subprocess against the local workspace and checks the three things an
 agent acts on: the status (and exit code), what is on disk, and a hint that works when followed.
-The outputs table in references/outputs.md lists the same endings.
+references/statuses.md lists the same endings.
 """
 
 import os

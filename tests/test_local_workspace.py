@@ -807,7 +807,7 @@ def test_no_context_process_survives_stop():
     assert not any(pid_alive(p) for p in ws.all_pids())
 
 
-def test_the_serve_command_prints_exports_and_stops_cleanly_on_ctrl_c():
+def test_the_serve_command_prints_exports_evicts_on_sigusr1_and_stops_cleanly_on_ctrl_c():
     proc = subprocess.Popen([sys.executable, os.path.join(TESTS_DIR, "local_workspace"),
                              "serve", "--token", "cli-token"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -828,6 +828,11 @@ def test_the_serve_command_prints_exports_and_stops_cleanly_on_ctrl_c():
         contexts = requests.get(exports["DATABRICKS_HOST"] + "/_local/contexts", timeout=10,
                                 headers={"Authorization": "Bearer cli-token"}).json()
         pid = contexts["contexts"][0]["pid"]
+        proc.send_signal(signal.SIGUSR1)           # the newcomer's eviction: every context goes
+        assert proc.stdout.readline().startswith("# evicted every execution context")
+        assert not pid_alive(pid)
+        with pytest.raises(BadRequest, match="is disconnected"):
+            w.command_execution.context_status(cluster_id=RUNNING_CLUSTER_ID, context_id=ctx)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=15) == 0
         assert not pid_alive(pid)

@@ -7,8 +7,9 @@ the service's limit, cancel of a running Spark job, progress while a Spark job r
 authentication, sync/put/get, then replay after an eviction and export --verify. When a cell is
 done its cluster is stopped, so at most one cluster's Spark runs at a time.
 
-On standard access mode `spark` is a Spark Connect session (no `sc`); where the CLI cannot give a
-feature there it must say why, never fail or stay silent.
+On standard access mode `spark` is a Spark Connect session (no `sc`): progress comes from the
+Connect server's reports (Spark 4), and where the CLI cannot give a feature (Spark 3.5's Connect
+reports no progress) it says why, never fails or stays silent.
 """
 
 import hashlib
@@ -18,7 +19,8 @@ import os
 import pytest
 
 from local_workspace import (DEDICATED_CLUSTER_ID, RUNNING_CLUSTER_ID, SHARED_CLUSTER_ID,
-                             STANDARD_CLUSTER_ID, LocalWorkspace)
+                             STANDARD_CLUSTER_ID)
+from conftest import _running_workspace
 from repl_harness import Repl, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.spark]
@@ -51,20 +53,7 @@ class Cell:
 
 @pytest.fixture(scope="module")
 def workspace():
-    ws = LocalWorkspace()
-    ws.start()
-    try:
-        yield ws
-    finally:
-        ws.stop()
-        alive = []
-        for pid in ws.all_pids():
-            try:
-                os.kill(pid, 0)
-                alive.append(pid)
-            except ProcessLookupError:
-                pass
-        assert not alive, "cluster processes still alive after stop(): %s" % alive
+    yield from _running_workspace()
 
 
 @pytest.fixture(scope="module", params=CELLS, ids=["%s-%s" % c[:2] for c in CELLS])
@@ -109,7 +98,8 @@ def test_exec_runs_spark_on_the_cell_s_runtime_and_sql_sees_its_temp_views(cell)
     sql = cell.repl.run("exec", "--sql", "SELECT sum(sq) AS total, count(*) AS n FROM squares",
                         "--tag", "total", "--timeout", SPARK_TIMEOUT)
     assert sql.status == "Finished", sql
-    assert sql["table"]["rows"] == 1 and sql["table"]["column_names"] == ["total bigint", "n bigint"]
+    assert sql["table"]["rows"] == 1 and sql["table"]["column_names"] == ["total", "n"]
+    assert sql["table"]["column_types"] == ["bigint", "bigint"]
     assert cell.repl.read(sql["table"]["file"]).splitlines() == ["total,n", "30,5"]
 
 
@@ -131,17 +121,9 @@ def test_a_plot_lands_as_a_png(cell):
 
 # -- the full output past the service's limit ---------------------------------------------------------
 
-DISCARD = pytest.mark.xfail(
-    strict=True, reason="dbx_repl appends the text a DBR <= 16.4 service returns in place of "
-                        "discarded output ('*** WARNING: max output size exceeded, skipping "
-                        "output. ***') to the full stdout it fetched from the driver")
-
-
 @pytest.mark.parametrize("overflow", ["truncate", "discard"])
-def test_the_full_output_arrives_past_the_service_s_limit(cell, overflow, request):
+def test_the_full_output_arrives_past_the_service_s_limit(cell, overflow):
     workspace = cell.repl.workspace
-    if overflow == "discard" and cell.runtime == "15.4":
-        request.applymarker(DISCARD)
     # 15.4: past 50,000 characters the service cuts (or discards) the text; 17.3: past the
     # cell's output size (here its smallest, 1 MB) it cuts it, whatever the DBR <= 16.4 switch.
     size = 60_000 if cell.runtime == "15.4" else 1_200_000
@@ -188,11 +170,6 @@ def slow(x):
     return x
 print(spark.range(0, 400, 1, 8).select(slow('id').alias('x')).selectExpr('sum(x) AS s').first().s)
 """
-STANDARD_PROGRESS = pytest.mark.xfail(
-    strict=True, reason="dbx_repl's progress helper reads Spark's status tracker through `sc`, "
-                        "which a standard access mode context does not have: its progress answer "
-                        "does not yet say that Spark progress is unavailable there")
-
 
 def _status_while_running(cell):
     status = cell.repl.run("status")
@@ -202,9 +179,7 @@ def _status_while_running(cell):
     return status if "collecting slowly" in progress.get("output_tail", "") else None
 
 
-def test_status_shows_progress_while_a_spark_job_runs(cell, request):
-    if cell.standard:
-        request.applymarker(STANDARD_PROGRESS)
+def test_status_shows_progress_while_a_spark_job_runs(cell):
     running = cell.repl.exec(SLOW_SPARK_STEP, "slow", "--timeout", "1")
     assert running.status == "Running", running
     try:
@@ -212,10 +187,11 @@ def test_status_shows_progress_while_a_spark_job_runs(cell, request):
         assert seen, cell.repl.run("status").body
         progress = seen["progress"]
         assert "error" not in progress, progress
-        if cell.standard:
-            # No status tracker over Spark Connect: the answer says so, and why.
+        if cell.standard and cell.runtime == "15.4":
+            # No status tracker over Spark Connect, and Spark 3.5's Connect reports no progress:
+            # the answer says so, and why.
             assert "standard access mode" in json.dumps(progress), progress
-        else:
+        else:   # the status tracker (dedicated), or what Spark 4's Connect server reports (standard)
             seen = wait_for(lambda: (lambda s: s if s and s["progress"].get("spark_jobs") else None)(
                 _status_while_running(cell)), timeout=90, interval=0.5)
             assert seen, cell.repl.run("status").body

@@ -1,6 +1,6 @@
 """The real service's awkward behaviours, each through the real databricks-sdk.
 
-One story per behaviour of `references/local-workspace.md` ("Behaviours of the real service"),
+One story per behaviour of `tests/local_workspace/README.md` ("Behaviours of the real service"),
 plus the SDK's own command-execution examples and integration-test expectations.
 """
 

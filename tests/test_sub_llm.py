@@ -9,8 +9,9 @@ import time
 
 import pytest
 
-from local_workspace import RUNNING_CLUSTER_ID, SHARED_CLUSTER_ID, LocalWorkspace
+from local_workspace import RUNNING_CLUSTER_ID, SHARED_CLUSTER_ID
 from local_workspace.paths import host_path
+from conftest import _running_workspace
 from repl_harness import Repl, wait_for
 
 HELPERS = {"sub_llm", "sub_llm_batch", "sub_llm_usage", "sub_llm_budget", "_dbx_repl"}
@@ -71,20 +72,7 @@ def assert_token_nowhere(repl, *calls):
 def workspace():
     """The local workspace with a random, secret-looking token, so the leak checks are meaningful;
     teardown checks that no context process survives."""
-    ws = LocalWorkspace(token="dapi" + secrets.token_hex(16))
-    ws.start()
-    try:
-        yield ws
-    finally:
-        ws.stop()
-        alive = []
-        for pid in ws.all_pids():
-            try:
-                os.kill(pid, 0)
-                alive.append(pid)
-            except ProcessLookupError:
-                pass
-        assert not alive, "context processes still alive after stop(): %s" % alive
+    yield from _running_workspace(token="dapi" + secrets.token_hex(16))
 
 
 @pytest.fixture

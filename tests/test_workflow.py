@@ -9,7 +9,7 @@ import sys
 
 from local_workspace import RUNNING_CLUSTER_ID, TERMINATED_CLUSTER_ID
 from local_workspace.paths import host_path
-from repl_harness import CLI, ROOT, Call, Repl
+from repl_harness import CLI, ROOT, Call, Repl, statuses_in_the_cli
 
 MAX_ANSWER_BYTES = 2048
 
@@ -134,7 +134,7 @@ def test_an_agent_works_through_the_ten_tasks_and_exports_a_script_that_runs(wor
     planned_tags = [by_tag[n] for n in _numbers(plan["steps"])]
     assert planned_tags == ["primes", "iris_load", "iris_model", "iris_train", "iris_evaluate", "report"]
     assert [by_tag[n] for n in plan["partial"]] == ["report"]
-    assert evicted["tip"]["replay"].endswith(f"replay --project-dir {repl.project_dir} --timeout 600")
+    assert evicted["tip"]["replay"].endswith(f"replay --project-dir {repl.project_dir} --timeout 90")  # TIP_TIMEOUT
     assert run(repl, "replay", "--plan")["replay_plan"]["steps"] == plan["steps"]
     replayed = run(repl, "replay", "--timeout", "300", timeout=400)
     assert replayed.status == "Replayed", replayed
@@ -415,8 +415,8 @@ def test_databricks_cluster_id_is_an_id_for_create_smoke_and_find_cluster(repl):
                           env={**repl.env, **env}, timeout=60)
     found = json.loads(proc.stdout)
     assert found["status"] == "Found" and found["cluster_id"] == RUNNING_CLUSTER_ID
-    assert found["hint"].endswith(f"create --cluster-id {RUNNING_CLUSTER_ID} --session-name NAME")
-    assert "dbx_repl.py create" in found["hint"]
+    assert found["tip"]["create"].endswith(f"create --cluster-id {RUNNING_CLUSTER_ID} --session-name <session-name>")
+    assert "dbx_repl.py create" in found["tip"]["create"]
 
 
 # -- packaging and SKILL.md -----------------------------------------------------------------------------
@@ -462,29 +462,8 @@ def test_the_evals_follow_the_skill_creator_format_and_cover_the_workflow():
                   "sub_llm_batch"):
         assert topic in text, topic
     named = set(re.findall(r"\b[A-Z][a-z]+(?:[A-Z][a-z]+)+\b", text)) - {"KeyError", "NameError"}
-    assert named and named <= _statuses_in_the_cli() | {"Finished", "Error"}, named - _statuses_in_the_cli()
+    assert named and named <= statuses_in_the_cli(), named - statuses_in_the_cli()
     import dbx_repl
     parser = dbx_repl.build_parser()
     for argv in (["replay", "--plan"], ["export", "--verify"], ["cancel"], ["await", "--timeout", "5"]):
         assert parser.parse_args(argv).handler                   # every command the evals name exists
-
-
-def _statuses_in_the_cli():
-    with open(CLI, encoding="utf-8") as f:
-        source = f.read()
-    found = set(re.findall(r'(?:ReplError|response)\(\s*"([A-Z][A-Za-z]+)"', source))
-    found |= set(re.findall(r'return "([A-Z][A-Za-z]+)", \{', source))
-    for first, second in re.findall(r'response\(\s*"([A-Z][A-Za-z]+)" if [^\n]* else "([A-Z][A-Za-z]+)"', source):
-        found |= {first, second}
-    return found
-
-
-def test_skill_md_documents_every_status_stays_short_and_never_passes_an_empty_profile():
-    _, text = _skill_frontmatter()
-    assert len(text.splitlines()) < 500
-    missing = sorted(s for s in _statuses_in_the_cli() if f"`{s}`" not in text)
-    assert not missing, missing
-    assert "--profile $0" not in text                          # breaks when the profile argument is empty
-    assert text.count('--profile="$0"') >= 2                    # an empty value means the default auth
-    for status in ("Passed", "Failed", "TimedOut"):              # export --verify's verify.status
-        assert status in text

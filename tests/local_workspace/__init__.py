@@ -26,7 +26,7 @@ the processes of a cluster:
     python tests/local_workspace serve [--port N] [--token T] [--latency-ms N] [--secrets FILE]
     python tests/local_workspace runtime [--version V | --all]   # build runtimes (once; cached)
 
-See ``references/local-workspace.md``.
+See ``tests/local_workspace/README.md``.
 """
 
 from .server import (DEDICATED_CLUSTER_ID, JOB_CLUSTER_ID, RUNNING_CLUSTER_ID, SHARED_CLUSTER_ID,

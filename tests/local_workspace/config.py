@@ -31,7 +31,7 @@ DEFAULTS = {
     "start_delay": 2.0,
     "llm_latency": 0.0,
     "image_inline_limit": 512 * 1024,
-    # The awkward behaviours of the real service (references/local-workspace.md, "Behaviours"):
+    # The awkward behaviours of the real service (tests/local_workspace/README.md, "Behaviours"):
     "plots_mode": "repr",
     "pip_restarts": False,
     "restart_window": 2.0,

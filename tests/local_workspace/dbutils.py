@@ -3,7 +3,7 @@
 ``dbutils`` has ``fs``, ``secrets``, ``widgets``, ``library``, ``jobs.taskValues``, ``notebook``
 and ``help()``, with a real cluster's return types (``FileInfo``, ``SecretMetadata``,
 ``SecretScope``: the namedtuples databricks-sdk's own dbutils defines) and its error texts. The
-evidence for each is in references/local-workspace.md ("dbutils").
+evidence for each is in tests/local_workspace/README.md ("dbutils").
 """
 
 import collections

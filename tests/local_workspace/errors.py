@@ -27,7 +27,7 @@ class ClusterNotFound(InvalidParameter):
 class UnsupportedLanguage(InvalidParameter):
     def __init__(self, language):
         # The real service's answer to a language a cluster cannot run is UNVERIFIED
-        # (references/local-workspace.md): an IllegalArgumentException like its other 1.2 errors.
+        # (tests/local_workspace/README.md): an IllegalArgumentException like its other 1.2 errors.
         super().__init__("language %r is not supported by the local workspace (python and sql "
                          "only)" % language)
 

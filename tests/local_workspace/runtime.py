@@ -52,7 +52,7 @@ _OS_PACKAGES = ("dbus-python and PyGObject: Ubuntu's bindings to its system libr
 _NEEDS_LIBPQ = ("psycopg2",)
 
 # The LTS runtimes: version, Python, Apache Spark (the pyspark pin), Scala, release notes.
-# Their libraries: runtimes/<version>.txt. See references/local-workspace.md, "Runtime and Spark".
+# Their libraries: runtimes/<version>.txt. See tests/local_workspace/README.md, "Runtime and Spark".
 RUNTIMES = collections.OrderedDict((r.version, r) for r in (
     Runtime("15.4", python="3.11", spark="3.5.0", scala="2.12", notes_url=_NOTES % "15.4",
             build_first=(), optional=_NEEDS_LIBPQ, left_out=_OS_PACKAGES),
@@ -143,7 +143,7 @@ def at_least(version, minimum):
 
 def spark_defaults(version):
     """The Spark configuration a Databricks Runtime sets that code depends on, beyond Apache
-    Spark's own defaults (sources: references/local-workspace.md, "Runtime defaults"):
+    Spark's own defaults (sources: tests/local_workspace/README.md, "Runtime defaults"):
     Arrow-based conversion between pandas and Spark, the UTC session time zone, and ANSI mode
     as the runtime has it (on from DBR 17.0 with Spark 4.0, off before)."""
     return {"spark.sql.execution.arrow.pyspark.enabled": "true",

@@ -26,7 +26,7 @@ the context worker refuses the mapped paths with an error naming the local root
 
 The setup stage is this file run as a script by a second interpreter (``python -S -I``, no
 site, stdlib only) which then ``exec``s the real argv: about 12 ms more per process start
-(references/local-workspace.md, "Paths").
+(tests/local_workspace/README.md, "Paths").
 """
 
 import os

@@ -10,7 +10,7 @@ An HTTP server on 127.0.0.1 that speaks the REST endpoints databricks-repl uses.
   commands, their processes and the clusters' drivers), ``files.Files`` (DBFS, Files, Workspace,
   libraries, the current user) and ``serving.Serving`` (model serving).
 
-``LocalWorkspace`` is the Python control API tests use. See ``references/local-workspace.md``.
+``LocalWorkspace`` is the Python control API tests use. See ``tests/local_workspace/README.md``.
 """
 
 import argparse
@@ -36,25 +36,18 @@ from .wire import HttpServer, Wire
 class LocalWorkspace:
     """The local workspace server. ``start()``, use ``host``/``token``, ``stop()``."""
 
-    def __init__(self, token="local-token", output_limit=50_000, context_limit=145,  # noqa: PLR0913 - the settings
-                 idle_ttl=None, cancel_mode="cancelled", not_running_mode="error",
-                 start_delay=2.0, llm_latency=0.0, image_inline_limit=512 * 1024, secrets=None,
-                 isolation="auto", **settings):
+    def __init__(self, token="local-token", secrets=None, isolation="auto", **settings):
         """``secrets``: ``{"scope": {"key": "value"}}`` for dbutils.secrets. ``isolation``:
         "auto" (each cluster's processes in their own file system view where the OS allows) or
         "none" (the host's view; driver paths refused); see sandbox.py. Any other keyword is a
-        ``configure`` setting."""
+        ``configure`` setting (config.DEFAULTS: output_limit, context_limit, cancel_mode, ...)."""
         if isolation not in sandbox.ISOLATION_MODES:
             raise ValueError("isolation must be one of %s" % (sandbox.ISOLATION_MODES,))
         self.token = token
         self.host = None
         self.port = None
         self._tmpdir = None
-        self._config = Config(output_limit=output_limit, context_limit=context_limit,
-                              idle_ttl=idle_ttl, cancel_mode=cancel_mode,
-                              not_running_mode=not_running_mode, start_delay=start_delay,
-                              llm_latency=llm_latency, image_inline_limit=image_inline_limit,
-                              **settings)
+        self._config = Config(**settings)
         secrets = {str(scope): {str(k): str(v) for k, v in keys.items()}
                    for scope, keys in (secrets or {}).items()}
         self.clusters = Clusters(self._config)
@@ -197,10 +190,17 @@ def _serve(args):
     def on_signal(signum, frame):
         stop.set()
 
+    evictions = threading.Event()
+
+    def on_evict(signum, frame):
+        evictions.set()
+
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGUSR1, on_evict)
     ws.start(port=args.port)
     print("# Local Databricks workspace on %s (Ctrl+C to stop)" % ws.host)
+    print("# kill -USR1 %d evicts every execution context, as a cluster does with idle ones" % os.getpid())
     print("export DATABRICKS_HOST=%s" % ws.host)
     print("export DATABRICKS_TOKEN=%s" % ws.token)
     for c in ws.clusters.all():
@@ -208,8 +208,11 @@ def _serve(args):
                                                    c["cluster_source"], c["data_security_mode"]))
     print("export DATABRICKS_CLUSTER_ID=%s" % RUNNING_CLUSTER_ID, flush=True)
     try:
-        while not stop.wait(0.5):
-            pass
+        while not stop.wait(0.2):
+            if evictions.is_set():
+                evictions.clear()
+                ws.evict()
+                print("# evicted every execution context", flush=True)
     finally:
         ws.stop()
         print("# stopped", flush=True)

@@ -205,14 +205,23 @@ class Wire:
 
     # ----- faults and the log
 
-    def inject(self, path, method="POST", count=1, status=503, retry_after=1, body=None,  # noqa: PLR0913 - a fault rule's fields
-               mode="respond"):
-        if mode not in ("respond", "drop_before", "drop_after"):
+    INJECTION_DEFAULTS = {"method": "POST", "count": 1, "status": 503, "retry_after": 1, "body": None,
+                          "mode": "respond"}
+
+    def inject(self, path, **fields):
+        """The next ``count`` requests to ``path`` (and ``method``) meet a fault: ``mode``
+        "respond" answers ``status`` with ``body`` (the status's service error by default) and
+        ``retry_after``; "drop_before"/"drop_after" close the connection before/after handling."""
+        unknown = set(fields) - set(self.INJECTION_DEFAULTS)
+        if unknown:
+            raise TypeError("unknown injection field(s): %s" % ", ".join(sorted(unknown)))
+        rule = {**self.INJECTION_DEFAULTS, **fields, "path": path}
+        if rule["mode"] not in ("respond", "drop_before", "drop_after"):
             raise ValueError("mode must be respond, drop_before or drop_after")
-        if body is None:
-            body = _default_error_body(status)
-        rule = {"path": path, "method": method.upper() if method else None, "count": int(count),
-                "status": int(status), "retry_after": retry_after, "body": body, "mode": mode}
+        if rule["body"] is None:
+            rule["body"] = _default_error_body(rule["status"])
+        rule.update(method=rule["method"].upper() if rule["method"] else None, count=int(rule["count"]),
+                    status=int(rule["status"]))
         with self._lock:
             self._injections.append(rule)
         return dict(rule)
