@@ -300,7 +300,8 @@ def test_export_keeps_the_last_run_of_each_tag_and_the_steps_it_needs_and_leaves
     with recorded(steps) as (project, session):
         chosen, left_out = dbx_repl.export_selection(project, session)
         assert [e["origin"] for e in chosen] == [1, 3, 4, 6, 7]
-        assert left_out == [{"step": 2, "tag": "peek", "why": "exploration: sleep"}]
+        assert left_out == [{"step": 2, "tag": "peek", "why": "exploration: sleep"},
+                            {"step": 5, "tag": "fails", "why": "status Error"}]     # never finished: named too
         chosen, left_out = dbx_repl.export_selection(project, session, exclude_tags=("top",))
         assert 7 not in [e["origin"] for e in chosen] and {"step": 7, "tag": "top", "why": "--exclude-tags"} in left_out
         chosen, left_out = dbx_repl.export_selection(project, session, steps=[5, 4, 1])

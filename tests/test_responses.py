@@ -260,7 +260,7 @@ def test_a_tip_runs_as_written_with_the_project_profile_and_timeout(project_dir,
     assert words[:3] == ["python3", "/opt/my skills/dbx_repl.py", subcommand]
     assert words[words.index("--project-dir") + 1] == project_dir
     assert (words[words.index("--profile") + 1] == profile) if profile else "--profile" not in words
-    if timeout is not None and subcommand in dbx_repl.WAITING_SUBCOMMANDS:
-        assert float(words[words.index("--timeout") + 1]) == pytest.approx(timeout, rel=1e-5)
+    if subcommand in dbx_repl.WAITING_SUBCOMMANDS:                 # within an agent's tool limit when not given
+        assert float(words[words.index("--timeout") + 1]) == pytest.approx(timeout or dbx_repl.TIP_TIMEOUT, rel=1e-5)
     else:
         assert "--timeout" not in words

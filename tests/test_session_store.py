@@ -106,7 +106,7 @@ def test_held_signals_fire_after_the_session_was_saved(project):
     try:
         with pytest.raises(dbx_repl.Terminated):
             with dbx_repl.signals_deferred():
-                os.kill(os.getpid(), signal.SIGTERM)
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)   # as to the one-thread CLI
                 project.save(new_session())
                 saved.append(os.path.exists(project.session_path))
     finally:
