@@ -179,7 +179,7 @@ def test_a_refused_credential_never_loses_the_step(session):
 
 
 def test_exec_behind_a_running_step_checks_before_saying_it_runs(session):
-    proc = session.popen("exec", "--command", "import time\ntime.sleep(2)", "--tag", "slow", "--timeout", "1")
+    proc = session.popen("exec", "--command", "import time\ntime.sleep(60)", "--tag", "slow", "--timeout", "1")
     assert session.finish(proc).status == "Running"
     busy = session.exec("print('x')", "x")
     assert busy.status == "CommandRunning" and "the service says so" in busy["message"]
