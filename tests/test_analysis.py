@@ -133,7 +133,7 @@ def test_a_step_defines_what_it_binds_and_uses_what_it_reads_first(story, code, 
     assert found["parsed"] and found["defines"] == defines and found["uses"] == uses
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(programs(min_steps=1, max_steps=1, bound=NAMES + ("rows",)), st.sampled_from(["", "%pip install x\n"]))
 def test_the_uses_of_generated_code_are_exactly_the_names_it_reads_before_binding_them(program, opening):
     step = program[0]
@@ -178,7 +178,7 @@ def test_a_sql_step_is_read_as_sql():
 
 # -- the replay plan -------------------------------------------------------------------------------------
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(programs())
 def test_replaying_the_plan_gives_the_evicted_step_every_value_it_read(program):
     *done, last = program
@@ -197,7 +197,7 @@ def test_replaying_the_plan_gives_the_evicted_step_every_value_it_read(program):
         assert entry["defines"] & later_uses, (entry["origin"], origins)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(programs())
 def test_without_a_target_the_plan_restores_every_name_the_session_defined(program):
     with recorded(program) as (project, session):
@@ -266,7 +266,7 @@ def test_a_step_list_that_is_not_numbers_or_ranges_is_refused(text):
 
 # -- the export script ---------------------------------------------------------------------------------
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(programs(max_steps=8))
 def test_an_export_runs_top_to_bottom_and_each_kept_step_sees_the_values_it_saw_in_the_session(program):
     with recorded(program) as (project, session):

@@ -50,7 +50,7 @@ FIELD_NAMES = st.text("abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=16).fi
 HINT = st.none() | st.text("abcdefghijklmnopqrstuvwxyz0123456789 -_./'\"", max_size=900)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(message=TEXT, fields=st.dictionaries(FIELD_NAMES, VALUE, max_size=8), hint=HINT)
 def test_every_answer_fits_in_2kb_and_what_was_cut_is_kept_whole_in_the_file_it_names(message, fields, hint):
     body = {"status": "Finished", "message": message, **fields}
@@ -120,7 +120,7 @@ def test_without_a_project_the_cut_fields_go_to_the_system_temp_dir():
 
 # -- the one JSON line ------------------------------------------------------------------------------
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(message=TEXT, extra=TEXT, code=st.sampled_from([0, 1, 2, 3, 130]))
 def test_emit_prints_one_json_line_whatever_the_text_and_returns_the_exit_code(message, extra, code):
     body = dbx_repl.response("Finished", message or "m", exit_code=code, note=extra)

@@ -110,7 +110,7 @@ def git_would_add(root):
     return sorted(p for p in listed.split("\0") if p)
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(files=st.sets(PATHS, min_size=1, max_size=8), rules=st.lists(RULES, max_size=6))
 def test_sync_sends_what_git_would_track_for_plain_names_globs_and_anchored_paths(files, rules):
     """Patterns of git's syntax that the subset shares (names and globs at any depth, anchored paths
