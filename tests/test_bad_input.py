@@ -19,6 +19,8 @@ import dbx_repl
 from local_workspace import LocalWorkspace, RUNNING_CLUSTER_ID
 from repl_harness import CLI, Repl, files_under
 
+pytestmark = pytest.mark.xdist_group("bad_input")   # one worker runs the module: its module-scoped workspace starts once
+
 TOKEN = "dapi-bad-input-" + secrets.token_hex(12)
 
 

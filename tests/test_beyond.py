@@ -6,6 +6,8 @@ import csv
 import json
 import os
 
+import pytest
+
 from local_workspace import TERMINATED_CLUSTER_ID
 from repl_harness import wait_for
 
@@ -25,6 +27,7 @@ def test_create_without_consent_refuses_a_terminated_cluster_and_starts_nothing(
     assert repl.run("find-cluster", "--name", "analytics-prod", project=False)["state"] == "TERMINATED"
 
 
+@pytest.mark.slow
 def test_create_with_start_cluster_starts_a_terminated_cluster_and_opens_the_session(repl, workspace):
     workspace.configure(start_delay=2.0)
     created = repl.create(TERMINATED_CLUSTER_ID, "started", "--start-cluster", "--timeout", "60")
@@ -34,6 +37,7 @@ def test_create_with_start_cluster_starts_a_terminated_cluster_and_opens_the_ses
     repl.run("destroy")
 
 
+@pytest.mark.slow
 def test_a_cluster_still_starting_at_the_deadline_answers_cluster_starting_with_the_same_create(repl, workspace):
     workspace.configure(start_delay=30.0)
     starting = repl.create(TERMINATED_CLUSTER_ID, "slow", "--start-cluster", "--timeout", "3")
@@ -61,6 +65,8 @@ def test_find_cluster_says_which_clusters_can_be_started_and_why_they_are_off(re
 
 # -- SQL steps ---------------------------------------------------------------------------------------
 
+@pytest.mark.slow
+@pytest.mark.spark
 def test_a_sql_step_writes_every_row_of_its_result_with_the_schema(session):
     made = session.exec("df = spark.range(5000).selectExpr('id', 'id * 2 AS twice', "
                         "'concat(\"n\", id) AS label')\ndf.createOrReplaceTempView('numbers')", "view")
@@ -81,6 +87,8 @@ def test_a_sql_step_writes_every_row_of_its_result_with_the_schema(session):
     assert table["column_types"] == ["bigint", "bigint", "string"]
 
 
+@pytest.mark.slow
+@pytest.mark.spark
 def test_a_failing_sql_step_names_the_spark_exception(session):
     missing = session.run("exec", "--sql", "SELECT * FROM no_such_view", "--tag", "missing")
     assert missing.status == "Error", missing
@@ -90,6 +98,8 @@ def test_a_failing_sql_step_names_the_spark_exception(session):
     assert garbled["error"]["type"].endswith("ParseException"), garbled["error"]
 
 
+@pytest.mark.slow
+@pytest.mark.spark
 def test_sql_steps_export_as_spark_sql_and_replay_their_views(session, workspace):
     assert session.run("exec", "--sql", "CREATE OR REPLACE TEMP VIEW small AS SELECT id FROM range(10)",
                        "--tag", "make_view").status == "Finished"
@@ -171,6 +181,8 @@ print(sorted(pairs.reduceByKey(lambda a, b: a + b).collect()))
 """
 
 
+@pytest.mark.slow
+@pytest.mark.spark
 def test_status_shows_the_spark_tasks_and_latest_output_of_a_running_step(session, workspace):
     assert session.exec("print(spark.range(3).count())", "warm")["stdout_preview"].strip() == "3"
     running = session.exec(SLOW_SPARK_STEP, "shuffle", "--timeout", "1")
@@ -202,6 +214,7 @@ def test_status_shows_the_spark_tasks_and_latest_output_of_a_running_step(sessio
     assert sidecar not in workspace.context_pids()
 
 
+@pytest.mark.slow
 def test_await_follow_streams_progress_lines_then_answers_as_usual(session):
     step = "import time\nfor i in range(8):\n    print('tick', i, flush=True)\n    time.sleep(0.5)\n"
     assert session.exec(step, "ticks", "--timeout", "1").status == "Running"
@@ -211,6 +224,7 @@ def test_await_follow_streams_progress_lines_then_answers_as_usual(session):
     assert lines and any("tick" in line for line in lines), followed.stderr
 
 
+@pytest.mark.slow
 def test_exec_on_a_terminal_shows_a_live_status_line_on_stderr(session):
     import pty
     import subprocess
@@ -244,6 +258,7 @@ def test_exec_on_a_terminal_shows_a_live_status_line_on_stderr(session):
     assert terminal.endswith("\r\x1b[K"), repr(terminal[-40:])       # the line is cleared before the answer
 
 
+@pytest.mark.slow
 def test_a_sidecar_lost_to_an_eviction_is_replaced_on_the_next_read(session, workspace):
     step = "import time\nprint('first', flush=True)\ntime.sleep(1.5)\nprint('second', flush=True)\ntime.sleep(30)\n"
     running = session.exec(step, "long", "--timeout", "1")

@@ -130,6 +130,7 @@ def proxy(workspace):
 
 # -- 1. deadlines --------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_refused_or_silent_host_is_answered_within_15_seconds_by_every_subcommand(session):
     refused = socket.socket()
     refused.bind(("127.0.0.1", 0))
@@ -162,6 +163,7 @@ def test_a_refused_or_silent_host_is_answered_within_15_seconds_by_every_subcomm
     session.run("destroy")                                # the context, through the real host
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["http500", "dropped", "hanging"])
 def test_exec_and_await_answer_within_timeout_plus_2_seconds_whatever_the_status_polls_do(
         workspace, session, proxy, fault):
@@ -185,6 +187,7 @@ def test_exec_and_await_answer_within_timeout_plus_2_seconds_whatever_the_status
 
 # -- 2. failing status calls: reported, and a way out ------------------------------------------------------
 
+@pytest.mark.slow
 def test_failing_status_calls_are_reported_and_cancel_frees_the_session(workspace, session):
     workspace.inject(STATUS, method="GET", count=10000, status=500, retry_after=None,
                      body={"error_code": "INTERNAL_ERROR", "message": "status store unavailable"})
@@ -215,6 +218,7 @@ def test_destroy_frees_a_session_whose_status_calls_keep_failing(workspace, sess
 
 # -- 3. destroy during a wait ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_destroy_during_a_waiting_exec_records_the_step_once_and_leaves_no_context(workspace, session):
     for trial in range(10):
         if trial:
@@ -251,6 +255,7 @@ def test_sigint_then_sigterm_answers_what_the_service_did(workspace, session):
         assert session.run("await", "--timeout", "30").status == "Cancelled"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 1), (signal.SIGINT, 130)])
 def test_a_signal_during_a_submit_that_hangs_says_the_command_may_run_and_the_next_exec_waits_behind_it(
         workspace, session, proxy, sig, code):
@@ -366,6 +371,7 @@ def test_create_with_a_bad_cluster_id_writes_nothing(repl):
 
 # -- 9. transient answers are retried, execute never resent -----------------------------------------------
 
+@pytest.mark.slow
 def test_a_context_that_comes_up_in_error_is_destroyed_and_the_create_retried(workspace, repl):
     workspace.inject(CONTEXT_STATUS, method="GET", count=1, status=200, retry_after=None,
                      body={"status": "Error"})
@@ -382,6 +388,7 @@ TOKEN_BUCKET = {"error_code": "REQUEST_LIMIT_EXCEEDED", "message": "RPC token bu
 RATE_LIMITED = {"error_code": "REQUEST_LIMIT_EXCEEDED", "message": "Your request was rejected"}
 
 
+@pytest.mark.slow
 def test_transient_answers_are_retried_and_the_command_runs_once(workspace, repl):
     workspace.inject(CREATE, method="POST", count=2, status=500, retry_after=None, body=CLUSTER_NOT_READY)
     assert repl.create().status == "Created"

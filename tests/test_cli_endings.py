@@ -187,6 +187,7 @@ def test_an_eviction_under_a_running_step_salvages_its_printed_lines(workspace, 
         assert f.read() == "halfway\n"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["cancelled", "finished_error"])
 def test_code_that_swallows_the_cancel_gets_killed_and_the_answer_says_the_state_is_gone(workspace, session, mode):
     # The service interrupts for ~10 s, then kills the Python process. In finished_error mode the
@@ -212,6 +213,7 @@ def test_code_that_swallows_the_cancel_gets_killed_and_the_answer_says_the_state
 
 # -- restart windows ----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_restart_window_on_submit_is_waited_out_and_the_step_runs_once(workspace, session):
     workspace.inject("/api/1.2/commands/execute", method="POST", count=2, status=500, retry_after=None,
                      body={"error": RESTART_TEXT})
@@ -314,6 +316,7 @@ def png_size(data):
     return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
 
 
+@pytest.mark.slow
 def test_every_kind_of_plot_is_saved_once_by_the_driver(session):
     call = session.exec(PLOTS, "plots")
     assert call.status == "Finished", call

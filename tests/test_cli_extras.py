@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from local_workspace import JOB_CLUSTER_ID, RUNNING_CLUSTER_ID, TERMINATED_CLUSTER_ID
 from repl_harness import command_status, wait_for
 
@@ -21,6 +23,7 @@ def test_status_summarises_a_live_session(session):
     assert call["cluster_state"] == "RUNNING" and call.get("active_command") is None
 
 
+@pytest.mark.slow
 def test_status_shows_a_running_command_with_its_remote_state(session):
     assert session.exec("import time\ntime.sleep(30)", "wait", "--timeout", "0.5").status == "Running"
     call = session.run("status")
@@ -51,6 +54,7 @@ def test_status_of_a_destroyed_session_needs_no_workspace(session):
 
 # -- replay ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_replay_after_eviction_restores_state(workspace, session):
     session.exec("data = [1, 2, 3]", "load")
     session.exec("data = [v * 10 for v in data]", "transform")
@@ -79,6 +83,7 @@ def test_replay_of_chosen_steps_stops_at_the_first_failure(session):
     assert call["not_run"] == [3]
 
 
+@pytest.mark.slow
 def test_replay_range_can_skip_failed_steps(session):
     session.exec("a = 1", "one")
     session.exec("b = undefined_name", "two")
@@ -95,6 +100,7 @@ def test_replay_rejects_unknown_steps(session):
 
 # -- export ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_export_keeps_the_last_good_run_per_tag_and_runs_top_to_bottom(session, tmp_path):
     assert session.exec("%pip install pip", "deps").status == "Finished"
     session.exec("import json\ntotal = sum(range(5))", "compute")
@@ -140,6 +146,7 @@ def test_put_and_get_round_trip_a_binary_file_byte_for_byte(session, tmp_path):
     assert [t["direction"] for t in session.session()["transfers"]] == ["put", "get"]
 
 
+@pytest.mark.slow
 def test_get_enforces_the_size_cap_and_honours_any_local_path_as_cp_would(session, tmp_path):
     remote = str(tmp_path / "big.txt")
     session.exec(f"import os\nos.makedirs({str(tmp_path)!r}, exist_ok=True)\n"

@@ -18,6 +18,8 @@ import pytest
 from local_workspace import LocalWorkspace
 from repl_harness import Repl, printed_so_far, wait_for
 
+pytestmark = pytest.mark.xdist_group("cli_outputs")   # one worker runs the module: its module-scoped workspace starts once
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 OMITTED = re.compile(r"\[\.\.\. (\d+) bytes omitted \.\.\.\]")
 CUT_MARKER = re.compile(rb"\n\[dbx-repl: output cut at (\d+) of (\d+) bytes \(--max-output-bytes\)\]\n$")
@@ -428,6 +430,7 @@ def test_the_frame_carries_the_record_and_a_checked_inline_copy():
     assert dbx_repl.read_frame("no frame at all", "001_a") == ("no frame at all", None, None)
 
 
+@pytest.mark.slow
 def test_a_failed_output_fetch_keeps_the_step_and_names_the_get_for_the_driver_copy(workspace, session):
     text_size = 120_000  # over the 50,000-character cut, so the CLI must fetch the rest
     proc = session.popen("exec", "--command", f"import time\ntime.sleep(1)\nprint('y' * {text_size})",
@@ -446,6 +449,7 @@ def test_a_failed_output_fetch_keeps_the_step_and_names_the_get_for_the_driver_c
     assert session.read(copied["local"]) == "y" * text_size + "\n"
 
 
+@pytest.mark.slow
 def test_steps_still_run_and_fetch_after_the_driver_temp_dir_was_cleaned(session):
     assert session.exec("import shutil\nshutil.rmtree(_dbx_repl.out_dir)", "clean_tmp").status == "Finished"
     call = session.exec("print('z' * 60000)", "after_cleanup")

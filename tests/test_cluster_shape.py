@@ -24,6 +24,9 @@ from local_workspace.runtime import RUNTIMES, cache_root, ensure_runtime, pin
 from local_workspace.sandbox import HOST_ALIASES
 from repl_harness import Repl, process_tree
 
+# The module shares one workspace, whose Spark (a JVM) its tests use; one worker runs it all.
+pytestmark = [pytest.mark.slow, pytest.mark.spark, pytest.mark.xdist_group("cluster_shape")]
+
 CANCEL_DEADLINE = 2.0  # a cancelled command must end within this (the behaviour under test)
 SPARK_SLEEPING_JOB = ("import time\n"
                       "spark.range(2).repartition(2).rdd.map(lambda r: time.sleep(60)).count()")

@@ -40,6 +40,7 @@ def active_command_id(repl):
 
 # -- dropped connections and throttling ---------------------------------------------------------------
 
+@pytest.mark.slow
 def test_dropped_connections_on_submit_never_run_a_command_twice(workspace, session):
     assert session.exec("hits = 0", "init").status == "Finished"
     before = len(executes(workspace))
@@ -60,6 +61,7 @@ def test_dropped_connections_on_submit_never_run_a_command_twice(workspace, sess
     assert_log_consistent(session)
 
 
+@pytest.mark.slow
 def test_throttled_submits_are_retried_after_retry_after_and_run_once(workspace, session):
     assert session.exec("hits = 0", "init").status == "Finished"
     for status in (429, 503):
@@ -70,6 +72,7 @@ def test_throttled_submits_are_retried_after_retry_after_and_run_once(workspace,
     assert call["stdout_preview"] == "2\n"
 
 
+@pytest.mark.slow
 def test_failed_status_polls_are_retried_not_reported_as_a_failed_command(workspace, session):
     workspace.inject(STATUS, method="GET", count=1, status=503, retry_after=0)
     workspace.inject(STATUS, method="GET", count=1, mode="drop_before")
@@ -112,6 +115,7 @@ def test_a_host_that_never_answers_times_out_per_request(repl):
 
 # -- signals and kills ------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sigterm_during_exec_leaves_the_command_running_and_await_collects_it(session):
     proc = session.popen("exec", "--command", "import time\ntime.sleep(2)\nprint('finished anyway')",
                          "--tag", "long", "--timeout", "60")
@@ -178,6 +182,7 @@ def test_a_signal_while_the_service_declines_the_submit_runs_nothing_and_records
     assert again.status == "Finished" and again["cmd_id"] == "001_next"
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_await_cancels_the_command(session):
     first = session.exec("import time\ntime.sleep(60)", "slow", "--timeout", "0.5")
     assert first.status == "Running"
@@ -210,6 +215,7 @@ def cli_processes(repl):
     return found
 
 
+@pytest.mark.slow
 def test_no_process_of_the_cli_outlives_its_call(session):
     assert session.exec("print(1)", "one").status == "Finished"
     assert session.exec("import time\ntime.sleep(30)", "slow", "--timeout", "0.5").status == "Running"
@@ -228,6 +234,7 @@ def test_no_process_of_the_cli_outlives_its_call(session):
 
 # -- concurrency ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_exec_while_a_command_is_active_answers_command_running(session):
     proc = session.popen("exec", "--command", "import time\ntime.sleep(2)\nprint('first')", "--tag", "a")
     assert wait_for(lambda: active_command_id(session), 15)
@@ -240,6 +247,7 @@ def test_exec_while_a_command_is_active_answers_command_running(session):
     assert [s["step"] for s in log["steps"]] == [1] and log["step_counter"] == 1
 
 
+@pytest.mark.slow
 def test_racing_execs_on_one_project_run_one_command_and_never_corrupt_the_log(session):
     errors = []
 
@@ -278,6 +286,7 @@ print(len(os.listdir({shared!r})))
 """
 
 
+@pytest.mark.slow
 def test_eight_project_dirs_run_fully_in_parallel(workspace, tmp_path):
     shared = tmp_path / "rendezvous"     # each command waits until all eight are running at once
     shared.mkdir()

@@ -23,7 +23,8 @@ from local_workspace import (DEDICATED_CLUSTER_ID, RUNNING_CLUSTER_ID, SHARED_CL
 from conftest import _running_workspace
 from repl_harness import Repl, wait_for
 
-pytestmark = [pytest.mark.slow, pytest.mark.spark]
+pytestmark = [pytest.mark.slow, pytest.mark.spark,
+              pytest.mark.xdist_group("matrix")]   # one worker runs the module: its module-scoped workspace starts once
 
 # (access mode, runtime, cluster)
 CELLS = [

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from local_workspace import RUNNING_CLUSTER_ID
 from repl_harness import ROOT, cli_env
 
@@ -19,6 +21,7 @@ def debug_import_path(stderr):
     return lines[-1].rsplit(":", 1)[1].strip()
 
 
+@pytest.mark.slow
 def test_fast_path_is_the_default_and_full_import_is_forced_by_env(session):
     fast = session.run("exec", "--command", "print(6 * 7)", "--tag", "fast", "--debug")
     assert fast.status == "Finished" and fast["stdout_preview"] == "42\n", fast
@@ -90,6 +93,7 @@ def run_driver(script, repl, *argv):
     return proc.returncode, json.loads(lines[0]), report
 
 
+@pytest.mark.slow
 def test_a_changed_sdk_layout_falls_back_to_the_normal_import(session):
     code, body, report = run_driver(LAYOUT_CHANGE, session, "exec", "--project-dir", session.project_dir,
                                     "--command", "print('fallback works')", "--tag", "layout")

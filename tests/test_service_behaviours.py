@@ -151,6 +151,7 @@ def test_starting_a_running_cluster_is_refused_with_invalid_state(sdk_client):
     sdk_client.clusters.ensure_cluster_is_running(RUNNING_CLUSTER_ID)  # the SDK's own helper
 
 
+@pytest.mark.slow
 def test_a_cluster_just_running_answers_cluster_not_ready_which_the_sdk_waits_out(
         sdk_client, workspace):
     workspace.configure(start_delay=0.3, ready_delay=4.0)
@@ -387,6 +388,7 @@ def test_serve_takes_latency_ms():
 
 # ------------------------------------------------------------------ the SDK's own examples
 
+@pytest.mark.slow
 def test_the_sdk_command_execution_examples_hold(sdk_client, workspace):
     context = sdk_client.command_execution.create_and_wait(cluster_id=RUNNING_CLUSTER_ID,
                                                            language=Language.PYTHON)

@@ -158,6 +158,7 @@ print(json.dumps({"type": type(out).__name__, "is_list": isinstance(out, list), 
 
 # -- retries, timeouts, concurrency -------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_rate_limited_calls_wait_for_retry_after_and_succeed_and_retrying_is_bounded(workspace, llm):
     code = """import json, time
 started = time.time()
@@ -235,6 +236,7 @@ print(json.dumps(seen))
     assert usage["calls"] == 24 and usage["call_seconds"] > usage["wall_seconds"] * 1.5
 
 
+@pytest.mark.slow
 def test_cancelling_a_batch_stops_it_promptly_and_the_helpers_keep_working(workspace, llm):
     running = llm.popen("exec", "--command",
                             "out = sub_llm_batch(['[slow:1] upper: s%d' % i for i in range(40)], max_workers=2)",
@@ -391,6 +393,7 @@ print(json.dumps(seen))
     assert_token_nowhere(repl, created, call)
 
 
+@pytest.mark.slow
 def test_no_token_appears_in_any_output_file_or_session_json(workspace, llm):
     calls = [llm.exec(FAST_RETRIES + "print(sub_llm('upper: hi'))\n"
                           "print(sub_llm_batch(['[fail] x', 'count: a b', '[rate-limit:1] sum: 1 2']))", "mix")]

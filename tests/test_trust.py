@@ -46,6 +46,7 @@ def assert_nowhere(session, calls, *values):
 
 # -- secrets -----------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_printed_secret_stays_redacted(session):
     calls = [session.exec("token = dbutils.secrets.get('prod', 'api_token')\n"
                           "pem = dbutils.secrets.get('prod', 'pem')\nprint('read')", "read")]
@@ -117,6 +118,7 @@ def test_output_written_between_steps_is_kept_and_named_by_the_next_answer(sessi
     assert started["cmd_id"] in nxt["message"] and "truncated" not in nxt["late_output"]
 
 
+@pytest.mark.slow
 def test_a_copy_the_cli_cannot_check_is_flagged_truncated_with_a_note(session):
     # the step removes its own driver copies: its record cannot be written, so the file cannot be shown whole
     call = session.exec("import shutil\nprint('partial')\nshutil.rmtree(_dbx_repl.out_dir)", "lost_copy")
@@ -126,6 +128,7 @@ def test_a_copy_the_cli_cannot_check_is_flagged_truncated_with_a_note(session):
 
 # -- remote paths ------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_remote_paths_mean_what_users_type(session, tmp_path):
     local = tmp_path / "data.csv"
     local.write_text("a,b\n1,2\n")
@@ -158,6 +161,7 @@ def test_remote_paths_mean_what_users_type(session, tmp_path):
 
 # -- a refused credential ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_refused_credential_never_loses_the_step(session):
     proc = session.popen("exec", "--command", "import time\ntime.sleep(3)\nprint('done')", "--tag", "slow",
                          "--timeout", "30")
@@ -178,6 +182,7 @@ def test_a_refused_credential_never_loses_the_step(session):
     assert session.read("repl_outputs/001_slow.stdout") == "done\n"
 
 
+@pytest.mark.slow
 def test_exec_behind_a_running_step_checks_before_saying_it_runs(session):
     proc = session.popen("exec", "--command", "import time\ntime.sleep(60)", "--tag", "slow", "--timeout", "1")
     assert session.finish(proc).status == "Running"
@@ -188,6 +193,7 @@ def test_exec_behind_a_running_step_checks_before_saying_it_runs(session):
 
 # -- eviction: the original skill's contract ---------------------------------------------------------
 
+@pytest.mark.slow
 def test_context_evicted_lists_the_previous_steps_as_the_original_skill_did(session):
     for index in range(8):
         assert session.exec(f"v{index} = {index}", f"step{index}").status == "Finished"
