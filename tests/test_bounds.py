@@ -207,6 +207,7 @@ def test_failing_status_calls_are_reported_and_cancel_frees_the_session(workspac
     assert session.exec("print('free again')", "next").status == "Finished"
 
 
+@pytest.mark.slow
 def test_destroy_frees_a_session_whose_status_calls_keep_failing(workspace, session):
     workspace.inject(STATUS, method="GET", count=10000, status=500, retry_after=None)
     assert session.exec("import time\ntime.sleep(60)", "stuck", "--timeout", "1").status == "StatusUnknown"
@@ -240,6 +241,7 @@ def test_destroy_during_a_waiting_exec_records_the_step_once_and_leaves_no_conte
 
 # -- 4. signals and uncertain submits -------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sigint_then_sigterm_answers_what_the_service_did(workspace, session):
     proc = session.popen("exec", "--command", "import time\ntime.sleep(30)", "--tag", "stop")
     assert wait_for(lambda: (session.session().get("active_command") or {}).get("command_id"), 15)
@@ -277,6 +279,7 @@ def test_a_signal_during_a_submit_that_hangs_says_the_command_may_run_and_the_ne
     assert "002_bump" in after["message"] and "waited behind it" in after["message"]
 
 
+@pytest.mark.slow
 def test_a_dropped_submit_answer_says_the_command_may_still_run(workspace, session):
     workspace.inject(EXECUTE, method="POST", count=1, mode="drop_after")
     call = session.exec("import time\ntime.sleep(1)", "dropped")
@@ -286,6 +289,7 @@ def test_a_dropped_submit_answer_says_the_command_may_still_run(workspace, sessi
 
 # -- 5. no silent orphans ----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_dropped_create_answer_is_never_resent_and_is_noted_as_a_possible_orphan(workspace, repl):
     workspace.inject(CREATE, method="POST", count=1, mode="drop_after")
     call = repl.create()
@@ -299,6 +303,7 @@ def test_a_dropped_create_answer_is_never_resent_and_is_noted_as_a_possible_orph
     repl.run("destroy")
 
 
+@pytest.mark.slow
 def test_a_create_killed_after_the_context_was_made_is_cleaned_up_by_the_next_create(workspace, repl, proxy):
     repl.env = dict(repl.env, DATABRICKS_HOST=proxy.host)
     proxy.stall(CONTEXT_STATUS, forward=True)               # the create answered; the CLI waits on the context
@@ -315,6 +320,7 @@ def test_a_create_killed_after_the_context_was_made_is_cleaned_up_by_the_next_cr
     repl.run("destroy")
 
 
+@pytest.mark.slow
 def test_sigterm_during_a_create_that_hangs_says_a_context_may_be_left(workspace, repl, proxy):
     repl.env = dict(repl.env, DATABRICKS_HOST=proxy.host)
     proxy.stall(CREATE, forward=True)                   # the context is made; the answer never comes
@@ -333,6 +339,7 @@ def test_sigterm_during_a_create_that_hangs_says_a_context_may_be_left(workspace
 
 # -- 7. scale ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_session_with_10000_steps_keeps_working_and_stays_readable(session):
     path = os.path.join(session.project_dir, "session.json")
     log = session.session()
@@ -355,6 +362,7 @@ def test_a_session_with_10000_steps_keeps_working_and_stays_readable(session):
 # -- 8. no writes on refusal ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_wrong_token_writes_nothing(workspace, session):
     before = files_under(session.project_dir)
     for args in (("exec", "--command", "print(1)", "--tag", "t"), ("status",)):

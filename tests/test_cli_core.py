@@ -170,6 +170,7 @@ def test_a_change_of_credentials_counts_on_the_next_call(workspace, session, tmp
 
 # -- exec ----------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_state_persists_across_execs_and_steps_are_logged(session):
     assert session.exec("import math\nx = 21", "define").status == "Finished"
     call = session.exec("x * 2", "use")
@@ -183,6 +184,7 @@ def test_state_persists_across_execs_and_steps_are_logged(session):
     assert session.read(log["steps"][0]["command_file"]) == "import math\nx = 21"
 
 
+@pytest.mark.slow
 def test_python_exception_is_an_error_with_the_type_and_message(session):
     call = session.exec("print('before')\n1/0", "boom")
     assert call.status == "Error" and call.code == 1
@@ -202,6 +204,7 @@ def test_command_from_file_and_from_stdin(session, tmp_path):
     assert call["stdout_preview"] == "from stdin\n"
 
 
+@pytest.mark.slow
 def test_a_large_command_on_stdin_arrives_whole(session):
     code = "data = %r\nprint(len(data), data[-3:])" % ("x" * 3_000_000 + "end")
     call = session.run("exec", "--command", "-", "--tag", "big_stdin", stdin=code)
@@ -209,6 +212,7 @@ def test_a_large_command_on_stdin_arrives_whole(session):
     assert session.read(call["outputs"][0]["path"]) == code
 
 
+@pytest.mark.slow
 def test_ctrl_c_cancels_the_remote_command_and_records_the_step(session):
     proc = session.popen("exec", "--command", "import time\ntime.sleep(120)", "--tag", "sleepy")
     assert wait_for(lambda: (session.session().get("active_command") or {}).get("command_id"), 15)
@@ -296,6 +300,7 @@ def test_a_bad_parameter_error_does_not_rebuild_the_context(session):
 
 # -- destroy, await, no session ----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_destroy_keeps_the_steps_and_tolerates_a_gone_context(workspace, session):
     session.exec("print(1)", "one")
     workspace.evict()
@@ -352,6 +357,7 @@ def test_find_cluster_with_no_match(repl):
     assert call.status == "ClusterNotFound" and call.code != 0
 
 
+@pytest.mark.slow
 def test_a_repl_that_lost_its_helpers_gets_them_back_and_runs_the_step(session):
     # A Python restart (dbutils.library.restartPython()) clears the REPL, bootstrap included.
     assert session.exec("del _dbx_repl", "forget").status == "Finished"

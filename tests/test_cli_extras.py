@@ -13,6 +13,7 @@ from repl_harness import command_status, wait_for
 
 # -- status ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_status_summarises_a_live_session(session):
     session.exec("x = 1", "one")
     session.exec("1/0", "two")
@@ -33,6 +34,7 @@ def test_status_shows_a_running_command_with_its_remote_state(session):
     session.run("cancel")
 
 
+@pytest.mark.slow
 def test_status_shows_an_evicted_context(workspace, session):
     workspace.evict()
     call = session.run("status")
@@ -72,6 +74,7 @@ def test_replay_after_eviction_restores_state(workspace, session):
     assert [s["tag"] for s in replays] == ["load", "transform"]
 
 
+@pytest.mark.slow
 def test_replay_of_chosen_steps_stops_at_the_first_failure(session):
     session.exec("a = 1", "one")
     session.exec("b = undefined_name", "two")
@@ -92,6 +95,7 @@ def test_replay_range_can_skip_failed_steps(session):
     assert call.status == "Replayed" and [r["step"] for r in call["restored"]] == [1, 3]
 
 
+@pytest.mark.slow
 def test_replay_rejects_unknown_steps(session):
     session.exec("a = 1", "one")
     assert session.run("replay", "--steps", "9").status == "UnknownStep"
@@ -198,6 +202,7 @@ def test_smoke_refuses_a_job_cluster(repl):
     assert call.status == "Failed" and call["failed_phase"] == "create"
 
 
+@pytest.mark.slow
 def test_replay_right_after_an_eviction_starts_a_fresh_context_first(workspace, session):
     session.exec("base = 40", "one")
     session.exec("base += 2", "two")

@@ -350,6 +350,7 @@ def test_error_messages_are_unescaped_and_long_tracebacks_keep_their_last_lines(
     assert preview.startswith("Traceback (most recent call last):\n")
 
 
+@pytest.mark.slow
 def test_a_cancel_that_finishes_as_an_error_is_reported_as_cancelled(workspace, session):
     workspace.configure(cancel_mode="finished_error")
     waiting = session.popen("exec", "--command", "import time\nprint('started', flush=True)\ntime.sleep(60)",
@@ -378,6 +379,7 @@ def test_previews_show_whole_lines_from_head_and_tail_with_an_exact_omitted_coun
     assert len(head.encode()) + len(tail.encode()) - 1 + int(count) == call["stdout_bytes"]
 
 
+@pytest.mark.slow
 def test_a_10mb_output_gives_a_response_under_2kb(shared):
     call = shared.exec("for i in range(200_000):\n    print('row %07d ' % i + 'x' * 40)", "huge")
     assert call.status == "Finished" and call["truncated"] is False
@@ -400,6 +402,7 @@ def test_outputs_lists_every_file_of_a_step_with_kind_and_size(shared):
     assert [o["kind"] for o in logged] == ["table", "table_json"]
 
 
+@pytest.mark.slow
 def test_full_output_still_arrives_when_the_repl_cannot_display_tables(workspace, session, tmp_path):
     # Chunks normally travel as table results; without display() they fall back to text results,
     # each small enough for the service's 50,000-character cut.

@@ -100,6 +100,7 @@ def test_an_unreachable_host_fails_in_seconds_with_workspace_unreachable(repl):
     assert not os.path.exists(os.path.join(repl.project_dir, "session.json"))
 
 
+@pytest.mark.slow
 def test_a_host_that_never_answers_times_out_per_request(repl):
     with socket.socket() as silent:                # accepts connections, never replies
         silent.bind(("127.0.0.1", 0))
@@ -131,6 +132,7 @@ def test_sigterm_during_exec_leaves_the_command_running_and_await_collects_it(se
     assert_log_consistent(session)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_exec_loses_nothing_and_await_recovers_the_output(session):
     proc = session.popen("exec", "--command", "import time\ntime.sleep(1.5)\nprint('kept')", "--tag", "k")
     assert wait_for(lambda: active_command_id(session), 15)
@@ -146,6 +148,7 @@ def test_sigkill_mid_exec_loses_nothing_and_await_recovers_the_output(session):
     assert [s["status"] for s in log["steps"]] == ["Finished"] and log["active_command"] is None
 
 
+@pytest.mark.slow
 def test_sigkill_while_submitting_is_resolved_by_await_as_submit_uncertain(workspace, session):
     assert session.exec("hits = 0", "init").status == "Finished"
     workspace.inject(EXECUTE, method="POST", count=1, status=503, retry_after=5)
@@ -163,6 +166,7 @@ def test_sigkill_while_submitting_is_resolved_by_await_as_submit_uncertain(works
     assert_log_consistent(session)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, expected, code", [(signal.SIGTERM, "Terminated", 1), (signal.SIGINT, "Interrupted", 130)])
 def test_a_signal_while_the_service_declines_the_submit_runs_nothing_and_records_nothing(
         workspace, session, sig, expected, code):
@@ -311,6 +315,7 @@ def test_eight_project_dirs_run_fully_in_parallel(workspace, tmp_path):
 
 # -- eviction and a broken session.json --------------------------------------------------------------
 
+@pytest.mark.slow
 def test_eviction_mid_command_records_the_step_and_keeps_its_files(workspace, session):
     workspace.configure(shutdown_aborts_commands=False)  # the running command vanishes with it
     assert session.exec("x = 1", "load").status == "Finished"
@@ -327,6 +332,7 @@ CORRUPT_CONTENTS = [b"{\"status\": \"act", b"\xff\xfe not utf-8", b"[1, 2, 3]",
                     b"{\"status\": \"active\", \"steps\": {}}", b"[" * 100000]
 
 
+@pytest.mark.slow
 def test_a_corrupt_session_file_is_named_and_never_overwritten(repl):
     path = os.path.join(repl.project_dir, "session.json")
     create = ("create", "--cluster-id", RUNNING_CLUSTER_ID, "--session-name", "again")
@@ -344,6 +350,7 @@ def test_a_corrupt_session_file_is_named_and_never_overwritten(repl):
     assert not repl.workspace.context_pids()        # create refused before making a context
 
 
+@pytest.mark.slow
 def test_a_corrupt_session_file_is_recovered_by_moving_it_aside(workspace, session):
     assert session.exec("print(1)", "one").status == "Finished"
     path = os.path.join(session.project_dir, "session.json")
@@ -359,6 +366,7 @@ def test_a_corrupt_session_file_is_recovered_by_moving_it_aside(workspace, sessi
     assert os.path.exists(path + ".bad")
 
 
+@pytest.mark.slow
 def test_sigkill_while_submitting_is_also_resolved_by_cancel(workspace, session):
     workspace.inject(EXECUTE, method="POST", count=1, status=503, retry_after=5)
     proc = session.popen("exec", "--command", "print('never sent')", "--tag", "bump")

@@ -411,6 +411,7 @@ def test_a_finished_command_of_an_evicted_context_gets_the_context_error(sdk_cli
         status(sdk_client, new_context(sdk_client), cmd)
 
 
+@pytest.mark.slow
 def test_evicting_a_context_also_kills_the_processes_its_code_started(sdk_client, workspace):
     ctx = new_context(sdk_client)
     child = int(text(sdk_client, ctx, "import subprocess\n"
@@ -467,6 +468,7 @@ def test_a_terminated_cluster_refuses_contexts_at_once_by_default(sdk_client):
                                             language=Language.PYTHON)
 
 
+@pytest.mark.slow
 def test_not_ready_mode_makes_the_sdk_retry_until_the_cluster_runs(sdk_client, workspace):
     workspace.configure(not_running_mode="not_ready", start_delay=0.5)
     sdk_client.clusters.start(cluster_id=TERMINATED_CLUSTER_ID)
@@ -504,6 +506,7 @@ def test_503_and_429_with_retry_after_are_retried_by_the_sdk(sdk_client, workspa
                for r in workspace.requests())
 
 
+@pytest.mark.slow
 def test_a_response_dropped_after_execute_makes_the_sdk_submit_the_command_twice(
         sdk_client, workspace):
     ctx = new_context(sdk_client)
@@ -516,6 +519,7 @@ def test_a_response_dropped_after_execute_makes_the_sdk_submit_the_command_twice
     assert [r["dropped"] for r in executes[-3:-1]] == [True, False]
 
 
+@pytest.mark.slow
 def test_a_connection_dropped_before_processing_is_retried(sdk_client, workspace):
     workspace.inject("/api/2.1/clusters/get", method="GET", count=1, mode="drop_before")
     assert sdk_client.clusters.get(RUNNING_CLUSTER_ID).cluster_name == "analytics-dev"
@@ -809,6 +813,7 @@ def test_the_serving_endpoint_answers_many_concurrent_requests(workspace):
 
 # ------------------------------------------------------------------ control API, lifecycle
 
+@pytest.mark.slow
 def test_the_control_api_works_over_http(sdk_client, workspace):
     ctx = new_context(sdk_client)
     contexts = api(workspace, "GET", "/_local/contexts").json()["contexts"]

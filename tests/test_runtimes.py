@@ -89,6 +89,7 @@ def test_a_15_4_context_imports_the_release_notes_libraries(sdk_client):
                            pin(runtime, "databricks-sdk")]
 
 
+@pytest.mark.slow
 def test_a_runtime_cached_under_tmp_is_seen_by_contexts_and_tmp_stays_the_cluster_s(
         sdk_client, workspace, tmp_path, monkeypatch):
     # A newcomer's XDG_CACHE_HOME under /tmp holds the runtimes (here: the same ones, through a

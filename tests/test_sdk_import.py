@@ -33,6 +33,7 @@ def test_fast_path_is_the_default_and_full_import_is_forced_by_env(session):
     assert debug_import_path(full.stderr) == "full"
 
 
+@pytest.mark.slow
 def test_both_paths_map_the_same_errors(repl):
     """An unknown cluster: the error classes come from either import and map to the same answer."""
     bodies = []
@@ -102,6 +103,7 @@ def test_a_changed_sdk_layout_falls_back_to_the_normal_import(session):
     assert report == {"import_path": "full", "stub_left": False, "real_config": True}, report
 
 
+@pytest.mark.slow
 def test_a_missing_config_module_falls_back_too(repl):
     code, body, report = run_driver(MISSING_CONFIG, repl, "find-cluster", "--name", "dev")
     assert code == 0, body

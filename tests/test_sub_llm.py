@@ -203,6 +203,7 @@ print(json.dumps({"single": single, "single_seconds": single_seconds, "batch": b
     assert len(fails) == 3
 
 
+@pytest.mark.slow
 def test_max_workers_bounds_how_many_calls_are_in_flight(workspace, llm):
     workspace.configure(llm_latency=0.2)
     code = """import json, threading, time
@@ -256,6 +257,7 @@ def test_cancelling_a_batch_stops_it_promptly_and_the_helpers_keep_working(works
 
 # -- budget ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_budget_from_create_and_from_code_stops_further_calls(workspace, repl):
     created = repl.create(None, "budget", "--llm-max-calls", "3", "--llm-max-tokens", "1000")
     assert created.status == "Created", created
@@ -299,6 +301,7 @@ print(json.dumps(seen))
 
 # -- endpoints ----------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_default_endpoint_comes_from_the_create_flag_or_the_env_var_and_unknown_ones_are_named(
         workspace, repl, tmp_path):
     llama = "databricks-meta-llama-3-3-70b-instruct"
@@ -329,6 +332,7 @@ print(json.dumps([missing, sub_llm("upper: explicit", endpoint="default-llm-endp
 
 # -- namespace ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_the_namespace_gains_only_the_helpers_and_user_names_survive(workspace, llm):
     baseline = raw_context_globals(workspace)
     names = set(eval(llm.exec("print(sorted(globals()))", "names")["stdout_preview"]))
@@ -413,6 +417,7 @@ def test_no_token_appears_in_any_output_file_or_session_json(workspace, llm):
 
 # -- the reference's examples ------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_the_examples_in_bootstrap_helpers_md_run_and_print_what_they_say(workspace, llm):
     """Every ```python block under "## Examples" runs as one command; each `print(...)  # X` line
     promises the output line X (a trailing "   (remark)" is not part of it)."""

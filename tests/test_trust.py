@@ -89,6 +89,7 @@ def test_a_secret_in_a_sql_result_stays_redacted(session):
 
 # -- nothing printed is lost -------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_output_of_subprocesses_and_forked_children_is_kept_in_order(session):
     call = session.exec(
         "import multiprocessing, os, subprocess\nprint('parent first')\n"
@@ -100,6 +101,7 @@ def test_output_of_subprocesses_and_forked_children_is_kept_in_order(session):
                                                  "from a forked child\nparent last\n")
 
 
+@pytest.mark.slow
 def test_output_written_between_steps_is_kept_and_named_by_the_next_answer(session):
     started = session.exec(
         "import logging, sys, threading, time\nlog = logging.getLogger('between')\n"

@@ -280,6 +280,7 @@ def test_export_verify_reports_a_script_that_fails_in_a_fresh_context(workspace,
     assert exec_step(session, "print('still here')", "after").status == "Finished"
 
 
+@pytest.mark.slow
 def test_export_verify_stops_at_its_timeout(workspace, session, tmp_path):
     exec_step(session, "import time\ntime.sleep(0.1)\nprint('short')", "nap")
     exported = run(session, "export", "--steps", "1", "--verify", "--timeout", "0.05",
@@ -300,6 +301,7 @@ def test_context_evicted_after_forty_steps_stays_under_2kb(workspace, session):
     assert evicted["replay_plan"]["steps"] == "1-40"
 
 
+@pytest.mark.slow
 def test_an_error_with_a_long_traceback_and_output_answers_in_2kb_and_keeps_the_details(session):
     code = ("print('é' * 3000)\nimport sys\nsys.stderr.write('warning ' * 400)\n"
             "def deep(n):\n    return deep(n - 1) if n else {}['k' * 3000]\ndeep(30)")
@@ -376,6 +378,7 @@ def test_the_program_is_named_as_invoked_for_the_script_the_console_script_and_f
     assert dbx_repl.invoked_program("dbx-repl", python) == "dbx-repl"
 
 
+@pytest.mark.slow
 def test_an_empty_profile_means_no_profile(repl):
     created = run(repl, "create", "--cluster-id", RUNNING_CLUSTER_ID, "--session-name", "p", "--profile", "")
     assert created.status == "Created", created
@@ -389,6 +392,7 @@ def test_an_empty_profile_means_no_profile(repl):
     run(repl, "destroy")
 
 
+@pytest.mark.slow
 def test_status_of_a_lost_context_carries_the_replay_plan(workspace, session):
     exec_step(session, "x = 1", "one")
     exec_step(session, "print('look')", "two")
