@@ -84,7 +84,6 @@ def test_a_stopped_cluster_offers_a_consented_start_and_a_way_to_watch_it(repl, 
 
 @pytest.mark.slow
 @pytest.mark.spark
-@pytest.mark.spark
 def test_a_name_an_unreplayed_step_defined_is_named_with_the_replay_that_restores_it(workspace, session):
     session.exec("rates = {'eur': 1.1}", "rates")
     session.exec("df = spark.range(3)\ndf.createOrReplaceTempView('orders')", "orders")
