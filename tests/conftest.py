@@ -86,22 +86,37 @@ def spark_client(spark_workspace):
 
 # -- the CLI, run as a subprocess against the local workspace ---------------------------------------
 
-@pytest.fixture
-def repl(workspace, tmp_path):
-    """The CLI bound to a fresh project dir (and an empty HOME) on the local workspace."""
+def _repl_on(ws, tmp_path):
     from repl_harness import Repl
     project = tmp_path / "project"
     project.mkdir()
     home = tmp_path / "home"
     home.mkdir()
-    return Repl(workspace, project, home)
+    return Repl(ws, project, home)
 
 
-@pytest.fixture
-def session(repl):
-    """A live session on the running all-purpose cluster; destroyed at teardown."""
+def _live_session(repl):
     created = repl.create()
     assert created.status == "Created", created
     yield repl
     if repl.session().get("status") == "active":
         repl.run("destroy")
+
+
+@pytest.fixture
+def repl(workspace, tmp_path):
+    """The CLI bound to a fresh project dir (and an empty HOME) on the local workspace."""
+    return _repl_on(workspace, tmp_path)
+
+
+@pytest.fixture
+def session(repl):
+    """A live session on the running all-purpose cluster; destroyed at teardown."""
+    yield from _live_session(repl)
+
+
+@pytest.fixture
+def spark_session(spark_workspace, tmp_path):
+    """A live session of its own (fresh project dir and HOME) on the module's shared workspace, so
+    the module's Spark tests share one JVM; give them one xdist_group so one worker runs them."""
+    yield from _live_session(_repl_on(spark_workspace, tmp_path))

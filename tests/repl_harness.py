@@ -164,6 +164,48 @@ def wait_for(predicate, timeout=10.0, interval=0.05):
     return predicate()
 
 
+def printed_so_far(repl, key):
+    """What the running step `key` (NNN_tag) has printed so far: its output copy on the driver, in the
+    cluster's /tmp (kept under the local workspace's state dir; the host's /tmp where the cluster's
+    processes are not isolated). "" until the copy exists."""
+    from local_workspace.paths import host_path
+    log = repl.session()
+    driver = "/tmp/dbx_repl_%s/%s.out" % (log["session_id"], key)
+    for path in (host_path(repl.workspace._tmpdir, log["cluster_id"], driver), driver):
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except OSError:
+            continue
+    return ""
+
+
+def command_status(repl, record=None):
+    """The service's status of one of the session's commands (its active command by default), read
+    through the REST API: "Running", "Finished", "Cancelled", ... or None while there is none."""
+    import urllib.parse
+    import urllib.request
+    log = repl.session()
+    record = record or log.get("active_command") or {}
+    if not record.get("command_id"):
+        return None
+    query = urllib.parse.urlencode({"clusterId": log["cluster_id"], "contextId": record["context_id"],
+                                    "commandId": record["command_id"]})
+    request = urllib.request.Request(repl.workspace.host + "/api/1.2/commands/status?" + query,
+                                     headers={"Authorization": "Bearer " + repl.workspace.token})
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        return json.load(answer)["status"]
+
+
+def in_timed_sleep(pid):
+    """True while the process's main thread sleeps in time.sleep (Linux: its kernel wait channel)."""
+    try:
+        with open("/proc/%d/wchan" % pid) as f:
+            return f.read().strip() in ("hrtimer_nanosleep", "do_nanosleep")
+    except OSError:
+        return False
+
+
 def interrupt(proc, sig=signal.SIGINT):
     proc.send_signal(sig)
 

@@ -14,7 +14,8 @@ from conftest import _client_for, _running_workspace
 from local_workspace import SHARED_CLUSTER_ID
 from test_local_workspace import new_context, run, text, wait_for
 
-pytestmark = [pytest.mark.slow, pytest.mark.spark]
+pytestmark = [pytest.mark.slow, pytest.mark.spark,
+              pytest.mark.xdist_group("access_modes")]   # one worker runs the module: its module-scoped workspace starts once
 
 CLUSTER = SHARED_CLUSTER_ID
 LONG_JOB = "spark.range(0, 10**12, 1, 2).selectExpr('max(hash(id)) AS h').collect()"

@@ -19,6 +19,8 @@ import dbx_repl
 from local_workspace import LocalWorkspace, RUNNING_CLUSTER_ID
 from repl_harness import CLI, Repl, files_under
 
+pytestmark = pytest.mark.xdist_group("bad_input")   # one worker runs the module: its module-scoped workspace starts once
+
 TOKEN = "dapi-bad-input-" + secrets.token_hex(12)
 
 
@@ -137,6 +139,7 @@ def test_session_and_output_files_are_owner_only(live):
 
 # -- no session, no workspace needed -------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_project_dirs_that_do_not_exist_or_cannot_be_written(live, tmp_path):
     regular = tmp_path / "file.txt"
     regular.write_text("not a dir")

@@ -6,6 +6,8 @@ import csv
 import json
 import os
 
+import pytest
+
 from local_workspace import TERMINATED_CLUSTER_ID
 from repl_harness import wait_for
 
@@ -25,6 +27,7 @@ def test_create_without_consent_refuses_a_terminated_cluster_and_starts_nothing(
     assert repl.run("find-cluster", "--name", "analytics-prod", project=False)["state"] == "TERMINATED"
 
 
+@pytest.mark.slow
 def test_create_with_start_cluster_starts_a_terminated_cluster_and_opens_the_session(repl, workspace):
     workspace.configure(start_delay=2.0)
     created = repl.create(TERMINATED_CLUSTER_ID, "started", "--start-cluster", "--timeout", "60")
@@ -34,6 +37,7 @@ def test_create_with_start_cluster_starts_a_terminated_cluster_and_opens_the_ses
     repl.run("destroy")
 
 
+@pytest.mark.slow
 def test_a_cluster_still_starting_at_the_deadline_answers_cluster_starting_with_the_same_create(repl, workspace):
     workspace.configure(start_delay=30.0)
     starting = repl.create(TERMINATED_CLUSTER_ID, "slow", "--start-cluster", "--timeout", "3")
@@ -59,21 +63,28 @@ def test_find_cluster_says_which_clusters_can_be_started_and_why_they_are_off(re
     assert running["startable"] is False
 
 
+# These Spark tests share the module's workspace (one JVM), each with a session of its own.
+SHARED_SPARK = pytest.mark.xdist_group("beyond_spark")
+
+
 # -- SQL steps ---------------------------------------------------------------------------------------
 
-def test_a_sql_step_writes_every_row_of_its_result_with_the_schema(session):
-    made = session.exec("df = spark.range(5000).selectExpr('id', 'id * 2 AS twice', "
+@pytest.mark.slow
+@pytest.mark.spark
+@SHARED_SPARK
+def test_a_sql_step_writes_every_row_of_its_result_with_the_schema(spark_session):
+    made = spark_session.exec("df = spark.range(5000).selectExpr('id', 'id * 2 AS twice', "
                         "'concat(\"n\", id) AS label')\ndf.createOrReplaceTempView('numbers')", "view")
     assert made.status == "Finished", made
-    queried = session.run("exec", "--sql", "SELECT id, twice, label FROM numbers ORDER BY id", "--tag", "all_rows")
+    queried = spark_session.run("exec", "--sql", "SELECT id, twice, label FROM numbers ORDER BY id", "--tag", "all_rows")
     assert queried.status == "Finished", queried
     table = queried["table"]
     assert table["rows"] == 5000 and table["total_rows"] == 5000 and table["truncated"] is False
-    with open(session.path(table["file"]), newline="") as f:
+    with open(spark_session.path(table["file"]), newline="") as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["id", "twice", "label"]
     assert len(rows) == 5001 and rows[-1] == ["4999", "9998", "n4999"]
-    schema = json.loads(session.read(table["schema_file"]))
+    schema = json.loads(spark_session.read(table["schema_file"]))
     assert [(c["name"], c["type"]) for c in schema["columns"]] == [("id", "bigint"), ("twice", "bigint"),
                                                                    ("label", "string")]
     assert "id" in queried["stdout_preview"] and "| twice" in queried["stdout_preview"]
@@ -81,32 +92,38 @@ def test_a_sql_step_writes_every_row_of_its_result_with_the_schema(session):
     assert table["column_types"] == ["bigint", "bigint", "string"]
 
 
-def test_a_failing_sql_step_names_the_spark_exception(session):
-    missing = session.run("exec", "--sql", "SELECT * FROM no_such_view", "--tag", "missing")
+@pytest.mark.slow
+@pytest.mark.spark
+@SHARED_SPARK
+def test_a_failing_sql_step_names_the_spark_exception(spark_session):
+    missing = spark_session.run("exec", "--sql", "SELECT * FROM no_such_view", "--tag", "missing")
     assert missing.status == "Error", missing
     assert missing["error"]["type"].endswith("AnalysisException"), missing["error"]
     assert "no_such_view" in missing["error"]["message"]
-    garbled = session.run("exec", "--sql", "SELEKT 1", "--tag", "garbled")
+    garbled = spark_session.run("exec", "--sql", "SELEKT 1", "--tag", "garbled")
     assert garbled["error"]["type"].endswith("ParseException"), garbled["error"]
 
 
-def test_sql_steps_export_as_spark_sql_and_replay_their_views(session, workspace):
-    assert session.run("exec", "--sql", "CREATE OR REPLACE TEMP VIEW small AS SELECT id FROM range(10)",
+@pytest.mark.slow
+@pytest.mark.spark
+@SHARED_SPARK
+def test_sql_steps_export_as_spark_sql_and_replay_their_views(spark_session, spark_workspace):
+    assert spark_session.run("exec", "--sql", "CREATE OR REPLACE TEMP VIEW small AS SELECT id FROM range(10)",
                        "--tag", "make_view").status == "Finished"
-    assert session.exec("print('unrelated')", "noise").status == "Finished"
-    counted = session.exec("print(spark.table('small').count())", "count")
+    assert spark_session.exec("print('unrelated')", "noise").status == "Finished"
+    counted = spark_session.exec("print(spark.table('small').count())", "count")
     assert counted["stdout_preview"].strip() == "10"
-    exported = session.run("export", "--output", "script.py")
+    exported = spark_session.run("export", "--output", "script.py")
     assert exported.status == "Exported", exported
-    script = session.read(exported["output_file"])
+    script = spark_session.read(exported["output_file"])
     assert "display(spark.sql('CREATE OR REPLACE TEMP VIEW small AS SELECT id FROM range(10)'))" in script
     assert "_dbx_repl" not in script
-    workspace.evict()
-    evicted = session.exec("print(spark.table('small').count())", "count_again")
+    spark_workspace.evict()
+    evicted = spark_session.exec("print(spark.table('small').count())", "count_again")
     assert evicted.status == "ContextEvicted", evicted
     assert evicted["replay_plan"]["steps"] == "1"
-    assert session.run("replay").status == "Replayed"
-    assert session.exec("print(spark.table('small').count())", "count_after")["stdout_preview"].strip() == "10"
+    assert spark_session.run("replay").status == "Replayed"
+    assert spark_session.exec("print(spark.table('small').count())", "count_after")["stdout_preview"].strip() == "10"
 
 
 # -- local modules on the cluster ---------------------------------------------------------------------
@@ -171,37 +188,41 @@ print(sorted(pairs.reduceByKey(lambda a, b: a + b).collect()))
 """
 
 
-def test_status_shows_the_spark_tasks_and_latest_output_of_a_running_step(session, workspace):
-    assert session.exec("print(spark.range(3).count())", "warm")["stdout_preview"].strip() == "3"
-    running = session.exec(SLOW_SPARK_STEP, "shuffle", "--timeout", "1")
+@pytest.mark.slow
+@pytest.mark.spark
+@SHARED_SPARK
+def test_status_shows_the_spark_tasks_and_latest_output_of_a_running_step(spark_session, spark_workspace):
+    assert spark_session.exec("print(spark.range(3).count())", "warm")["stdout_preview"].strip() == "3"
+    running = spark_session.exec(SLOW_SPARK_STEP, "shuffle", "--timeout", "1")
     assert running.status == "Running", running
     assert "progress" in running.body
     assert "tasks" not in running.stderr               # no live line when stderr is not a terminal
 
     def spark_progress():
-        status = session.run("status")
+        status = spark_session.run("status")
         if status.status != "Busy":
             return None
         jobs = status["progress"].get("spark_jobs") or []
         return status if jobs and "summing by key" in status["progress"].get("output_tail", "") else None
 
     seen = wait_for(spark_progress, timeout=60, interval=0.5)
-    assert seen, session.run("status").body
+    assert seen, spark_session.run("status").body
     job = seen["progress"]["spark_jobs"][0]
     done, total = (int(n) for n in job["tasks"].split("/"))
     assert total >= 8 and 0 <= done <= total and len(job["stages"]) == 2, job
     assert job["description"]
-    sidecar = session.session()["sidecar_context_id"]
-    assert sidecar and sidecar != session.session()["context_id"]
+    sidecar = spark_session.session()["sidecar_context_id"]
+    assert sidecar and sidecar != spark_session.session()["context_id"]
 
-    finished = session.run("await", "--timeout", "90")
+    finished = spark_session.run("await", "--timeout", "90")
     assert finished.status == "Finished", finished
-    assert "(0, 19800)" in session.read(finished["stdout_file"])
-    assert session.session()["sidecar_context_id"] == sidecar          # one sidecar per session
-    session.run("destroy")
-    assert sidecar not in workspace.context_pids()
+    assert "(0, 19800)" in spark_session.read(finished["stdout_file"])
+    assert spark_session.session()["sidecar_context_id"] == sidecar          # one sidecar per session
+    spark_session.run("destroy")
+    assert sidecar not in spark_workspace.context_pids()
 
 
+@pytest.mark.slow
 def test_await_follow_streams_progress_lines_then_answers_as_usual(session):
     step = "import time\nfor i in range(8):\n    print('tick', i, flush=True)\n    time.sleep(0.5)\n"
     assert session.exec(step, "ticks", "--timeout", "1").status == "Running"
@@ -211,6 +232,7 @@ def test_await_follow_streams_progress_lines_then_answers_as_usual(session):
     assert lines and any("tick" in line for line in lines), followed.stderr
 
 
+@pytest.mark.slow
 def test_exec_on_a_terminal_shows_a_live_status_line_on_stderr(session):
     import pty
     import subprocess
@@ -244,6 +266,7 @@ def test_exec_on_a_terminal_shows_a_live_status_line_on_stderr(session):
     assert terminal.endswith("\r\x1b[K"), repr(terminal[-40:])       # the line is cleared before the answer
 
 
+@pytest.mark.slow
 def test_a_sidecar_lost_to_an_eviction_is_replaced_on_the_next_read(session, workspace):
     step = "import time\nprint('first', flush=True)\ntime.sleep(1.5)\nprint('second', flush=True)\ntime.sleep(30)\n"
     running = session.exec(step, "long", "--timeout", "1")

@@ -15,12 +15,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from local_workspace import RUNNING_CLUSTER_ID
-from repl_harness import files_under, wait_for
+from repl_harness import command_status, files_under, wait_for
 
 EXECUTE = "/api/1.2/commands/execute"
 STATUS = "/api/1.2/commands/status"
 CREATE = "/api/1.2/contexts/create"
 CONTEXT_STATUS = "/api/1.2/contexts/status"
+CANCEL = "/api/1.2/commands/cancel"
 DEFAULT_BUDGET = {"DBX_REPL_RETRY_TIMEOUT": ""}     # the CLI's own default, not the harness's 10 s
 
 
@@ -129,6 +130,7 @@ def proxy(workspace):
 
 # -- 1. deadlines --------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_refused_or_silent_host_is_answered_within_15_seconds_by_every_subcommand(session):
     refused = socket.socket()
     refused.bind(("127.0.0.1", 0))
@@ -161,6 +163,7 @@ def test_a_refused_or_silent_host_is_answered_within_15_seconds_by_every_subcomm
     session.run("destroy")                                # the context, through the real host
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["http500", "dropped", "hanging"])
 def test_exec_and_await_answer_within_timeout_plus_2_seconds_whatever_the_status_polls_do(
         workspace, session, proxy, fault):
@@ -184,6 +187,7 @@ def test_exec_and_await_answer_within_timeout_plus_2_seconds_whatever_the_status
 
 # -- 2. failing status calls: reported, and a way out ------------------------------------------------------
 
+@pytest.mark.slow
 def test_failing_status_calls_are_reported_and_cancel_frees_the_session(workspace, session):
     workspace.inject(STATUS, method="GET", count=10000, status=500, retry_after=None,
                      body={"error_code": "INTERNAL_ERROR", "message": "status store unavailable"})
@@ -203,6 +207,7 @@ def test_failing_status_calls_are_reported_and_cancel_frees_the_session(workspac
     assert session.exec("print('free again')", "next").status == "Finished"
 
 
+@pytest.mark.slow
 def test_destroy_frees_a_session_whose_status_calls_keep_failing(workspace, session):
     workspace.inject(STATUS, method="GET", count=10000, status=500, retry_after=None)
     assert session.exec("import time\ntime.sleep(60)", "stuck", "--timeout", "1").status == "StatusUnknown"
@@ -214,6 +219,7 @@ def test_destroy_frees_a_session_whose_status_calls_keep_failing(workspace, sess
 
 # -- 3. destroy during a wait ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_destroy_during_a_waiting_exec_records_the_step_once_and_leaves_no_context(workspace, session):
     for trial in range(10):
         if trial:
@@ -235,32 +241,23 @@ def test_destroy_during_a_waiting_exec_records_the_step_once_and_leaves_no_conte
 
 # -- 4. signals and uncertain submits -------------------------------------------------------------------
 
-def command_state(workspace, session):
-    import urllib.request
-    active = session.session()
-    step = active["steps"][-1]
-    query = "clusterId=%s&contextId=%s&commandId=%s" % (active["cluster_id"], step["context_id"], step["command_id"])
-    request = urllib.request.Request(workspace.host + STATUS + "?" + query,
-                                     headers={"Authorization": "Bearer " + workspace.token})
-    with urllib.request.urlopen(request, timeout=10) as answer:
-        return json.load(answer)["status"]
-
-
+@pytest.mark.slow
 def test_sigint_then_sigterm_answers_what_the_service_did(workspace, session):
     proc = session.popen("exec", "--command", "import time\ntime.sleep(30)", "--tag", "stop")
     assert wait_for(lambda: (session.session().get("active_command") or {}).get("command_id"), 15)
     proc.send_signal(signal.SIGINT)
-    time.sleep(0.2)
+    assert wait_for(lambda: requests_to(workspace, CANCEL), 15)   # the cancel is under way
     proc.send_signal(signal.SIGTERM)
     call = session.finish(proc, timeout=30)
     assert call.status in ("Cancelled", "Cancelling"), call
     if call.status == "Cancelled":
         assert session.session()["steps"][-1]["status"] == "Cancelled"
-        assert command_state(workspace, session) == "Cancelled"
+        assert command_status(session, session.session()["steps"][-1]) == "Cancelled"
     else:
         assert session.run("await", "--timeout", "30").status == "Cancelled"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 1), (signal.SIGINT, 130)])
 def test_a_signal_during_a_submit_that_hangs_says_the_command_may_run_and_the_next_exec_waits_behind_it(
         workspace, session, proxy, sig, code):
@@ -282,6 +279,7 @@ def test_a_signal_during_a_submit_that_hangs_says_the_command_may_run_and_the_ne
     assert "002_bump" in after["message"] and "waited behind it" in after["message"]
 
 
+@pytest.mark.slow
 def test_a_dropped_submit_answer_says_the_command_may_still_run(workspace, session):
     workspace.inject(EXECUTE, method="POST", count=1, mode="drop_after")
     call = session.exec("import time\ntime.sleep(1)", "dropped")
@@ -291,6 +289,7 @@ def test_a_dropped_submit_answer_says_the_command_may_still_run(workspace, sessi
 
 # -- 5. no silent orphans ----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_dropped_create_answer_is_never_resent_and_is_noted_as_a_possible_orphan(workspace, repl):
     workspace.inject(CREATE, method="POST", count=1, mode="drop_after")
     call = repl.create()
@@ -304,6 +303,7 @@ def test_a_dropped_create_answer_is_never_resent_and_is_noted_as_a_possible_orph
     repl.run("destroy")
 
 
+@pytest.mark.slow
 def test_a_create_killed_after_the_context_was_made_is_cleaned_up_by_the_next_create(workspace, repl, proxy):
     repl.env = dict(repl.env, DATABRICKS_HOST=proxy.host)
     proxy.stall(CONTEXT_STATUS, forward=True)               # the create answered; the CLI waits on the context
@@ -320,6 +320,7 @@ def test_a_create_killed_after_the_context_was_made_is_cleaned_up_by_the_next_cr
     repl.run("destroy")
 
 
+@pytest.mark.slow
 def test_sigterm_during_a_create_that_hangs_says_a_context_may_be_left(workspace, repl, proxy):
     repl.env = dict(repl.env, DATABRICKS_HOST=proxy.host)
     proxy.stall(CREATE, forward=True)                   # the context is made; the answer never comes
@@ -338,6 +339,7 @@ def test_sigterm_during_a_create_that_hangs_says_a_context_may_be_left(workspace
 
 # -- 7. scale ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_session_with_10000_steps_keeps_working_and_stays_readable(session):
     path = os.path.join(session.project_dir, "session.json")
     log = session.session()
@@ -360,6 +362,7 @@ def test_a_session_with_10000_steps_keeps_working_and_stays_readable(session):
 # -- 8. no writes on refusal ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_wrong_token_writes_nothing(workspace, session):
     before = files_under(session.project_dir)
     for args in (("exec", "--command", "print(1)", "--tag", "t"), ("status",)):
@@ -376,6 +379,7 @@ def test_create_with_a_bad_cluster_id_writes_nothing(repl):
 
 # -- 9. transient answers are retried, execute never resent -----------------------------------------------
 
+@pytest.mark.slow
 def test_a_context_that_comes_up_in_error_is_destroyed_and_the_create_retried(workspace, repl):
     workspace.inject(CONTEXT_STATUS, method="GET", count=1, status=200, retry_after=None,
                      body={"status": "Error"})
@@ -392,6 +396,7 @@ TOKEN_BUCKET = {"error_code": "REQUEST_LIMIT_EXCEEDED", "message": "RPC token bu
 RATE_LIMITED = {"error_code": "REQUEST_LIMIT_EXCEEDED", "message": "Your request was rejected"}
 
 
+@pytest.mark.slow
 def test_transient_answers_are_retried_and_the_command_runs_once(workspace, repl):
     workspace.inject(CREATE, method="POST", count=2, status=500, retry_after=None, body=CLUSTER_NOT_READY)
     assert repl.create().status == "Created"

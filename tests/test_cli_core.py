@@ -6,6 +6,8 @@ import signal
 import time
 
 
+import pytest
+
 from local_workspace import JOB_CLUSTER_ID, RUNNING_CLUSTER_ID, SHARED_CLUSTER_ID, TERMINATED_CLUSTER_ID
 from repl_harness import FIND_CLUSTER, Call, Repl, wait_for
 
@@ -32,6 +34,7 @@ def test_cancel_with_nothing_running_says_nothing_to_cancel(session):
     assert "hint" in call.body
 
 
+@pytest.mark.slow
 def test_cancel_a_long_sleep_from_another_terminal_and_keep_using_the_session(session):
     session.exec("marker = 'still here'", "setup")
     waiting = session.popen("exec", "--command", "import time\ntime.sleep(120)", "--tag", "sleep")
@@ -50,6 +53,7 @@ def test_cancel_a_long_sleep_from_another_terminal_and_keep_using_the_session(se
     assert session.session()["active_command"] is None
 
 
+@pytest.mark.slow
 def test_timeout_then_await_collects_the_result(session):
     first = session.exec("import time\ntime.sleep(7)\nprint('done')", "slow", "--timeout", "5")
     assert first.status == "Running" and first.code == 3
@@ -62,6 +66,7 @@ def test_timeout_then_await_collects_the_result(session):
     assert session.run("await").status == "NothingToAwait"
 
 
+@pytest.mark.slow
 def test_timeout_then_cancel(session):
     first = session.exec("import time\ntime.sleep(60)", "slow", "--timeout", "1")
     assert first.status == "Running"
@@ -144,6 +149,7 @@ def test_profile_from_databrickscfg_is_used_and_remembered(repl):
     assert repl.run("destroy", env=env).status == "Destroyed"
 
 
+@pytest.mark.slow
 def test_a_change_of_credentials_counts_on_the_next_call(workspace, session, tmp_path):
     assert session.exec("print(1)", "env_token").status == "Finished"
     wrong = session.exec("print(2)", "wrong_token", env={"DATABRICKS_TOKEN": "not-the-token"})
@@ -164,6 +170,7 @@ def test_a_change_of_credentials_counts_on_the_next_call(workspace, session, tmp
 
 # -- exec ----------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_state_persists_across_execs_and_steps_are_logged(session):
     assert session.exec("import math\nx = 21", "define").status == "Finished"
     call = session.exec("x * 2", "use")
@@ -177,6 +184,7 @@ def test_state_persists_across_execs_and_steps_are_logged(session):
     assert session.read(log["steps"][0]["command_file"]) == "import math\nx = 21"
 
 
+@pytest.mark.slow
 def test_python_exception_is_an_error_with_the_type_and_message(session):
     call = session.exec("print('before')\n1/0", "boom")
     assert call.status == "Error" and call.code == 1
@@ -196,6 +204,7 @@ def test_command_from_file_and_from_stdin(session, tmp_path):
     assert call["stdout_preview"] == "from stdin\n"
 
 
+@pytest.mark.slow
 def test_a_large_command_on_stdin_arrives_whole(session):
     code = "data = %r\nprint(len(data), data[-3:])" % ("x" * 3_000_000 + "end")
     call = session.run("exec", "--command", "-", "--tag", "big_stdin", stdin=code)
@@ -203,6 +212,7 @@ def test_a_large_command_on_stdin_arrives_whole(session):
     assert session.read(call["outputs"][0]["path"]) == code
 
 
+@pytest.mark.slow
 def test_ctrl_c_cancels_the_remote_command_and_records_the_step(session):
     proc = session.popen("exec", "--command", "import time\ntime.sleep(120)", "--tag", "sleepy")
     assert wait_for(lambda: (session.session().get("active_command") or {}).get("command_id"), 15)
@@ -230,6 +240,7 @@ def test_paths_in_responses_work_from_the_callers_directory(workspace, tmp_path)
     repl.run("destroy")
 
 
+@pytest.mark.slow
 def test_step_numbers_never_repeat_across_destroy_and_create(session):
     session.exec("a = 1", "one")
     session.exec("a += 1", "two")
@@ -250,6 +261,7 @@ def test_tags_are_sanitised_into_safe_file_names(session):
 
 # -- eviction ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_exec_after_eviction_reports_the_replay_plan_and_a_fresh_context(workspace, session):
     session.exec("x = 1", "load")
     session.exec("x = x + 1", "transform")
@@ -268,6 +280,7 @@ def test_exec_after_eviction_reports_the_replay_plan_and_a_fresh_context(workspa
     assert missing.status == "Error" and missing["error"]["type"] == "NameError"
 
 
+@pytest.mark.slow
 def test_await_after_eviction_reports_context_evicted(workspace, session):
     workspace.configure(shutdown_aborts_commands=False)  # the running command vanishes with it
     running = session.exec("import time\ntime.sleep(60)", "long", "--timeout", "0.5")
@@ -287,6 +300,7 @@ def test_a_bad_parameter_error_does_not_rebuild_the_context(session):
 
 # -- destroy, await, no session ----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_destroy_keeps_the_steps_and_tolerates_a_gone_context(workspace, session):
     session.exec("print(1)", "one")
     workspace.evict()
@@ -343,6 +357,7 @@ def test_find_cluster_with_no_match(repl):
     assert call.status == "ClusterNotFound" and call.code != 0
 
 
+@pytest.mark.slow
 def test_a_repl_that_lost_its_helpers_gets_them_back_and_runs_the_step(session):
     # A Python restart (dbutils.library.restartPython()) clears the REPL, bootstrap included.
     assert session.exec("del _dbx_repl", "forget").status == "Finished"

@@ -8,12 +8,11 @@ references/statuses.md lists the same endings.
 import os
 import signal
 import stat
-import time
 
 import pytest
 
 from local_workspace.paths import host_path
-from repl_harness import wait_for
+from repl_harness import printed_so_far, wait_for
 
 RESTART_TEXT = ("java.lang.IllegalStateException: jupyter client is not available because the python kernel "
                 "is not defined. The kernel may be restarting or the repl may have been shut down.")
@@ -31,6 +30,7 @@ def driver_copies(session):
 
 # -- finished and raised ------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_custom_exception_keeps_its_qualified_name_and_its_whole_message(session):
     call = session.exec("class MyError(Exception):\n    pass\nraise MyError('first line\\nsecond line')", "mine")
     assert call.status == "Error" and call.code == 1, call
@@ -47,6 +47,7 @@ def test_a_custom_exception_keeps_its_qualified_name_and_its_whole_message(sessi
     assert "fix the code" in call["hint"]
 
 
+@pytest.mark.slow
 def test_a_huge_multi_line_message_is_whole_in_the_file_and_bounded_in_the_response(session):
     call = session.exec("raise ValueError('\\n'.join('line %04d' % i for i in range(2000)))", "long")
     assert call.status == "Error"
@@ -57,6 +58,7 @@ def test_a_huge_multi_line_message_is_whole_in_the_file_and_bounded_in_the_respo
     assert "line 1999" in stderr and stderr.count("\nline ") == 1999
 
 
+@pytest.mark.slow
 def test_sys_exit_0_is_a_normal_end_and_keeps_the_variables(session):
     call = session.exec("kept = 41\nprint('bye')\nimport sys\nsys.exit(0)", "exit0")
     assert call.status == "Finished" and call.code == 0, call
@@ -68,6 +70,7 @@ def test_sys_exit_0_is_a_normal_end_and_keeps_the_variables(session):
     assert bare.status == "Finished" and bare.code == 0
 
 
+@pytest.mark.slow
 def test_sys_exit_with_a_code_is_an_error_that_names_the_exit_and_not_a_bug(session):
     call = session.exec("print('partial')\nraise SystemExit(3)", "exit3")
     assert call.status == "Error" and call.code == 1
@@ -83,8 +86,7 @@ def test_a_cancel_keeps_what_the_step_printed_before_it(workspace, session, mode
     workspace.configure(cancel_mode=mode)
     waiting = session.popen("exec", "--command", "import time\nprint('started', flush=True)\ntime.sleep(60)",
                             "--tag", "nap")
-    assert wait_for(lambda: active_command_id(session), 15)
-    time.sleep(0.5)
+    assert wait_for(lambda: printed_so_far(session, "001_nap") == "started\n", 15)
     cancel = session.run("cancel")
     assert cancel.status == "Cancelled" and cancel.code == 0, cancel
     call = session.finish(waiting)
@@ -94,11 +96,12 @@ def test_a_cancel_keeps_what_the_step_printed_before_it(workspace, session, mode
     assert [s["status"] for s in session.session()["steps"]] == ["Cancelled"]
 
 
+@pytest.mark.slow
 def test_a_cancel_from_another_client_is_a_cancel_with_the_output_kept(session, sdk_client):
     waiting = session.popen("exec", "--command", "import time\nprint('step one', flush=True)\ntime.sleep(60)",
                             "--tag", "elsewhere")
     command_id = wait_for(lambda: active_command_id(session), 15)
-    time.sleep(0.5)
+    assert wait_for(lambda: printed_so_far(session, "001_elsewhere") == "step one\n", 15)
     log = session.session()
     sdk_client.api_client.do("POST", "/api/1.2/commands/cancel", body={
         "clusterId": log["cluster_id"], "contextId": log["context_id"], "commandId": command_id})
@@ -107,6 +110,7 @@ def test_a_cancel_from_another_client_is_a_cancel_with_the_output_kept(session, 
     assert session.read(call["stdout_file"]) == "step one\n"
 
 
+@pytest.mark.slow
 def test_a_keyboard_interrupt_result_is_reported_as_a_cancel_not_an_error(session):
     # pyspark's SIGINT handler turns a cancel into KeyboardInterrupt; the service then answers
     # Finished with that error, whichever client asked for the cancel.
@@ -118,6 +122,7 @@ def test_a_keyboard_interrupt_result_is_reported_as_a_cancel_not_an_error(sessio
 
 # -- the context dies under the step ------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_crash_says_the_variables_are_lost_keeps_the_printed_lines_and_never_advises_get(session):
     assert session.exec("x = 1", "setup").status == "Finished"
     old_context = session.session()["context_id"]
@@ -137,6 +142,7 @@ def test_a_crash_says_the_variables_are_lost_keeps_the_printed_lines_and_never_a
     assert session.exec("print(x)", "check")["stdout_preview"] == "1\n"
 
 
+@pytest.mark.slow
 def test_a_crash_that_also_took_the_driver_copy_says_the_output_is_lost(session):
     code = "import os, shutil\nprint('gone soon')\nshutil.rmtree(_dbx_repl.out_dir)\nos._exit(1)"
     call = session.exec(code, "wiped")
@@ -146,11 +152,11 @@ def test_a_crash_that_also_took_the_driver_copy_says_the_output_is_lost(session)
         assert f.read() == b""
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_exec_cancels_and_keeps_what_was_printed(session):
     waiting = session.popen("exec", "--command", "import time\nprint('begun', flush=True)\ntime.sleep(60)",
                             "--tag", "interrupted")
-    assert wait_for(lambda: active_command_id(session), 15)
-    time.sleep(0.5)
+    assert wait_for(lambda: printed_so_far(session, "001_interrupted") == "begun\n", 15)
     waiting.send_signal(signal.SIGINT)
     call = session.finish(waiting)
     assert call.status == "Cancelled" and call.code == 130, call
@@ -158,6 +164,7 @@ def test_ctrl_c_during_exec_cancels_and_keeps_what_was_printed(session):
     assert session.read(call["stdout_file"]) == "begun\n"
 
 
+@pytest.mark.slow
 def test_a_python_restart_under_a_step_says_the_variables_are_gone(session):
     # The shape of a REPL whose Python restarted mid-step (the context lives on, fresh): the step
     # fails and the helpers are gone. Built here by forgetting the helpers and the interpreter mark.
@@ -172,17 +179,18 @@ def test_a_python_restart_under_a_step_says_the_variables_are_gone(session):
     assert session.exec("print('on')", "after")["stdout_preview"] == "on\n"
 
 
+@pytest.mark.slow
 def test_a_step_that_removed_the_helpers_still_reports_its_own_error(session):
     call = session.exec("print('x')\ndel globals()['_dbx_repl']\nraise ValueError('mine')", "no_helpers")
     assert call.status == "Error" and call["error"] == {"type": "ValueError", "message": "mine"}, call
     assert session.read(call["stdout_file"]) == "x\n"
 
 
+@pytest.mark.slow
 def test_an_eviction_under_a_running_step_salvages_its_printed_lines(workspace, session):
     waiting = session.popen("exec", "--command", "import time\nprint('halfway', flush=True)\ntime.sleep(60)",
                             "--tag", "doomed")
-    assert wait_for(lambda: active_command_id(session), 15)
-    time.sleep(0.5)
+    assert wait_for(lambda: printed_so_far(session, "001_doomed") == "halfway\n", 15)
     workspace.evict()
     call = session.finish(waiting)
     assert call.status == "ContextEvicted", call
@@ -191,6 +199,7 @@ def test_an_eviction_under_a_running_step_salvages_its_printed_lines(workspace, 
         assert f.read() == "halfway\n"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["cancelled", "finished_error"])
 def test_code_that_swallows_the_cancel_gets_killed_and_the_answer_says_the_state_is_gone(workspace, session, mode):
     # The service interrupts for ~10 s, then kills the Python process. In finished_error mode the
@@ -216,6 +225,7 @@ def test_code_that_swallows_the_cancel_gets_killed_and_the_answer_says_the_state
 
 # -- restart windows ----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_restart_window_on_submit_is_waited_out_and_the_step_runs_once(workspace, session):
     workspace.inject("/api/1.2/commands/execute", method="POST", count=2, status=500, retry_after=None,
                      body={"error": RESTART_TEXT})
@@ -226,6 +236,7 @@ def test_a_restart_window_on_submit_is_waited_out_and_the_step_runs_once(workspa
     assert statuses.count(500) == 2
 
 
+@pytest.mark.slow
 def test_a_python_step_that_met_a_restart_window_is_run_again_once(session):
     # The step's command reaches a REPL whose Python is not there: the error result carries the
     # restart text and nothing of the step ran.
@@ -237,6 +248,7 @@ def test_a_python_step_that_met_a_restart_window_is_run_again_once(session):
     assert session.read(call["stdout_file"]) == "1\n"
 
 
+@pytest.mark.slow
 def test_a_magic_step_that_restarted_python_is_not_run_again(session, tmp_path):
     marker = tmp_path / "installs.txt"
     setup = session.exec("_dbx_repl.begin_magic = lambda *args: (_ for _ in ()).throw(RuntimeError(%r))"
@@ -251,6 +263,7 @@ def test_a_magic_step_that_restarted_python_is_not_run_again(session, tmp_path):
 
 # -- nothing lost -------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_logging_handler_from_an_earlier_step_lands_in_error_and_table_steps(session):
     setup = ("import logging, sys\nlog = logging.getLogger('pipeline')\n"
              "log.addHandler(logging.StreamHandler(sys.stdout))\nlog.setLevel(logging.INFO)")
@@ -264,6 +277,7 @@ def test_a_logging_handler_from_an_earlier_step_lands_in_error_and_table_steps(s
     assert session.read(big["stdout_file"]) == "start\n" + "x" * 60000 + "\nend\n"
 
 
+@pytest.mark.slow
 def test_the_notebook_exit_value_is_its_own_field_and_display_html_follows_the_printed_text(session):
     exited = session.exec("print('before exit')\ndbutils.notebook.exit('the value')", "exit_value")
     assert exited.status == "Finished", exited
@@ -277,13 +291,13 @@ def test_the_notebook_exit_value_is_its_own_field_and_display_html_follows_the_p
     assert session.read(html["stdout_file"]) == "report\n<b>bold</b>\n"
 
 
+@pytest.mark.slow
 def test_a_magic_step_keeps_its_output_even_when_cancelled(session):
     done = session.exec("!echo hello from the shell", "shell")
     assert done.status == "Finished"
     assert session.read(done["stdout_file"]).rstrip("\n") == "hello from the shell"
     waiting = session.popen("exec", "--command", "!echo first\n!sleep 60", "--tag", "slow_shell")
-    assert wait_for(lambda: active_command_id(session), 15)
-    time.sleep(1.0)
+    assert wait_for(lambda: printed_so_far(session, "002_slow_shell") == "first\n", 15)
     assert session.run("cancel").status == "Cancelled"
     call = session.finish(waiting)
     assert call.status == "Cancelled"
@@ -319,6 +333,7 @@ def png_size(data):
     return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
 
 
+@pytest.mark.slow
 def test_every_kind_of_plot_is_saved_once_by_the_driver(session):
     call = session.exec(PLOTS, "plots")
     assert call.status == "Finished", call
@@ -350,6 +365,7 @@ def test_the_response_is_valid_json_on_a_console_that_cannot_encode_the_output(s
     assert session.session()["steps"][-1]["status"] == "Finished"
 
 
+@pytest.mark.slow
 def test_a_uniformly_indented_cell_runs_as_the_service_runs_it(session):
     call = session.exec("    total = 0\n    for i in range(4):\n        total += i\n    print(total)", "indented")
     assert call.status == "Finished", call
@@ -371,6 +387,7 @@ def test_driver_copies_are_private_and_removed_on_destroy(session):
     assert not os.path.exists(copies)
 
 
+@pytest.mark.slow
 def test_create_replacing_a_session_removes_the_old_sessions_copies(workspace, session):
     assert session.exec("print('old')", "old").status == "Finished"
     copies = driver_copies(session)

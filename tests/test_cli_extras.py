@@ -5,11 +5,15 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from local_workspace import JOB_CLUSTER_ID, RUNNING_CLUSTER_ID, TERMINATED_CLUSTER_ID
+from repl_harness import command_status, wait_for
 
 
 # -- status ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_status_summarises_a_live_session(session):
     session.exec("x = 1", "one")
     session.exec("1/0", "two")
@@ -20,6 +24,7 @@ def test_status_summarises_a_live_session(session):
     assert call["cluster_state"] == "RUNNING" and call.get("active_command") is None
 
 
+@pytest.mark.slow
 def test_status_shows_a_running_command_with_its_remote_state(session):
     assert session.exec("import time\ntime.sleep(30)", "wait", "--timeout", "0.5").status == "Running"
     call = session.run("status")
@@ -29,6 +34,7 @@ def test_status_shows_a_running_command_with_its_remote_state(session):
     session.run("cancel")
 
 
+@pytest.mark.slow
 def test_status_shows_an_evicted_context(workspace, session):
     workspace.evict()
     call = session.run("status")
@@ -50,6 +56,7 @@ def test_status_of_a_destroyed_session_needs_no_workspace(session):
 
 # -- replay ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_replay_after_eviction_restores_state(workspace, session):
     session.exec("data = [1, 2, 3]", "load")
     session.exec("data = [v * 10 for v in data]", "transform")
@@ -67,6 +74,7 @@ def test_replay_after_eviction_restores_state(workspace, session):
     assert [s["tag"] for s in replays] == ["load", "transform"]
 
 
+@pytest.mark.slow
 def test_replay_of_chosen_steps_stops_at_the_first_failure(session):
     session.exec("a = 1", "one")
     session.exec("b = undefined_name", "two")
@@ -78,6 +86,7 @@ def test_replay_of_chosen_steps_stops_at_the_first_failure(session):
     assert call["not_run"] == [3]
 
 
+@pytest.mark.slow
 def test_replay_range_can_skip_failed_steps(session):
     session.exec("a = 1", "one")
     session.exec("b = undefined_name", "two")
@@ -86,6 +95,7 @@ def test_replay_range_can_skip_failed_steps(session):
     assert call.status == "Replayed" and [r["step"] for r in call["restored"]] == [1, 3]
 
 
+@pytest.mark.slow
 def test_replay_rejects_unknown_steps(session):
     session.exec("a = 1", "one")
     assert session.run("replay", "--steps", "9").status == "UnknownStep"
@@ -94,6 +104,7 @@ def test_replay_rejects_unknown_steps(session):
 
 # -- export ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_export_keeps_the_last_good_run_per_tag_and_runs_top_to_bottom(session, tmp_path):
     assert session.exec("%pip install pip", "deps").status == "Finished"
     session.exec("import json\ntotal = sum(range(5))", "compute")
@@ -139,6 +150,7 @@ def test_put_and_get_round_trip_a_binary_file_byte_for_byte(session, tmp_path):
     assert [t["direction"] for t in session.session()["transfers"]] == ["put", "get"]
 
 
+@pytest.mark.slow
 def test_get_enforces_the_size_cap_and_honours_any_local_path_as_cp_would(session, tmp_path):
     remote = str(tmp_path / "big.txt")
     session.exec(f"import os\nos.makedirs({str(tmp_path)!r}, exist_ok=True)\n"
@@ -190,6 +202,7 @@ def test_smoke_refuses_a_job_cluster(repl):
     assert call.status == "Failed" and call["failed_phase"] == "create"
 
 
+@pytest.mark.slow
 def test_replay_right_after_an_eviction_starts_a_fresh_context_first(workspace, session):
     session.exec("base = 40", "one")
     session.exec("base += 2", "two")
@@ -205,8 +218,7 @@ def test_replay_right_after_an_eviction_starts_a_fresh_context_first(workspace, 
 def test_status_says_when_a_timed_out_step_has_ended_and_await_collects_it(session):
     running = session.exec("import time\ntime.sleep(1.5)\nprint('late')", "late", "--timeout", "0.3")
     assert running.status == "Running"
-    import time
-    time.sleep(2)
+    assert wait_for(lambda: command_status(session) == "Finished", 15)
     call = session.run("status")
     assert call.status == "Busy" and call["active_command"]["remote_status"] == "Finished"
     assert "await" in call["hint"] and "not collected" in call["message"]

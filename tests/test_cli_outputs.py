@@ -11,13 +11,14 @@ import os
 import random
 import re
 import struct
-import time
 import zlib
 
 import pytest
 
 from local_workspace import LocalWorkspace
-from repl_harness import Repl, wait_for
+from repl_harness import Repl, printed_so_far, wait_for
+
+pytestmark = pytest.mark.xdist_group("cli_outputs")   # one worker runs the module: its module-scoped workspace starts once
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 OMITTED = re.compile(r"\[\.\.\. (\d+) bytes omitted \.\.\.\]")
@@ -349,11 +350,12 @@ def test_error_messages_are_unescaped_and_long_tracebacks_keep_their_last_lines(
     assert preview.startswith("Traceback (most recent call last):\n")
 
 
+@pytest.mark.slow
 def test_a_cancel_that_finishes_as_an_error_is_reported_as_cancelled(workspace, session):
     workspace.configure(cancel_mode="finished_error")
-    waiting = session.popen("exec", "--command", "import time\nprint('started')\ntime.sleep(60)", "--tag", "nap")
-    assert wait_for(lambda: (session.session().get("active_command") or {}).get("command_id"), 15)
-    time.sleep(0.3)
+    waiting = session.popen("exec", "--command", "import time\nprint('started', flush=True)\ntime.sleep(60)",
+                            "--tag", "nap")
+    assert wait_for(lambda: printed_so_far(session, "001_nap") == "started\n", 15)
     cancel = session.run("cancel")
     assert cancel.status == "Cancelled", cancel
     call = session.finish(waiting)
@@ -377,6 +379,7 @@ def test_previews_show_whole_lines_from_head_and_tail_with_an_exact_omitted_coun
     assert len(head.encode()) + len(tail.encode()) - 1 + int(count) == call["stdout_bytes"]
 
 
+@pytest.mark.slow
 def test_a_10mb_output_gives_a_response_under_2kb(shared):
     call = shared.exec("for i in range(200_000):\n    print('row %07d ' % i + 'x' * 40)", "huge")
     assert call.status == "Finished" and call["truncated"] is False
@@ -399,6 +402,7 @@ def test_outputs_lists_every_file_of_a_step_with_kind_and_size(shared):
     assert [o["kind"] for o in logged] == ["table", "table_json"]
 
 
+@pytest.mark.slow
 def test_full_output_still_arrives_when_the_repl_cannot_display_tables(workspace, session, tmp_path):
     # Chunks normally travel as table results; without display() they fall back to text results,
     # each small enough for the service's 50,000-character cut.
@@ -429,6 +433,7 @@ def test_the_frame_carries_the_record_and_a_checked_inline_copy():
     assert dbx_repl.read_frame("no frame at all", "001_a") == ("no frame at all", None, None)
 
 
+@pytest.mark.slow
 def test_a_failed_output_fetch_keeps_the_step_and_names_the_get_for_the_driver_copy(workspace, session):
     text_size = 120_000  # over the 50,000-character cut, so the CLI must fetch the rest
     proc = session.popen("exec", "--command", f"import time\ntime.sleep(1)\nprint('y' * {text_size})",
@@ -447,6 +452,7 @@ def test_a_failed_output_fetch_keeps_the_step_and_names_the_get_for_the_driver_c
     assert session.read(copied["local"]) == "y" * text_size + "\n"
 
 
+@pytest.mark.slow
 def test_steps_still_run_and_fetch_after_the_driver_temp_dir_was_cleaned(session):
     assert session.exec("import shutil\nshutil.rmtree(_dbx_repl.out_dir)", "clean_tmp").status == "Finished"
     call = session.exec("print('z' * 60000)", "after_cleanup")

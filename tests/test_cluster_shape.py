@@ -24,6 +24,9 @@ from local_workspace.runtime import RUNTIMES, cache_root, ensure_runtime, pin
 from local_workspace.sandbox import HOST_ALIASES
 from repl_harness import Repl, process_tree
 
+# The module shares one workspace, whose Spark (a JVM) its tests use; one worker runs it all.
+pytestmark = [pytest.mark.slow, pytest.mark.spark, pytest.mark.xdist_group("cluster_shape")]
+
 CANCEL_DEADLINE = 2.0  # a cancelled command must end within this (the behaviour under test)
 SPARK_SLEEPING_JOB = ("import time\n"
                       "spark.range(2).repartition(2).rdd.map(lambda r: time.sleep(60)).count()")
@@ -311,7 +314,7 @@ def test_cancel_of_a_blocking_spark_call_that_is_no_job_keeps_spark_usable(spark
         cluster_id=RUNNING_CLUSTER_ID, context_id=context,
         command="sc._jvm.java.lang.Thread.sleep(60000)", language=Language.PYTHON).command_id
     _wait_running(spark_client, context, command_id)
-    time.sleep(0.5)
+    _wait_for_jvm_sleep(spark_client)
     spark_client.command_execution.cancel(cluster_id=RUNNING_CLUSTER_ID, context_id=context,
                                           command_id=command_id)
     ended = _wait_terminal(spark_client, context, command_id, time.monotonic() + CANCEL_DEADLINE)
@@ -327,6 +330,25 @@ def _wait_running(client, context, command_id, timeout=30):
             command_id=command_id).status.value != "Running":
         assert time.monotonic() < deadline, "the command never started"
         time.sleep(0.05)
+
+
+JVM_SLEEPING_FOR_PY4J = """
+threads = sc._jvm.java.lang.Thread.getAllStackTraces()
+print(sum(1 for t in threads.keySet()
+          if any(f.getMethodName() == 'sleep' for f in list(threads.get(t))[:3])
+          and any(f.getClassName().startswith('py4j.') for f in threads.get(t))))
+"""
+
+
+def _wait_for_jvm_sleep(client, timeout=30):
+    """Until a JVM thread serving a py4j call sleeps in Thread.sleep (the blocking call has begun)."""
+    probe = _context(client)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _text(client, probe, JVM_SLEEPING_FOR_PY4J) != "0\n":
+            return
+        time.sleep(0.1)
+    raise AssertionError("the blocking JVM call never started")
 
 
 def _wait_for_spark_job(client, context, timeout=60):

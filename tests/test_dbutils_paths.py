@@ -104,6 +104,8 @@ def test_tmp_in_a_context_is_the_clusters_own_and_the_hosts_tmp_gains_nothing(sd
                 JOB_CLUSTER_ID) == "False"
 
 
+@pytest.mark.slow
+@pytest.mark.spark
 def test_a_spark_round_trip_to_a_volume_lands_in_the_state_directory(sdk_client, workspace):
     ctx = new_context(sdk_client)
     out = run(sdk_client, ctx,
@@ -144,6 +146,8 @@ def test_removing_the_state_directory_never_follows_a_mount_into_the_host(sdk_cl
         shutil.rmtree(sentinel_dir)
 
 
+@pytest.mark.slow
+@pytest.mark.spark
 def test_without_isolation_driver_paths_fail_and_name_the_local_root(start_workspace):
     ws, w = start_workspace(isolation="none")
     ctx = new_context(w)

@@ -13,7 +13,7 @@ import pytest
 
 from local_workspace import RUNNING_CLUSTER_ID
 import repl_harness
-from repl_harness import Repl, wait_for
+from repl_harness import Repl, in_timed_sleep, wait_for
 
 EXECUTE = "/api/1.2/commands/execute"
 STATUS = "/api/1.2/commands/status"
@@ -40,6 +40,7 @@ def active_command_id(repl):
 
 # -- dropped connections and throttling ---------------------------------------------------------------
 
+@pytest.mark.slow
 def test_dropped_connections_on_submit_never_run_a_command_twice(workspace, session):
     assert session.exec("hits = 0", "init").status == "Finished"
     before = len(executes(workspace))
@@ -60,6 +61,7 @@ def test_dropped_connections_on_submit_never_run_a_command_twice(workspace, sess
     assert_log_consistent(session)
 
 
+@pytest.mark.slow
 def test_throttled_submits_are_retried_after_retry_after_and_run_once(workspace, session):
     assert session.exec("hits = 0", "init").status == "Finished"
     for status in (429, 503):
@@ -70,6 +72,7 @@ def test_throttled_submits_are_retried_after_retry_after_and_run_once(workspace,
     assert call["stdout_preview"] == "2\n"
 
 
+@pytest.mark.slow
 def test_failed_status_polls_are_retried_not_reported_as_a_failed_command(workspace, session):
     workspace.inject(STATUS, method="GET", count=1, status=503, retry_after=0)
     workspace.inject(STATUS, method="GET", count=1, mode="drop_before")
@@ -97,6 +100,7 @@ def test_an_unreachable_host_fails_in_seconds_with_workspace_unreachable(repl):
     assert not os.path.exists(os.path.join(repl.project_dir, "session.json"))
 
 
+@pytest.mark.slow
 def test_a_host_that_never_answers_times_out_per_request(repl):
     with socket.socket() as silent:                # accepts connections, never replies
         silent.bind(("127.0.0.1", 0))
@@ -112,6 +116,7 @@ def test_a_host_that_never_answers_times_out_per_request(repl):
 
 # -- signals and kills ------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sigterm_during_exec_leaves_the_command_running_and_await_collects_it(session):
     proc = session.popen("exec", "--command", "import time\ntime.sleep(2)\nprint('finished anyway')",
                          "--tag", "long", "--timeout", "60")
@@ -127,6 +132,7 @@ def test_sigterm_during_exec_leaves_the_command_running_and_await_collects_it(se
     assert_log_consistent(session)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_exec_loses_nothing_and_await_recovers_the_output(session):
     proc = session.popen("exec", "--command", "import time\ntime.sleep(1.5)\nprint('kept')", "--tag", "k")
     assert wait_for(lambda: active_command_id(session), 15)
@@ -142,6 +148,7 @@ def test_sigkill_mid_exec_loses_nothing_and_await_recovers_the_output(session):
     assert [s["status"] for s in log["steps"]] == ["Finished"] and log["active_command"] is None
 
 
+@pytest.mark.slow
 def test_sigkill_while_submitting_is_resolved_by_await_as_submit_uncertain(workspace, session):
     assert session.exec("hits = 0", "init").status == "Finished"
     workspace.inject(EXECUTE, method="POST", count=1, status=503, retry_after=5)
@@ -159,6 +166,7 @@ def test_sigkill_while_submitting_is_resolved_by_await_as_submit_uncertain(works
     assert_log_consistent(session)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, expected, code", [(signal.SIGTERM, "Terminated", 1), (signal.SIGINT, "Interrupted", 130)])
 def test_a_signal_while_the_service_declines_the_submit_runs_nothing_and_records_nothing(
         workspace, session, sig, expected, code):
@@ -166,7 +174,7 @@ def test_a_signal_while_the_service_declines_the_submit_runs_nothing_and_records
     workspace.inject(EXECUTE, method="POST", count=1, status=503, retry_after=2)
     proc = session.popen("exec", "--command", "import time\ntime.sleep(30)", "--tag", "held")
     assert wait_for(lambda: any(r["status"] == 503 for r in executes(workspace)), 15)
-    time.sleep(0.5)                                           # the CLI has read the 503: it waits to retry
+    assert wait_for(lambda: in_timed_sleep(proc.pid), 15)    # the CLI has read the 503: it waits to retry
     proc.send_signal(sig)
     call = session.finish(proc)
     assert call.status == expected and call.code == code, call
@@ -178,6 +186,7 @@ def test_a_signal_while_the_service_declines_the_submit_runs_nothing_and_records
     assert again.status == "Finished" and again["cmd_id"] == "001_next"
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_await_cancels_the_command(session):
     first = session.exec("import time\ntime.sleep(60)", "slow", "--timeout", "0.5")
     assert first.status == "Running"
@@ -210,6 +219,7 @@ def cli_processes(repl):
     return found
 
 
+@pytest.mark.slow
 def test_no_process_of_the_cli_outlives_its_call(session):
     assert session.exec("print(1)", "one").status == "Finished"
     assert session.exec("import time\ntime.sleep(30)", "slow", "--timeout", "0.5").status == "Running"
@@ -228,6 +238,7 @@ def test_no_process_of_the_cli_outlives_its_call(session):
 
 # -- concurrency ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_exec_while_a_command_is_active_answers_command_running(session):
     proc = session.popen("exec", "--command", "import time\ntime.sleep(2)\nprint('first')", "--tag", "a")
     assert wait_for(lambda: active_command_id(session), 15)
@@ -240,6 +251,7 @@ def test_exec_while_a_command_is_active_answers_command_running(session):
     assert [s["step"] for s in log["steps"]] == [1] and log["step_counter"] == 1
 
 
+@pytest.mark.slow
 def test_racing_execs_on_one_project_run_one_command_and_never_corrupt_the_log(session):
     errors = []
 
@@ -278,6 +290,7 @@ print(len(os.listdir({shared!r})))
 """
 
 
+@pytest.mark.slow
 def test_eight_project_dirs_run_fully_in_parallel(workspace, tmp_path):
     shared = tmp_path / "rendezvous"     # each command waits until all eight are running at once
     shared.mkdir()
@@ -302,6 +315,7 @@ def test_eight_project_dirs_run_fully_in_parallel(workspace, tmp_path):
 
 # -- eviction and a broken session.json --------------------------------------------------------------
 
+@pytest.mark.slow
 def test_eviction_mid_command_records_the_step_and_keeps_its_files(workspace, session):
     workspace.configure(shutdown_aborts_commands=False)  # the running command vanishes with it
     assert session.exec("x = 1", "load").status == "Finished"
@@ -318,6 +332,7 @@ CORRUPT_CONTENTS = [b"{\"status\": \"act", b"\xff\xfe not utf-8", b"[1, 2, 3]",
                     b"{\"status\": \"active\", \"steps\": {}}", b"[" * 100000]
 
 
+@pytest.mark.slow
 def test_a_corrupt_session_file_is_named_and_never_overwritten(repl):
     path = os.path.join(repl.project_dir, "session.json")
     create = ("create", "--cluster-id", RUNNING_CLUSTER_ID, "--session-name", "again")
@@ -335,6 +350,7 @@ def test_a_corrupt_session_file_is_named_and_never_overwritten(repl):
     assert not repl.workspace.context_pids()        # create refused before making a context
 
 
+@pytest.mark.slow
 def test_a_corrupt_session_file_is_recovered_by_moving_it_aside(workspace, session):
     assert session.exec("print(1)", "one").status == "Finished"
     path = os.path.join(session.project_dir, "session.json")
@@ -350,6 +366,7 @@ def test_a_corrupt_session_file_is_recovered_by_moving_it_aside(workspace, sessi
     assert os.path.exists(path + ".bad")
 
 
+@pytest.mark.slow
 def test_sigkill_while_submitting_is_also_resolved_by_cancel(workspace, session):
     workspace.inject(EXECUTE, method="POST", count=1, status=503, retry_after=5)
     proc = session.popen("exec", "--command", "print('never sent')", "--tag", "bump")

@@ -138,6 +138,7 @@ def test_a_client_makes_all_its_calls_over_one_kept_alive_connection(workspace):
         workspace.connections())
 
 
+@pytest.mark.slow
 def test_the_sdk_waiters_work_end_to_end(sdk_client):
     ctx = sdk_client.command_execution.create(cluster_id=RUNNING_CLUSTER_ID,
                                               language=Language.PYTHON).result()
@@ -410,6 +411,7 @@ def test_a_finished_command_of_an_evicted_context_gets_the_context_error(sdk_cli
         status(sdk_client, new_context(sdk_client), cmd)
 
 
+@pytest.mark.slow
 def test_evicting_a_context_also_kills_the_processes_its_code_started(sdk_client, workspace):
     ctx = new_context(sdk_client)
     child = int(text(sdk_client, ctx, "import subprocess\n"
@@ -466,6 +468,7 @@ def test_a_terminated_cluster_refuses_contexts_at_once_by_default(sdk_client):
                                             language=Language.PYTHON)
 
 
+@pytest.mark.slow
 def test_not_ready_mode_makes_the_sdk_retry_until_the_cluster_runs(sdk_client, workspace):
     workspace.configure(not_running_mode="not_ready", start_delay=0.5)
     sdk_client.clusters.start(cluster_id=TERMINATED_CLUSTER_ID)
@@ -485,6 +488,7 @@ def test_terminating_a_cluster_kills_its_contexts(sdk_client, workspace):
 
 # ------------------------------------------------------------------ failures and retries
 
+@pytest.mark.slow
 def test_503_and_429_with_retry_after_are_retried_by_the_sdk(sdk_client, workspace):
     ctx = new_context(sdk_client)
     cmd = submit(sdk_client, ctx, "print('ok')")
@@ -502,6 +506,7 @@ def test_503_and_429_with_retry_after_are_retried_by_the_sdk(sdk_client, workspa
                for r in workspace.requests())
 
 
+@pytest.mark.slow
 def test_a_response_dropped_after_execute_makes_the_sdk_submit_the_command_twice(
         sdk_client, workspace):
     ctx = new_context(sdk_client)
@@ -514,6 +519,7 @@ def test_a_response_dropped_after_execute_makes_the_sdk_submit_the_command_twice
     assert [r["dropped"] for r in executes[-3:-1]] == [True, False]
 
 
+@pytest.mark.slow
 def test_a_connection_dropped_before_processing_is_retried(sdk_client, workspace):
     workspace.inject("/api/2.1/clusters/get", method="GET", count=1, mode="drop_before")
     assert sdk_client.clusters.get(RUNNING_CLUSTER_ID).cluster_name == "analytics-dev"
@@ -603,6 +609,8 @@ def test_dbutils_spark_conf_and_dbruntime_answer_like_a_cluster(sdk_client, work
         "print(spark.conf.get('spark.databricks.clusterUsageTags.clusterId'))",
         "print(r.apiToken, r.apiUrl, r.workspaceUrl, r.workspaceId, r.clusterId)",
         "print(spark)",
+        "print(hasattr(spark, 'no_such_method'), callable(spark.range))",
+        "print(spark)",
     ]))
     lines = answer.splitlines()
     assert lines[0].split() == [workspace.token, workspace.host, "1234567890123456",
@@ -613,6 +621,7 @@ def test_dbutils_spark_conf_and_dbruntime_answer_like_a_cluster(sdk_client, work
     assert lines[4].split() == [workspace.token, workspace.host, "127.0.0.1:" + port,
                                 "1234567890123456", RUNNING_CLUSTER_ID]
     assert "not started" in lines[5]  # reading the conf did not start Spark
+    assert lines[6] == "False True" and "not started" in lines[7]   # nor did looking methods up
 
 
 def test_the_shared_cluster_refuses_the_py4j_context_but_not_dbruntime(sdk_client, workspace):
@@ -659,6 +668,37 @@ def test_the_context_env_looks_like_a_cluster_without_databricks_credentials(
     assert answer == "Out[1]: ['DATABRICKS_RUNTIME_VERSION']"
 
 
+SESSION_NAMES_CHECK = """
+import inspect, json, sys
+sys.path.insert(0, sys.argv[1])
+from local_workspace.spark import _session_names
+import pyspark.sql.connect.session as connect, pyspark.sql.session as classic
+found = {}
+for is_connect, cls in ((False, classic.SparkSession), (True, connect.SparkSession)):
+    real = {k: "method" if inspect.isfunction(inspect.getattr_static(cls, k)) else "attribute"
+            for k in dir(cls) if not k.startswith("_")}
+    found[str(is_connect)] = [real == _session_names(is_connect), len(real)]
+print(json.dumps(found))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("version", ["15.4", "17.3"])
+def test_spark_methods_are_known_before_spark_starts_as_pyspark_defines_them(version):
+    """`spark.x` before Spark started answers from SparkSession's source (local_workspace/spark.py):
+    the same names, and the same methods, as pyspark's classes (classic and Connect) of the runtime."""
+    from local_workspace.runtime import ensure_runtime
+    python = ensure_runtime(version).python
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    answer = subprocess.run([python, "-c", SESSION_NAMES_CHECK, tests_dir], capture_output=True, text=True,
+                            timeout=120)
+    assert answer.returncode == 0, answer.stderr
+    found = json.loads(answer.stdout)
+    assert found["False"][0] and found["True"][0] and min(found["False"][1], found["True"][1]) > 20, found
+
+
+@pytest.mark.slow
+@pytest.mark.spark
 def test_spark_runs_a_monte_carlo_pi(sdk_client):
     ctx = new_context(sdk_client)
     code = ("import random\n"
@@ -773,6 +813,7 @@ def test_the_serving_endpoint_answers_many_concurrent_requests(workspace):
 
 # ------------------------------------------------------------------ control API, lifecycle
 
+@pytest.mark.slow
 def test_the_control_api_works_over_http(sdk_client, workspace):
     ctx = new_context(sdk_client)
     contexts = api(workspace, "GET", "/_local/contexts").json()["contexts"]

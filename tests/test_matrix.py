@@ -56,7 +56,10 @@ def workspace():
     yield from _running_workspace()
 
 
-@pytest.fixture(scope="module", params=CELLS, ids=["%s-%s" % c[:2] for c in CELLS])
+# One worker runs a cell's tests (an xdist group each): its session and cluster are set up once.
+@pytest.fixture(scope="module", params=[pytest.param(c, id="%s-%s" % c[:2],
+                                                     marks=pytest.mark.xdist_group("matrix-%s-%s" % c[:2]))
+                                        for c in CELLS])
 def cell(request, workspace, tmp_path_factory):
     """One CLI session on the cell's cluster, for all of the cell's tests; the cluster (its
     contexts and its Spark) stops when the cell is done."""

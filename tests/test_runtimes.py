@@ -21,6 +21,8 @@ from local_workspace.runtime import PYTHONS_ENV, RUNTIMES, cache_root, pin, runt
 from local_workspace.sandbox import HOST_ALIASES
 from test_local_workspace import new_context, run, text, wait_for
 
+pytestmark = pytest.mark.xdist_group("runtimes")   # one worker runs the module: its module-scoped workspace starts once
+
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REAL_CACHE = cache_root()  # the runtimes' cache as this test run found it
 
@@ -75,6 +77,7 @@ def test_spark_on_a_17_3_cluster_is_apache_spark_4(client_17):
     assert divided.result_type == ResultType.ERROR and "DIVIDE_BY_ZERO" in divided.summary
 
 
+@pytest.mark.slow
 def test_a_15_4_context_imports_the_release_notes_libraries(sdk_client):
     context = new_context(sdk_client)
     runtime = RUNTIMES["15.4"]
@@ -86,6 +89,7 @@ def test_a_15_4_context_imports_the_release_notes_libraries(sdk_client):
                            pin(runtime, "databricks-sdk")]
 
 
+@pytest.mark.slow
 def test_a_runtime_cached_under_tmp_is_seen_by_contexts_and_tmp_stays_the_cluster_s(
         sdk_client, workspace, tmp_path, monkeypatch):
     # A newcomer's XDG_CACHE_HOME under /tmp holds the runtimes (here: the same ones, through a
@@ -110,6 +114,7 @@ def test_a_runtime_cached_under_tmp_is_seen_by_contexts_and_tmp_stays_the_cluste
 
 # -- a runtime that cannot be had here -------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_cluster_whose_runtime_has_no_interpreter_here_fails_to_start(
         sdk_client, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # nothing built there

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from local_workspace import RUNNING_CLUSTER_ID
 from repl_harness import ROOT, cli_env
 
@@ -19,6 +21,7 @@ def debug_import_path(stderr):
     return lines[-1].rsplit(":", 1)[1].strip()
 
 
+@pytest.mark.slow
 def test_fast_path_is_the_default_and_full_import_is_forced_by_env(session):
     fast = session.run("exec", "--command", "print(6 * 7)", "--tag", "fast", "--debug")
     assert fast.status == "Finished" and fast["stdout_preview"] == "42\n", fast
@@ -30,6 +33,7 @@ def test_fast_path_is_the_default_and_full_import_is_forced_by_env(session):
     assert debug_import_path(full.stderr) == "full"
 
 
+@pytest.mark.slow
 def test_both_paths_map_the_same_errors(repl):
     """An unknown cluster: the error classes come from either import and map to the same answer."""
     bodies = []
@@ -90,6 +94,7 @@ def run_driver(script, repl, *argv):
     return proc.returncode, json.loads(lines[0]), report
 
 
+@pytest.mark.slow
 def test_a_changed_sdk_layout_falls_back_to_the_normal_import(session):
     code, body, report = run_driver(LAYOUT_CHANGE, session, "exec", "--project-dir", session.project_dir,
                                     "--command", "print('fallback works')", "--tag", "layout")
@@ -98,6 +103,7 @@ def test_a_changed_sdk_layout_falls_back_to_the_normal_import(session):
     assert report == {"import_path": "full", "stub_left": False, "real_config": True}, report
 
 
+@pytest.mark.slow
 def test_a_missing_config_module_falls_back_too(repl):
     code, body, report = run_driver(MISSING_CONFIG, repl, "find-cluster", "--name", "dev")
     assert code == 0, body

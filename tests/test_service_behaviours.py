@@ -105,6 +105,7 @@ def test_a_context_evicted_under_a_running_command_ends_it_with_command_cancelle
 
 # ------------------------------------------------------------------ 5: Python restarts
 
+@pytest.mark.slow
 def test_restart_python_answers_then_fails_commands_during_the_window_then_starts_fresh(
         sdk_client, workspace):
     workspace.configure(restart_window=1.5)
@@ -151,6 +152,7 @@ def test_starting_a_running_cluster_is_refused_with_invalid_state(sdk_client):
     sdk_client.clusters.ensure_cluster_is_running(RUNNING_CLUSTER_ID)  # the SDK's own helper
 
 
+@pytest.mark.slow
 def test_a_cluster_just_running_answers_cluster_not_ready_which_the_sdk_waits_out(
         sdk_client, workspace):
     workspace.configure(start_delay=0.3, ready_delay=4.0)
@@ -168,6 +170,7 @@ def test_a_cluster_just_running_answers_cluster_not_ready_which_the_sdk_waits_ou
     assert creates[0] == 500 and creates[-1] == 200
 
 
+@pytest.mark.slow
 def test_restart_drops_every_context_and_the_events_tell_what_happened(sdk_client, workspace):
     workspace.configure(start_delay=1.0, ready_delay=0.0)
     ctx = new_context(sdk_client)
@@ -196,6 +199,7 @@ def test_restart_drops_every_context_and_the_events_tell_what_happened(sdk_clien
 
 # ------------------------------------------------------------------ 7, 8: contexts under load
 
+@pytest.mark.slow
 def test_a_new_context_can_end_in_error_at_creation(sdk_client, workspace):
     workspace.configure(context_error_next=1)
     with pytest.raises(OperationFailed, match="ERROR"):
@@ -225,6 +229,7 @@ def test_at_the_limit_the_least_recently_used_idle_context_is_evicted_first(
 
 # ------------------------------------------------------------------ 9: throttling
 
+@pytest.mark.slow
 @pytest.mark.parametrize("http_429", [True, False])
 def test_request_limit_exceeded_is_retried_by_the_sdk_with_and_without_429(
         sdk_client, workspace, http_429):
@@ -346,6 +351,7 @@ def test_libraries_current_user_and_serving_endpoints_answer_like_a_workspace(sd
 
 # ------------------------------------------------------------------ 12: the SDK inside a context
 
+@pytest.mark.slow
 def test_workspace_client_with_no_arguments_works_inside_a_context(sdk_client):
     ctx = new_context(sdk_client)
     results = run(sdk_client, ctx, "from databricks.sdk import WorkspaceClient\n"
@@ -387,6 +393,7 @@ def test_serve_takes_latency_ms():
 
 # ------------------------------------------------------------------ the SDK's own examples
 
+@pytest.mark.slow
 def test_the_sdk_command_execution_examples_hold(sdk_client, workspace):
     context = sdk_client.command_execution.create_and_wait(cluster_id=RUNNING_CLUSTER_ID,
                                                            language=Language.PYTHON)
@@ -410,6 +417,7 @@ def test_the_sdk_command_execution_examples_hold(sdk_client, workspace):
                                                     context_id=context.id)
 
 
+@pytest.mark.slow
 def test_the_sdk_starts_a_terminated_cluster_and_runs_on_it(sdk_client, workspace):
     workspace.configure(start_delay=0.3, ready_delay=0.5)
     sdk_client.clusters.ensure_cluster_is_running(TERMINATED_CLUSTER_ID)

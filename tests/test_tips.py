@@ -26,6 +26,7 @@ def follow(repl, call, name, **fill):
     return Call(shlex.split(line), proc.returncode, proc.stdout, proc.stderr)
 
 
+@pytest.mark.slow
 def test_an_agent_goes_from_create_to_a_new_session_by_tips_alone(repl):
     created = repl.create(RUNNING_CLUSTER_ID, "first")
     assert created.status == "Created"
@@ -50,6 +51,7 @@ def test_an_agent_goes_from_create_to_a_new_session_by_tips_alone(repl):
     assert repl.run("destroy").status == "Destroyed"
 
 
+@pytest.mark.slow
 def test_after_an_eviction_the_replay_tip_then_the_retry_tip_finish_the_failed_step(workspace, session):
     session.exec("base = 20", "load")
     session.exec("base = base + 1", "transform")
@@ -104,6 +106,7 @@ def test_a_name_an_unreplayed_step_defined_is_named_with_the_replay_that_restore
     assert plain.status == "Error" and "left_out_step" not in plain.body and "tip" not in plain.body
 
 
+@pytest.mark.slow
 def test_export_names_the_steps_with_side_effects_and_verifies_without_them_on_request(session, tmp_path):
     log = f"/tmp/{uuid.uuid4().hex}.log"
     session.exec(f"log = {log!r}\ndata = [1, 2, 3]", "load")
@@ -127,6 +130,7 @@ def test_export_names_the_steps_with_side_effects_and_verifies_without_them_on_r
     assert session.exec(written, "count").get("stdout_preview") == "2\n"
 
 
+@pytest.mark.slow
 def test_export_names_a_cancelled_step_it_leaves_out(session):
     session.exec("x = 1", "load")
     running = session.exec("import time\ntime.sleep(60)", "stuck", "--timeout", "0.3")

@@ -46,6 +46,7 @@ def assert_nowhere(session, calls, *values):
 
 # -- secrets -----------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_printed_secret_stays_redacted(session):
     calls = [session.exec("token = dbutils.secrets.get('prod', 'api_token')\n"
                           "pem = dbutils.secrets.get('prod', 'pem')\nprint('read')", "read")]
@@ -88,6 +89,7 @@ def test_a_secret_in_a_sql_result_stays_redacted(session):
 
 # -- nothing printed is lost -------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_output_of_subprocesses_and_forked_children_is_kept_in_order(session):
     call = session.exec(
         "import multiprocessing, os, subprocess\nprint('parent first')\n"
@@ -99,6 +101,7 @@ def test_output_of_subprocesses_and_forked_children_is_kept_in_order(session):
                                                  "from a forked child\nparent last\n")
 
 
+@pytest.mark.slow
 def test_output_written_between_steps_is_kept_and_named_by_the_next_answer(session):
     started = session.exec(
         "import logging, sys, threading, time\nlog = logging.getLogger('between')\n"
@@ -117,6 +120,7 @@ def test_output_written_between_steps_is_kept_and_named_by_the_next_answer(sessi
     assert started["cmd_id"] in nxt["message"] and "truncated" not in nxt["late_output"]
 
 
+@pytest.mark.slow
 def test_a_copy_the_cli_cannot_check_is_flagged_truncated_with_a_note(session):
     # the step removes its own driver copies: its record cannot be written, so the file cannot be shown whole
     call = session.exec("import shutil\nprint('partial')\nshutil.rmtree(_dbx_repl.out_dir)", "lost_copy")
@@ -126,6 +130,7 @@ def test_a_copy_the_cli_cannot_check_is_flagged_truncated_with_a_note(session):
 
 # -- remote paths ------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_remote_paths_mean_what_users_type(session, tmp_path):
     local = tmp_path / "data.csv"
     local.write_text("a,b\n1,2\n")
@@ -158,6 +163,7 @@ def test_remote_paths_mean_what_users_type(session, tmp_path):
 
 # -- a refused credential ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_refused_credential_never_loses_the_step(session):
     proc = session.popen("exec", "--command", "import time\ntime.sleep(3)\nprint('done')", "--tag", "slow",
                          "--timeout", "30")
@@ -178,8 +184,9 @@ def test_a_refused_credential_never_loses_the_step(session):
     assert session.read("repl_outputs/001_slow.stdout") == "done\n"
 
 
+@pytest.mark.slow
 def test_exec_behind_a_running_step_checks_before_saying_it_runs(session):
-    proc = session.popen("exec", "--command", "import time\ntime.sleep(2)", "--tag", "slow", "--timeout", "1")
+    proc = session.popen("exec", "--command", "import time\ntime.sleep(60)", "--tag", "slow", "--timeout", "1")
     assert session.finish(proc).status == "Running"
     busy = session.exec("print('x')", "x")
     assert busy.status == "CommandRunning" and "the service says so" in busy["message"]
@@ -188,6 +195,7 @@ def test_exec_behind_a_running_step_checks_before_saying_it_runs(session):
 
 # -- eviction: the original skill's contract ---------------------------------------------------------
 
+@pytest.mark.slow
 def test_context_evicted_lists_the_previous_steps_as_the_original_skill_did(session):
     for index in range(8):
         assert session.exec(f"v{index} = {index}", f"step{index}").status == "Finished"

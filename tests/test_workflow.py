@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from local_workspace import RUNNING_CLUSTER_ID, TERMINATED_CLUSTER_ID
 from local_workspace.paths import host_path
 from repl_harness import CLI, ROOT, Call, Repl, statuses_in_the_cli
@@ -68,6 +70,8 @@ print(round(accuracy, 2))
 """
 
 
+@pytest.mark.slow
+@pytest.mark.spark
 def test_an_agent_works_through_the_ten_tasks_and_exports_a_script_that_runs(workspace, session, tmp_path):
     repl = session
     # 1. counting primes
@@ -168,6 +172,7 @@ def _numbers(ranges):
 
 # -- dependency-aware replay --------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_replay_plan_is_the_smallest_set_the_failed_step_needs_with_costly_steps_flagged(workspace, session):
     exec_step(session, "base = 10", "base")
     exec_step(session, "import time\ntime.sleep(0.2)\nwaited = base", "sleepy")
@@ -191,6 +196,7 @@ def test_replay_plan_is_the_smallest_set_the_failed_step_needs_with_costly_steps
     assert exec_step(session, "print(scaled)", "use")["stdout_preview"] == "10\n"
 
 
+@pytest.mark.slow
 def test_a_failed_step_that_defined_names_is_replayed_up_to_its_failing_line(workspace, session):
     exec_step(session, "rows = [1, 2, 3]", "rows")
     failed = exec_step(session, "doubled = [r * 2 for r in rows]\ntotal = sum(doubled)\nprint(rows[10])\nlate = 1",
@@ -208,6 +214,7 @@ def test_a_failed_step_that_defined_names_is_replayed_up_to_its_failing_line(wor
     assert exec_step(session, "print(total + len(doubled))", "next")["stdout_preview"] == "15\n"
 
 
+@pytest.mark.slow
 def test_replay_all_keeps_the_old_every_finished_step_choice(session):
     exec_step(session, "a = 1", "one")
     exec_step(session, "print('hello')", "two")
@@ -219,6 +226,7 @@ def test_replay_all_keeps_the_old_every_finished_step_choice(session):
 
 # -- export ----------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_export_puts_a_replayed_step_in_its_originals_place(workspace, session, tmp_path):
     exec_step(session, "data = [1, 2, 3]", "load")
     exec_step(session, "total = sum(data)", "sum")
@@ -234,6 +242,7 @@ def test_export_puts_a_replayed_step_in_its_originals_place(workspace, session, 
     assert ran.returncode == 0 and ran.stdout == "6\n12\n"
 
 
+@pytest.mark.slow
 def test_export_orders_steps_by_the_names_they_define_and_use(session, tmp_path):
     exec_step(session, "def scale(v):\n    return v * factor", "helper")
     exec_step(session, "factor = 3", "factor")
@@ -245,6 +254,7 @@ def test_export_orders_steps_by_the_names_they_define_and_use(session, tmp_path)
     assert ran.returncode == 0 and ran.stdout == "10\n"
 
 
+@pytest.mark.slow
 def test_export_chooses_steps_and_leaves_tags_out(session, tmp_path):
     exec_step(session, "a = 2", "a")
     exec_step(session, "b = 3", "b")
@@ -257,6 +267,7 @@ def test_export_chooses_steps_and_leaves_tags_out(session, tmp_path):
     assert unknown.status == "UnknownStep" and unknown.code == 2
 
 
+@pytest.mark.slow
 def test_export_verify_reports_a_script_that_fails_in_a_fresh_context(workspace, session, tmp_path):
     exec_step(session, "a = 1", "define")
     exec_step(session, "print(a)", "use")
@@ -269,6 +280,7 @@ def test_export_verify_reports_a_script_that_fails_in_a_fresh_context(workspace,
     assert exec_step(session, "print('still here')", "after").status == "Finished"
 
 
+@pytest.mark.slow
 def test_export_verify_stops_at_its_timeout(workspace, session, tmp_path):
     exec_step(session, "import time\ntime.sleep(0.1)\nprint('short')", "nap")
     exported = run(session, "export", "--steps", "1", "--verify", "--timeout", "0.05",
@@ -279,6 +291,7 @@ def test_export_verify_stops_at_its_timeout(workspace, session, tmp_path):
 
 # -- answers stay small ----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_context_evicted_after_forty_steps_stays_under_2kb(workspace, session):
     for index in range(40):
         exec_step(session, f"value_{index} = {index}\nprint('step', {index})", f"step_with_a_long_tag_name_{index}")
@@ -288,6 +301,7 @@ def test_context_evicted_after_forty_steps_stays_under_2kb(workspace, session):
     assert evicted["replay_plan"]["steps"] == "1-40"
 
 
+@pytest.mark.slow
 def test_an_error_with_a_long_traceback_and_output_answers_in_2kb_and_keeps_the_details(session):
     code = ("print('é' * 3000)\nimport sys\nsys.stderr.write('warning ' * 400)\n"
             "def deep(n):\n    return deep(n - 1) if n else {}['k' * 3000]\ndeep(30)")
@@ -300,6 +314,7 @@ def test_an_error_with_a_long_traceback_and_output_answers_in_2kb_and_keeps_the_
     assert failed["hint"].startswith("Read ")
 
 
+@pytest.mark.slow
 def test_escape_heavy_output_and_a_pip_step_answer_in_2kb(session):
     quoted = exec_step(session, "print('\"\\\\\\t' * 3000)", "quotes")   # each character doubles in JSON
     assert quoted.status == "Finished" and "stdout_preview" in quoted["moved_fields"]
@@ -315,6 +330,7 @@ def _profile_home(repl, name="dev"):
         f.write(f"[{name}]\nhost = {repl.workspace.host}\ntoken = {repl.workspace.token}\n")
 
 
+@pytest.mark.slow
 def test_tips_repeat_the_program_as_invoked_the_profile_and_the_timeout(workspace, tmp_path):
     project = tmp_path / "project"
     project.mkdir()
@@ -362,6 +378,7 @@ def test_the_program_is_named_as_invoked_for_the_script_the_console_script_and_f
     assert dbx_repl.invoked_program("dbx-repl", python) == "dbx-repl"
 
 
+@pytest.mark.slow
 def test_an_empty_profile_means_no_profile(repl):
     created = run(repl, "create", "--cluster-id", RUNNING_CLUSTER_ID, "--session-name", "p", "--profile", "")
     assert created.status == "Created", created
@@ -375,6 +392,7 @@ def test_an_empty_profile_means_no_profile(repl):
     run(repl, "destroy")
 
 
+@pytest.mark.slow
 def test_status_of_a_lost_context_carries_the_replay_plan(workspace, session):
     exec_step(session, "x = 1", "one")
     exec_step(session, "print('look')", "two")
@@ -384,6 +402,7 @@ def test_status_of_a_lost_context_carries_the_replay_plan(workspace, session):
     assert lost["tip"]["replay"].startswith(_interpreter())
 
 
+@pytest.mark.slow
 def test_replay_plan_flags_costly_and_side_effect_steps(session, tmp_path):
     exec_step(session, "%pip install pip", "deps", "--timeout", "300", timeout=400)
     exec_step(session, "import time\ntime.sleep(0.1)", "nap")

@@ -188,12 +188,82 @@ class _LazySpark:
     def __getattr__(self, name):
         if name.startswith("__"):
             raise AttributeError(name)
+        if self._session is None and not name.startswith("_"):
+            # On a cluster Spark is always up, so looking a method up costs nothing there: here
+            # the lookup starts nothing either (and imports nothing of pyspark.sql, which the
+            # step's code would see). The session class's source says whether the name exists
+            # and is a method; calling it starts Spark. Other attributes start it at once.
+            kind = _session_names(self._connect).get(name)
+            if kind is None:
+                raise AttributeError("'SparkSession' object has no attribute %r" % name)
+            if kind == "method":
+                return self._started_on_call(name)
         return getattr(self._get_session(), name)
+
+    def _started_on_call(self, name):
+        def call(*args, **kwargs):
+            return getattr(self._get_session(), name)(*args, **kwargs)
+        call.__name__ = call.__qualname__ = name
+        return call
 
     def __repr__(self):
         if self._session is None:
             return "<local SparkSession (not started yet)>"
         return repr(self._session)
+
+
+_NAMES = {}
+# Where pyspark defines SparkSession (classic, with its pandas conversion base class, or Connect).
+_SESSION_SOURCES = {False: (("sql", "session.py"), ("sql", "pandas", "conversion.py")),
+                    True: (("sql", "connect", "session.py"),)}
+_SESSION_CLASSES = ("SparkSession", "SparkConversionMixin")
+
+
+def _session_names(connect):
+    """{public name: "method" or "attribute"} of pyspark's SparkSession, read from its source
+    (parsed, not imported), once per process."""
+    if connect not in _NAMES:
+        import ast
+        import importlib.util
+
+        spec = importlib.util.find_spec("pyspark")
+        if spec is None:
+            raise ModuleNotFoundError(SPARK_MISSING, name="pyspark")
+        names = {}
+        for parts in _SESSION_SOURCES[connect]:
+            with open(os.path.join(spec.submodule_search_locations[0], *parts), encoding="utf-8") as f:
+                tree = ast.parse(f.read())
+            for cls in tree.body:
+                if isinstance(cls, ast.ClassDef) and cls.name in _SESSION_CLASSES:
+                    for node in cls.body:
+                        for name, kind in _class_body_names(node):
+                            names.setdefault(name, kind)
+        _NAMES[connect] = {name: names.get(kind, "attribute") if kind not in ("method", "attribute") else kind
+                           for name, kind in names.items() if not name.startswith("_")}   # aliases resolved
+    return _NAMES[connect]
+
+
+_NOT_METHODS = ("property", "cached_property", "setter", "classmethod", "staticmethod", "classproperty")
+
+
+def _class_body_names(node):
+    """(name, "method" or "attribute") for what one statement of a class body defines."""
+    import ast
+
+    if isinstance(node, ast.If):   # e.g. `if not is_remote_only(): def newSession(...)`
+        return [found for child in node.body + node.orelse for found in _class_body_names(child)]
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        decorators = [d.func if isinstance(d, ast.Call) else d for d in node.decorator_list]
+        plain = not any(getattr(d, "id", None) in _NOT_METHODS or getattr(d, "attr", None) in _NOT_METHODS
+                        for d in decorators)
+        return [(node.name, "method" if plain else "attribute")]
+    if isinstance(node, ast.ClassDef):
+        return [(node.name, "attribute")]
+    targets = node.targets if isinstance(node, ast.Assign) else \
+        [node.target] if isinstance(node, ast.AnnAssign) else []
+    value = getattr(node, "value", None)   # `addArtifact = addArtifacts`: the kind of the name it names
+    kind = value.id if isinstance(value, ast.Name) else "attribute"
+    return [(t.id, kind) for t in targets if isinstance(t, ast.Name)]
 
 
 def _interrupt_tag(session, tag):
