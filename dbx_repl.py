@@ -5537,11 +5537,12 @@ class DriverRepl(object):
         """On a Spark Connect session that reports progress (Spark 4), keep the running step's latest
         report in <key>.progress for the sidecar's progress read (`_dbx_repl_progress`)."""
         spark = self.namespace.get("spark")
-        register = getattr(spark, "registerProgressHandler", None)
-        if register is None or getattr(self, "connect_progress_of", None) is spark:
-            return
-        register(self.on_connect_progress)
+        if spark is None or "sc" in self.namespace or getattr(self, "connect_progress_of", None) is spark:
+            return   # a classic session (a SparkContext beside it) has its status tracker instead
         self.connect_progress_of = spark
+        register = getattr(spark, "registerProgressHandler", None)   # Spark 4's Connect client has it
+        if register is not None:
+            register(self.on_connect_progress)
 
     def on_connect_progress(self, stages=None, inflight_tasks=0, operation_id=None, done=False):
         key = self.key

@@ -235,7 +235,7 @@ BAD_INPUTS = [("exec", "--tag", "///", "--command", "1"), ("exec", "--tag", "", 
               ("create", "--cluster-id", "", "--session-name", "x"),
               ("create", "--cluster-id", RUNNING_CLUSTER_ID, "--session-name", ""),
               ("create", "--cluster-id", "0000-nosuch", "--session-name", "x"),
-              ("replay", "--steps", "x-y"), ("replay", "--steps", "999"), ("export", "--output", "/etc/x.py"),
+              ("replay", "--steps", "x-y"), ("replay", "--steps", "999"), ("export", "--output", "/dev/null/x.py"),
               ("get", "/nonexistent", "../outside"), ("frobnicate",)]
 
 

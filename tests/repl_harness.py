@@ -4,6 +4,8 @@
 and a `message`, no traceback on stderr) and returns a `Call` with the parsed body and exit code.
 """
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -83,7 +85,8 @@ def check_tip(line, where):
     program, argv = tip_argv(line)
     assert program[-1] == "dbx-repl" or os.path.exists(program[-1]), f"{where}: no program at {program}"
     try:
-        args = dbx_repl.parse_command_line(argv)
+        with contextlib.redirect_stdout(io.StringIO()):   # a --help tip prints the help: not ours to show
+            args = dbx_repl.parse_command_line(argv)
     except dbx_repl.ReplError as err:
         raise AssertionError(f"{where}: {line!r} is a usage error: {err.message}") from None
     except SystemExit as exit_:     # --help: argparse prints the help and exits 0

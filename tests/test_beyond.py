@@ -22,7 +22,7 @@ def test_create_without_consent_refuses_a_terminated_cluster_and_starts_nothing(
     refused = repl.create(TERMINATED_CLUSTER_ID)
     assert refused.status == "ClusterNotRunning" and refused.code == 1, refused
     assert refused["cluster_state"] == "TERMINATED"
-    assert "--start-cluster" in refused["hint"]
+    assert "--start-cluster" in refused["tip"]["start"] and "consent" in refused["hint"]
     assert _starts(workspace) == []
     assert repl.run("find-cluster", "--name", "analytics-prod", project=False)["state"] == "TERMINATED"
 
@@ -58,7 +58,7 @@ def test_find_cluster_says_which_clusters_can_be_started_and_why_they_are_off(re
     assert found.status == "Found", found
     assert found["startable"] is True and found["state"] == "TERMINATED"
     assert "inactive" in found["state_message"].lower()
-    assert "--start-cluster" in found["hint"]
+    assert "--start-cluster" in found["tip"]["start"] and "consent" in found["hint"]
     running = repl.run("find-cluster", "--name", "analytics-dev", project=False)
     assert running["startable"] is False
 
