@@ -180,6 +180,21 @@ def printed_so_far(repl, key):
     return ""
 
 
+def gated_step(name, then):
+    """Code for a step that waits (at most a minute) until the test opens its gate, `open_gate(repl,
+    name)`, then runs `then`: a step that is surely still running while the test acts."""
+    return ("import os, time\nfor _ in range(1200):\n    if os.path.exists('/tmp/gate-%s'):\n        break\n"
+            "    time.sleep(0.05)\n%s" % (name, then))
+
+
+def open_gate(repl, name):
+    """Let the gated step `name` of the session's cluster go on (its /tmp, as the local workspace keeps it)."""
+    from local_workspace.paths import host_path
+    path = host_path(repl.workspace._tmpdir, repl.session()["cluster_id"], "/tmp/gate-" + name)
+    with open(path, "w"):
+        pass
+
+
 def command_status(repl, record=None):
     """The service's status of one of the session's commands (its active command by default), read
     through the REST API: "Running", "Finished", "Cancelled", ... or None while there is none."""

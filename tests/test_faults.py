@@ -13,7 +13,7 @@ import pytest
 
 from local_workspace import RUNNING_CLUSTER_ID
 import repl_harness
-from repl_harness import Repl, in_timed_sleep, wait_for
+from repl_harness import Repl, gated_step, in_timed_sleep, open_gate, wait_for
 
 EXECUTE = "/api/1.2/commands/execute"
 STATUS = "/api/1.2/commands/status"
@@ -134,13 +134,14 @@ def test_sigterm_during_exec_leaves_the_command_running_and_await_collects_it(se
 
 @pytest.mark.slow
 def test_sigkill_mid_exec_loses_nothing_and_await_recovers_the_output(session):
-    proc = session.popen("exec", "--command", "import time\ntime.sleep(1.5)\nprint('kept')", "--tag", "k")
+    proc = session.popen("exec", "--command", gated_step("k", "print('kept')"), "--tag", "k")
     assert wait_for(lambda: active_command_id(session), 15)
     proc.kill()
     proc.communicate(timeout=10)
     busy = session.exec("print('too early')", "next")
     assert busy.status == "CommandRunning" and busy.code != 0
     assert "await" in busy["tip"] and "cancel" in busy["tip"]
+    open_gate(session, "k")
     done = session.run("await", "--timeout", "30")
     assert done.status == "Finished" and done["stdout_preview"] == "kept\n"
     assert done["cmd_id"] == "001_k"
@@ -240,12 +241,13 @@ def test_no_process_of_the_cli_outlives_its_call(session):
 
 @pytest.mark.slow
 def test_exec_while_a_command_is_active_answers_command_running(session):
-    proc = session.popen("exec", "--command", "import time\ntime.sleep(2)\nprint('first')", "--tag", "a")
+    proc = session.popen("exec", "--command", gated_step("a", "print('first')"), "--tag", "a")
     assert wait_for(lambda: active_command_id(session), 15)
     second = session.exec("print('second')", "b")
     assert second.status == "CommandRunning" and second.code != 0
     assert "001_a" in second["message"]
     assert set(second["tip"]) == {"await", "cancel"}
+    open_gate(session, "a")
     assert session.finish(proc).status == "Finished"
     log = assert_log_consistent(session)
     assert [s["step"] for s in log["steps"]] == [1] and log["step_counter"] == 1
