@@ -2125,8 +2125,7 @@ def recovery_tips(project, replay, failed=None):
     failed step (a StepRun) run again from its command file, in that order."""
     tips = {"replay": cli_hint("replay", project), "plan": f"{cli_hint('replay', project)} --plan"} if replay else {}
     if failed is not None:
-        tips["retry"] = (f"{cli_hint('exec', project)} --tag {shlex.quote(failed.active['tag'])} --command "
-                         + shlex.quote("@" + project.show(failed.files.command)))
+        tips["retry"] = failed.retry_tip()
     return tips or None
 
 
@@ -2244,7 +2243,7 @@ class StepRun:
         self.ws, self.project, self.session, self.active = ws, project, session, active
         self.files = StepFiles(project, active["step"], active["tag"])
         self.target = Target.of(session, active.get("context_id"))
-        self.timeout = DEFAULT_TIMEOUT      # the caller's --timeout: what the Running answer's tip repeats
+        self.timeout = DEFAULT_TIMEOUT      # the caller's --timeout: how long this call waits
         self.deadline = None                # time.monotonic() by which a wait ends
         self.max_bytes = DEFAULT_MAX_OUTPUT_BYTES
         self.command = None                 # what `submit` sends (set by `reserve`)
@@ -2976,6 +2975,11 @@ class StepRun:
         self.name_left_out(missing_name(error_type, message), fields, notes)
         return "Error"
 
+    def retry_tip(self):
+        """The exec command line that runs this step again, as it was, from its command file."""
+        return (f"{cli_hint('exec', self.project)} --tag {shlex.quote(self.active['tag'])} --command "
+                + shlex.quote("@" + self.project.show(self.files.command)))
+
     def name_left_out(self, name, fields, notes):
         """The eviction's aftermath: the step failed on a name (or a table or view) that a step of an
         evicted context defined and no replay restored. Say so, with the replay and the retry."""
@@ -2988,8 +2992,7 @@ class StepRun:
         fields["left_out_step"] = definer["origin"]
         fields["hint"] = "Replay the step that defines it with tip.replay, then run this step again with tip.retry."
         fields["tip"] = {"replay": f"{cli_hint('replay', self.project)} --steps {definer['origin']}",
-                         "retry": (f"{cli_hint('exec', self.project)} --tag {shlex.quote(self.active['tag'])} "
-                                   f"--command {shlex.quote('@' + self.project.show(self.files.command))}")}
+                         "retry": self.retry_tip()}
 
     def record(self, status, **extra):
         """Record the step in session.json with `status` (after its files exist); the session saved."""
