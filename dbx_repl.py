@@ -100,6 +100,7 @@ SUBMIT_GRACE_SECONDS = 1.5                 # a submit may end this long after --
 # 2.5% of its run time, and a 10-minute wait costs ~330 status calls (well under the service's rate
 # limits). See docs/benchmark.md for the measured lag.
 POLL_MIN_SECONDS = 0.03
+FIRST_POLL_SECONDS = 0.01   # after the submit: a trivial command is done by then, and one poll reads it
 POLL_FRACTION = 0.025
 POLL_MAX_SECONDS = 5.0
 CANCEL_WAIT_SECONDS = 10.0                 # cancel waits this long for the command to stop, else: Cancelling
@@ -366,18 +367,22 @@ WAITING_SUBCOMMANDS = ("exec", "await", "replay", "export")   # the ones that ta
 
 def invoked_program(argv0, executable=None):
     """The command line that started this CLI, as the caller can type it again: `python3 PATH` for
-    the script (PATH as given), `dbx-repl` for the console script. find_cluster.py points at the
-    dbx_repl.py beside it."""
+    the skill's folder or the script (PATH as given), `dbx-repl` for the console script.
+    find_cluster.py points at the skill's folder it sits in (else at the dbx_repl.py beside it)."""
     import shlex
     import shutil
     executable = executable or sys.executable
     directory, name = os.path.split(argv0 or "")
-    if name in ("find_cluster.py", "dbx-find-cluster"):
-        name = "dbx_repl.py" if name.endswith(".py") else "dbx-repl"
-        argv0 = os.path.join(directory, name)
-    if not name or name.startswith("-") or name in ("__main__.py", "pytest"):
+    if name == "find_cluster.py":
+        skill = directory or "."
+        argv0 = skill if os.path.isfile(os.path.join(skill, "__main__.py")) else os.path.join(directory, "dbx_repl.py")
+        directory, name = os.path.split(argv0)
+    elif name == "dbx-find-cluster":
+        argv0, name = os.path.join(directory, "dbx-repl"), "dbx-repl"
+    folder = bool(argv0) and os.path.isfile(os.path.join(argv0, "__main__.py"))
+    if not folder and (not name or name.startswith("-") or name in ("__main__.py", "pytest")):
         return "dbx_repl.py"
-    if name.endswith(".py"):
+    if folder or name.endswith(".py"):
         interpreter = os.path.basename(executable)
         if shutil.which(interpreter) != executable:
             interpreter = executable
@@ -1247,15 +1252,17 @@ class Workspace:
         """Poll until the command is done (its status dict) or `timeout` seconds pass (None).
         `watch(waited)`, when given, is called between polls (it limits its own rate; see StepWatch).
 
-        Polls fast at first (see POLL_*). A failed poll is retried, not reported as a failed command,
-        unless a contexts/status probe shows the context is gone (ContextGone). Every request ends by the
-        timeout plus WAIT_GRACE_SECONDS, whatever the network does; if the last poll failed, the wait
-        raises StatusUnavailable instead of returning None. A deadline set by the caller ends the wait too.
+        Polls fast at first (see FIRST_POLL_SECONDS and POLL_*). A failed poll is retried, not reported
+        as a failed command, unless a contexts/status probe shows the context is gone (ContextGone).
+        Every request ends by the timeout plus WAIT_GRACE_SECONDS, whatever the network does; if the last
+        poll failed, the wait raises StatusUnavailable instead of returning None. A deadline set by the
+        caller ends the wait too.
         """
         started = time.monotonic()
         failing_since, last_error = None, None
         with self.deadline_within(timeout + WAIT_GRACE_SECONDS) as limit:
             deadline = min(started + timeout, limit)
+            time.sleep(FIRST_POLL_SECONDS)
             while True:
                 began = time.monotonic()
                 try:

@@ -1,4 +1,5 @@
-"""Drive the CLI the way an agent does: as a subprocess, one JSON object per call.
+"""Drive the CLI the way an agent does: as a subprocess, one JSON object per call, started as SKILL.md
+says (`python3 <the skill's folder> ...`, which imports dbx_repl.py with Python's bytecode cache).
 
 `Repl.run(...)` checks the contract on every call (exactly one JSON object on stdout, a `status`
 and a `message`, no traceback on stderr) and returns a `Call` with the parsed body and exit code.
@@ -17,6 +18,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLI = os.path.join(ROOT, "dbx_repl.py")
+PROGRAM = [sys.executable, ROOT]       # the skill's folder: its __main__.py runs dbx_repl.py
 FIND_CLUSTER = os.path.join(ROOT, "find_cluster.py")
 
 
@@ -66,11 +68,12 @@ def tips_of(body):
 
 def tip_argv(line):
     """A tip's command line as the shell splits it, placeholders filled, without the program: the
-    arguments after dbx_repl.py (or the dbx-repl console script)."""
+    arguments after dbx_repl.py, the skill's folder or the dbx-repl console script."""
     filled = PLACEHOLDER.sub(lambda m: PLACEHOLDER_VALUES[m.group(0)], line)
     words = shlex.split(filled)
     for index, word in enumerate(words):
-        if os.path.basename(word) in ("dbx_repl.py", "dbx-repl"):
+        if os.path.basename(word) in ("dbx_repl.py", "dbx-repl") or \
+                os.path.isfile(os.path.join(word, "__main__.py")):
             return words[:index + 1], words[index + 1:]
     raise AssertionError(f"a tip must start with the program: {line!r}")
 
@@ -98,10 +101,12 @@ def check_tip(line, where):
 
 
 def cli_env(workspace, home, extra=None):
-    """A clean environment: the local workspace's host and token, an empty HOME, no stray profile."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABRICKS_", "DBX_REPL_"))}
+    """A clean environment: the local workspace's host and token, an empty HOME, no stray profile, and
+    Python's default bytecode cache (an agent's Python writes it; this machine may say otherwise)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABRICKS_", "DBX_REPL_"))
+           and k != "PYTHONDONTWRITEBYTECODE"}
     env.update(HOME=str(home), DATABRICKS_HOST=workspace.host, DATABRICKS_TOKEN=workspace.token,
-               DBX_REPL_RETRY_TIMEOUT="10", PYTHONDONTWRITEBYTECODE="1")
+               DBX_REPL_RETRY_TIMEOUT="10")
     env.update(extra or {})
     return env
 
@@ -116,7 +121,7 @@ class Repl:
 
     def argv(self, subcommand, *args, project=True):
         extra = ["--project-dir", self.project_dir] if project and subcommand != "find-cluster" else []
-        return [sys.executable, CLI, subcommand, *extra, *args]
+        return [*PROGRAM, subcommand, *extra, *args]
 
     def run(self, subcommand, *args, stdin=None, timeout=120, env=None, project=True):
         argv = self.argv(subcommand, *args, project=project)

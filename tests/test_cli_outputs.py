@@ -444,7 +444,8 @@ def test_a_failed_output_fetch_keeps_the_step_and_names_the_get_for_the_driver_c
     call = session.finish(proc)
     assert call.status == "Finished" and call["truncated"] is True
     assert "Could not fetch the full output" in call["message"]
-    get_command = call["message"].split("dbx_repl.py ")[-1].split()
+    program = " ".join(session.argv("get", project=False)[:-1])
+    get_command = call["message"].split(program + " ")[-1].split()
     assert get_command[0] == "get"
     assert session.session()["steps"][-1]["status"] == "Finished"
     copied = session.run(*get_command)

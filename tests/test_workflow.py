@@ -367,9 +367,20 @@ def _interpreter():
     return name if shutil.which(name) == sys.executable else sys.executable
 
 
-def test_the_program_is_named_as_invoked_for_the_script_the_console_script_and_find_cluster():
+def test_the_program_is_named_as_invoked_for_the_script_the_folder_the_console_script_and_find_cluster(
+        tmp_path, monkeypatch):
     import dbx_repl
     python = "/opt/py/bin/python3"
+    skill = tmp_path / "databricks-repl"
+    skill.mkdir()
+    (skill / "__main__.py").write_text("")
+    monkeypatch.chdir(tmp_path)
+    assert dbx_repl.invoked_program("databricks-repl", python) == f"{python} databricks-repl"
+    assert dbx_repl.invoked_program(str(skill), python) == f"{python} {skill}"
+    assert dbx_repl.invoked_program("databricks-repl/find_cluster.py", python) == f"{python} databricks-repl"
+    monkeypatch.chdir(skill)
+    assert dbx_repl.invoked_program(".", python) == f"{python} ."
+    assert dbx_repl.invoked_program("find_cluster.py", python) == f"{python} ."
     assert dbx_repl.invoked_program(".claude/skills/databricks-repl/dbx_repl.py", python) == \
         f"{python} .claude/skills/databricks-repl/dbx_repl.py"
     assert dbx_repl.invoked_program("skills/find_cluster.py", python) == f"{python} skills/dbx_repl.py"
@@ -435,7 +446,7 @@ def test_databricks_cluster_id_is_an_id_for_create_smoke_and_find_cluster(repl):
     found = json.loads(proc.stdout)
     assert found["status"] == "Found" and found["cluster_id"] == RUNNING_CLUSTER_ID
     assert found["tip"]["create"].endswith(f"create --cluster-id {RUNNING_CLUSTER_ID} --session-name <session-name>")
-    assert "dbx_repl.py create" in found["tip"]["create"]
+    assert found["tip"]["create"].startswith(f"{_interpreter()} {ROOT} create")   # the skill's folder
 
 
 # -- packaging and SKILL.md -----------------------------------------------------------------------------
