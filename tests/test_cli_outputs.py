@@ -16,7 +16,7 @@ import zlib
 import pytest
 
 from local_workspace import LocalWorkspace
-from repl_harness import Repl, printed_so_far, wait_for
+from repl_harness import ROOT, Repl, printed_so_far, wait_for
 
 pytestmark = pytest.mark.xdist_group("cli_outputs")   # one worker runs the module: its module-scoped workspace starts once
 
@@ -444,9 +444,7 @@ def test_a_failed_output_fetch_keeps_the_step_and_names_the_get_for_the_driver_c
     call = session.finish(proc)
     assert call.status == "Finished" and call["truncated"] is True
     assert "Could not fetch the full output" in call["message"]
-    program = " ".join(session.argv("get", project=False)[:-1])
-    get_command = call["message"].split(program + " ")[-1].split()
-    assert get_command[0] == "get"
+    get_command = ["get", *call["message"].split(f" {ROOT} get ")[-1].split()]   # the program, then `get ...`
     assert session.session()["steps"][-1]["status"] == "Finished"
     copied = session.run(*get_command)
     assert copied.status == "Downloaded", copied
