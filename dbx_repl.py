@@ -3193,10 +3193,10 @@ class _Names:
             return
         self.visit(node)
         if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call):
-            func = node.value.func                # obj.method(...) as a statement: it changes obj
+            func = node.value.func                # obj.method(...) as a statement: it changes obj,
             if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and \
-                    func.attr not in READ_ONLY_METHODS:
-                self.stored.add(func.value.id)
+                    func.attr not in READ_ONLY_METHODS and func.value.id not in RUNTIME_NAMES:
+                self.stored.add(func.value.id)    # but spark.sql(...) leaves `spark` the runtime's
 
     def visit(self, node):
         if isinstance(node, ast.Name):
@@ -3281,6 +3281,9 @@ def _call_flags(call):
         flags.add("sub_llm")
     if last in WRITE_CALLS or name.startswith("dbutils.fs."):   # `.write` itself: see analyse_code
         flags.add("writes")
+    if last == "sql" and call.args and isinstance(call.args[0], ast.Constant) and \
+            isinstance(call.args[0].value, str):
+        flags |= analyse_sql(call.args[0].value)["flags"]      # spark.sql("INSERT ...") writes
     if name == "open":
         mode = call.args[1] if len(call.args) > 1 else next((k.value for k in call.keywords if k.arg == "mode"),
                                                             None)
@@ -3292,7 +3295,7 @@ def _call_flags(call):
 
 SQL_CREATES = re.compile(r"\bCREATE\s+(?:OR\s+REPLACE\s+)?(?:GLOBAL\s+)?(?:TEMP(?:ORARY)?\s+)?"
                          r"(?:VIEW|TABLE)\s+(?:IF\s+NOT\s+EXISTS\s+)?([\w.`]+)", re.IGNORECASE)
-SQL_READS = re.compile(r"\b(?:FROM|JOIN|TABLE)\s+([\w.`]+)", re.IGNORECASE)
+SQL_READS = re.compile(r"\b(?:FROM|JOIN|TABLE)\s+(?:IF\s+(?:NOT\s+)?EXISTS\s+)?([\w.`]+)", re.IGNORECASE)
 SQL_WRITES = re.compile(r"^\s*(?:INSERT|MERGE|UPDATE|DELETE|DROP|ALTER|TRUNCATE|CREATE\s+(?:OR\s+REPLACE\s+)?TABLE)\b",
                         re.IGNORECASE | re.MULTILINE)
 TEMP_VIEW_CALLS = frozenset({"createOrReplaceTempView", "createTempView", "createOrReplaceGlobalTempView",

@@ -125,6 +125,9 @@ def programs(draw, min_steps=2, max_steps=7, bound=()):
     ("spark.sql with a literal reads as SQL: views defined, tables used",
      "recent = spark.sql('CREATE OR REPLACE TEMP VIEW recent AS SELECT * FROM sales JOIN `Shop`.stores')",
      {"recent", "sql:recent"}, {"sql:sales", "sql:shop.stores"}),
+    ("a call on the runtime's spark changes no name of the user's", "spark.sql('SET x = 1')", set(), set()),
+    ("IF NOT EXISTS is no table's name", "spark.sql('CREATE TABLE IF NOT EXISTS totals AS SELECT * FROM raw')",
+     {"sql:totals"}, {"sql:raw"}),
     ("a temp view made from Python defines it; spark.table uses one",
      "df.createOrReplaceTempView('v')\nt = spark.table('other')", {"df", "sql:v", "t"}, {"df", "sql:other"}),
 ])
@@ -158,7 +161,8 @@ def test_magic_lines_are_flagged_and_keep_the_line_numbers_of_the_python_around_
     ("open('/tmp/x', 'w').write('y')", {"writes"}),
     ("with open(p, mode='a') as f:\n    f.write('y')", {"writes"}),
     ("text = open(p).read()", set()),
-    ("spark.sql('INSERT INTO t VALUES (1)')", set()),   # writes through SQL in Python: not seen as a write
+    ("spark.sql('INSERT INTO t VALUES (1)')", {"writes"}),
+    ("spark.sql('SELECT * FROM t').show()", set()),
 ])
 def test_costly_and_side_effect_calls_are_flagged(code, flags):
     assert dbx_repl.analyse_code(code)["flags"] == flags
