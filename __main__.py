@@ -2,10 +2,14 @@
 
 Imported as a module, dbx_repl.py's compiled code is cached in __pycache__ as Python caches any
 import, so a call skips compiling its 330 KB; run as `python3 dbx_repl.py` it is compiled on every
-call (about 0.1 s). Nothing else lives here.
+call (about 0.1 s). The folder comes first on sys.path, so this folder's dbx_repl.py runs however
+this file was started (`python3 -m`, or by its own path). Nothing else lives here.
 """
+import os
 import sys
 
-import dbx_repl
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import dbx_repl  # noqa: E402
 
 sys.exit(dbx_repl.main())

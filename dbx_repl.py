@@ -365,21 +365,28 @@ class Invocation:
 WAITING_SUBCOMMANDS = ("exec", "await", "replay", "export")   # the ones that take --timeout
 
 
+def _skill_folder(path):
+    """Whether `path` is the skill's folder: a __main__.py beside dbx_repl.py."""
+    return all(os.path.isfile(os.path.join(path, name)) for name in ("__main__.py", "dbx_repl.py"))
+
+
 def invoked_program(argv0, executable=None):
     """The command line that started this CLI, as the caller can type it again: `python3 PATH` for
-    the skill's folder or the script (PATH as given), `dbx-repl` for the console script.
-    find_cluster.py points at the skill's folder it sits in (else at the dbx_repl.py beside it)."""
+    the skill's folder or the script (PATH as given), `dbx-repl` for the console script. The
+    folder's __main__.py and find_cluster.py point at the folder they sit in (else find_cluster.py
+    at the dbx_repl.py beside it)."""
     import shlex
     import shutil
     executable = executable or sys.executable
     directory, name = os.path.split(argv0 or "")
-    if name == "find_cluster.py":
-        skill = directory or "."
-        argv0 = skill if os.path.isfile(os.path.join(skill, "__main__.py")) else os.path.join(directory, "dbx_repl.py")
-        directory, name = os.path.split(argv0)
+    if name in ("__main__.py", "find_cluster.py") and _skill_folder(directory or "."):
+        argv0 = directory or "."
+    elif name == "find_cluster.py":
+        argv0 = os.path.join(directory, "dbx_repl.py")
     elif name == "dbx-find-cluster":
-        argv0, name = os.path.join(directory, "dbx-repl"), "dbx-repl"
-    folder = bool(argv0) and os.path.isfile(os.path.join(argv0, "__main__.py"))
+        argv0 = os.path.join(directory, "dbx-repl")
+    directory, name = os.path.split(argv0 or "")
+    folder = bool(argv0) and _skill_folder(argv0)
     if not folder and (not name or name.startswith("-") or name in ("__main__.py", "pytest")):
         return "dbx_repl.py"
     if folder or name.endswith(".py"):
@@ -934,7 +941,7 @@ class _SDK:
             from databricks.sdk.core import ApiClient
         except ImportError as err:
             raise ReplError("SdkMissing", f"databricks-sdk is not importable: {err}",
-                            hint="pip install 'databricks-sdk>=0.40'")
+                            hint=f"{shlex.quote(sys.executable)} -m pip install 'databricks-sdk>=0.40'")
         logging.getLogger("databricks.sdk").addHandler(logging.NullHandler())
         return types.SimpleNamespace(Config=sdk.config.Config, ApiClient=ApiClient, errors=errors,
                                      import_path="full")

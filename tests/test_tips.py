@@ -152,3 +152,30 @@ def test_export_names_a_cancelled_step_it_leaves_out(session):
 def test_the_missing_name_of_a_failed_step_is_read_from_its_error(error_type, message, name):
     import dbx_repl
     assert dbx_repl.missing_name(error_type, message) == name
+
+
+@pytest.mark.parametrize("start", ["folder", "main_file", "dash_m"])
+def test_the_skill_folder_runs_its_own_cli_however_it_is_started_and_its_tips_name_the_folder(
+        repl, tmp_path, start):
+    import os
+    import shutil
+    import sys
+
+    from repl_harness import ROOT
+    skills = tmp_path / "skills"
+    skill = skills / "databricks-repl"
+    skill.mkdir(parents=True)
+    for name in ("__main__.py", "dbx_repl.py", "find_cluster.py"):
+        shutil.copy(os.path.join(ROOT, name), skill / name)
+    argv = {"folder": [str(skill)], "main_file": [str(skill / "__main__.py")],
+            "dash_m": ["-m", "databricks-repl"]}[start]
+    proc = subprocess.run([sys.executable, *argv, "create", "--project-dir", repl.project_dir, "--cluster-id",
+                           RUNNING_CLUSTER_ID, "--session-name", "copy"], capture_output=True, text=True,
+                          timeout=120, cwd=skills, env=repl.env)
+    created = Call(proc.args, proc.returncode, proc.stdout, proc.stderr)
+    assert created.status == "Created", created
+    assert shlex.split(created["tip"]["exec"])[1] == str(skill)      # this copy, not the repository's
+    step = follow(repl, created, "exec", tag="t", code="print(6 * 7)")
+    assert step.status == "Finished" and repl.read(step["stdout_file"]) == "42\n"
+    assert sorted(os.listdir(skill)) == ["__main__.py", "__pycache__", "dbx_repl.py", "find_cluster.py"]
+    assert repl.run("destroy").status == "Destroyed"

@@ -373,14 +373,18 @@ def test_the_program_is_named_as_invoked_for_the_script_the_folder_the_console_s
     python = "/opt/py/bin/python3"
     skill = tmp_path / "databricks-repl"
     skill.mkdir()
-    (skill / "__main__.py").write_text("")
+    for name in ("__main__.py", "dbx_repl.py", "find_cluster.py"):
+        (skill / name).write_text("")
     monkeypatch.chdir(tmp_path)
     assert dbx_repl.invoked_program("databricks-repl", python) == f"{python} databricks-repl"
     assert dbx_repl.invoked_program(str(skill), python) == f"{python} {skill}"
     assert dbx_repl.invoked_program("databricks-repl/find_cluster.py", python) == f"{python} databricks-repl"
+    assert dbx_repl.invoked_program(str(skill / "__main__.py"), python) == f"{python} {skill}"
     monkeypatch.chdir(skill)
     assert dbx_repl.invoked_program(".", python) == f"{python} ."
     assert dbx_repl.invoked_program("find_cluster.py", python) == f"{python} ."
+    assert dbx_repl.invoked_program("__main__.py", python) == f"{python} ."
+    assert dbx_repl.invoked_program("/usr/lib/python3/site-packages/pytest/__main__.py", python) == "dbx_repl.py"
     assert dbx_repl.invoked_program(".claude/skills/databricks-repl/dbx_repl.py", python) == \
         f"{python} .claude/skills/databricks-repl/dbx_repl.py"
     assert dbx_repl.invoked_program("skills/find_cluster.py", python) == f"{python} skills/dbx_repl.py"
