@@ -538,15 +538,15 @@ class Contexts:
             with self._lock:
                 if ctx.current is not cmd or ctx.dead or ctx.closed:
                     return
-            # Spark first: its cancelled jobs end a blocked Spark call with an error.
+                try:    # first, so the command ends Cancelled however its code ends from here on
+                    os.write(ctx.cancel_fd, (cmd.id + "\n").encode())
+                except OSError:
+                    pass
+            # Spark next: its cancelled jobs end a blocked Spark call with an error.
             self._cancel_spark_jobs(ctx.cluster_id, cmd.id)
             with self._lock:
                 if ctx.current is not cmd or ctx.dead or ctx.closed:
                     return
-                try:
-                    os.write(ctx.cancel_fd, (cmd.id + "\n").encode())
-                except OSError:
-                    pass
                 try:
                     os.kill(ctx.proc.pid, signal.SIGINT)
                 except OSError:
