@@ -1269,7 +1269,7 @@ class Workspace:
         failing_since, last_error = None, None
         with self.deadline_within(timeout + WAIT_GRACE_SECONDS) as limit:
             deadline = min(started + timeout, limit)
-            time.sleep(FIRST_POLL_SECONDS)
+            time.sleep(max(min(FIRST_POLL_SECONDS, deadline - time.monotonic()), 0.0))
             while True:
                 began = time.monotonic()
                 try:
@@ -3277,6 +3277,12 @@ def _call_name(call):
     return ".".join(reversed(parts))
 
 
+def _string_argument(call):
+    """The call's first argument when it is a string literal, else None."""
+    first = call.args[0] if call.args else None
+    return first.value if isinstance(first, ast.Constant) and isinstance(first.value, str) else None
+
+
 def _call_flags(call):
     """Cost and side-effect flags of one call."""
     name = _call_name(call)
@@ -3288,9 +3294,8 @@ def _call_flags(call):
         flags.add("sub_llm")
     if last in WRITE_CALLS or name.startswith("dbutils.fs."):   # `.write` itself: see analyse_code
         flags.add("writes")
-    if last == "sql" and call.args and isinstance(call.args[0], ast.Constant) and \
-            isinstance(call.args[0].value, str):
-        flags |= analyse_sql(call.args[0].value)["flags"]      # spark.sql("INSERT ...") writes
+    if last == "sql" and _string_argument(call) is not None:
+        flags |= analyse_sql(_string_argument(call))["flags"]      # spark.sql("INSERT ...") writes
     if name == "open":
         mode = call.args[1] if len(call.args) > 1 else next((k.value for k in call.keywords if k.arg == "mode"),
                                                             None)
@@ -3331,8 +3336,7 @@ def _sql_names_of_call(call):
     """(defines, uses) of SQL names in one Python call: df.createOrReplaceTempView("v") defines
     sql:v, spark.table("v") uses it, and spark.sql("...") with a literal is read as SQL."""
     name = _call_name(call).rsplit(".", 1)[-1]
-    literal = call.args[0].value if call.args and isinstance(call.args[0], ast.Constant) \
-        and isinstance(call.args[0].value, str) else None
+    literal = _string_argument(call)
     if literal is None:
         return set(), set()
     if name in TEMP_VIEW_CALLS:
