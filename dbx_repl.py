@@ -100,7 +100,7 @@ SUBMIT_GRACE_SECONDS = 1.5                 # a submit may end this long after --
 # 2.5% of its run time, and a 10-minute wait costs ~330 status calls (well under the service's rate
 # limits). See docs/benchmark.md for the measured lag.
 POLL_MIN_SECONDS = 0.03
-FIRST_POLL_SECONDS = 0.01   # after the submit: a trivial command is done by then, and one poll reads it
+FIRST_POLL_SECONDS = 0.01   # before a wait's first poll: a trivial command just submitted is done by then
 POLL_FRACTION = 0.025
 POLL_MAX_SECONDS = 5.0
 CANCEL_WAIT_SECONDS = 10.0                 # cancel waits this long for the command to stop, else: Cancelling
@@ -3294,8 +3294,9 @@ def _call_flags(call):
         flags.add("sub_llm")
     if last in WRITE_CALLS or name.startswith("dbutils.fs."):   # `.write` itself: see analyse_code
         flags.add("writes")
-    if last == "sql" and _string_argument(call) is not None:
-        flags |= analyse_sql(_string_argument(call))["flags"]      # spark.sql("INSERT ...") writes
+    literal = _string_argument(call)
+    if last == "sql" and literal is not None:
+        flags |= analyse_sql(literal)["flags"]      # spark.sql("INSERT ...") writes
     if name == "open":
         mode = call.args[1] if len(call.args) > 1 else next((k.value for k in call.keywords if k.arg == "mode"),
                                                             None)
@@ -5383,6 +5384,7 @@ class DriverRepl(object):
         self.copies_bytes = int(config.get("copies_bytes") or 256 * 1024 * 1024)
         self.key, self.ending, self.images, self.exit_value, self.late = None, None, [], None, None
         self.streams_before = {}
+        self.connect_progress_of = None    # the Spark Connect session whose progress is watched
         self.make_dir()
         # One output per Python process: a reinstall (the helpers lost, the interpreter alive) keeps
         # the pipe, its thread, the streams that handlers hold and the secrets already read.
@@ -5561,7 +5563,7 @@ class DriverRepl(object):
         """On a Spark Connect session that reports progress (Spark 4), keep the running step's latest
         report in <key>.progress for the sidecar's progress read (`_dbx_repl_progress`)."""
         spark = self.namespace.get("spark")
-        if spark is None or "sc" in self.namespace or getattr(self, "connect_progress_of", None) is spark:
+        if spark is None or "sc" in self.namespace or self.connect_progress_of is spark:
             return   # a classic session (a SparkContext beside it) has its status tracker instead
         self.connect_progress_of = spark
         register = getattr(spark, "registerProgressHandler", None)   # Spark 4's Connect client has it

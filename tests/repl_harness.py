@@ -69,11 +69,11 @@ def tips_of(body):
 def tip_argv(line):
     """A tip's command line as the shell splits it, placeholders filled, without the program: the
     arguments after dbx_repl.py, the skill's folder or the dbx-repl console script."""
+    import dbx_repl
     filled = PLACEHOLDER.sub(lambda m: PLACEHOLDER_VALUES[m.group(0)], line)
     words = shlex.split(filled)
     for index, word in enumerate(words):
-        if os.path.basename(word) in ("dbx_repl.py", "dbx-repl") or \
-                os.path.isfile(os.path.join(word, "__main__.py")):
+        if os.path.basename(word) in ("dbx_repl.py", "dbx-repl") or dbx_repl._skill_folder(word):
             return words[:index + 1], words[index + 1:]
     raise AssertionError(f"a tip must start with the program: {line!r}")
 

@@ -444,7 +444,9 @@ def test_a_failed_output_fetch_keeps_the_step_and_names_the_get_for_the_driver_c
     call = session.finish(proc)
     assert call.status == "Finished" and call["truncated"] is True
     assert "Could not fetch the full output" in call["message"]
-    get_command = ["get", *call["message"].split(f" {ROOT} get ")[-1].split()]   # the program, then `get ...`
+    program_then_get = f" {ROOT} get "
+    assert program_then_get in call["message"], call["message"]
+    get_command = ["get", *call["message"].split(program_then_get)[-1].split()]
     assert session.session()["steps"][-1]["status"] == "Finished"
     copied = session.run(*get_command)
     assert copied.status == "Downloaded", copied

@@ -71,17 +71,20 @@ def test_a_table_saved_in_one_context_is_read_in_another(spark_client, two_conte
 def test_pyspark_functions_find_the_spark_context_before_spark_is_used(spark_client):
     # On a cluster the SparkContext is up before a notebook's first line: col() and a UDF's
     # return type need it, and SparkContext.getOrCreate() returns it rather than a JVM of its own.
-    context = _context(spark_client)
-    out = _text(spark_client, context,
-                "from pyspark import SparkContext\n"
+    functions_first, get_or_create_first = _context(spark_client), _context(spark_client)
+    out = _text(spark_client, functions_first,
                 "from pyspark.sql.functions import col, udf\n"
                 "adult = col('age') >= 18\n"
                 "@udf('long')\n"
                 "def plus_one(v):\n"
                 "    return v + 1\n"
-                "same = SparkContext.getOrCreate().applicationId == spark.sparkContext.applicationId\n"
-                "print(type(adult).__name__, spark.range(3).select(plus_one('id')).first()[0], same)")
-    assert out == "Column 1 True"
+                "print(type(adult).__name__, spark.range(3).select(plus_one('id')).first()[0])")
+    assert out == "Column 1"
+    out = _text(spark_client, get_or_create_first,
+                "from pyspark import SparkContext\n"
+                "found = SparkContext.getOrCreate()\n"
+                "print(type(found).__name__, found.applicationId == spark.sparkContext.applicationId)")
+    assert out == "SparkContext True"
 
 
 def test_global_temp_views_are_shared_and_temp_views_are_not(spark_client, two_contexts):

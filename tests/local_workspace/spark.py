@@ -14,10 +14,8 @@ session there, so temp views and SQL settings are per context while tables, the 
   command's operations carry its id as their operation tag; a cancel interrupts them by tag.
 """
 
-import importlib.machinery
 import os
 import signal
-import sys
 import threading
 
 from . import driver as _driver
@@ -74,8 +72,6 @@ class _LazySpark:
         if self._connect:
             # pyspark's own switch: its functions build Connect columns, SparkContext() refuses.
             os.environ["SPARK_CONNECT_MODE_ENABLED"] = "1"
-        else:
-            _PendingContext.install(self)
 
     # ----- the worker's hooks
 
@@ -122,6 +118,25 @@ class _LazySpark:
 
         getOrCreate.__doc__ = original.__doc__
         builder.getOrCreate = getOrCreate
+
+    def pend_context(self, context_module):
+        """Dedicated access mode: make pyspark's active SparkContext, in the module that defines
+        it (imported by the step's code), a `PendingContext` until this context attaches, and
+        ``SparkContext.getOrCreate()`` attach it and return the real one."""
+        if self._connect:
+            return
+        spark_context = context_module.SparkContext
+        if spark_context._active_spark_context is None:
+            spark_context._active_spark_context = PendingContext(self)
+        original, lazy = spark_context.getOrCreate.__func__, self
+
+        def getOrCreate(cls, conf=None):
+            if isinstance(cls._active_spark_context, PendingContext):
+                return lazy._get_session().sparkContext
+            return original(cls, conf)
+
+        getOrCreate.__doc__ = original.__doc__
+        spark_context.getOrCreate = classmethod(getOrCreate)
 
     def reset_gateway_connection(self):
         """Drop this thread's py4j connection after an interrupt cut a call short (its answer
@@ -178,7 +193,7 @@ class _LazySpark:
         jvm = gateway.jvm
         jsc = jvm.org.apache.spark.api.java.JavaSparkContext(
             jvm.org.apache.spark.SparkContext.getOrCreate())
-        if isinstance(SparkContext._active_spark_context, _PendingContext):
+        if isinstance(SparkContext._active_spark_context, PendingContext):
             SparkContext._active_spark_context = None       # the real one takes its place
         # SparkContext.__init__ installs its own SIGINT handler (cancel ALL jobs of the shared
         # context, then KeyboardInterrupt): keep the worker's, which cancels only this command.
@@ -279,15 +294,15 @@ def _interrupt_tag(session, tag):
         pass
 
 
-class _PendingContext:
+class PendingContext:
     """pyspark's active SparkContext (``SparkContext._active_spark_context``) in a dedicated
     context whose Spark has not started yet. On a cluster it is up before any code runs, so
     pyspark's functions find it (``col('x')``, a UDF's return type, ``SparkContext.getOrCreate()``)
     before ``spark`` is touched; here the first attribute asked of it attaches this context.
-    Set when the module that defines SparkContext is first imported (pyspark.context in 3.5,
-    pyspark.core.context in 4.0), so nothing of pyspark is imported before the step's code does."""
+    Set (``_LazySpark.pend_context``) when the step's code first imports the module that defines
+    SparkContext, one of MODULES, so nothing of pyspark is imported before the step's code does."""
 
-    MODULES = ("pyspark.context", "pyspark.core.context")
+    MODULES = ("pyspark.context", "pyspark.core.context")   # pyspark 3.5, 4.0
 
     def __init__(self, spark):
         self._spark = spark
@@ -296,38 +311,6 @@ class _PendingContext:
         if name.startswith("__"):
             raise AttributeError(name)
         return getattr(self._spark._get_session().sparkContext, name)
-
-    @classmethod
-    def install(cls, spark):
-        module = next((sys.modules[name] for name in cls.MODULES if name in sys.modules), None)
-        if module is None:
-            sys.meta_path.insert(0, _OnImport(cls.MODULES, lambda _: cls.install(spark)))
-        elif module.SparkContext._active_spark_context is None:
-            module.SparkContext._active_spark_context = cls(spark)
-
-
-class _OnImport:
-    """A meta path finder that calls ``then(module)`` once the first of ``names`` is imported
-    (and leaves)."""
-
-    def __init__(self, names, then):
-        self._names, self._then = names, then
-
-    def find_spec(self, fullname, path=None, target=None):
-        if fullname not in self._names:
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is None or spec.loader is None:
-            return spec
-        execute, then = spec.loader.exec_module, self._then
-
-        def exec_module(module):
-            execute(module)
-            then(module)
-
-        spec.loader.exec_module = exec_module
-        return spec
 
 
 class _LazyProxy:

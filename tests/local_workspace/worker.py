@@ -31,7 +31,7 @@ import sys
 from . import cell, display, magics, sandbox, sql
 from .dbutils import _Dbutils, _install_dbruntime, install_runtime_auth, redact
 from .paths import host_path
-from .spark import notebook_names
+from .spark import PendingContext, notebook_names
 
 _STATE = {
     "current": None,  # id of the running command
@@ -202,9 +202,11 @@ def _setup(init):
         magics.context_env()
         sys.path.insert(0, magics.context_site())
     # `SparkSession.builder.getOrCreate()` in user code gets this context's session on the
-    # cluster's Spark, never a JVM of its own.
-    sys.meta_path.insert(0, PatchOnImport("pyspark.sql.session",
-                                          namespace["spark"].patch_builder))
+    # cluster's Spark, never a JVM of its own; pyspark's functions find an active SparkContext.
+    spark = namespace["spark"]
+    sys.meta_path.insert(0, PatchOnImport("pyspark.sql.session", spark.patch_builder))
+    for name in PendingContext.MODULES:
+        sys.meta_path.insert(0, PatchOnImport(name, spark.pend_context))
     install_runtime_auth(init, namespace)
     return namespace
 
